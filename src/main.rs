@@ -1,0 +1,44 @@
+//! The `fedveil` command line. It only parses arguments and prints; the work
+//! happens in the workspace crates.
+
+mod simulate;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+// Rounds allocate and free multi-megabyte vectors many times; glibc serves
+// each from a fresh mmap (page faults, TLB shootdowns), mimalloc reuses them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "fedveil",
+    version,
+    about = "Privacy-preserving federated fine-tuning of language models"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one SecAgg+ round in memory on random inputs and check the result.
+    Simulate(simulate::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Simulate(args) => simulate::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
