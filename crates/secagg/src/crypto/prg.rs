@@ -1,4 +1,4 @@
-//! The mask PRG (§5.2): AES-128 in counter mode, keyed by a 16-byte key from
+//! The mask PRG (§5.6): AES-128 in counter mode, keyed by a 16-byte key from
 //! HKDF, with the 128-bit big-endian counter starting at zero. Element `i` of a
 //! mask is the little-endian word at keystream bytes `4i..4i+4`, reduced mod
 //! `2^b` (a power-of-two modulus needs no rejection sampling, so the reduced
