@@ -82,8 +82,8 @@ fn round_stochastic(v: f64, hi: u32, lo: u32) -> u32 {
     (rounded + ROUNDER).to_bits() as u32
 }
 
-/// Coordinates rounded per keystream call.
-const COIN_CHUNK: usize = 1024;
+/// Coordinates rounded per keystream call: two coin words each, one PRG chunk.
+const COIN_CHUNK: usize = crate::crypto::prg::CHUNK_WORDS / 2;
 
 /// Encodes `f32` vectors into the ring and decodes ring sums into means.
 #[derive(Debug, Clone, PartialEq)]

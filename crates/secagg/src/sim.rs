@@ -1,20 +1,20 @@
-//! An in-memory federation: one [`Server`] and `n` [`Client`]s exchanging
+//! An in-memory federation: one [`Server`] and its [`Client`]s exchanging
 //! encoded messages, with injected dropouts and a simulated clock.
 //!
-//! Every message goes through the wire encoding ([`crate::messages::encode`]),
-//! so byte counts are real and the decoders are exercised. Clients run in
-//! parallel (rayon) when the `parallel` feature is on; the server runs on the
-//! driving thread, as it would behind a network.
-//!
-//! After the session, the harness checks the result independently: it
-//! regenerates every survivor's input from its seed, recomputes the exact
-//! ring sum and the plaintext mean, and compares.
+//! [`Cohort`] is the driver. Every message goes through the wire encoding
+//! ([`crate::messages::encode`]), so byte counts are real and the decoders are
+//! exercised. Clients handle their messages in parallel (rayon) when the
+//! `parallel` feature is on; the server runs on the driving thread, as it
+//! would behind a network. Tests use the cohort to play a malicious server
+//! (take the server's messages, edit them, deliver them), benches to time a
+//! single stage, and [`run`] to simulate a whole round of float vectors and
+//! check the result independently.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use rand_chacha::ChaCha20Rng;
-use rand_core::{CryptoRngCore, SeedableRng};
+use rand_core::{CryptoRngCore, RngCore, SeedableRng};
 use serde::Serialize;
 use thiserror::Error;
 
@@ -24,9 +24,439 @@ use crate::crypto::prg::{MaskStream, Sign};
 use crate::messages::{self, ClientMessage, ServerMessage};
 use crate::params::RosterEntry;
 use crate::server::{Aggregate, StageDeadlines};
-use crate::{ClientError, ClientId, PROTOCOL_VERSION, ParamsError, Server, SessionParams, Stage};
+use crate::{
+    AbortReason, Client, ClientError, ClientId, PROTOCOL_VERSION, ParamsError, Rejected, Server,
+    SessionParams, Stage,
+};
 
-/// What to simulate.
+/// Something that stops a simulation from running at all.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum SimError {
+    #[error("invalid session: {0}")]
+    Params(#[from] ParamsError),
+    #[error("invalid codec: {0}")]
+    Codec(#[from] CodecError),
+    #[error("wire encoding failed: {0}")]
+    Wire(String),
+    #[error("the clients must be given in roster order; {0} is out of place")]
+    ClientOrder(ClientId),
+    #[error("the session ended before {0}")]
+    EndedBefore(Stage),
+    #[error("the session did not finish after {0} steps")]
+    Stuck(usize),
+}
+
+/// Time and traffic of one stage.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StageReport {
+    pub stage: String,
+    /// Wall-clock time of the stage (clients in parallel, then the server).
+    pub wall_s: f64,
+    /// Client compute summed over all clients.
+    pub clients_total_s: f64,
+    /// The slowest single client.
+    pub client_max_s: f64,
+    /// Server compute: handling the messages, closing the stage, encoding
+    /// the next requests.
+    pub server_s: f64,
+    /// Bytes from clients to the server.
+    pub up_bytes: u64,
+    /// Bytes from the server to clients.
+    pub down_bytes: u64,
+}
+
+/// One client in a cohort: its state machine, its RNG, its traffic.
+struct Member {
+    client: Client,
+    rng: ChaCha20Rng,
+    up: u64,
+    down: u64,
+}
+
+/// One client's turn in a batch: replies, refusals and busy time.
+type Turn = (Vec<Vec<u8>>, Vec<ClientError>, f64);
+
+/// An encoded server message: recipient, whether it is an `Abort`, bytes.
+type Outgoing = (ClientId, bool, Vec<u8>);
+
+fn encode_outgoing(to: ClientId, m: &ServerMessage) -> Result<Outgoing, SimError> {
+    let abort = matches!(m, ServerMessage::Abort { .. });
+    messages::encode(m)
+        .map(|b| (to, abort, b))
+        .map_err(|e| SimError::Wire(e.0))
+}
+
+/// Clients handled per batch, to bound the masked vectors held at once.
+const BATCH: usize = 256;
+
+/// A server and its clients, driven in memory.
+pub struct Cohort {
+    pub params: SessionParams,
+    pub server: Server,
+    members: Vec<Member>,
+    /// The simulated clock.
+    pub now: Duration,
+    /// Clients to silence when they are asked for the given stage's message.
+    pub drop_plan: BTreeMap<Stage, BTreeSet<ClientId>>,
+    drop_counts: BTreeMap<Stage, u32>,
+    victims: ChaCha20Rng,
+    dead: BTreeMap<ClientId, Stage>,
+    /// What clients refused (none in an honest run).
+    pub refusals: Vec<(ClientId, ClientError)>,
+    /// What the server rejected (none in an honest run).
+    pub rejections: Vec<Rejected>,
+    /// Every message a client sent, when logging is on.
+    pub log: Vec<(ClientId, ClientMessage)>,
+    logging: bool,
+    stats: BTreeMap<Stage, StageReport>,
+    server_sent: u64,
+    server_received: u64,
+}
+
+impl std::fmt::Debug for Cohort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cohort")
+            .field("server", &self.server)
+            .field("clients", &self.members.len())
+            .field("now", &self.now)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cohort {
+    /// A cohort for `params` with `clients` in roster order, each with the
+    /// seed of its own RNG.
+    pub fn new(
+        params: SessionParams,
+        clients: Vec<(Client, [u8; 32])>,
+        deadlines: StageDeadlines,
+    ) -> Result<Cohort, SimError> {
+        let server = Server::new(params.clone(), deadlines)?;
+        let mut members = Vec::with_capacity(clients.len());
+        for ((client, seed), entry) in clients.into_iter().zip(&params.roster) {
+            if client.id() != entry.id {
+                return Err(SimError::ClientOrder(client.id()));
+            }
+            members.push(Member {
+                client,
+                rng: ChaCha20Rng::from_seed(seed),
+                up: 0,
+                down: 0,
+            });
+        }
+        if members.len() != params.roster.len() {
+            return Err(SimError::ClientOrder(ClientId(members.len() as u32)));
+        }
+        Ok(Cohort {
+            params,
+            server,
+            members,
+            now: Duration::ZERO,
+            drop_plan: BTreeMap::new(),
+            drop_counts: BTreeMap::new(),
+            victims: ChaCha20Rng::from_seed([0; 32]),
+            dead: BTreeMap::new(),
+            refusals: Vec::new(),
+            rejections: Vec::new(),
+            log: Vec::new(),
+            logging: false,
+            stats: BTreeMap::new(),
+            server_sent: 0,
+            server_received: 0,
+        })
+    }
+
+    /// At each listed stage, silence that many of the clients asked for it,
+    /// chosen with a ChaCha20 stream from `seed`.
+    pub fn drop_random(&mut self, drops: &[(Stage, u32)], seed: [u8; 32]) {
+        for (s, c) in drops {
+            *self.drop_counts.entry(*s).or_default() += c;
+        }
+        self.victims = ChaCha20Rng::from_seed(seed);
+    }
+
+    /// Keeps a copy of every client message in [`Cohort::log`].
+    pub fn enable_log(&mut self) {
+        self.logging = true;
+    }
+
+    /// The client with id `id`.
+    pub fn client(&self, id: ClientId) -> Option<&Client> {
+        let i = self.params.index_of(id)?;
+        self.members.get(i).map(|m| &m.client)
+    }
+
+    /// All clients, in roster order.
+    pub fn clients(&self) -> impl Iterator<Item = &Client> {
+        self.members.iter().map(|m| &m.client)
+    }
+
+    /// Clients the drop plan silenced, with the stage.
+    pub fn dead(&self) -> &BTreeMap<ClientId, Stage> {
+        &self.dead
+    }
+
+    /// Per-stage time and traffic so far.
+    pub fn stage_reports(&self) -> Vec<StageReport> {
+        Stage::ALL
+            .iter()
+            .map(|s| {
+                let mut r = self.stats.get(s).cloned().unwrap_or_default();
+                r.stage = s.cli_name().to_string();
+                r
+            })
+            .collect()
+    }
+
+    /// Per-client bytes sent and received, in roster order.
+    pub fn client_bytes(&self) -> Vec<(u64, u64)> {
+        self.members.iter().map(|m| (m.up, m.down)).collect()
+    }
+
+    /// Bytes the server sent and received.
+    pub fn server_bytes(&self) -> (u64, u64) {
+        (self.server_sent, self.server_received)
+    }
+
+    fn stat(&mut self, s: Stage) -> &mut StageReport {
+        self.stats.entry(s).or_default()
+    }
+
+    /// Opens the session.
+    pub fn start(&mut self) {
+        let t = Instant::now();
+        self.server.start(self.now);
+        let s = t.elapsed().as_secs_f64();
+        self.stat(Stage::AdvertiseKeys).server_s += s;
+        self.stat(Stage::AdvertiseKeys).wall_s += s;
+    }
+
+    /// The server's pending messages, after a trip through the wire encoding.
+    pub fn take_outbox(&mut self) -> Result<Vec<(ClientId, ServerMessage)>, SimError> {
+        self.take_encoded()?
+            .into_iter()
+            .map(|(to, _, bytes)| {
+                messages::decode(&bytes)
+                    .map(|m| (to, m))
+                    .map_err(|e| SimError::Wire(e.0))
+            })
+            .collect()
+    }
+
+    fn take_encoded(&mut self) -> Result<Vec<Outgoing>, SimError> {
+        let stage = self.server.stage().unwrap_or(Stage::Unmasking);
+        let t = Instant::now();
+        let out: Vec<Outgoing> = self
+            .server
+            .drain_transmits()
+            .iter()
+            .map(|(to, m)| encode_outgoing(*to, m))
+            .collect::<Result<_, _>>()?;
+        let bytes: u64 = out.iter().map(|(_, _, b)| b.len() as u64).sum();
+        let s = t.elapsed().as_secs_f64();
+        let st = self.stat(stage);
+        st.server_s += s;
+        st.wall_s += s;
+        st.down_bytes += bytes;
+        self.server_sent += bytes;
+        Ok(out)
+    }
+
+    /// Hands `msg` to client `to` and returns its answer (through the wire
+    /// encoding). Nothing reaches the server.
+    pub fn deliver(
+        &mut self,
+        to: ClientId,
+        msg: ServerMessage,
+    ) -> Result<Option<ClientMessage>, ClientError> {
+        let Some(m) = self
+            .params
+            .index_of(to)
+            .and_then(|i| self.members.get_mut(i))
+        else {
+            return Err(ClientError::NotInRoster { client: to });
+        };
+        let out = m.client.handle(msg, &mut m.rng)?;
+        out.map(|r| {
+            messages::encode(&r)
+                .and_then(|b| messages::decode(&b))
+                .map_err(|_| ClientError::Crypto("wire round trip"))
+        })
+        .transpose()
+    }
+
+    /// Delivers `batch` to the live clients (applying the drop plan), in
+    /// parallel, and feeds their answers to the server.
+    pub fn exchange(&mut self, batch: Vec<(ClientId, ServerMessage)>) -> Result<(), SimError> {
+        let encoded = batch
+            .iter()
+            .map(|(to, m)| encode_outgoing(*to, m))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.exchange_encoded(encoded);
+        Ok(())
+    }
+
+    fn exchange_encoded(&mut self, batch: Vec<Outgoing>) {
+        let stage = self.server.stage().unwrap_or(Stage::Unmasking);
+        let n = self.members.len();
+        let mut inbox: Vec<Vec<Vec<u8>>> = (0..n).map(|_| Vec::new()).collect();
+        let mut asked = Vec::new();
+        for (to, abort, bytes) in batch {
+            let Some(i) = self.params.index_of(to) else {
+                continue;
+            };
+            self.members[i].down += bytes.len() as u64;
+            if self.dead.contains_key(&to) {
+                continue;
+            }
+            if !abort {
+                if self.drop_plan.get(&stage).is_some_and(|d| d.contains(&to)) {
+                    self.dead.insert(to, stage);
+                    continue;
+                }
+                asked.push(i);
+            }
+            inbox[i].push(bytes);
+        }
+        // Random dropouts: some of the clients asked for this stage go silent.
+        if let Some(count) = self.drop_counts.remove(&stage) {
+            let count = (count as usize).min(asked.len());
+            for k in 0..count {
+                let span = (asked.len() - k) as u64;
+                let j = k + (self.victims.next_u64() % span) as usize;
+                asked.swap(k, j);
+                let i = asked[k];
+                self.dead.insert(self.members[i].client.id(), stage);
+                inbox[i].clear();
+            }
+        }
+        for start in (0..n).step_by(BATCH) {
+            let end = (start + BATCH).min(n);
+            if inbox[start..end].iter().all(Vec::is_empty) {
+                continue;
+            }
+            let t = Instant::now();
+            let work: Vec<(&mut Member, Vec<Vec<u8>>)> = self.members[start..end]
+                .iter_mut()
+                .zip(inbox[start..end].iter_mut().map(std::mem::take))
+                .filter(|(_, msgs)| !msgs.is_empty())
+                .collect();
+            let turns: Vec<(ClientId, Turn)> = par_map_mut(work, |(m, msgs)| {
+                let t = Instant::now();
+                let mut replies = Vec::new();
+                let mut errors = Vec::new();
+                for bytes in msgs {
+                    let reply = messages::decode::<ServerMessage>(&bytes)
+                        .map_err(|e| ClientError::Malformed {
+                            stage,
+                            reason: e.to_string(),
+                        })
+                        .and_then(|msg| m.client.handle(msg, &mut m.rng));
+                    match reply {
+                        Ok(Some(r)) => match messages::encode(&r) {
+                            Ok(b) => replies.push(b),
+                            Err(_) => errors.push(ClientError::Crypto("encoding a reply")),
+                        },
+                        Ok(None) => {}
+                        Err(e) => errors.push(e),
+                    }
+                }
+                m.up += replies.iter().map(|r| r.len() as u64).sum::<u64>();
+                (m.client.id(), (replies, errors, t.elapsed().as_secs_f64()))
+            });
+            let clients_wall = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            for (from, (replies, errors, busy)) in turns {
+                let st = self.stat(stage);
+                st.clients_total_s += busy;
+                st.client_max_s = st.client_max_s.max(busy);
+                self.refusals.extend(errors.into_iter().map(|e| (from, e)));
+                for bytes in replies {
+                    self.server_received += bytes.len() as u64;
+                    self.stat(stage).up_bytes += bytes.len() as u64;
+                    match messages::decode::<ClientMessage>(&bytes) {
+                        Ok(msg) => {
+                            if self.logging {
+                                self.log.push((from, msg.clone()));
+                            }
+                            if let Err(e) = self.server.handle_message(self.now, from, msg) {
+                                self.rejections.push(e);
+                            }
+                        }
+                        Err(e) => self.rejections.push(Rejected::Malformed {
+                            client: from,
+                            stage,
+                            reason: e.to_string(),
+                        }),
+                    }
+                }
+            }
+            let server_s = t.elapsed().as_secs_f64();
+            let st = self.stat(stage);
+            st.server_s += server_s;
+            st.wall_s += clients_wall + server_s;
+        }
+    }
+
+    /// One step: delivers the server's pending messages, or lets the
+    /// deadline pass if there are none. False once the session is over (its
+    /// last messages, such as aborts, delivered).
+    pub fn step(&mut self) -> Result<bool, SimError> {
+        let over = self.server.outcome().is_some();
+        let out = self.take_encoded()?;
+        if over {
+            self.exchange_encoded(out);
+            return Ok(false);
+        }
+        if out.is_empty() {
+            let stage = self.server.stage().unwrap_or(Stage::Unmasking);
+            let t = Instant::now();
+            self.now = self.server.poll_timeout().unwrap_or(self.now);
+            self.server.handle_timeout(self.now);
+            let s = t.elapsed().as_secs_f64();
+            let st = self.stat(stage);
+            st.server_s += s;
+            st.wall_s += s;
+        } else {
+            self.exchange_encoded(out);
+        }
+        Ok(true)
+    }
+
+    /// Runs the session to its outcome.
+    pub fn run(&mut self) -> Result<Result<Aggregate, AbortReason>, SimError> {
+        if self.server.stage().is_none() && self.server.outcome().is_none() {
+            self.start();
+        }
+        // Five stages, each at most a delivery and a timeout, plus the aborts.
+        const MAX_STEPS: usize = 64;
+        for _ in 0..MAX_STEPS {
+            if !self.step()? {
+                return self.server.take_outcome().ok_or(SimError::Stuck(MAX_STEPS));
+            }
+        }
+        Err(SimError::Stuck(MAX_STEPS))
+    }
+
+    /// Runs honestly until the server has just sent the requests of `stage`,
+    /// and returns them undelivered.
+    pub fn run_until(&mut self, stage: Stage) -> Result<Vec<(ClientId, ServerMessage)>, SimError> {
+        if self.server.stage().is_none() && self.server.outcome().is_none() {
+            self.start();
+        }
+        for _ in 0..64 {
+            if self.server.stage() == Some(stage) {
+                return self.take_outbox();
+            }
+            if !self.step()? {
+                return Err(SimError::EndedBefore(stage));
+            }
+        }
+        Err(SimError::Stuck(64))
+    }
+}
+
+/// What to simulate with [`run`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct SimConfig {
     pub clients: u32,
@@ -70,35 +500,6 @@ impl SimConfig {
     }
 }
 
-/// A configuration that cannot run.
-#[derive(Debug, Clone, PartialEq, Error)]
-pub enum SimError {
-    #[error("invalid session: {0}")]
-    Params(#[from] ParamsError),
-    #[error("invalid codec: {0}")]
-    Codec(#[from] CodecError),
-    #[error("wire encoding failed: {0}")]
-    Wire(String),
-}
-
-/// Time and traffic of one stage.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct StageReport {
-    pub stage: String,
-    /// Wall-clock time of the stage (clients in parallel, then the server).
-    pub wall_s: f64,
-    /// Client compute summed over all clients.
-    pub clients_total_s: f64,
-    /// The slowest single client.
-    pub client_max_s: f64,
-    /// Server compute, including closing the stage.
-    pub server_s: f64,
-    /// Bytes from clients to the server.
-    pub up_bytes: u64,
-    /// Bytes from the server to clients.
-    pub down_bytes: u64,
-}
-
 /// Traffic statistics over clients.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ByteStats {
@@ -108,7 +509,7 @@ pub struct ByteStats {
     pub down_max: u64,
 }
 
-/// The result of a simulation.
+/// The result of [`run`].
 #[derive(Clone, Debug, Serialize)]
 pub struct SimReport {
     pub clients: u32,
@@ -142,21 +543,13 @@ pub struct SimReport {
     pub client_errors: Vec<String>,
     /// Server rejections (none in an honest run).
     pub server_rejections: Vec<String>,
+    /// Everything, including making up inputs and checking the result.
     pub total_s: f64,
     /// True when the session finished, the sum is exact, the mean is within
     /// the bound and nothing was refused.
     pub correct: bool,
     #[serde(skip)]
     pub aggregate: Option<Aggregate>,
-}
-
-struct SimClient {
-    id: ClientId,
-    client: crate::Client,
-    rng: ChaCha20Rng,
-    alive: bool,
-    up: u64,
-    down: u64,
 }
 
 /// Seeds from which a client's input can be regenerated.
@@ -166,8 +559,8 @@ struct InputSeeds {
     rounding: [u8; 32],
 }
 
-/// A client's synthetic input: uniform in `[-clip, clip)`, from AES-CTR keyed
-/// by the client's seed (fast, and reproducible for the final check).
+/// A client's synthetic input: uniform in `[-clip, clip)`, from the mask PRG
+/// keyed by the client's seed (fast, and reproducible for the final check).
 fn client_input(seeds: &InputSeeds, dim: u32, clip: f32) -> Result<Vec<f32>, SimError> {
     let mut key = zeroize::Zeroizing::new([0u8; 16]);
     key.copy_from_slice(&seeds.values[..16]);
@@ -187,29 +580,64 @@ fn encode_input(codec: &FloatCodec, seeds: &InputSeeds, x: &[f32]) -> Result<Vec
     codec.encode(x, None, &mut ChaCha20Rng::from_seed(seeds.rounding))
 }
 
-/// One client's turn: its id, its encoded replies, its refusals, and how long it took.
-type ClientTurn = (ClientId, Vec<Vec<u8>>, Vec<String>, f64);
+/// A simulation ready to run: identities, parameters and float inputs made,
+/// nothing timed yet.
+pub struct Prepared {
+    config: SimConfig,
+    codec: FloatCodec,
+    params: SessionParams,
+    identities: Vec<IdentityKeypair>,
+    seeds: Vec<InputSeeds>,
+    client_seeds: Vec<[u8; 32]>,
+    floats: Vec<Vec<f32>>,
+    victims: [u8; 32],
+}
 
-/// Clients handled per batch, to bound the masked vectors held at once.
-const BATCH: usize = 256;
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
 
-/// Runs one session. `rng` supplies every random choice (identities, keys,
-/// inputs, which clients drop): a seeded CSPRNG makes the run reproducible.
-pub fn run<R: CryptoRngCore + ?Sized>(
+/// The timed part of a simulated round.
+#[derive(Debug)]
+pub struct Round {
+    pub outcome: Result<Aggregate, AbortReason>,
+    /// The decoded mean, when the session finished.
+    pub mean: Option<Vec<f64>>,
+    pub quantize_s: f64,
+    pub decode_s: f64,
+    pub cohort: Cohort,
+}
+
+impl Round {
+    /// Quantisation, the five stages and decoding.
+    pub fn round_s(&self) -> f64 {
+        self.quantize_s
+            + self
+                .cohort
+                .stage_reports()
+                .iter()
+                .map(|s| s.wall_s)
+                .sum::<f64>()
+            + self.decode_s
+    }
+}
+
+/// Makes identities, parameters and inputs for `config`. `rng` supplies every
+/// random choice: a seeded CSPRNG makes the run reproducible.
+pub fn prepare<R: CryptoRngCore + ?Sized>(
     config: &SimConfig,
     rng: &mut R,
-) -> Result<SimReport, SimError> {
-    let started = Instant::now();
+) -> Result<Prepared, SimError> {
     let n = config.clients;
-    let degree = config.effective_degree();
-    let threshold = config.effective_threshold();
     let codec = FloatCodec::new(config.bits, config.clip, n.max(1), None)?;
-    let ring_dim = codec.encoded_len(config.dim as usize) as u32;
-
     let mut context = [0u8; 32];
     rng.fill_bytes(&mut context);
-    let mut seeds = Vec::with_capacity(n as usize);
     let mut identities = Vec::with_capacity(n as usize);
+    let mut seeds = Vec::with_capacity(n as usize);
     let mut client_seeds = Vec::with_capacity(n as usize);
     for _ in 0..n {
         identities.push(IdentityKeypair::generate(rng));
@@ -226,15 +654,17 @@ pub fn run<R: CryptoRngCore + ?Sized>(
     }
     let mut nonce = [0u8; 32];
     rng.fill_bytes(&mut nonce);
+    let mut victims = [0u8; 32];
+    rng.fill_bytes(&mut victims);
     let params = SessionParams {
         version: PROTOCOL_VERSION,
         nonce,
         round: 0,
         context,
-        dim: ring_dim,
+        dim: codec.encoded_len(config.dim as usize) as u32,
         bits: config.bits,
         degree: config.degree.unwrap_or(n.saturating_sub(1)),
-        threshold,
+        threshold: config.effective_threshold(),
         roster: (0..n)
             .zip(&identities)
             .map(|(i, k)| RosterEntry {
@@ -244,231 +674,193 @@ pub fn run<R: CryptoRngCore + ?Sized>(
             .collect(),
     };
     params.validate()?;
-    // Quantisation is part of a client's round (Flower's is in its timings):
-    // time it, clients in parallel. Making up the inputs is not.
-    let floats = par_map(&seeds, |s| client_input(s, config.dim, config.clip));
-    let floats: Vec<Vec<f32>> = floats.into_iter().collect::<Result<_, _>>()?;
-    let pairs: Vec<(&InputSeeds, &Vec<f32>)> = seeds.iter().zip(&floats).collect();
-    let t = Instant::now();
-    let inputs = par_map(&pairs, |(s, x)| encode_input(&codec, s, x));
-    let quantize_s = t.elapsed().as_secs_f64();
-    drop(pairs);
-    drop(floats);
-    let mut clients = Vec::with_capacity(n as usize);
-    for (((i, identity), input), seed) in (0..n).zip(identities).zip(inputs).zip(client_seeds) {
-        clients.push(SimClient {
-            id: ClientId(i),
-            client: crate::Client::new(ClientId(i), identity, context, input?),
-            rng: ChaCha20Rng::from_seed(seed),
-            alive: true,
-            up: 0,
-            down: 0,
-        });
+    let floats = par_map(&seeds, |s| client_input(s, config.dim, config.clip))
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Prepared {
+        config: config.clone(),
+        codec,
+        params,
+        identities,
+        seeds,
+        client_seeds,
+        floats,
+        victims,
+    })
+}
+
+impl Prepared {
+    /// Runs the round: quantisation, the protocol, decoding. Everything here
+    /// is what a federated round costs; nothing else is.
+    pub fn round(self) -> Result<(Round, Checker), SimError> {
+        let Prepared {
+            config,
+            codec,
+            params,
+            identities,
+            seeds,
+            client_seeds,
+            floats,
+            victims,
+        } = self;
+        // Quantisation is part of a client's round (Flower's is in its timings).
+        let t = Instant::now();
+        let pairs: Vec<(&InputSeeds, &Vec<f32>)> = seeds.iter().zip(&floats).collect();
+        let inputs = par_map(&pairs, |(s, x)| encode_input(&codec, s, x));
+        let quantize_s = t.elapsed().as_secs_f64();
+        drop(pairs);
+        drop(floats);
+        let context = params.context;
+        let mut clients = Vec::with_capacity(identities.len());
+        for (((entry, identity), input), seed) in params
+            .roster
+            .iter()
+            .zip(identities)
+            .zip(inputs)
+            .zip(client_seeds)
+        {
+            clients.push((Client::new(entry.id, identity, context, input?), seed));
+        }
+        let mut cohort = Cohort::new(
+            params,
+            clients,
+            StageDeadlines::uniform(Duration::from_secs(1)),
+        )?;
+        cohort.drop_random(&config.drops, victims);
+        let outcome = cohort.run()?;
+        let t = Instant::now();
+        let mean = match &outcome {
+            Ok(agg) => Some(codec.decode_mean(&agg.sum, agg.survivors.len())?),
+            Err(_) => None,
+        };
+        let decode_s = t.elapsed().as_secs_f64();
+        Ok((
+            Round {
+                outcome,
+                mean,
+                quantize_s,
+                decode_s,
+                cohort,
+            },
+            Checker {
+                config,
+                codec,
+                seeds,
+            },
+        ))
+    }
+}
+
+/// Recomputes the survivors' inputs to check a round independently.
+pub struct Checker {
+    config: SimConfig,
+    codec: FloatCodec,
+    seeds: Vec<InputSeeds>,
+}
+
+impl std::fmt::Debug for Checker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checker").finish_non_exhaustive()
+    }
+}
+
+impl Checker {
+    /// Whether `agg` is the exact ring sum of the survivors' encoded inputs,
+    /// and the largest error of `mean` against their plaintext mean.
+    pub fn check(&self, agg: &Aggregate, mean: &[f64]) -> Result<(bool, f64), SimError> {
+        let c = &self.config;
+        let mut ring_sum = vec![0u32; self.codec.encoded_len(c.dim as usize)];
+        let mut float_sum = vec![0f64; c.dim as usize];
+        let clip = f64::from(c.clip);
+        for id in &agg.survivors {
+            let Some(s) = self.seeds.get(id.0 as usize) else {
+                return Ok((false, f64::INFINITY));
+            };
+            let x = client_input(s, c.dim, c.clip)?;
+            let enc = encode_input(&self.codec, s, &x)?;
+            for (a, v) in ring_sum.iter_mut().zip(&enc) {
+                *a = a.wrapping_add(*v);
+            }
+            for (a, v) in float_sum.iter_mut().zip(&x) {
+                *a += f64::from(*v).clamp(-clip, clip);
+            }
+        }
+        crate::ring::reduce(&mut ring_sum, c.bits);
+        let n = agg.survivors.len() as f64;
+        let err = mean
+            .iter()
+            .zip(&float_sum)
+            .map(|(m, s)| (m - s / n).abs())
+            .fold(0.0, f64::max);
+        Ok((ring_sum == agg.sum, err))
     }
 
-    let mut server = Server::new(params, StageDeadlines::uniform(Duration::from_secs(1)))?;
-    let mut now = Duration::ZERO;
-    let mut stages: BTreeMap<Stage, StageReport> = BTreeMap::new();
-    let mut drops: BTreeMap<Stage, u32> = BTreeMap::new();
-    for (s, c) in &config.drops {
-        *drops.entry(*s).or_default() += c;
+    /// The codec's guaranteed bound on the mean's error.
+    pub fn error_bound(&self) -> f64 {
+        self.codec.mean_error_bound()
     }
-    let mut client_errors = Vec::new();
-    let mut server_rejections = Vec::new();
-    let (mut server_sent, mut server_received) = (0u64, 0u64);
+}
 
-    let t0 = Instant::now();
-    server.start(now);
-    stage_entry(&mut stages, Stage::AdvertiseKeys).server_s += t0.elapsed().as_secs_f64();
-
-    while server.outcome().is_none() {
-        let stage = server.stage().unwrap_or(Stage::Unmasking);
-        let out = server.drain_transmits();
-        if out.is_empty() {
-            // Everybody who will answer has answered: let the deadline pass.
-            let t = Instant::now();
-            now = server.poll_timeout().unwrap_or(now);
-            server.handle_timeout(now);
-            stage_entry(&mut stages, stage).server_s += t.elapsed().as_secs_f64();
-            continue;
-        }
-        // Encode the server's messages.
-        let mut inbox: Vec<Vec<Vec<u8>>> = (0..n).map(|_| Vec::new()).collect();
-        let mut recipients = Vec::new();
-        for (to, msg) in &out {
-            let bytes = messages::encode(msg).map_err(|e| SimError::Wire(e.0))?;
-            server_sent += bytes.len() as u64;
-            stage_entry(&mut stages, stage).down_bytes += bytes.len() as u64;
-            if let Some(c) = clients.get_mut(to.0 as usize) {
-                c.down += bytes.len() as u64;
-                if !matches!(msg, ServerMessage::Abort { .. }) && c.alive {
-                    recipients.push(to.0 as usize);
-                }
-                inbox[to.0 as usize].push(bytes);
-            }
-        }
-        drop(out);
-        // This stage's dropouts: recipients that go silent now.
-        if let Some(count) = drops.remove(&stage) {
-            let count = (count as usize).min(recipients.len());
-            for k in 0..count {
-                let span = (recipients.len() - k) as u64;
-                let j = k + (rng.next_u64() % span) as usize;
-                recipients.swap(k, j);
-                clients[recipients[k]].alive = false;
-            }
-        }
-        // Deliver in batches: clients in parallel, then the server.
-        for start in (0..n as usize).step_by(BATCH) {
-            let end = (start + BATCH).min(n as usize);
-            if inbox[start..end].iter().all(Vec::is_empty) {
-                continue;
-            }
-            let t = Instant::now();
-            let work: Vec<(&mut SimClient, Vec<Vec<u8>>)> = clients[start..end]
-                .iter_mut()
-                .zip(inbox[start..end].iter_mut().map(std::mem::take))
-                .filter(|(_, msgs)| !msgs.is_empty())
-                .collect();
-            let results: Vec<ClientTurn> = par_map_mut(work, |(c, msgs)| {
-                let t = Instant::now();
-                let mut replies = Vec::new();
-                let mut errors = Vec::new();
-                if c.alive {
-                    for bytes in msgs {
-                        let reply = messages::decode::<ServerMessage>(&bytes)
-                            .map_err(|e| e.to_string())
-                            .and_then(|m| {
-                                c.client
-                                    .handle(m, &mut c.rng)
-                                    .map_err(|e: ClientError| e.to_string())
-                            });
-                        match reply {
-                            Ok(Some(r)) => match messages::encode(&r) {
-                                Ok(b) => replies.push(b),
-                                Err(e) => errors.push(format!("{}: {e}", c.id)),
-                            },
-                            Ok(None) => {}
-                            Err(e) => errors.push(format!("{}: {e}", c.id)),
-                        }
-                    }
-                    c.up += replies.iter().map(|r| r.len() as u64).sum::<u64>();
-                }
-                (c.id, replies, errors, t.elapsed().as_secs_f64())
-            });
-            let client_wall = t.elapsed().as_secs_f64();
-            let entry = stage_entry(&mut stages, stage);
-            entry.wall_s += client_wall;
-            let t = Instant::now();
-            for (from, replies, errors, busy) in results {
-                let entry = stage_entry(&mut stages, stage);
-                entry.clients_total_s += busy;
-                entry.client_max_s = entry.client_max_s.max(busy);
-                client_errors.extend(errors);
-                for bytes in replies {
-                    server_received += bytes.len() as u64;
-                    stage_entry(&mut stages, stage).up_bytes += bytes.len() as u64;
-                    match messages::decode::<ClientMessage>(&bytes) {
-                        Ok(msg) => {
-                            if let Err(e) = server.handle_message(now, from, msg) {
-                                server_rejections.push(e.to_string());
-                            }
-                        }
-                        Err(e) => server_rejections.push(format!("{from}: {e}")),
-                    }
-                }
-            }
-            let server_time = t.elapsed().as_secs_f64();
-            let entry = stage_entry(&mut stages, stage);
-            entry.server_s += server_time;
-            entry.wall_s += server_time;
-        }
-    }
-
-    let outcome = server.take_outcome();
-    let t = Instant::now();
-    let decoded = match &outcome {
-        Some(Ok(agg)) => Some(codec.decode_mean(&agg.sum, agg.survivors.len())?),
-        _ => None,
-    };
-    let decode_s = t.elapsed().as_secs_f64();
-    let survivors_n;
+/// Runs one round of `config` and checks it.
+pub fn run<R: CryptoRngCore + ?Sized>(
+    config: &SimConfig,
+    rng: &mut R,
+) -> Result<SimReport, SimError> {
+    let started = Instant::now();
+    let prepared = prepare(config, rng)?;
+    let (round, checker) = prepared.round()?;
+    let round_s = round.round_s();
+    let cohort = &round.cohort;
     let mut dropped = BTreeMap::new();
-    let (mut exact_sum, mut max_abs_error) = (false, f64::INFINITY);
-    let outcome_text;
-    let aggregate = match outcome {
-        Some(Ok(agg)) => {
-            outcome_text = "ok".to_string();
-            survivors_n = agg.survivors.len();
-            for (_, s) in &agg.dropped {
-                *dropped.entry(s.cli_name().to_string()).or_insert(0) += 1;
-            }
-            let survivor_seeds: Vec<InputSeeds> =
-                agg.survivors.iter().map(|c| seeds[c.0 as usize]).collect();
-            let mut ring_sum = vec![0u32; ring_dim as usize];
-            let mut float_sum = vec![0f64; config.dim as usize];
-            for s in &survivor_seeds {
-                let x = client_input(s, config.dim, config.clip)?;
-                let enc = encode_input(&codec, s, &x)?;
-                for (a, v) in ring_sum.iter_mut().zip(&enc) {
-                    *a = a.wrapping_add(*v);
+    let (mut exact_sum, mut max_abs_error, survivors, outcome_text, aggregate) =
+        match &round.outcome {
+            Ok(agg) => {
+                for (_, s) in &agg.dropped {
+                    *dropped.entry(s.cli_name().to_string()).or_insert(0) += 1;
                 }
-                for (a, v) in float_sum.iter_mut().zip(&x) {
-                    *a += f64::from(*v).clamp(-f64::from(config.clip), f64::from(config.clip));
-                }
+                (
+                    false,
+                    f64::INFINITY,
+                    agg.survivors.len(),
+                    "ok".to_string(),
+                    Some(agg.clone()),
+                )
             }
-            crate::ring::reduce(&mut ring_sum, config.bits);
-            exact_sum = ring_sum == agg.sum;
-            let mean = decoded.unwrap_or_default();
-            max_abs_error = mean
-                .iter()
-                .zip(&float_sum)
-                .map(|(m, s)| (m - s / survivors_n as f64).abs())
-                .fold(0.0, f64::max);
-            Some(agg)
-        }
-        Some(Err(reason)) => {
-            outcome_text = reason.to_string();
-            survivors_n = 0;
-            None
-        }
-        None => {
-            outcome_text = "the session did not finish".into();
-            survivors_n = 0;
-            None
-        }
-    };
-    let error_bound = codec.mean_error_bound();
+            Err(reason) => (false, f64::INFINITY, 0, reason.to_string(), None),
+        };
+    if let (Some(agg), Some(mean)) = (&aggregate, &round.mean) {
+        (exact_sum, max_abs_error) = checker.check(agg, mean)?;
+    }
+    let error_bound = checker.error_bound();
     let within = max_abs_error <= error_bound * (1.0 + 1e-9) + 1e-12;
+    let client_errors: Vec<String> = cohort
+        .refusals
+        .iter()
+        .map(|(c, e)| format!("{c}: {e}"))
+        .collect();
+    let server_rejections: Vec<String> = cohort.rejections.iter().map(|e| e.to_string()).collect();
     let correct = aggregate.is_some()
         && exact_sum
         && within
         && client_errors.is_empty()
         && server_rejections.is_empty();
-    let (up, down): (Vec<u64>, Vec<u64>) = clients.iter().map(|c| (c.up, c.down)).unzip();
+    let (up, down): (Vec<u64>, Vec<u64>) = cohort.client_bytes().into_iter().unzip();
     let mean = |v: &[u64]| v.iter().sum::<u64>() as f64 / v.len().max(1) as f64;
-    let stages: Vec<StageReport> = Stage::ALL
-        .iter()
-        .map(|s| {
-            let mut r = stages.remove(s).unwrap_or_default();
-            r.stage = s.cli_name().to_string();
-            r
-        })
-        .collect();
-    let round_s = quantize_s + stages.iter().map(|s| s.wall_s).sum::<f64>() + decode_s;
+    let (server_sent_bytes, server_received_bytes) = cohort.server_bytes();
+    let degree = config.effective_degree();
     Ok(SimReport {
-        clients: n,
+        clients: config.clients,
         dim: config.dim,
         degree,
-        threshold,
+        threshold: config.effective_threshold(),
         bits: config.bits,
-        complete_graph: degree + 1 >= n,
+        complete_graph: degree + 1 >= config.clients,
         outcome: outcome_text,
-        survivors: survivors_n,
+        survivors,
         dropped,
-        quantize_s,
-        stages,
-        decode_s,
+        quantize_s: round.quantize_s,
+        stages: cohort.stage_reports(),
+        decode_s: round.decode_s,
         round_s,
         client_bytes: ByteStats {
             up_mean: mean(&up),
@@ -476,8 +868,8 @@ pub fn run<R: CryptoRngCore + ?Sized>(
             down_mean: mean(&down),
             down_max: down.iter().copied().max().unwrap_or(0),
         },
-        server_sent_bytes: server_sent,
-        server_received_bytes: server_received,
+        server_sent_bytes,
+        server_received_bytes,
         exact_sum,
         max_abs_error,
         error_bound,
@@ -487,10 +879,6 @@ pub fn run<R: CryptoRngCore + ?Sized>(
         correct,
         aggregate,
     })
-}
-
-fn stage_entry(stages: &mut BTreeMap<Stage, StageReport>, s: Stage) -> &mut StageReport {
-    stages.entry(s).or_default()
 }
 
 #[cfg(feature = "parallel")]

@@ -33,7 +33,7 @@ fn target() -> ClientId {
 
 /// What the clients sent, as logged by the harness.
 fn advertised(fed: &Fed, c: ClientId) -> AdvertisedKeys {
-    fed.sent
+    fed.sent()
         .iter()
         .find_map(|(from, m)| match m {
             ClientMessage::AdvertiseKeys(k) if *from == c => Some(k.clone()),
@@ -43,7 +43,7 @@ fn advertised(fed: &Fed, c: ClientId) -> AdvertisedKeys {
 }
 
 fn commitment(fed: &Fed, c: ClientId) -> [u8; 32] {
-    fed.sent
+    fed.sent()
         .iter()
         .find_map(|(from, m)| match m {
             ClientMessage::ShareKeys(s) if *from == c => Some(s.self_mask_commitment),
@@ -53,7 +53,7 @@ fn commitment(fed: &Fed, c: ClientId) -> [u8; 32] {
 }
 
 fn masked_input(fed: &Fed, c: ClientId) -> PackedVec {
-    fed.sent
+    fed.sent()
         .iter()
         .find_map(|(from, m)| match m {
             ClientMessage::MaskedInput(x) if *from == c => Some(x.masked.clone()),
@@ -951,7 +951,8 @@ fn replayed_and_out_of_round_messages_are_refused() {
         "{got:?}"
     );
     // A second setup, a second consistency request.
-    let got = fed.deliver(to, ServerMessage::Setup(fed.params.clone()));
+    let params = fed.params.clone();
+    let got = fed.deliver(to, ServerMessage::Setup(params));
     assert!(matches!(
         got,
         Err(ClientError::UnexpectedMessage {
@@ -1092,8 +1093,9 @@ fn a_client_that_missed_a_stage_is_not_eligible_later() {
         masked: PackedVec::pack(&vec![0; DIM as usize], 32).unwrap(),
         bad_envelopes: vec![],
     });
+    let now = fed.now;
     assert_eq!(
-        fed.server.handle_message(fed.now, ClientId(5), late),
+        fed.server.handle_message(now, ClientId(5), late),
         Err(Rejected::NotEligible {
             client: ClientId(5),
             stage: Stage::MaskedInput

@@ -288,5 +288,5 @@ fn too_few_unmask_responses_name_the_rule_and_the_clients() {
         other => panic!("expected MissingShares, got {other:?}"),
     }
     // The server told every client still in the session that it is over.
-    assert!(fed.clients.iter().filter(|c| c.aborted().is_some()).count() >= 6);
+    assert!(fed.clients().filter(|c| c.aborted().is_some()).count() >= 6);
 }

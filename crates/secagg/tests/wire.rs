@@ -37,15 +37,16 @@ proptest! {
                 let at = i.index(bytes.len());
                 bytes[at] ^= b | 1;
             }
+            let now = fed.now;
             if let Ok(m) = messages::decode::<ClientMessage>(&bytes) {
-                let _ = fed.server.handle_message(fed.now, to, m);
+                let _ = fed.server.handle_message(now, to, m);
                 // Also under someone else's name, and from a stranger.
                 let other = ClientId((to.0 + 1) % 6);
                 if let Ok(m) = messages::decode::<ClientMessage>(&bytes) {
-                    let _ = fed.server.handle_message(fed.now, other, m);
+                    let _ = fed.server.handle_message(now, other, m);
                 }
                 if let Ok(m) = messages::decode::<ClientMessage>(&bytes) {
-                    let _ = fed.server.handle_message(fed.now, ClientId(77), m);
+                    let _ = fed.server.handle_message(now, ClientId(77), m);
                 }
             }
             // The session still finishes (or aborts) cleanly.
