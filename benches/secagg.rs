@@ -6,15 +6,12 @@
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use fedveil_secagg::crypto::identity::IdentityKeypair;
 use fedveil_secagg::crypto::prg::{self, MaskStream, Sign};
 use fedveil_secagg::messages::{ClientMessage, ServerMessage};
-use fedveil_secagg::params::RosterEntry;
-use fedveil_secagg::server::StageDeadlines;
-use fedveil_secagg::sim::{self, Cohort, SimConfig};
-use fedveil_secagg::{Client, ClientId, PROTOCOL_VERSION, SessionParams, Stage};
+use fedveil_secagg::sim::{self, Cohort, CohortSpec, SimConfig};
+use fedveil_secagg::{ClientId, Stage};
 use rand_chacha::ChaCha20Rng;
-use rand_core::{RngCore, SeedableRng};
+use rand_core::SeedableRng;
 use zeroize::Zeroizing;
 
 #[global_allocator]
@@ -22,41 +19,16 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// A cohort of `n` clients with random 32-bit inputs of length `dim`.
 fn cohort(n: u32, degree: u32, threshold: u32, dim: u32, seed: u64) -> Cohort {
-    let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    let ids: Vec<IdentityKeypair> = (0..n)
-        .map(|_| IdentityKeypair::generate(&mut rng))
-        .collect();
-    let mut nonce = [0u8; 32];
-    rng.fill_bytes(&mut nonce);
-    let params = SessionParams {
-        version: PROTOCOL_VERSION,
-        nonce,
-        round: 0,
-        context: [0; 32],
-        dim,
-        bits: 32,
+    let spec = CohortSpec {
+        clients: n,
         degree,
         threshold,
-        roster: ids
-            .iter()
-            .enumerate()
-            .map(|(i, k)| RosterEntry {
-                id: ClientId(i as u32),
-                identity: k.public(),
-            })
-            .collect(),
+        dim,
+        bits: 32,
+        seed,
+        context: [0; 32],
     };
-    let clients = ids
-        .into_iter()
-        .enumerate()
-        .map(|(i, k)| {
-            let input: Vec<u32> = (0..dim).map(|_| rng.next_u32()).collect();
-            let mut s = [0u8; 32];
-            rng.fill_bytes(&mut s);
-            (Client::new(ClientId(i as u32), k, [0; 32], input), s)
-        })
-        .collect();
-    Cohort::new(params, clients, StageDeadlines::default()).expect("valid")
+    spec.build(|_| None).expect("valid").0
 }
 
 /// Keystream generation into an L1-resident 16 KiB buffer, as masking uses it

@@ -467,6 +467,93 @@ impl Cohort {
     }
 }
 
+/// Session parameters for clients `0..n` with the given identities.
+fn roster_params(
+    identities: &[IdentityKeypair],
+    nonce: [u8; 32],
+    context: [u8; 32],
+    dim: u32,
+    bits: u8,
+    degree: u32,
+    threshold: u32,
+) -> SessionParams {
+    SessionParams {
+        version: PROTOCOL_VERSION,
+        nonce,
+        round: 0,
+        context,
+        dim,
+        bits,
+        degree,
+        threshold,
+        roster: identities
+            .iter()
+            .enumerate()
+            .map(|(i, k)| RosterEntry {
+                id: ClientId(i as u32),
+                identity: k.public(),
+            })
+            .collect(),
+    }
+}
+
+/// A cohort of clients `0..clients` holding uniform random vectors in
+/// `Z_{2^bits}`, everything derived from `seed` (for tests and benches).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CohortSpec {
+    pub clients: u32,
+    pub degree: u32,
+    pub threshold: u32,
+    pub dim: u32,
+    pub bits: u8,
+    pub seed: u64,
+    /// The context (model hash) the session names.
+    pub context: [u8; 32],
+}
+
+impl CohortSpec {
+    /// Builds the cohort and returns it with every client's input. A client
+    /// holds the session's context unless `context_of` gives it another.
+    pub fn build(
+        &self,
+        context_of: impl Fn(ClientId) -> Option<[u8; 32]>,
+    ) -> Result<(Cohort, Vec<Vec<u32>>), SimError> {
+        let mut rng = ChaCha20Rng::seed_from_u64(self.seed);
+        let identities: Vec<IdentityKeypair> = (0..self.clients)
+            .map(|_| IdentityKeypair::generate(&mut rng))
+            .collect();
+        let mut nonce = [0u8; 32];
+        rng.fill_bytes(&mut nonce);
+        let params = roster_params(
+            &identities,
+            nonce,
+            self.context,
+            self.dim,
+            self.bits,
+            self.degree,
+            self.threshold,
+        );
+        let mask = crate::ring::modulus_mask(self.bits);
+        let inputs: Vec<Vec<u32>> = (0..self.clients)
+            .map(|_| (0..self.dim).map(|_| rng.next_u32() & mask).collect())
+            .collect();
+        let mut clients = Vec::with_capacity(inputs.len());
+        for ((i, identity), input) in (0..self.clients).zip(identities).zip(&inputs) {
+            let id = ClientId(i);
+            let mut seed = [0u8; 32];
+            rng.fill_bytes(&mut seed);
+            let context = context_of(id).unwrap_or(self.context);
+            clients.push((Client::new(id, identity, context, input.clone()), seed));
+        }
+        let cohort = Cohort::new(
+            params,
+            clients,
+            StageDeadlines::uniform(Duration::from_secs(10)),
+        )?;
+        Ok((cohort, inputs))
+    }
+}
+
 /// What to simulate with [`run`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct SimConfig {
@@ -667,23 +754,15 @@ pub fn prepare<R: CryptoRngCore + ?Sized>(
     rng.fill_bytes(&mut nonce);
     let mut victims = [0u8; 32];
     rng.fill_bytes(&mut victims);
-    let params = SessionParams {
-        version: PROTOCOL_VERSION,
+    let params = roster_params(
+        &identities,
         nonce,
-        round: 0,
         context,
-        dim: codec.encoded_len(config.dim as usize) as u32,
-        bits: config.bits,
-        degree: config.degree.unwrap_or(n.saturating_sub(1)),
-        threshold: config.effective_threshold(),
-        roster: (0..n)
-            .zip(&identities)
-            .map(|(i, k)| RosterEntry {
-                id: ClientId(i),
-                identity: k.public(),
-            })
-            .collect(),
-    };
+        codec.encoded_len(config.dim as usize) as u32,
+        config.bits,
+        config.degree.unwrap_or(n.saturating_sub(1)),
+        config.effective_threshold(),
+    );
     params.validate()?;
     let floats = par_map(&seeds, |s| client_input(s, config.dim, config.clip))
         .into_iter()

@@ -155,6 +155,21 @@ fn unmask_request(
     }
 }
 
+/// The unmask request `msg` with its lists edited by `f(signatures, alive, dropped)`.
+fn edited(
+    msg: &ServerMessage,
+    f: impl FnOnce(&mut Vec<SurvivorSignature>, &mut Vec<ClientId>, &mut Vec<ClientId>),
+) -> ServerMessage {
+    let (session, mut signatures, mut alive, mut dropped) = unmask_request(msg);
+    f(&mut signatures, &mut alive, &mut dropped);
+    ServerMessage::UnmaskRequest {
+        session,
+        signatures,
+        alive,
+        dropped,
+    }
+}
+
 /// Runs the honest session to the unmask requests and returns them.
 fn honest_until_unmask(seed: u64) -> (Fed, Vec<(ClientId, ServerMessage)>) {
     let mut fed = Fed::new(N, K, T, DIM, 32, seed);
@@ -173,22 +188,12 @@ fn flower_overlap_attack_is_refused_and_the_target_stays_hidden() {
     let neighbours = fed.neighbours(tgt);
 
     // The attack: every neighbour of the target is asked for both shares.
-    for (to, msg) in &requests {
-        let (session, signatures, alive, mut dropped) = unmask_request(msg);
-        if !neighbours.contains(to) {
-            continue;
-        }
-        dropped.push(tgt);
-        dropped.sort();
-        let got = fed.deliver(
-            *to,
-            ServerMessage::UnmaskRequest {
-                session,
-                signatures,
-                alive,
-                dropped,
-            },
-        );
+    for (to, msg) in requests.iter().filter(|(to, _)| neighbours.contains(to)) {
+        let request = edited(msg, |_, _, dropped| {
+            dropped.push(tgt);
+            dropped.sort();
+        });
+        let got = fed.deliver(*to, request);
         assert_eq!(
             got,
             Err(ClientError::BothAliveAndDropped { client: tgt }),
@@ -198,19 +203,12 @@ fn flower_overlap_attack_is_refused_and_the_target_stays_hidden() {
     // Splitting it up does not help: asking some neighbours for the
     // mask-key share contradicts the survivor set they signed.
     for (to, msg) in requests.iter().filter(|(to, _)| neighbours.contains(to)) {
-        let (session, signatures, mut alive, mut dropped) = unmask_request(msg);
-        alive.retain(|c| *c != tgt);
-        dropped.push(tgt);
-        dropped.sort();
-        let got = fed.deliver(
-            *to,
-            ServerMessage::UnmaskRequest {
-                session,
-                signatures,
-                alive,
-                dropped,
-            },
-        );
+        let request = edited(msg, |_, alive, dropped| {
+            alive.retain(|c| *c != tgt);
+            dropped.push(tgt);
+            dropped.sort();
+        });
+        let got = fed.deliver(*to, request);
         assert_eq!(
             got,
             Err(ClientError::ContradictsConsistencySet {
@@ -311,18 +309,11 @@ fn unmask_request_naming_a_non_neighbour_is_refused() {
         .map(ClientId)
         .find(|c| *c != to && !fed.neighbours(to).contains(c))
         .expect("a non-neighbour");
-    let (session, signatures, mut alive, dropped) = unmask_request(&msg);
-    alive.push(stranger);
-    alive.sort();
-    let got = fed.deliver(
-        to,
-        ServerMessage::UnmaskRequest {
-            session,
-            signatures,
-            alive,
-            dropped,
-        },
-    );
+    let request = edited(&msg, |_, alive, _| {
+        alive.push(stranger);
+        alive.sort();
+    });
+    let got = fed.deliver(to, request);
     assert_eq!(
         got,
         Err(ClientError::NonNeighbour {
@@ -331,18 +322,11 @@ fn unmask_request_naming_a_non_neighbour_is_refused() {
         })
     );
     // Asking a client for its own shares is the same rule.
-    let (session, signatures, mut alive, dropped) = unmask_request(&msg);
-    alive.push(to);
-    alive.sort();
-    let got = fed.deliver(
-        to,
-        ServerMessage::UnmaskRequest {
-            session,
-            signatures,
-            alive,
-            dropped,
-        },
-    );
+    let request = edited(&msg, |_, alive, _| {
+        alive.push(to);
+        alive.sort();
+    });
+    let got = fed.deliver(to, request);
     assert_eq!(
         got,
         Err(ClientError::NonNeighbour {
@@ -357,18 +341,9 @@ fn unmask_request_naming_a_non_neighbour_is_refused() {
 fn unmask_request_repeating_an_id_is_refused() {
     let (mut fed, requests) = honest_until_unmask(3);
     let (to, msg) = requests[1].clone();
-    let (session, signatures, mut alive, dropped) = unmask_request(&msg);
+    let (_, _, alive, _) = unmask_request(&msg);
     let again = alive[0];
-    alive.push(again);
-    let got = fed.deliver(
-        to,
-        ServerMessage::UnmaskRequest {
-            session,
-            signatures: signatures.clone(),
-            alive,
-            dropped,
-        },
-    );
+    let got = fed.deliver(to, edited(&msg, |_, alive, _| alive.push(again)));
     assert_eq!(
         got,
         Err(ClientError::RepeatedId {
@@ -377,17 +352,10 @@ fn unmask_request_repeating_an_id_is_refused() {
         })
     );
     // A repeated signer is refused too.
-    let (session, mut signatures, alive, dropped) = unmask_request(&msg);
-    signatures.push(signatures[0].clone());
-    let got = fed.deliver(
-        to,
-        ServerMessage::UnmaskRequest {
-            session,
-            signatures,
-            alive,
-            dropped,
-        },
-    );
+    let request = edited(&msg, |signatures, _, _| {
+        signatures.push(signatures[0].clone())
+    });
+    let got = fed.deliver(to, request);
     assert!(
         matches!(got, Err(ClientError::RepeatedId { .. })),
         "{got:?}"
@@ -438,50 +406,30 @@ fn unmask_request_contradicting_the_signed_set_is_refused() {
         .find(|(to, _)| fed.neighbours(*to).contains(&ClientId(7)))
         .cloned()
         .expect("a neighbour of the dropped client");
-    let (session, signatures, alive, dropped) = unmask_request(&msg);
+    let (_, _, alive, dropped) = unmask_request(&msg);
     assert!(dropped.contains(&ClientId(7)));
     // A signed survivor asked for as dropped.
     let victim = alive[0];
-    let mut d2 = dropped.clone();
-    d2.push(victim);
-    d2.sort();
-    let a2: Vec<ClientId> = alive.iter().copied().filter(|c| *c != victim).collect();
-    let got = fed.deliver(
-        to,
-        ServerMessage::UnmaskRequest {
-            session,
-            signatures: signatures.clone(),
-            alive: a2,
-            dropped: d2,
-        },
-    );
+    let request = edited(&msg, |_, alive, dropped| {
+        alive.retain(|c| *c != victim);
+        dropped.push(victim);
+        dropped.sort();
+    });
     assert_eq!(
-        got,
+        fed.deliver(to, request),
         Err(ClientError::ContradictsConsistencySet {
             client: victim,
             requested: "dropped"
         })
     );
     // A dropped client asked for as alive.
-    let mut a3 = alive.clone();
-    a3.push(ClientId(7));
-    a3.sort();
-    let d3: Vec<ClientId> = dropped
-        .iter()
-        .copied()
-        .filter(|c| *c != ClientId(7))
-        .collect();
-    let got = fed.deliver(
-        to,
-        ServerMessage::UnmaskRequest {
-            session,
-            signatures,
-            alive: a3,
-            dropped: d3,
-        },
-    );
+    let request = edited(&msg, |_, alive, dropped| {
+        dropped.retain(|c| *c != ClientId(7));
+        alive.push(ClientId(7));
+        alive.sort();
+    });
     assert_eq!(
-        got,
+        fed.deliver(to, request),
         Err(ClientError::ContradictsConsistencySet {
             client: ClientId(7),
             requested: "alive"
@@ -513,20 +461,14 @@ fn a_revealed_share_kind_is_never_switched() {
     };
     assert_eq!(again.self_mask, first.self_mask);
     // Asking for the other kind is not.
-    let (session, signatures, alive, mut dropped) = unmask_request(&msg);
+    let (_, _, alive, _) = unmask_request(&msg);
     let neighbour = alive[0];
-    dropped.push(neighbour);
-    dropped.sort();
-    let alive = alive[1..].to_vec();
-    let got = fed.deliver(
-        to,
-        ServerMessage::UnmaskRequest {
-            session,
-            signatures,
-            alive,
-            dropped,
-        },
-    );
+    let request = edited(&msg, |_, alive, dropped| {
+        alive.retain(|c| *c != neighbour);
+        dropped.push(neighbour);
+        dropped.sort();
+    });
+    let got = fed.deliver(to, request);
     assert_eq!(
         got,
         Err(ClientError::AlreadyRevealed {

@@ -1,21 +1,17 @@
 //! A deterministic federation for tests: the library's [`Cohort`] driver
-//! with random inputs in the ring and the inputs kept for checking sums.
-//! Tests play the malicious server by taking the server's messages from the
-//! cohort, editing or replacing them, and delivering them.
+//! with random inputs in the ring, the inputs kept for checking sums, and
+//! every client message logged. Tests play the malicious server by taking
+//! the server's messages from the cohort, editing or replacing them, and
+//! delivering them.
 
 #![allow(dead_code)]
 
 use std::ops::{Deref, DerefMut};
-use std::time::Duration;
 
-use fedveil_secagg::crypto::identity::IdentityKeypair;
 use fedveil_secagg::messages::{ClientMessage, ServerMessage};
-use fedveil_secagg::params::RosterEntry;
-use fedveil_secagg::server::{Aggregate, StageDeadlines};
-use fedveil_secagg::sim::Cohort;
-use fedveil_secagg::{AbortReason, Client, ClientId, PROTOCOL_VERSION, SessionParams, Stage};
-use rand_chacha::ChaCha20Rng;
-use rand_core::{RngCore, SeedableRng};
+use fedveil_secagg::server::Aggregate;
+use fedveil_secagg::sim::{Cohort, CohortSpec};
+use fedveil_secagg::{AbortReason, ClientId, Stage};
 
 pub struct Fed {
     pub cohort: Cohort,
@@ -52,54 +48,18 @@ impl Fed {
         seed: u64,
         context_of: impl Fn(ClientId) -> [u8; 32],
     ) -> Fed {
-        let mut rng = ChaCha20Rng::seed_from_u64(seed);
-        let identities: Vec<IdentityKeypair> = (0..n)
-            .map(|_| IdentityKeypair::generate(&mut rng))
-            .collect();
-        let mut nonce = [0u8; 32];
-        rng.fill_bytes(&mut nonce);
-        let params = SessionParams {
-            version: PROTOCOL_VERSION,
-            nonce,
-            round: 1,
-            context: [7u8; 32],
-            dim,
-            bits,
+        let spec = CohortSpec {
+            clients: n,
             degree,
             threshold,
-            roster: identities
-                .iter()
-                .enumerate()
-                .map(|(i, k)| RosterEntry {
-                    id: ClientId(i as u32),
-                    identity: k.public(),
-                })
-                .collect(),
+            dim,
+            bits,
+            seed,
+            context: [7u8; 32],
         };
-        let mask = if bits == 32 {
-            u32::MAX
-        } else {
-            (1u32 << bits) - 1
-        };
-        let inputs: Vec<Vec<u32>> = (0..n)
-            .map(|_| (0..dim).map(|_| rng.next_u32() & mask).collect())
-            .collect();
-        let clients = identities
-            .into_iter()
-            .enumerate()
-            .map(|(i, k)| {
-                let id = ClientId(i as u32);
-                let mut s = [0u8; 32];
-                rng.fill_bytes(&mut s);
-                (Client::new(id, k, context_of(id), inputs[i].clone()), s)
-            })
-            .collect();
-        let mut cohort = Cohort::new(
-            params,
-            clients,
-            StageDeadlines::uniform(Duration::from_secs(10)),
-        )
-        .expect("valid parameters");
+        let (mut cohort, inputs) = spec
+            .build(|c| Some(context_of(c)))
+            .expect("valid parameters");
         cohort.enable_log();
         Fed { cohort, inputs }
     }
