@@ -1,6 +1,7 @@
 //! The `fedveil` command line. It only parses arguments and prints; the work
 //! happens in the workspace crates.
 
+mod privacy;
 mod simulate;
 
 use std::process::ExitCode;
@@ -27,12 +28,15 @@ struct Cli {
 enum Command {
     /// Run one SecAgg+ round in memory on random inputs and check the result.
     Simulate(simulate::Args),
+    /// Privacy accounting: epsilon for a noise level, or noise for an epsilon.
+    Privacy(privacy::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Simulate(args) => simulate::run(&args),
+        Command::Privacy(args) => privacy::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -1,18 +1,8 @@
 //! `fedveil simulate`, end to end through the real binary.
 
-use std::process::Command;
+mod common;
 
-fn fedveil(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_fedveil"))
-        .args(args)
-        .output()
-        .expect("run fedveil");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::fedveil;
 
 #[test]
 /// k = 12, t = 7: any five lost neighbours still leave t holders, so this

@@ -1,0 +1,84 @@
+//! Calibration: the smallest noise multiplier whose ε is within a target
+//! (protocols/dp.md §4.4). ε falls as the noise multiplier grows, so a
+//! bisection that always keeps its upper end on the valid side returns a
+//! multiplier that reaches the target, within `tolerance` (relative) of the
+//! smallest one.
+
+use crate::{Accountant, DpError, SubsampledGaussian, check_delta};
+
+/// The largest noise multiplier calibration will consider.
+pub const MAX_NOISE_MULTIPLIER: f64 = 1e4;
+
+/// The smallest noise multiplier (within relative `tolerance`) at which
+/// `steps` rounds at sampling rate `q` stay within `(target_epsilon, delta)`.
+pub fn noise_multiplier(
+    target_epsilon: f64,
+    delta: f64,
+    q: f64,
+    steps: u64,
+    accountant: Accountant,
+    tolerance: f64,
+) -> Result<f64, DpError> {
+    if !(target_epsilon > 0.0 && target_epsilon.is_finite()) {
+        return Err(DpError::BadEpsilon(target_epsilon));
+    }
+    check_delta(delta)?;
+    let eps_at = |sigma: f64| {
+        SubsampledGaussian {
+            noise_multiplier: sigma,
+            sampling_rate: q,
+            steps,
+        }
+        .epsilon(delta, accountant)
+    };
+    // Bracket: `hi` reaches the target, `lo` does not.
+    let mut hi = 1.0;
+    while eps_at(hi)? > target_epsilon {
+        hi *= 2.0;
+        if hi > MAX_NOISE_MULTIPLIER {
+            return Err(DpError::Unreachable {
+                epsilon: target_epsilon,
+                max: MAX_NOISE_MULTIPLIER,
+            });
+        }
+    }
+    let mut lo = hi / 2.0;
+    while lo > 1e-6 && eps_at(lo)? <= target_epsilon {
+        hi = lo;
+        lo /= 2.0;
+    }
+    while hi - lo > tolerance * hi {
+        let mid = 0.5 * (lo + hi);
+        if eps_at(mid)? <= target_epsilon {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Ok(hi)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calibrated_noise_reaches_the_target_and_barely_so() {
+        let sigma = noise_multiplier(2.0, 1e-5, 0.01, 1000, Accountant::Rdp, 1e-6).unwrap();
+        let eps = |s: f64| {
+            SubsampledGaussian {
+                noise_multiplier: s,
+                sampling_rate: 0.01,
+                steps: 1000,
+            }
+            .epsilon(1e-5, Accountant::Rdp)
+            .unwrap()
+        };
+        assert!(eps(sigma) <= 2.0);
+        assert!(eps(sigma * (1.0 - 1e-5)) > 2.0 - 1e-3);
+        assert!(matches!(
+            noise_multiplier(-1.0, 1e-5, 0.01, 10, Accountant::Rdp, 1e-6),
+            Err(DpError::BadEpsilon(_))
+        ));
+    }
+}
