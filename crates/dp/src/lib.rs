@@ -2,7 +2,8 @@
 //!
 //! - [`rdp`] and [`pld`]: accountants for the Poisson-subsampled Gaussian,
 //!   the mechanism of DP-FedAvg with client sampling;
-//! - [`calibrate`]: the smallest noise multiplier that reaches a target ε.
+//! - [`calibrate`]: the smallest noise multiplier that reaches a target ε;
+//! - [`sampler`]: exact discrete Gaussian sampling in integer arithmetic.
 //!
 //! Every figure is computed through code that tests compare with an
 //! independent reference (Google's dp-accounting 0.6.0, exact formulas);
@@ -14,6 +15,7 @@
 pub mod calibrate;
 pub mod pld;
 pub mod rdp;
+pub mod sampler;
 pub mod special;
 
 use serde::{Deserialize, Serialize};
