@@ -3,7 +3,11 @@
 //! - [`rdp`] and [`pld`]: accountants for the Poisson-subsampled Gaussian,
 //!   the mechanism of DP-FedAvg with client sampling;
 //! - [`calibrate`]: the smallest noise multiplier that reaches a target ε;
-//! - [`sampler`]: exact discrete Gaussian sampling in integer arithmetic.
+//! - [`sampler`]: exact discrete Gaussian sampling in integer arithmetic;
+//! - [`clip`], [`rotation`], [`mechanism`]: clipping (fixed and adaptive),
+//!   the randomized Hadamard rotation, and the central, distributed and
+//!   local discrete Gaussian placements;
+//! - [`zcdp`]: their zCDP, composed over rounds and converted through opendp.
 //!
 //! Every figure is computed through code that tests compare with an
 //! independent reference (Google's dp-accounting 0.6.0, exact formulas);
@@ -13,10 +17,14 @@
 #![deny(missing_debug_implementations)]
 
 pub mod calibrate;
+pub mod clip;
+pub mod mechanism;
 pub mod pld;
 pub mod rdp;
+pub mod rotation;
 pub mod sampler;
 pub mod special;
+pub mod zcdp;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -41,6 +49,43 @@ pub enum DpError {
     TooFine { points: f64 },
     #[error("no noise multiplier up to {max} reaches epsilon {epsilon}")]
     Unreachable { epsilon: f64, max: f64 },
+    #[error("the update dimension must be in 1..=2^28, got {0}")]
+    BadDimension(usize),
+    #[error("expected a vector of {expected} elements, got {got}")]
+    LengthMismatch { expected: usize, got: usize },
+    #[error("update coordinate {index} is not finite")]
+    NotFinite { index: usize },
+    #[error("the clip norm must be positive and finite, got {0}")]
+    BadClip(f64),
+    #[error("the target quantile must be in (0, 1), got {0}")]
+    BadQuantile(f64),
+    #[error(
+        "count noise multiplier {count_noise_multiplier} is too small for noise multiplier \
+         {noise_multiplier}: adaptive clipping needs twice the count noise to exceed it"
+    )]
+    CountNoiseTooSmall {
+        noise_multiplier: f64,
+        count_noise_multiplier: f64,
+    },
+    #[error("the granularity must be positive and finite, got {0}")]
+    BadGranularity(f64),
+    #[error("granularity {0} makes the noise too large to sample on the integer grid; coarsen it")]
+    GranularityTooFine(f64),
+    #[error("beta must be in [0, 1), got {0}")]
+    BadBeta(f64),
+    #[error("the ring must have 2 to 32 bits, got {0}")]
+    BadBits(u8),
+    #[error("the minimum number of survivors must be at least 1")]
+    BadMinSurvivors,
+    #[error("conditional rounding failed {tries} times; beta is too small for this vector")]
+    RoundingFailed { tries: u32 },
+    #[error(
+        "only {have} clients survived, fewer than the {need} the noise was calibrated for: the \
+         round must not be released"
+    )]
+    TooFewSurvivors { have: u32, need: u32 },
+    #[error("opendp: {0}")]
+    Opendp(String),
     #[error("internal error: {0}")]
     Internal(&'static str),
 }

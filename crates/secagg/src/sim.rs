@@ -512,12 +512,35 @@ pub struct CohortSpec {
 }
 
 impl CohortSpec {
-    /// Builds the cohort and returns it with every client's input. A client
-    /// holds the session's context unless `context_of` gives it another.
+    /// Builds the cohort with uniform random inputs and returns it with
+    /// them. A client holds the session's context unless `context_of` gives
+    /// it another.
     pub fn build(
         &self,
         context_of: impl Fn(ClientId) -> Option<[u8; 32]>,
     ) -> Result<(Cohort, Vec<Vec<u32>>), SimError> {
+        // Inputs come from their own ChaCha stream of the seed; identities and
+        // keys from stream 0 (in `build_with_inputs`).
+        let mut rng = ChaCha20Rng::seed_from_u64(self.seed);
+        rng.set_stream(1);
+        let mask = crate::ring::modulus_mask(self.bits);
+        let inputs: Vec<Vec<u32>> = (0..self.clients)
+            .map(|_| (0..self.dim).map(|_| rng.next_u32() & mask).collect())
+            .collect();
+        let cohort = self.build_with_inputs(inputs.clone(), context_of)?;
+        Ok((cohort, inputs))
+    }
+
+    /// Builds the cohort with the given inputs, one per client in id order
+    /// (each of length `dim`, elements of `Z_{2^bits}`).
+    pub fn build_with_inputs(
+        &self,
+        inputs: Vec<Vec<u32>>,
+        context_of: impl Fn(ClientId) -> Option<[u8; 32]>,
+    ) -> Result<Cohort, SimError> {
+        if inputs.len() != self.clients as usize {
+            return Err(SimError::ClientOrder(ClientId(inputs.len() as u32)));
+        }
         let mut rng = ChaCha20Rng::seed_from_u64(self.seed);
         let identities: Vec<IdentityKeypair> = (0..self.clients)
             .map(|_| IdentityKeypair::generate(&mut rng))
@@ -533,24 +556,19 @@ impl CohortSpec {
             self.degree,
             self.threshold,
         );
-        let mask = crate::ring::modulus_mask(self.bits);
-        let inputs: Vec<Vec<u32>> = (0..self.clients)
-            .map(|_| (0..self.dim).map(|_| rng.next_u32() & mask).collect())
-            .collect();
         let mut clients = Vec::with_capacity(inputs.len());
-        for ((i, identity), input) in (0..self.clients).zip(identities).zip(&inputs) {
+        for ((i, identity), input) in (0..self.clients).zip(identities).zip(inputs) {
             let id = ClientId(i);
             let mut seed = [0u8; 32];
             rng.fill_bytes(&mut seed);
             let context = context_of(id).unwrap_or(self.context);
-            clients.push((Client::new(id, identity, context, input.clone()), seed));
+            clients.push((Client::new(id, identity, context, input), seed));
         }
-        let cohort = Cohort::new(
+        Cohort::new(
             params,
             clients,
             StageDeadlines::uniform(Duration::from_secs(10)),
-        )?;
-        Ok((cohort, inputs))
+        )
     }
 }
 
