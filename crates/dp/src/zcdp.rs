@@ -78,6 +78,57 @@ pub fn epsilon(rho: f64, delta: f64) -> Result<f64, DpError> {
         .map_err(|e| DpError::Opendp(e.to_string()))
 }
 
+/// The smallest noise multiplier (within relative `tolerance`) at which
+/// `rounds` rounds of `config`, each completed by `survivors` clients, stay
+/// within `(target_epsilon, delta)`. `config`'s own noise multiplier is
+/// ignored. ε falls as the multiplier grows, so the bisection keeps its upper
+/// end on the valid side and the result always reaches the target.
+pub fn calibrate_noise_multiplier(
+    config: &NoiseConfig,
+    rounds: u64,
+    survivors: u32,
+    target_epsilon: f64,
+    delta: f64,
+    tolerance: f64,
+) -> Result<f64, DpError> {
+    if !(target_epsilon > 0.0 && target_epsilon.is_finite()) {
+        return Err(DpError::BadEpsilon(target_epsilon));
+    }
+    if rounds == 0 {
+        return Err(DpError::NoSteps);
+    }
+    crate::check_delta(delta)?;
+    let eps_at = |z: f64| -> Result<f64, DpError> {
+        let mut c = config.clone();
+        c.noise_multiplier = z;
+        epsilon(rounds as f64 * round_rho(&c, survivors)?, delta)
+    };
+    let mut hi = 1.0;
+    while eps_at(hi)? > target_epsilon {
+        hi *= 2.0;
+        if hi > crate::calibrate::MAX_NOISE_MULTIPLIER {
+            return Err(DpError::Unreachable {
+                epsilon: target_epsilon,
+                max: crate::calibrate::MAX_NOISE_MULTIPLIER,
+            });
+        }
+    }
+    let mut lo = hi / 2.0;
+    while lo > 1e-6 && eps_at(lo)? <= target_epsilon {
+        hi = lo;
+        lo /= 2.0;
+    }
+    while hi - lo > tolerance * hi {
+        let mid = 0.5 * (lo + hi);
+        if eps_at(mid)? <= target_epsilon {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Ok(hi)
+}
+
 /// The privacy spent by the rounds run so far.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ZcdpLedger {
@@ -142,6 +193,22 @@ mod tests {
         let mut as_central = coarse.clone();
         as_central.placement = Placement::Central;
         assert!(rho_coarse > round_rho(&as_central, 1000).unwrap());
+    }
+
+    #[test]
+    fn calibration_reaches_the_target_over_all_rounds() {
+        let c = cfg(Placement::Distributed);
+        let z = calibrate_noise_multiplier(&c, 50, 25, 3.0, 1e-5, 1e-6).unwrap();
+        let eps_at = |z: f64| {
+            let mut c = c.clone();
+            c.noise_multiplier = z;
+            epsilon(50.0 * round_rho(&c, 25).unwrap(), 1e-5).unwrap()
+        };
+        assert!(eps_at(z) <= 3.0);
+        assert!(eps_at(z * (1.0 - 1e-4)) > 3.0);
+        // More survivors than n_min need less noise for the same target.
+        assert!(calibrate_noise_multiplier(&c, 50, 100, 3.0, 1e-5, 1e-6).unwrap() < z);
+        assert!(calibrate_noise_multiplier(&c, 0, 25, 3.0, 1e-5, 1e-6).is_err());
     }
 
     #[test]
