@@ -23,17 +23,27 @@ pub fn noise_multiplier(
         return Err(DpError::BadEpsilon(target_epsilon));
     }
     check_delta(delta)?;
-    let eps_at = |sigma: f64| {
+    smallest_reaching(target_epsilon, tolerance, |sigma| {
         SubsampledGaussian {
             noise_multiplier: sigma,
             sampling_rate: q,
             steps,
         }
         .epsilon(delta, accountant)
-    };
-    // Bracket: `hi` reaches the target, `lo` does not.
+    })
+}
+
+/// The smallest noise multiplier (within relative `tolerance`) whose
+/// `epsilon_at` is at most `target_epsilon`, for any `epsilon_at` that
+/// falls as the multiplier grows: the bracket doubles until its upper end
+/// reaches the target, then bisects with the upper end always valid.
+pub fn smallest_reaching(
+    target_epsilon: f64,
+    tolerance: f64,
+    epsilon_at: impl Fn(f64) -> Result<f64, DpError>,
+) -> Result<f64, DpError> {
     let mut hi = 1.0;
-    while eps_at(hi)? > target_epsilon {
+    while epsilon_at(hi)? > target_epsilon {
         hi *= 2.0;
         if hi > MAX_NOISE_MULTIPLIER {
             return Err(DpError::Unreachable {
@@ -43,13 +53,13 @@ pub fn noise_multiplier(
         }
     }
     let mut lo = hi / 2.0;
-    while lo > 1e-6 && eps_at(lo)? <= target_epsilon {
+    while lo > 1e-6 && epsilon_at(lo)? <= target_epsilon {
         hi = lo;
         lo /= 2.0;
     }
     while hi - lo > tolerance * hi {
         let mid = 0.5 * (lo + hi);
-        if eps_at(mid)? <= target_epsilon {
+        if epsilon_at(mid)? <= target_epsilon {
             hi = mid;
         } else {
             lo = mid;

@@ -98,35 +98,11 @@ pub fn calibrate_noise_multiplier(
         return Err(DpError::NoSteps);
     }
     crate::check_delta(delta)?;
-    let eps_at = |z: f64| -> Result<f64, DpError> {
+    crate::calibrate::smallest_reaching(target_epsilon, tolerance, |z| {
         let mut c = config.clone();
         c.noise_multiplier = z;
         epsilon(rounds as f64 * round_rho(&c, survivors)?, delta)
-    };
-    let mut hi = 1.0;
-    while eps_at(hi)? > target_epsilon {
-        hi *= 2.0;
-        if hi > crate::calibrate::MAX_NOISE_MULTIPLIER {
-            return Err(DpError::Unreachable {
-                epsilon: target_epsilon,
-                max: crate::calibrate::MAX_NOISE_MULTIPLIER,
-            });
-        }
-    }
-    let mut lo = hi / 2.0;
-    while lo > 1e-6 && eps_at(lo)? <= target_epsilon {
-        hi = lo;
-        lo /= 2.0;
-    }
-    while hi - lo > tolerance * hi {
-        let mid = 0.5 * (lo + hi);
-        if eps_at(mid)? <= target_epsilon {
-            hi = mid;
-        } else {
-            lo = mid;
-        }
-    }
-    Ok(hi)
+    })
 }
 
 /// The privacy spent by the rounds run so far.
