@@ -1,6 +1,7 @@
 //! The `fedveil` command line. It only parses arguments and prints; the work
 //! happens in the workspace crates.
 
+mod keygen;
 mod privacy;
 mod simulate;
 
@@ -30,6 +31,8 @@ enum Command {
     Simulate(simulate::Args),
     /// Privacy accounting: epsilon for a noise level, or noise for an epsilon.
     Privacy(privacy::Args),
+    /// Make a server certificate or a client identity.
+    Keygen(keygen::Args),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +40,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Simulate(args) => simulate::run(&args),
         Command::Privacy(args) => privacy::run(&args),
+        Command::Keygen(args) => keygen::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -248,7 +248,8 @@ mod tests {
     fn session_id_binds_every_field() {
         let base = params(10, 4, 3);
         let id = base.session_id();
-        let variants: Vec<Box<dyn Fn(&mut SessionParams)>> = vec![
+        type Change = Box<dyn Fn(&mut SessionParams)>;
+        let variants: Vec<Change> = vec![
             Box::new(|p| p.nonce[0] ^= 1),
             Box::new(|p| p.round += 1),
             Box::new(|p| p.context[31] ^= 1),
