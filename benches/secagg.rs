@@ -27,6 +27,7 @@ fn cohort(n: u32, degree: u32, threshold: u32, dim: u32, seed: u64) -> Cohort {
         bits: 32,
         seed,
         context: [0; 32],
+        min_survivors: 1,
     };
     spec.build(|_| None).expect("valid").0
 }

@@ -75,6 +75,7 @@ fn round(placement: Placement, min_survivors: u32, seed: u64) -> Outcome {
         bits: cfg.bits,
         seed,
         context: [3; 32],
+        min_survivors,
     };
     let mut cohort = spec.build_with_inputs(ring, |_| None).unwrap();
     cohort.drop_plan.insert(

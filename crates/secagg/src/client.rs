@@ -601,6 +601,12 @@ impl Client {
         if survivors.binary_search(&self.id).is_err() {
             return Err(ClientError::NotASurvivor { client: self.id });
         }
+        if survivors.len() < s.params.min_survivors as usize {
+            return Err(ClientError::BelowMinimumSurvivors {
+                have: survivors.len(),
+                need: s.params.min_survivors,
+            });
+        }
         let have = intersection_len(survivors, &st.masked_with);
         if have < s.threshold {
             return Err(ClientError::TooFewSurvivors {

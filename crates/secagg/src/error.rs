@@ -40,6 +40,10 @@ pub enum ParamsError {
          malicious server could collect both share kinds of one client from disjoint neighbour sets"
     )]
     ThresholdNotMajority { threshold: u32, degree: u32 },
+    #[error(
+        "the minimum number of survivors must be in 1..={n} (the roster size), got {min_survivors}"
+    )]
+    MinSurvivorsOutOfRange { min_survivors: u32, n: usize },
 }
 
 /// Why a client refused a message. A refused message never changes the
@@ -102,6 +106,11 @@ pub enum ClientError {
         have: usize,
         need: usize,
     },
+    #[error(
+        "the survivor set has {have} clients, the session's floor is {need}: \
+         a sum of so few inputs is refused"
+    )]
+    BelowMinimumSurvivors { have: usize, need: u32 },
     #[error(
         "unmask request carries {have} valid neighbour signatures of the survivor set, {need} are needed"
     )]
@@ -216,6 +225,15 @@ pub enum AbortReason {
         kind: ShareKind,
         shares: usize,
         holders: Vec<ClientId>,
+    },
+    #[error(
+        "after {stage}, only {have} clients survive; the session's floor is {need}, \
+         so their sum is not revealed"
+    )]
+    BelowMinimumSurvivors {
+        stage: Stage,
+        have: usize,
+        need: u32,
     },
     #[error("internal cryptographic failure: {0}")]
     Crypto(&'static str),

@@ -139,6 +139,7 @@ mod tests {
             bits: 32,
             degree: k,
             threshold: k.min(n - 1) / 2 + 1,
+            min_survivors: 1,
             roster: (0..n)
                 .map(|i| RosterEntry {
                     id: ClientId(i + 100),

@@ -42,6 +42,11 @@ pub struct SessionParams {
     pub degree: u32,
     /// Shamir threshold `t`.
     pub threshold: u32,
+    /// The fewest clients whose inputs may be summed (`1 ≤ n_min ≤ n`). The
+    /// server aborts after MaskedInput with fewer survivors, and clients
+    /// refuse a survivor set smaller than this (§6.4): a floor that
+    /// distributed differential privacy relies on (protocols/dp.md §5).
+    pub min_survivors: u32,
     /// The cohort, sorted by id.
     pub roster: Vec<RosterEntry>,
 }
@@ -139,6 +144,12 @@ impl SessionParams {
                 degree: k,
             });
         }
+        if self.min_survivors == 0 || self.min_survivors as usize > n {
+            return Err(ParamsError::MinSurvivorsOutOfRange {
+                min_survivors: self.min_survivors,
+                n,
+            });
+        }
         Ok(())
     }
 
@@ -153,6 +164,7 @@ impl SessionParams {
         out.push(self.bits);
         out.extend_from_slice(&self.degree.to_be_bytes());
         out.extend_from_slice(&self.threshold.to_be_bytes());
+        out.extend_from_slice(&self.min_survivors.to_be_bytes());
         out.extend_from_slice(&(self.roster.len() as u64).to_be_bytes());
         for e in &self.roster {
             out.extend_from_slice(&e.id.0.to_be_bytes());
@@ -185,6 +197,7 @@ mod tests {
             bits: 32,
             degree,
             threshold,
+            min_survivors: 2,
             roster: (0..n)
                 .map(|i| RosterEntry {
                     id: ClientId(i * 2),
@@ -257,6 +270,7 @@ mod tests {
             Box::new(|p| p.bits -= 1),
             Box::new(|p| p.degree += 2),
             Box::new(|p| p.threshold += 1),
+            Box::new(|p| p.min_survivors += 1),
             Box::new(|p| p.roster[3].identity.0[0] ^= 1),
             Box::new(|p| p.roster[3].id.0 += 1),
             Box::new(|p| {

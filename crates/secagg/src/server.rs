@@ -727,6 +727,13 @@ impl Server {
                 stage: Stage::MaskedInput,
             });
         }
+        if survivors.len() < self.params.min_survivors as usize {
+            return Err(AbortReason::BelowMinimumSurvivors {
+                stage: Stage::MaskedInput,
+                have: survivors.len(),
+                need: self.params.min_survivors,
+            });
+        }
         let mut dropped = BTreeSet::new();
         for &u in &survivors {
             let mw = &self.slots[u as usize].masked_with;

@@ -467,34 +467,16 @@ impl Cohort {
     }
 }
 
-/// Session parameters for clients `0..n` with the given identities.
-fn roster_params(
-    identities: &[IdentityKeypair],
-    nonce: [u8; 32],
-    context: [u8; 32],
-    dim: u32,
-    bits: u8,
-    degree: u32,
-    threshold: u32,
-) -> SessionParams {
-    SessionParams {
-        version: PROTOCOL_VERSION,
-        nonce,
-        round: 0,
-        context,
-        dim,
-        bits,
-        degree,
-        threshold,
-        roster: identities
-            .iter()
-            .enumerate()
-            .map(|(i, k)| RosterEntry {
-                id: ClientId(i as u32),
-                identity: k.public(),
-            })
-            .collect(),
-    }
+/// The roster of clients `0..n` with the given identities.
+fn roster(identities: &[IdentityKeypair]) -> Vec<RosterEntry> {
+    identities
+        .iter()
+        .enumerate()
+        .map(|(i, k)| RosterEntry {
+            id: ClientId(i as u32),
+            identity: k.public(),
+        })
+        .collect()
 }
 
 /// A cohort of clients `0..clients` holding uniform random vectors in
@@ -509,6 +491,8 @@ pub struct CohortSpec {
     pub seed: u64,
     /// The context (model hash) the session names.
     pub context: [u8; 32],
+    /// The session's floor on survivors (1: none).
+    pub min_survivors: u32,
 }
 
 impl CohortSpec {
@@ -547,15 +531,18 @@ impl CohortSpec {
             .collect();
         let mut nonce = [0u8; 32];
         rng.fill_bytes(&mut nonce);
-        let params = roster_params(
-            &identities,
+        let params = SessionParams {
+            version: PROTOCOL_VERSION,
             nonce,
-            self.context,
-            self.dim,
-            self.bits,
-            self.degree,
-            self.threshold,
-        );
+            round: 0,
+            context: self.context,
+            dim: self.dim,
+            bits: self.bits,
+            degree: self.degree,
+            threshold: self.threshold,
+            min_survivors: self.min_survivors,
+            roster: roster(&identities),
+        };
         let mut clients = Vec::with_capacity(inputs.len());
         for ((i, identity), input) in (0..self.clients).zip(identities).zip(inputs) {
             let id = ClientId(i);
@@ -772,15 +759,18 @@ pub fn prepare<R: CryptoRngCore + ?Sized>(
     rng.fill_bytes(&mut nonce);
     let mut victims = [0u8; 32];
     rng.fill_bytes(&mut victims);
-    let params = roster_params(
-        &identities,
+    let params = SessionParams {
+        version: PROTOCOL_VERSION,
         nonce,
+        round: 0,
         context,
-        codec.encoded_len(config.dim as usize) as u32,
-        config.bits,
-        config.degree.unwrap_or(n.saturating_sub(1)),
-        config.effective_threshold(),
-    );
+        dim: codec.encoded_len(config.dim as usize) as u32,
+        bits: config.bits,
+        degree: config.degree.unwrap_or(n.saturating_sub(1)),
+        threshold: config.effective_threshold(),
+        min_survivors: 1,
+        roster: roster(&identities),
+    };
     params.validate()?;
     let floats = par_map(&seeds, |s| client_input(s, config.dim, config.clip))
         .into_iter()

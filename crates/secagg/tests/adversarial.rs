@@ -20,7 +20,7 @@ use fedveil_secagg::messages::{
     AdvertisedKeys, ClientMessage, RevealedShare, ServerMessage, SurvivorSignature,
 };
 use fedveil_secagg::ring::PackedVec;
-use fedveil_secagg::{ClientError, ClientId, Rejected, SessionId, ShareKind, Stage};
+use fedveil_secagg::{AbortReason, ClientError, ClientId, Rejected, SessionId, ShareKind, Stage};
 
 const N: u32 = 10;
 const K: u32 = 6;
@@ -391,6 +391,64 @@ fn survivor_set_with_fewer_than_t_neighbours_is_refused() {
     let survivors: Vec<ClientId> = (0..N).map(ClientId).filter(|c| *c != to).collect();
     let got = fed.deliver(to, ServerMessage::ConsistencyRequest { session, survivors });
     assert_eq!(got, Err(ClientError::NotASurvivor { client: to }));
+}
+
+/// §2.1, §6.4: a server that lets the survivor set fall below the session's
+/// floor aborts before unmasking, and a server that asks anyway is refused
+/// by every client: a sum of too few (noised) inputs is never revealed.
+#[test]
+fn survivor_set_below_the_floor_is_neither_unmasked_nor_signed() {
+    let floor = N - 2;
+    // Honest server: three clients vanish before sending their masked input.
+    let mut fed = Fed::with_floor(N, K, T, DIM, 11, floor);
+    fed.drop_plan.insert(
+        Stage::MaskedInput,
+        [ClientId(1), ClientId(4), ClientId(8)].into(),
+    );
+    assert_eq!(
+        fed.run(),
+        Err(AbortReason::BelowMinimumSurvivors {
+            stage: Stage::MaskedInput,
+            have: N as usize - 3,
+            need: floor
+        })
+    );
+
+    // Malicious server: everyone sent a masked input, but the server names
+    // a survivor set below the floor that still gives each client t
+    // surviving neighbours.
+    let mut fed = Fed::with_floor(N, K, T, DIM, 12, floor);
+    let requests = fed.run_until(Stage::ConsistencyCheck);
+    let (to, msg) = requests[0].clone();
+    let ServerMessage::ConsistencyRequest { session, survivors } = msg else {
+        panic!()
+    };
+    assert_eq!(survivors.len(), N as usize);
+    let nb = fed.neighbours(to);
+    let mut small: Vec<ClientId> = nb.clone();
+    small.push(to);
+    small.sort();
+    assert!(small.len() < floor as usize);
+    let got = fed.deliver(
+        to,
+        ServerMessage::ConsistencyRequest {
+            session,
+            survivors: small.clone(),
+        },
+    );
+    assert_eq!(
+        got,
+        Err(ClientError::BelowMinimumSurvivors {
+            have: small.len(),
+            need: floor
+        })
+    );
+    // The refusal changed nothing: the honest request is still signed.
+    let got = fed.deliver(to, ServerMessage::ConsistencyRequest { session, survivors });
+    assert!(
+        matches!(got, Ok(Some(ClientMessage::Consistency(_)))),
+        "{got:?}"
+    );
 }
 
 /// §6.7 rule 5: the request must agree with the survivor set the client signed.

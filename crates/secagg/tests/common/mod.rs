@@ -48,6 +48,34 @@ impl Fed {
         seed: u64,
         context_of: impl Fn(ClientId) -> [u8; 32],
     ) -> Fed {
+        Self::build(n, degree, threshold, dim, bits, seed, 1, context_of)
+    }
+
+    /// Like [`Fed::new`], with a floor on the number of survivors.
+    pub fn with_floor(
+        n: u32,
+        degree: u32,
+        threshold: u32,
+        dim: u32,
+        seed: u64,
+        min_survivors: u32,
+    ) -> Fed {
+        Self::build(n, degree, threshold, dim, 32, seed, min_survivors, |_| {
+            [7u8; 32]
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        n: u32,
+        degree: u32,
+        threshold: u32,
+        dim: u32,
+        bits: u8,
+        seed: u64,
+        min_survivors: u32,
+        context_of: impl Fn(ClientId) -> [u8; 32],
+    ) -> Fed {
         let spec = CohortSpec {
             clients: n,
             degree,
@@ -56,6 +84,7 @@ impl Fed {
             bits,
             seed,
             context: [7u8; 32],
+            min_survivors,
         };
         let (mut cohort, inputs) = spec
             .build(|c| Some(context_of(c)))
