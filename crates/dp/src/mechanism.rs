@@ -211,6 +211,23 @@ impl NoiseConfig {
     }
 }
 
+impl NoiseConfig {
+    /// The granularity to use when none is configured: the finest at which
+    /// `n` clients' sum keeps `k` standard deviations of headroom in the
+    /// ring ([`NoiseConfig::finest_safe_granularity`]), coarsened if needed
+    /// so that every noise standard deviation on the integer grid stays
+    /// within the exact sampler's range (a quarter of its maximum).
+    pub fn default_granularity(&self, n: u32, k: f64) -> Result<f64, DpError> {
+        let safe = self.finest_safe_granularity(n, k)?;
+        let zc = self.noise_multiplier * self.clip;
+        let per_client = match self.placement {
+            Placement::Distributed => zc / f64::from(self.min_survivors.max(1)).sqrt(),
+            Placement::Central | Placement::Local => zc,
+        };
+        Ok(safe.max(4.0 * per_client / crate::sampler::MAX_SIGMA))
+    }
+}
+
 /// A client's privatised update, ready for secure aggregation.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Privatized {

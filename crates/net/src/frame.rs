@@ -51,6 +51,14 @@ pub async fn read_frame<T: DeserializeOwned>(
     recv: &mut RecvStream,
     max: usize,
 ) -> Result<T, NetError> {
+    Ok(read_frame_counted(recv, max).await?.0)
+}
+
+/// Like [`read_frame`], also returning the bytes read (length prefix included).
+pub async fn read_frame_counted<T: DeserializeOwned>(
+    recv: &mut RecvStream,
+    max: usize,
+) -> Result<(T, usize), NetError> {
     let mut len = [0u8; 4];
     read_exact(recv, &mut len).await?;
     let len = u32::from_be_bytes(len) as usize;
@@ -70,7 +78,7 @@ pub async fn read_frame<T: DeserializeOwned>(
             rest.len()
         )));
     }
-    Ok(msg)
+    Ok((msg, len + 4))
 }
 
 /// Writes a blob; refuses one larger than `max` bytes.

@@ -66,6 +66,7 @@ impl FromStr for Fingerprint {
 
 /// The server's certificate and private key. The key is zeroized on drop
 /// and never printed.
+#[derive(Clone)]
 pub struct ServerIdentity {
     cert_der: Vec<u8>,
     key_der: Zeroizing<Vec<u8>>,

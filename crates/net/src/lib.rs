@@ -20,6 +20,9 @@ pub mod frame;
 pub mod identity;
 mod tls;
 
+/// The QUIC implementation, re-exported so that users name the same version.
+pub use quinn;
+
 pub use endpoint::{Authenticated, Limits, NetClient, NetServer, Pending};
 pub use identity::{ClientIdentity, ClientKey, Fingerprint, ServerIdentity};
 

@@ -19,9 +19,12 @@ fn provider() -> Arc<CryptoProvider> {
 
 fn transport(idle: Duration) -> Result<Arc<quinn::TransportConfig>, NetError> {
     let mut t = quinn::TransportConfig::default();
+    let keep_alive = (idle / 3).min(Duration::from_secs(5));
     let idle = quinn::IdleTimeout::try_from(idle).map_err(|e| NetError::Tls(e.to_string()))?;
     t.max_idle_timeout(Some(idle));
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    // Keep-alives well inside the idle timeout, so that only a dead peer
+    // (or network) times out.
+    t.keep_alive_interval(Some(keep_alive));
     // A client needs a control stream and a few data streams, no more.
     t.max_concurrent_bidi_streams(16u32.into());
     t.max_concurrent_uni_streams(16u32.into());

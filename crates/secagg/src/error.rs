@@ -192,8 +192,15 @@ pub enum Rejected {
 /// `Abort` message to every client that is still taking part.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum AbortReason {
-    #[error("after {stage}, no client is left")]
-    NoClientsLeft { stage: Stage },
+    #[error(
+        "after {stage}, no client is left: {answered} answered, and each needs at least \
+         {threshold} (the threshold) answering neighbours"
+    )]
+    NoClientsLeft {
+        stage: Stage,
+        answered: usize,
+        threshold: usize,
+    },
     #[error(
         "after {stage}, {client} has only {have} surviving neighbours that hold its {kind} shares; \
          the threshold is {need}, so its mask cannot be removed"

@@ -99,6 +99,9 @@ pub struct Aggregate {
     pub survivors: Vec<ClientId>,
     /// The clients whose inputs are not, with the stage they did not complete.
     pub dropped: Vec<(ClientId, Stage)>,
+    /// Survivors that dropped out later (their inputs are in the sum), with
+    /// the stage they did not complete.
+    pub late: Vec<(ClientId, Stage)>,
     pub complaints: Vec<Complaint>,
     pub bad_shares: Vec<BadShare>,
 }
@@ -131,6 +134,8 @@ struct Slot {
     signature: Option<SignatureBytes>,
     /// The unmask request sent to this client: alive and dropped indices.
     request: Option<(Vec<u32>, Vec<u32>)>,
+    /// The layer above reported the client gone: it is not waited for again.
+    gone: bool,
 }
 
 /// The server's side of one aggregation session.
@@ -243,6 +248,12 @@ impl Server {
         }
     }
 
+    /// The clients whose masked inputs are in the sum (`U3`, §6.4), once
+    /// the masked-input stage has closed; empty before.
+    pub fn survivors(&self) -> Vec<ClientId> {
+        self.ids(&self.survivors)
+    }
+
     /// The roster neighbours of `id` (what every client computes for itself).
     pub fn neighbours_of(&self, id: ClientId) -> Option<Vec<ClientId>> {
         let i = self.params.index_of(id)?;
@@ -308,11 +319,44 @@ impl Server {
     fn open(&mut self, stage: Stage, now: Duration) {
         self.phase = Phase::Collecting(stage);
         self.deadline = Some(now + self.deadlines.get(stage));
+        for s in &mut self.slots {
+            if s.gone && s.expect == Some(stage) {
+                s.expect = None;
+                s.dropped_at = Some(stage);
+            }
+        }
         self.awaiting = self
             .slots
             .iter()
             .filter(|s| s.expect == Some(stage))
             .count();
+        // Nobody left to wait for: close now rather than at the deadline.
+        if self.awaiting == 0 {
+            self.close_stage(now);
+        }
+    }
+
+    /// Reports that `id` is gone (its connection closed, or it declined
+    /// the round): it drops out of the current stage at once instead of at
+    /// the deadline, and is not waited for in any later stage. The stage
+    /// closes if nobody else is awaited. False if `id` is not in the roster.
+    pub fn drop_client(&mut self, now: Duration, id: ClientId) -> bool {
+        let Some(i) = self.params.index_of(id) else {
+            return false;
+        };
+        let slot = &mut self.slots[i];
+        slot.gone = true;
+        if let Phase::Collecting(stage) = self.phase
+            && slot.expect == Some(stage)
+        {
+            slot.expect = None;
+            slot.dropped_at = Some(stage);
+            self.awaiting = self.awaiting.saturating_sub(1);
+            if self.awaiting == 0 {
+                self.close_stage(now);
+            }
+        }
+        true
     }
 
     /// Handles the deadline: closes the current stage if it has passed.
@@ -650,7 +694,15 @@ impl Server {
         if self.slots.iter().any(|s| s.expect == Some(next)) {
             Ok(Some(next))
         } else {
-            Err(AbortReason::NoClientsLeft { stage: closed })
+            Err(AbortReason::NoClientsLeft {
+                stage: closed,
+                answered: self
+                    .slots
+                    .iter()
+                    .filter(|s| s.answered == Some(closed))
+                    .count(),
+                threshold: self.threshold,
+            })
         }
     }
 
@@ -725,6 +777,8 @@ impl Server {
         if survivors.is_empty() {
             return Err(AbortReason::NoClientsLeft {
                 stage: Stage::MaskedInput,
+                answered: 0,
+                threshold: self.threshold,
             });
         }
         if survivors.len() < self.params.min_survivors as usize {
@@ -920,6 +974,14 @@ impl Server {
                 )
             })
             .collect();
+        let late = (0..self.slots.len())
+            .filter_map(|i| {
+                let s = &self.slots[i];
+                s.dropped_at
+                    .filter(|_| s.masked)
+                    .map(|stage| (self.id(i as u32), stage))
+            })
+            .collect();
         self.phase = Phase::Finished;
         self.deadline = None;
         self.outcome = Some(Ok(Aggregate {
@@ -927,6 +989,7 @@ impl Server {
             sum,
             survivors: self.ids(&self.survivors),
             dropped,
+            late,
             complaints: std::mem::take(&mut self.complaints),
             bad_shares,
         }));

@@ -198,7 +198,7 @@ proptest! {
                 let want = fed.sum_of(&agg.survivors);
                 prop_assert_eq!(agg.sum, want, "the sum is not exact");
             }
-            (Expected::NoClientsLeft(s), Err(AbortReason::NoClientsLeft { stage })) => {
+            (Expected::NoClientsLeft(s), Err(AbortReason::NoClientsLeft { stage, .. })) => {
                 prop_assert_eq!(*s, stage);
             }
             (
@@ -289,4 +289,46 @@ fn too_few_unmask_responses_name_the_rule_and_the_clients() {
     }
     // The server told every client still in the session that it is over.
     assert!(fed.clients().filter(|c| c.aborted().is_some()).count() >= 6);
+}
+
+/// A client reported gone drops out at once: the stage closes when the
+/// others have answered, with no deadline passing, and the sum is that of
+/// the survivors exactly as if the client had timed out.
+#[test]
+fn a_client_reported_gone_drops_without_waiting_for_the_deadline() {
+    for stage in Stage::ALL {
+        let mut fed = Fed::new(9, 6, 4, 30, 32, 21);
+        let victim = ClientId(4);
+        fed.drop_plan.insert(stage, [victim].into());
+        let requests = fed.run_until(stage);
+        // The layer above notices the closed connection.
+        let now = fed.now;
+        assert!(fed.server.drop_client(now, victim));
+        assert!(!fed.server.drop_client(now, ClientId(99)));
+        fed.exchange(requests);
+        let agg = fed.run().unwrap_or_else(|e| panic!("gone at {stage}: {e}"));
+        assert_eq!(
+            fed.now,
+            std::time::Duration::ZERO,
+            "a deadline passed (gone at {stage})"
+        );
+        let survivors: Vec<ClientId> = if stage <= Stage::MaskedInput {
+            (0..9).filter(|&i| i != 4).map(ClientId).collect()
+        } else {
+            (0..9).map(ClientId).collect()
+        };
+        assert_eq!(agg.survivors, survivors, "gone at {stage}");
+        assert_eq!(agg.sum, fed.sum_of(&survivors), "gone at {stage}");
+    }
+    // Reported gone before the session starts: never waited for.
+    let mut fed = Fed::new(9, 6, 4, 30, 32, 22);
+    assert!(
+        fed.server
+            .drop_client(std::time::Duration::ZERO, ClientId(1))
+    );
+    fed.drop_plan
+        .insert(Stage::AdvertiseKeys, [ClientId(1)].into());
+    let agg = fed.run().expect("completes");
+    assert_eq!(fed.now, std::time::Duration::ZERO);
+    assert!(!agg.survivors.contains(&ClientId(1)));
 }

@@ -1,0 +1,540 @@
+//! The federation client (protocols/federation.md §3, §4).
+//!
+//! A client connects, proves its key, says hello and then serves rounds
+//! until the server says the federation is finished. For each round it
+//! checks the parameters against their announced hash and the round against
+//! its own policy, trains, encodes its update (with its differential
+//! privacy noise) and runs its side of the SecAgg+ session. The session's
+//! context is computed from what the client received, so a client sent a
+//! different model than its peers cannot join their session (§3.3). When
+//! the connection breaks, the client reconnects with exponential backoff;
+//! the round in progress is lost to it and it waits for the next.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fedveil_net::frame::{read_blob, read_frame, write_blob, write_frame};
+use fedveil_net::quinn;
+use fedveil_net::{ClientIdentity, Fingerprint, Limits, NetClient, NetError};
+use fedveil_secagg::crypto::identity::IdentityKeypair;
+use fedveil_secagg::messages::{ClientMessage, ServerMessage};
+use fedveil_secagg::{Client as SecaggClient, ClientId, Stage};
+use rand_chacha::ChaCha20Rng;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::FedError;
+use crate::config::{PlacementName, Policy};
+use crate::encoding;
+use crate::metrics::{ClientEvent, Emitter};
+use crate::randomness::{Purpose, Randomness};
+use crate::trainer::Trainer;
+use crate::wire::{self, Down, Encoding, MAX_UP_FRAME, RoundSpec, Up, VERSION};
+
+/// A fault to inject, for tests and failure drills: in `round`, when the
+/// request of `stage` arrives (for `AdvertiseKeys`, the round itself), the
+/// client does not answer.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// It drops its connection at once, then reconnects as after any
+    /// network failure (the server notices the closed connection).
+    Disconnect { round: u64, stage: Stage },
+    /// It stays connected and ignores the rest of the session (the
+    /// server waits for the stage's deadline).
+    Stall { round: u64, stage: Stage },
+}
+
+impl Fault {
+    fn at(&self) -> (u64, Stage) {
+        match *self {
+            Fault::Disconnect { round, stage } | Fault::Stall { round, stage } => (round, stage),
+        }
+    }
+}
+
+/// The stage whose request a server message is.
+fn request_stage(msg: &ServerMessage) -> Option<Stage> {
+    Some(match msg {
+        ServerMessage::Setup(_) => Stage::AdvertiseKeys,
+        ServerMessage::KeyDirectory { .. } => Stage::ShareKeys,
+        ServerMessage::ShareRelay { .. } => Stage::MaskedInput,
+        ServerMessage::ConsistencyRequest { .. } => Stage::ConsistencyCheck,
+        ServerMessage::UnmaskRequest { .. } => Stage::Unmasking,
+        ServerMessage::Abort { .. } => return None,
+    })
+}
+
+/// Everything a client needs.
+pub struct ClientSetup {
+    pub server: SocketAddr,
+    pub server_name: String,
+    pub pin: Fingerprint,
+    pub identity: ClientIdentity,
+    pub limits: Limits,
+    pub trainer: Box<dyn Trainer>,
+    pub policy: Policy,
+    pub randomness: Randomness,
+    /// First reconnect delay; it doubles up to `max_reconnect`.
+    pub reconnect: Duration,
+    pub max_reconnect: Duration,
+    /// Give up after this long without a connection.
+    pub give_up_after: Option<Duration>,
+    pub events: Option<UnboundedSender<ClientEvent>>,
+    /// Report the encoded input in [`ClientEvent::Input`] (tests only: it
+    /// is the client's secret).
+    pub record_inputs: bool,
+    /// Share this UDP endpoint (many clients in one process).
+    pub endpoint: Option<NetClient>,
+    /// Faults to inject (none in operation).
+    pub faults: Vec<Fault>,
+}
+
+impl std::fmt::Debug for ClientSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientSetup")
+            .field("server", &self.server)
+            .field("key", &self.identity.public())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a client's federation ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClientSummary {
+    pub client: Option<ClientId>,
+    /// Rounds the federation completed.
+    pub rounds: u64,
+    /// Rounds this client sent its unmasking shares in.
+    pub rounds_served: u64,
+    pub reason: String,
+}
+
+/// Why a connection ended.
+enum Ended {
+    Finished {
+        rounds: u64,
+        reason: String,
+    },
+    /// The server refused this client for good (not on the allow-list, a
+    /// protocol version it does not speak).
+    Refused(String),
+    Broken(String),
+}
+
+/// A round in progress.
+struct Session {
+    round: u64,
+    client: SecaggClient,
+    rng: ChaCha20Rng,
+}
+
+struct Runner {
+    setup: ClientSetup,
+    events: Emitter<ClientEvent>,
+    id: Option<ClientId>,
+    served: u64,
+    trainer: Option<Box<dyn Trainer>>,
+}
+
+/// Runs the client until the federation finishes.
+pub async fn run(mut setup: ClientSetup) -> Result<ClientSummary, FedError> {
+    let events = Emitter(setup.events.take());
+    let endpoint = match setup.endpoint.take() {
+        Some(e) => e,
+        None => NetClient::new(setup.server, setup.pin, setup.limits.clone())?,
+    };
+    let trainer = Some(std::mem::replace(&mut setup.trainer, Box::new(NoTrainer)));
+    let mut runner = Runner {
+        setup,
+        events,
+        id: None,
+        served: 0,
+        trainer,
+    };
+    let mut delay = runner.setup.reconnect;
+    let mut last_contact = Instant::now();
+    let (server, name) = (runner.setup.server, runner.setup.server_name.clone());
+    let identity = ClientIdentity::from_seed(&runner.setup.identity.seed());
+    loop {
+        let ended = match endpoint.connect(server, &name, &identity).await {
+            Ok(auth) => {
+                delay = runner.setup.reconnect;
+                let ended = runner.serve(auth.connection).await;
+                last_contact = Instant::now();
+                ended
+            }
+            Err(NetError::Refused(r)) => Ended::Refused(r),
+            Err(e) => Ended::Broken(e.to_string()),
+        };
+        match ended {
+            Ended::Finished { rounds, reason } => {
+                runner.events.emit(ClientEvent::Finished { rounds });
+                return Ok(ClientSummary {
+                    client: runner.id,
+                    rounds,
+                    rounds_served: runner.served,
+                    reason,
+                });
+            }
+            Ended::Refused(r) => {
+                return Err(FedError::Net(NetError::Refused(r)));
+            }
+            Ended::Broken(reason) => {
+                tracing::info!("connection lost: {reason}");
+                runner.events.emit(ClientEvent::Disconnected {
+                    reason: reason.clone(),
+                });
+                if let Some(limit) = runner.setup.give_up_after
+                    && last_contact.elapsed() >= limit
+                {
+                    return Err(FedError::Stopped(format!(
+                        "no connection to the server for {limit:?}; the last error: {reason}"
+                    )));
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(runner.setup.max_reconnect);
+            }
+        }
+    }
+}
+
+/// A placeholder while the real trainer is lent to a blocking task.
+struct NoTrainer;
+
+impl Trainer for NoTrainer {
+    fn dim(&self) -> usize {
+        0
+    }
+    fn train(
+        &mut self,
+        _: &[f32],
+        _: &crate::trainer::TrainingConfig,
+        _: &mut dyn rand_core::RngCore,
+    ) -> Result<crate::trainer::LocalUpdate, crate::trainer::TrainError> {
+        Err(crate::trainer::TrainError("no trainer".into()))
+    }
+}
+
+fn broken(e: impl std::fmt::Display) -> Ended {
+    Ended::Broken(e.to_string())
+}
+
+impl Runner {
+    async fn serve(&mut self, conn: quinn::Connection) -> Ended {
+        let limits = self.setup.limits.clone();
+        let (mut send, mut recv) = match conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => return broken(e),
+        };
+        if let Err(e) = write_frame(&mut send, &Up::Hello { version: VERSION }, MAX_UP_FRAME).await
+        {
+            return broken(e);
+        }
+        let welcome = tokio::time::timeout(
+            limits.handshake_timeout,
+            read_frame::<Down>(&mut recv, limits.max_frame),
+        )
+        .await;
+        let (federation, round) = match welcome {
+            Ok(Ok(Down::Welcome {
+                federation,
+                client,
+                round,
+            })) => {
+                self.id = Some(client);
+                (federation, round)
+            }
+            Ok(Ok(Down::Rejected { reason })) => return Ended::Refused(reason),
+            Ok(Ok(other)) => return broken(format!("expected Welcome, got {}", other.name())),
+            Ok(Err(e)) => return broken(e),
+            Err(_) => return broken("no Welcome within the handshake timeout"),
+        };
+        let Some(id) = self.id else {
+            return broken("no client id");
+        };
+        tracing::info!(client = %id, round, "connected");
+        self.events
+            .emit(ClientEvent::Connected { client: id, round });
+        let mut session: Option<Session> = None;
+        loop {
+            let down = match read_frame::<Down>(&mut recv, limits.max_frame).await {
+                Ok(d) => d,
+                Err(e) => {
+                    let why = conn
+                        .close_reason()
+                        .map(|r| r.to_string())
+                        .unwrap_or_else(|| e.to_string());
+                    return broken(why);
+                }
+            };
+            match down {
+                Down::Round(spec) => {
+                    let dim = self.trainer_dim();
+                    // Read exactly the model this client can hold.
+                    let blob = match read_blob(&mut recv, dim.saturating_mul(4)).await {
+                        Ok(b) => b,
+                        Err(e) => return broken(format!("the round's parameters: {e}")),
+                    };
+                    session = None;
+                    let round = spec.round;
+                    match self.fault(round, Stage::AdvertiseKeys) {
+                        Some(Fault::Disconnect { .. }) => {
+                            conn.close(0u32.into(), b"injected fault");
+                            return broken("injected fault: disconnected");
+                        }
+                        Some(Fault::Stall { .. }) => continue,
+                        None => {}
+                    }
+                    match self.join(id, federation, *spec, blob).await {
+                        Ok((s, first)) => {
+                            if let Err(e) = send_secagg(&mut send, first).await {
+                                return broken(e);
+                            }
+                            session = Some(s);
+                        }
+                        Err(reason) => {
+                            tracing::warn!(round, "declined the round: {reason}");
+                            self.events.emit(ClientEvent::Refused {
+                                round,
+                                reason: reason.clone(),
+                            });
+                            let decline = Up::Decline { round, reason };
+                            if let Err(e) = write_frame(&mut send, &decline, MAX_UP_FRAME).await {
+                                return broken(e);
+                            }
+                        }
+                    }
+                }
+                Down::Secagg(msg) => {
+                    let Some(s) = session.as_mut() else {
+                        // A message for a session this client is not in
+                        // (it reconnected, or declined): nothing to do.
+                        continue;
+                    };
+                    let round = s.round;
+                    if let Some(stage) = request_stage(&msg) {
+                        match self.fault(round, stage) {
+                            Some(Fault::Disconnect { .. }) => {
+                                conn.close(0u32.into(), b"injected fault");
+                                return broken("injected fault: disconnected");
+                            }
+                            Some(Fault::Stall { .. }) => {
+                                session = None;
+                                continue;
+                            }
+                            None => {}
+                        }
+                    }
+                    let aborted = matches!(msg, ServerMessage::Abort { .. });
+                    let unmask = matches!(msg, ServerMessage::UnmaskRequest { .. });
+                    match s.client.handle(msg, &mut s.rng) {
+                        Ok(Some(reply)) => {
+                            if let Err(e) = send_secagg(&mut send, reply).await {
+                                return broken(e);
+                            }
+                            if unmask {
+                                self.served += 1;
+                                self.events.emit(ClientEvent::RoundDone { round });
+                            }
+                        }
+                        Ok(None) => {
+                            if aborted {
+                                let reason = s.client.aborted().unwrap_or("").to_string();
+                                tracing::info!(round, "the server aborted the session: {reason}");
+                                self.events
+                                    .emit(ClientEvent::SessionAborted { round, reason });
+                                session = None;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(round, "refused a message: {e}");
+                            self.events.emit(ClientEvent::Refused {
+                                round,
+                                reason: e.to_string(),
+                            });
+                        }
+                    }
+                }
+                Down::Rejected { reason } => {
+                    tracing::warn!("the server rejected a message: {reason}");
+                    self.events.emit(ClientEvent::Refused {
+                        round: session.as_ref().map_or(0, |s| s.round),
+                        reason: format!("the server rejected our message: {reason}"),
+                    });
+                }
+                Down::Finished { rounds, reason } => {
+                    let _ = send.finish();
+                    conn.close(0u32.into(), b"finished");
+                    return Ended::Finished { rounds, reason };
+                }
+                Down::Welcome { .. } => return broken("a second Welcome"),
+            }
+        }
+    }
+
+    /// The fault to inject at `stage` of `round`, reported once.
+    fn fault(&self, round: u64, stage: Stage) -> Option<Fault> {
+        let f = self
+            .setup
+            .faults
+            .iter()
+            .find(|f| f.at() == (round, stage))
+            .copied()?;
+        tracing::info!(round, %stage, "injecting {f:?}");
+        self.events.emit(ClientEvent::Fault { round, stage });
+        Some(f)
+    }
+
+    fn trainer_dim(&self) -> usize {
+        self.trainer.as_ref().map_or(0, |t| t.dim())
+    }
+}
+
+/// Sends a SecAgg+ message; the masked input as a frame and a blob.
+async fn send_secagg(send: &mut quinn::SendStream, msg: ClientMessage) -> Result<(), NetError> {
+    match msg {
+        ClientMessage::MaskedInput(m) => {
+            let head = Up::Masked {
+                session: m.session,
+                bits: m.masked.bits,
+                len: m.masked.len,
+                bad_envelopes: m.bad_envelopes,
+            };
+            write_frame(send, &head, MAX_UP_FRAME).await?;
+            write_blob(send, &m.masked.data, m.masked.data.len()).await
+        }
+        other => write_frame(send, &Up::Secagg(other), MAX_UP_FRAME)
+            .await
+            .map(|_| ()),
+    }
+}
+
+impl Runner {
+    /// Checks a round, trains, encodes and answers its `Setup`.
+    async fn join(
+        &mut self,
+        id: ClientId,
+        federation: [u8; 32],
+        spec: RoundSpec,
+        blob: Vec<u8>,
+    ) -> Result<(Session, ClientMessage), String> {
+        let round = spec.round;
+        if spec.federation != federation {
+            return Err("the round belongs to another federation".into());
+        }
+        let hash = wire::params_hash(&blob);
+        if hash != spec.params_hash {
+            return Err("the parameters do not match their announced hash".into());
+        }
+        let dim = self.trainer_dim();
+        let params = wire::blob_to_params(&blob, dim)
+            .filter(|_| spec.dim == dim as u64)
+            .ok_or_else(|| {
+                format!(
+                    "the model has {} parameters, this client's task {dim}",
+                    spec.dim
+                )
+            })?;
+        check_policy(&self.setup.policy, &spec)?;
+        // The commitment is computed from what this client received.
+        let context = spec.context(&hash).map_err(|e| e.to_string())?;
+
+        let mut trainer = self.trainer.take().ok_or("the trainer is busy")?;
+        let randomness = self.setup.randomness.clone();
+        let training = spec.training.clone();
+        let encoding_spec = spec.encoding.clone();
+        let who = id.0;
+        let attempt = spec.attempt;
+        let work = tokio::task::spawn_blocking(move || {
+            let mut trng = randomness.rng(Purpose::Training, round, attempt, who);
+            let result = trainer
+                .train(&params, &training, &mut trng)
+                .map_err(|e| e.to_string())
+                .and_then(|u| {
+                    let mut prng = randomness.rng(Purpose::Privacy, round, attempt, who);
+                    let encoded = encoding::encode(&encoding_spec, &u, &mut prng)
+                        .map_err(|e| e.to_string())?;
+                    Ok((u.loss, u.samples, encoded, prng))
+                });
+            (trainer, result)
+        })
+        .await
+        .map_err(|e| format!("the training task failed: {e}"))?;
+        let (trainer, result) = work;
+        self.trainer = Some(trainer);
+        let (loss, samples, encoded, mut rng) = result?;
+        self.events.emit(ClientEvent::Trained {
+            round,
+            loss,
+            samples,
+        });
+        if self.setup.record_inputs && self.events.active() {
+            self.events.emit(ClientEvent::Input {
+                client: id,
+                round,
+                ring: Arc::new(encoded.ring.clone()),
+            });
+        }
+        let identity = IdentityKeypair::from_secret_bytes(&self.setup.identity.seed());
+        let mut client = SecaggClient::new(id, identity, context, encoded.ring);
+        let first = client
+            .handle(ServerMessage::Setup(spec.session), &mut rng)
+            .map_err(|e| e.to_string())?
+            .ok_or("the session's Setup produced no keys")?;
+        Ok((Session { round, client, rng }, first))
+    }
+}
+
+/// The client's policy against the round (protocols/federation.md §4.4).
+fn check_policy(policy: &Policy, spec: &RoundSpec) -> Result<(), String> {
+    match &spec.encoding {
+        Encoding::Plain { .. } => {
+            if policy.require_dp {
+                return Err(
+                    "the round has no differential privacy, and this client's policy requires it"
+                        .into(),
+                );
+            }
+        }
+        Encoding::Private { noise, .. } => {
+            let placement = match noise.placement {
+                fedveil_dp::mechanism::Placement::Central => PlacementName::Central,
+                fedveil_dp::mechanism::Placement::Distributed => PlacementName::Distributed,
+                fedveil_dp::mechanism::Placement::Local => PlacementName::Local,
+            };
+            if policy.refuse_placements.contains(&placement) {
+                return Err(format!(
+                    "the round uses {} noise, which this client's policy refuses",
+                    noise.placement.name()
+                ));
+            }
+            if noise.noise_multiplier < policy.min_noise_multiplier {
+                return Err(format!(
+                    "the noise multiplier {} is below this client's minimum {}",
+                    noise.noise_multiplier, policy.min_noise_multiplier
+                ));
+            }
+            if let Some(c) = policy.max_clip
+                && noise.clip > c
+            {
+                return Err(format!(
+                    "the clip norm {} exceeds this client's maximum {c}",
+                    noise.clip
+                ));
+            }
+            if noise.min_survivors != spec.session.min_survivors {
+                return Err(format!(
+                    "the noise assumes {} survivors, the session's floor is {}",
+                    noise.min_survivors, spec.session.min_survivors
+                ));
+            }
+        }
+    }
+    if spec.session.min_survivors < policy.min_survivors {
+        return Err(format!(
+            "the session's survivor floor {} is below this client's minimum {}",
+            spec.session.min_survivors, policy.min_survivors
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,995 @@
+//! TOML configuration (protocols/federation.md §6).
+//!
+//! Three files: `fedveil run FILE` (a server and its clients in one
+//! process), `fedveil server --config FILE` and `fedveil client --config
+//! FILE`. The run and server files share the federation tables
+//! (`[federation]`, `[training]`, `[optimizer]`, `[secagg]`, `[dp]`,
+//! `[deadlines]`, `[task]`); every table rejects unknown keys, and
+//! [`Plan::resolve`] rejects impossible combinations with the key that
+//! causes them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fedveil_dp::mechanism::{NoiseConfig, Placement};
+use fedveil_secagg::StageDeadlines;
+use serde::{Deserialize, Serialize};
+
+use crate::FedError;
+use crate::optimizer::{Hyper, OptimizerConfig};
+use crate::trainer::TrainingConfig;
+
+/// How many standard deviations of the aggregate's spread the ring keeps
+/// as headroom when the granularity is chosen automatically (an overflow
+/// probability below `2 m e^{-32}`).
+pub const HEADROOM_SIGMAS: f64 = 8.0;
+
+/// `[federation]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationSection {
+    /// Rounds to run in total (a restarted server counts completed ones).
+    pub rounds: u64,
+    /// A fixed cohort of this many connected clients each round.
+    #[serde(default)]
+    pub cohort_size: Option<u32>,
+    /// Poisson sampling: each client of the population takes part with
+    /// this probability.
+    #[serde(default)]
+    pub sampling_rate: Option<f64>,
+    /// Wait until this many clients are connected before selecting a
+    /// cohort (default: the cohort size, or `n_min` with Poisson sampling).
+    #[serde(default)]
+    pub min_clients: Option<u32>,
+    /// How long to wait for `min_clients` before giving up, in seconds.
+    #[serde(default = "defaults::wait_s")]
+    pub wait_s: f64,
+    /// Sessions to try per round before giving up (an aborted session
+    /// reveals nothing and costs no privacy).
+    #[serde(default = "defaults::attempts")]
+    pub attempts: u32,
+    /// Where the server keeps its checkpoint.
+    #[serde(default)]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Where the server appends one JSON line per round.
+    #[serde(default)]
+    pub metrics: Option<PathBuf>,
+}
+
+/// `[secagg]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecaggSection {
+    /// Neighbours per client `k`; absent: the complete graph (classic SecAgg).
+    #[serde(default)]
+    pub degree: Option<u32>,
+    /// Shamir threshold `t` (default: `⌊k/2⌋ + 1`, the smallest majority).
+    #[serde(default)]
+    pub threshold: Option<u32>,
+    /// Ring width `b`.
+    #[serde(default = "defaults::bits")]
+    pub bits: u8,
+    /// Without differential privacy: updates are clamped to `[-clamp,
+    /// clamp]` per coordinate before encoding.
+    #[serde(default = "defaults::clamp")]
+    pub clamp: f32,
+    /// Without differential privacy: the FedAvg weight (sample count) is
+    /// capped at this.
+    #[serde(default = "defaults::max_weight")]
+    pub max_weight: u32,
+}
+
+impl Default for SecaggSection {
+    fn default() -> Self {
+        SecaggSection {
+            degree: None,
+            threshold: None,
+            bits: defaults::bits(),
+            clamp: defaults::clamp(),
+            max_weight: defaults::max_weight(),
+        }
+    }
+}
+
+/// Where the noise goes, or nowhere.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlacementName {
+    None,
+    Central,
+    Distributed,
+    Local,
+}
+
+/// `[dp]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpSection {
+    #[serde(default = "defaults::placement")]
+    pub placement: PlacementName,
+    /// L2 clip norm of a client's update.
+    #[serde(default)]
+    pub clip: Option<f64>,
+    /// Aggregate noise standard deviation over the clip norm.
+    #[serde(default)]
+    pub noise_multiplier: Option<f64>,
+    /// Or: calibrate the noise multiplier so that `rounds` rounds with
+    /// `n_min` survivors spend exactly this ε.
+    #[serde(default)]
+    pub target_epsilon: Option<f64>,
+    #[serde(default = "defaults::delta")]
+    pub delta: f64,
+    /// The server refuses to start a round that could take ε past this.
+    #[serde(default)]
+    pub epsilon_budget: Option<f64>,
+    /// `n_min`: the fewest survivors whose sum may be released.
+    #[serde(default)]
+    pub min_survivors: Option<u32>,
+    /// Granularity of the integer grid (default: the finest with
+    /// [`HEADROOM_SIGMAS`] of headroom in the ring).
+    #[serde(default)]
+    pub granularity: Option<f64>,
+    /// Conditional rounding's `β` (default `e^{-1/2}`).
+    #[serde(default)]
+    pub beta: Option<f64>,
+}
+
+impl Default for DpSection {
+    fn default() -> Self {
+        DpSection {
+            placement: PlacementName::None,
+            clip: None,
+            noise_multiplier: None,
+            target_epsilon: None,
+            delta: defaults::delta(),
+            epsilon_budget: None,
+            min_survivors: None,
+            granularity: None,
+            beta: None,
+        }
+    }
+}
+
+/// `[deadlines]`, in seconds. `train` covers receiving the model, local
+/// training and advertising keys; a client that misses a deadline drops
+/// out of the round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadlinesSection {
+    #[serde(default = "defaults::train_s")]
+    pub train: f64,
+    #[serde(default = "defaults::stage_s")]
+    pub share: f64,
+    #[serde(default = "defaults::masked_s")]
+    pub masked: f64,
+    #[serde(default = "defaults::stage_s")]
+    pub consistency: f64,
+    #[serde(default = "defaults::stage_s")]
+    pub unmask: f64,
+}
+
+impl Default for DeadlinesSection {
+    fn default() -> Self {
+        DeadlinesSection {
+            train: defaults::train_s(),
+            share: defaults::stage_s(),
+            masked: defaults::masked_s(),
+            consistency: defaults::stage_s(),
+            unmask: defaults::stage_s(),
+        }
+    }
+}
+
+mod defaults {
+    use super::PlacementName;
+    pub fn wait_s() -> f64 {
+        120.0
+    }
+    pub fn attempts() -> u32 {
+        3
+    }
+    pub fn bits() -> u8 {
+        32
+    }
+    pub fn clamp() -> f32 {
+        1.0
+    }
+    pub fn max_weight() -> u32 {
+        1 << 12
+    }
+    pub fn placement() -> PlacementName {
+        PlacementName::None
+    }
+    pub fn delta() -> f64 {
+        1e-5
+    }
+    pub fn train_s() -> f64 {
+        300.0
+    }
+    pub fn stage_s() -> f64 {
+        30.0
+    }
+    pub fn masked_s() -> f64 {
+        120.0
+    }
+    pub fn listen() -> String {
+        "127.0.0.1:0".into()
+    }
+    pub fn reconnect_s() -> f64 {
+        0.5
+    }
+    pub fn max_reconnect_s() -> f64 {
+        10.0
+    }
+}
+
+/// The tables a server needs to run a federation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub federation: FederationSection,
+    pub training: TrainingConfig,
+    pub optimizer: OptimizerConfig,
+    pub secagg: SecaggSection,
+    pub dp: DpSection,
+    pub deadlines: DeadlinesSection,
+    pub task: toml::Table,
+}
+
+/// How the cohort is chosen.
+#[derive(Copy, Clone, Debug, PartialEq)]
+pub enum CohortRule {
+    /// This many of the connected clients, uniformly at random.
+    Fixed(u32),
+    /// Every client of the population independently with probability `q`.
+    Poisson(f64),
+}
+
+/// Differential privacy, resolved for a task of known dimension.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResolvedDp {
+    pub noise: NoiseConfig,
+    pub delta: f64,
+    pub budget: Option<f64>,
+    /// Whether the noise multiplier was calibrated from a target ε.
+    pub calibrated: bool,
+}
+
+/// A validated plan with every default and derived value filled in.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resolved {
+    pub rounds: u64,
+    pub population: u32,
+    pub cohort: CohortRule,
+    /// The largest cohort a round can have.
+    pub max_cohort: u32,
+    pub min_clients: u32,
+    pub wait: Duration,
+    pub attempts: u32,
+    pub training: TrainingConfig,
+    pub optimizer: Hyper,
+    pub degree: Option<u32>,
+    pub threshold: Option<u32>,
+    pub bits: u8,
+    pub clamp: f32,
+    pub max_weight: u32,
+    /// The survivor floor of every session (1 without DP).
+    pub min_survivors: u32,
+    pub dp: Option<ResolvedDp>,
+    /// Deadline of the training-and-advertise stage.
+    pub train_deadline: Duration,
+    pub stage_deadlines: StageDeadlines,
+    pub checkpoint_dir: Option<PathBuf>,
+    pub metrics: Option<PathBuf>,
+}
+
+fn secs(path: &str, s: f64) -> Result<Duration, FedError> {
+    if !(s.is_finite() && s > 0.0 && s <= 86_400.0 * 365.0) {
+        return Err(FedError::config(
+            path,
+            format!("must be a positive number of seconds, got {s}"),
+        ));
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
+/// The threshold for `k` neighbours when none is configured.
+pub fn default_threshold(k: u32) -> u32 {
+    k / 2 + 1
+}
+
+impl Plan {
+    /// Validates the plan for `population` clients and a task of `dim`
+    /// parameters, filling in defaults and calibrating the noise.
+    pub fn resolve(&self, population: u32, dim: usize) -> Result<Resolved, FedError> {
+        let f = &self.federation;
+        if f.rounds == 0 {
+            return Err(FedError::config("federation.rounds", "must be at least 1"));
+        }
+        if population < 3 {
+            return Err(FedError::config(
+                "federation",
+                format!(
+                    "secure aggregation needs at least 3 clients, the population has {population}"
+                ),
+            ));
+        }
+        let (cohort, max_cohort) = match (f.cohort_size, f.sampling_rate) {
+            (Some(_), Some(_)) => {
+                return Err(FedError::config(
+                    "federation.sampling_rate",
+                    "choose cohort_size or sampling_rate, not both",
+                ));
+            }
+            (Some(c), None) => {
+                if c < 3 || c > population {
+                    return Err(FedError::config(
+                        "federation.cohort_size",
+                        format!("must be in 3..={population} (the population), got {c}"),
+                    ));
+                }
+                (CohortRule::Fixed(c), c)
+            }
+            (None, Some(q)) => {
+                if !(q > 0.0 && q <= 1.0) {
+                    return Err(FedError::config(
+                        "federation.sampling_rate",
+                        format!("must be in (0, 1], got {q}"),
+                    ));
+                }
+                (CohortRule::Poisson(q), population)
+            }
+            (None, None) => (CohortRule::Fixed(population), population),
+        };
+        if f.attempts == 0 || f.attempts > 100 {
+            return Err(FedError::config(
+                "federation.attempts",
+                format!("must be in 1..=100, got {}", f.attempts),
+            ));
+        }
+        self.training
+            .validate()
+            .map_err(|(k, r)| FedError::config(format!("training.{k}"), r))?;
+        let optimizer = self.optimizer.resolve()?;
+
+        let s = &self.secagg;
+        if !(2..=32).contains(&s.bits) {
+            return Err(FedError::config(
+                "secagg.bits",
+                format!("must be in 2..=32, got {}", s.bits),
+            ));
+        }
+        if let Some(k) = s.degree {
+            if k < 2 {
+                return Err(FedError::config(
+                    "secagg.degree",
+                    format!("must be at least 2, got {k}"),
+                ));
+            }
+            if let CohortRule::Fixed(n) = cohort
+                && k < n - 1
+                && k % 2 == 1
+                && n % 2 == 1
+            {
+                return Err(FedError::config(
+                    "secagg.degree",
+                    format!(
+                        "an odd degree ({k}) needs an even cohort, got {n}; use {} or {}",
+                        k - 1,
+                        k + 1
+                    ),
+                ));
+            }
+        }
+        let k_max = s.degree.unwrap_or(max_cohort - 1).min(max_cohort - 1);
+        if let Some(t) = s.threshold {
+            if t > k_max {
+                return Err(FedError::config(
+                    "secagg.threshold",
+                    format!("threshold {t} exceeds the number of neighbours ({k_max})"),
+                ));
+            }
+            if t < 2 || 2 * t <= k_max {
+                return Err(FedError::config(
+                    "secagg.threshold",
+                    format!(
+                        "threshold {t} must be at least 2 and more than half the neighbours ({k_max}), \
+                         or a malicious server could collect both kinds of a client's shares"
+                    ),
+                ));
+            }
+        }
+        if !(s.clamp.is_finite() && s.clamp > 0.0) {
+            return Err(FedError::config(
+                "secagg.clamp",
+                format!("must be positive, got {}", s.clamp),
+            ));
+        }
+        if s.max_weight == 0 {
+            return Err(FedError::config("secagg.max_weight", "must be at least 1"));
+        }
+
+        let d = &self.deadlines;
+        let train_deadline = secs("deadlines.train", d.train)?;
+        let stage_deadlines = StageDeadlines {
+            advertise: train_deadline,
+            share: secs("deadlines.share", d.share)?,
+            masked: secs("deadlines.masked", d.masked)?,
+            consistency: secs("deadlines.consistency", d.consistency)?,
+            unmask: secs("deadlines.unmask", d.unmask)?,
+        };
+
+        let dp = self.resolve_dp(max_cohort, dim, s.bits)?;
+        let min_survivors = dp.as_ref().map_or(1, |d| d.noise.min_survivors);
+        if let CohortRule::Fixed(n) = cohort
+            && min_survivors > n
+        {
+            return Err(FedError::config(
+                "dp.min_survivors",
+                format!("{min_survivors} exceeds the cohort size {n}"),
+            ));
+        }
+        let min_clients = f.min_clients.unwrap_or(match cohort {
+            CohortRule::Fixed(n) => n,
+            CohortRule::Poisson(_) => min_survivors.max(3),
+        });
+        if min_clients == 0 || min_clients > population {
+            return Err(FedError::config(
+                "federation.min_clients",
+                format!("must be in 1..={population} (the population), got {min_clients}"),
+            ));
+        }
+        if let CohortRule::Fixed(n) = cohort
+            && min_clients < n
+        {
+            return Err(FedError::config(
+                "federation.min_clients",
+                format!(
+                    "{min_clients} is below the cohort size {n}: the cohort could not be filled"
+                ),
+            ));
+        }
+        Ok(Resolved {
+            rounds: f.rounds,
+            population,
+            cohort,
+            max_cohort,
+            min_clients,
+            wait: secs("federation.wait_s", f.wait_s)?,
+            attempts: f.attempts,
+            training: self.training.clone(),
+            optimizer,
+            degree: s.degree,
+            threshold: s.threshold,
+            bits: s.bits,
+            clamp: s.clamp,
+            max_weight: s.max_weight,
+            min_survivors,
+            dp,
+            train_deadline,
+            stage_deadlines,
+            checkpoint_dir: f.checkpoint_dir.clone(),
+            metrics: f.metrics.clone(),
+        })
+    }
+
+    fn resolve_dp(
+        &self,
+        max_cohort: u32,
+        dim: usize,
+        bits: u8,
+    ) -> Result<Option<ResolvedDp>, FedError> {
+        let p = &self.dp;
+        let placement = match p.placement {
+            PlacementName::None => {
+                for (key, set) in [
+                    ("clip", p.clip.is_some()),
+                    ("noise_multiplier", p.noise_multiplier.is_some()),
+                    ("target_epsilon", p.target_epsilon.is_some()),
+                    ("epsilon_budget", p.epsilon_budget.is_some()),
+                    ("min_survivors", p.min_survivors.is_some()),
+                    ("granularity", p.granularity.is_some()),
+                    ("beta", p.beta.is_some()),
+                ] {
+                    if set {
+                        return Err(FedError::config(
+                            format!("dp.{key}"),
+                            "needs a noise placement (dp.placement = \"central\", \"distributed\" or \"local\")",
+                        ));
+                    }
+                }
+                return Ok(None);
+            }
+            PlacementName::Central => Placement::Central,
+            PlacementName::Distributed => Placement::Distributed,
+            PlacementName::Local => Placement::Local,
+        };
+        let clip = p
+            .clip
+            .ok_or_else(|| FedError::config("dp.clip", "is required with a noise placement"))?;
+        let min_survivors = p.min_survivors.unwrap_or(match placement {
+            // Distributed noise needs a floor; default to every client but a
+            // tenth (rounded down), so a few may drop.
+            Placement::Distributed => (max_cohort - max_cohort / 10).max(1),
+            _ => 1,
+        });
+        if min_survivors == 0 || min_survivors > max_cohort {
+            return Err(FedError::config(
+                "dp.min_survivors",
+                format!("must be in 1..={max_cohort} (the largest cohort), got {min_survivors}"),
+            ));
+        }
+        fedveil_dp::check_delta(p.delta)
+            .map_err(|e| FedError::config("dp.delta", e.to_string()))?;
+        let base = NoiseConfig {
+            placement,
+            dim,
+            clip,
+            noise_multiplier: 1.0,
+            granularity: 1.0,
+            beta: p.beta.unwrap_or((-0.5f64).exp()),
+            bits,
+            min_survivors,
+        };
+        // The granularity for a noise multiplier: configured, or the finest
+        // that keeps the largest cohort's sum inside the ring.
+        let granularity_for = |z: f64| -> Result<f64, fedveil_dp::DpError> {
+            match p.granularity {
+                Some(g) => Ok(g),
+                None => {
+                    let mut c = base.clone();
+                    c.noise_multiplier = z;
+                    c.default_granularity(max_cohort, HEADROOM_SIGMAS)
+                }
+            }
+        };
+        fn dp_err(key: &'static str) -> impl Fn(fedveil_dp::DpError) -> FedError {
+            move |e| FedError::config(format!("dp.{key}"), e.to_string())
+        }
+        let rounds = self.federation.rounds;
+        let (z, calibrated) = match (p.noise_multiplier, p.target_epsilon) {
+            (Some(_), Some(_)) => {
+                return Err(FedError::config(
+                    "dp.target_epsilon",
+                    "choose noise_multiplier or target_epsilon, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(FedError::config(
+                    "dp",
+                    "a noise placement needs noise_multiplier or target_epsilon",
+                ));
+            }
+            (Some(z), None) => (z, false),
+            (None, Some(eps)) => {
+                let z = fedveil_dp::calibrate::smallest_reaching(eps, 1e-4, |z| {
+                    let mut c = base.clone();
+                    c.noise_multiplier = z;
+                    c.granularity = granularity_for(z)?;
+                    let rho = fedveil_dp::zcdp::round_rho(&c, min_survivors)?;
+                    fedveil_dp::zcdp::epsilon(rounds as f64 * rho, p.delta)
+                })
+                .map_err(dp_err("target_epsilon"))?;
+                (z, true)
+            }
+        };
+        let mut noise = base.clone();
+        noise.noise_multiplier = z;
+        noise.granularity = granularity_for(z).map_err(dp_err("granularity"))?;
+        noise.validate().map_err(dp_err("noise_multiplier"))?;
+        if let Some(b) = p.epsilon_budget {
+            if !(b.is_finite() && b > 0.0) {
+                return Err(FedError::config(
+                    "dp.epsilon_budget",
+                    format!("must be positive, got {b}"),
+                ));
+            }
+            if let Some(t) = p.target_epsilon
+                && t > b
+            {
+                return Err(FedError::config(
+                    "dp.epsilon_budget",
+                    format!("{b} is below dp.target_epsilon ({t}): the run could not finish"),
+                ));
+            }
+        }
+        Ok(Some(ResolvedDp {
+            noise,
+            delta: p.delta,
+            budget: p.epsilon_budget,
+            calibrated,
+        }))
+    }
+}
+
+/// `[run]`: a server and its clients in one process.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    /// Clients to start (the population).
+    pub clients: u32,
+    /// The server's socket (default: an ephemeral loopback port).
+    #[serde(default = "defaults::listen")]
+    pub listen: String,
+}
+
+/// A `fedveil run` file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunFile {
+    pub run: RunSection,
+    pub federation: FederationSection,
+    #[serde(default)]
+    pub training: TrainingConfig,
+    #[serde(default)]
+    pub optimizer: OptimizerConfig,
+    #[serde(default)]
+    pub secagg: SecaggSection,
+    #[serde(default)]
+    pub dp: DpSection,
+    #[serde(default)]
+    pub deadlines: DeadlinesSection,
+    pub task: toml::Table,
+}
+
+/// `[server]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// The UDP socket to listen on, e.g. `0.0.0.0:4433`.
+    pub listen: String,
+    /// The certificate and key from `fedveil keygen server`.
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+    /// The allowed client keys, one `ed25519:…` per line; their order gives
+    /// the client ids (the first line is client 1).
+    pub allow_list: PathBuf,
+    /// Seconds a client may take over its TLS handshake and proof of key.
+    #[serde(default = "handshake_s")]
+    pub handshake_timeout: f64,
+    /// Seconds of silence after which a connection is closed.
+    #[serde(default = "idle_s")]
+    pub idle_timeout: f64,
+}
+
+fn handshake_s() -> f64 {
+    10.0
+}
+fn idle_s() -> f64 {
+    60.0
+}
+
+/// A `fedveil server` file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerFile {
+    pub server: ServerSection,
+    pub federation: FederationSection,
+    #[serde(default)]
+    pub training: TrainingConfig,
+    #[serde(default)]
+    pub optimizer: OptimizerConfig,
+    #[serde(default)]
+    pub secagg: SecaggSection,
+    #[serde(default)]
+    pub dp: DpSection,
+    #[serde(default)]
+    pub deadlines: DeadlinesSection,
+    pub task: toml::Table,
+}
+
+/// `[client]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientSection {
+    /// The server's address, `host:port`.
+    pub server: String,
+    /// The name the server's certificate was made for (default: the host
+    /// part of `server`).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// The server certificate's fingerprint, `sha256:…`.
+    pub fingerprint: String,
+    /// This client's identity from `fedveil keygen client`.
+    pub identity: PathBuf,
+    /// First delay before reconnecting, in seconds; it doubles up to
+    /// `max_reconnect`.
+    #[serde(default = "defaults::reconnect_s")]
+    pub reconnect: f64,
+    #[serde(default = "defaults::max_reconnect_s")]
+    pub max_reconnect: f64,
+    /// Give up after this many seconds without a connection (default: never).
+    #[serde(default)]
+    pub give_up_after: Option<f64>,
+}
+
+/// `[policy]`: what a client requires of every round before it takes part
+/// (a malicious or misconfigured server cannot talk it out of these).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// Refuse rounds without differential privacy.
+    #[serde(default)]
+    pub require_dp: bool,
+    /// Refuse rounds whose noise multiplier is below this.
+    #[serde(default)]
+    pub min_noise_multiplier: f64,
+    /// Refuse rounds whose clip norm is above this.
+    #[serde(default)]
+    pub max_clip: Option<f64>,
+    /// Refuse these placements (e.g. `["central"]` to never trust the
+    /// server with the noise).
+    #[serde(default)]
+    pub refuse_placements: Vec<PlacementName>,
+    /// Refuse sessions whose survivor floor is below this.
+    #[serde(default)]
+    pub min_survivors: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            require_dp: false,
+            min_noise_multiplier: 0.0,
+            max_clip: None,
+            refuse_placements: Vec::new(),
+            min_survivors: 0,
+        }
+    }
+}
+
+/// A `fedveil client` file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientFile {
+    pub client: ClientSection,
+    #[serde(default)]
+    pub policy: Policy,
+    pub task: toml::Table,
+}
+
+fn read(path: &Path) -> Result<String, FedError> {
+    std::fs::read_to_string(path).map_err(|e| FedError::file(path, e))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, FedError> {
+    toml::from_str(text).map_err(|e| FedError::Config {
+        path: path.display().to_string(),
+        reason: e.to_string().trim_end().to_string(),
+    })
+}
+
+/// Resolves a path in a config file against the file's directory.
+pub fn relative_to(file: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        file.parent().unwrap_or(Path::new(".")).join(p)
+    }
+}
+
+impl RunFile {
+    pub fn load(path: &Path) -> Result<Self, FedError> {
+        Self::parse(path, &read(path)?)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, FedError> {
+        let mut f: RunFile = parse(path, text)?;
+        f.federation.checkpoint_dir = f.federation.checkpoint_dir.map(|p| relative_to(path, &p));
+        f.federation.metrics = f.federation.metrics.map(|p| relative_to(path, &p));
+        Ok(f)
+    }
+
+    /// The server's socket.
+    pub fn listen(&self) -> Result<SocketAddr, FedError> {
+        self.run
+            .listen
+            .parse()
+            .map_err(|e| FedError::config("run.listen", format!("'{}': {e}", self.run.listen)))
+    }
+
+    pub fn plan(&self) -> Plan {
+        Plan {
+            federation: self.federation.clone(),
+            training: self.training.clone(),
+            optimizer: self.optimizer.clone(),
+            secagg: self.secagg.clone(),
+            dp: self.dp.clone(),
+            deadlines: self.deadlines.clone(),
+            task: self.task.clone(),
+        }
+    }
+}
+
+impl ServerFile {
+    pub fn load(path: &Path) -> Result<Self, FedError> {
+        let mut f: ServerFile = parse(path, &read(path)?)?;
+        let s = &mut f.server;
+        s.certificate = relative_to(path, &s.certificate);
+        s.key = relative_to(path, &s.key);
+        s.allow_list = relative_to(path, &s.allow_list);
+        f.federation.checkpoint_dir = f.federation.checkpoint_dir.map(|p| relative_to(path, &p));
+        f.federation.metrics = f.federation.metrics.map(|p| relative_to(path, &p));
+        Ok(f)
+    }
+
+    pub fn listen(&self) -> Result<SocketAddr, FedError> {
+        self.server.listen.parse().map_err(|e| {
+            FedError::config("server.listen", format!("'{}': {e}", self.server.listen))
+        })
+    }
+
+    pub fn plan(&self) -> Plan {
+        Plan {
+            federation: self.federation.clone(),
+            training: self.training.clone(),
+            optimizer: self.optimizer.clone(),
+            secagg: self.secagg.clone(),
+            dp: self.dp.clone(),
+            deadlines: self.deadlines.clone(),
+            task: self.task.clone(),
+        }
+    }
+
+    /// The transport limits.
+    pub fn limits(&self) -> Result<fedveil_net::Limits, FedError> {
+        Ok(fedveil_net::Limits {
+            handshake_timeout: secs("server.handshake_timeout", self.server.handshake_timeout)?,
+            idle_timeout: secs("server.idle_timeout", self.server.idle_timeout)?,
+            ..fedveil_net::Limits::default()
+        })
+    }
+}
+
+impl ClientFile {
+    pub fn load(path: &Path) -> Result<Self, FedError> {
+        let mut f: ClientFile = parse(path, &read(path)?)?;
+        f.client.identity = relative_to(path, &f.client.identity);
+        secs("client.reconnect", f.client.reconnect)?;
+        secs("client.max_reconnect", f.client.max_reconnect)?;
+        if let Some(g) = f.client.give_up_after {
+            secs("client.give_up_after", g)?;
+        }
+        Ok(f)
+    }
+}
+
+/// The `kind` of a `[task]` table.
+pub fn task_kind(task: &toml::Table) -> Result<&str, FedError> {
+    match task.get("kind") {
+        Some(toml::Value::String(s)) => Ok(s),
+        Some(_) => Err(FedError::config("task.kind", "must be a string")),
+        None => Err(FedError::config(
+            "task.kind",
+            "is required (e.g. kind = \"synthetic\")",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(text: &str) -> Result<RunFile, FedError> {
+        RunFile::parse(Path::new("test.toml"), text)
+    }
+
+    const BASE: &str = r#"
+[run]
+clients = 10
+[federation]
+rounds = 3
+[task]
+kind = "synthetic"
+"#;
+
+    fn resolve(extra: &str) -> Result<Resolved, FedError> {
+        let f = run(&format!("{BASE}{extra}"))?;
+        f.plan().resolve(f.run.clients, 100)
+    }
+
+    #[test]
+    fn the_base_resolves_to_classic_secagg_without_noise() {
+        let r = resolve("").unwrap();
+        assert_eq!(r.cohort, CohortRule::Fixed(10));
+        assert_eq!((r.degree, r.threshold, r.min_survivors), (None, None, 1));
+        assert!(r.dp.is_none());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_place() {
+        let e = run(&format!("{BASE}[secagg]\nneighbours = 4\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown field `neighbours`") && e.contains("line"),
+            "{e}"
+        );
+        let e = run(&format!("{BASE}[extra]\n")).unwrap_err().to_string();
+        assert!(e.contains("unknown field `extra`"), "{e}");
+    }
+
+    #[test]
+    fn impossible_combinations_name_the_key() {
+        let cases = [
+            ("[secagg]\ndegree = 4\nthreshold = 5\n", "secagg.threshold"),
+            ("[secagg]\ndegree = 6\nthreshold = 3\n", "more than half"),
+            ("[secagg]\ndegree = 3\n[federation.x]\n", "unknown field"),
+            ("[dp]\nclip = 1.0\n", "dp.clip"),
+            (
+                "[dp]\nplacement = \"distributed\"\nclip = 1.0\n",
+                "noise_multiplier or target_epsilon",
+            ),
+            (
+                "[dp]\nplacement = \"local\"\nclip = 1.0\nnoise_multiplier = 1.0\ntarget_epsilon = 2.0\n",
+                "not both",
+            ),
+            (
+                "[dp]\nplacement = \"distributed\"\nclip = 1.0\nnoise_multiplier = 1.0\nmin_survivors = 11\n",
+                "dp.min_survivors",
+            ),
+            (
+                "[dp]\nplacement = \"central\"\nclip = 1.0\ntarget_epsilon = 5.0\nepsilon_budget = 2.0\n",
+                "dp.epsilon_budget",
+            ),
+            ("[deadlines]\nshare = 0\n", "deadlines.share"),
+            (
+                "[optimizer]\nkind = \"fedavg\"\ntau = 0.1\n",
+                "optimizer.tau",
+            ),
+            (
+                "[training]\nlearning_rate = -1.0\n",
+                "training.learning_rate",
+            ),
+        ];
+        for (extra, want) in cases {
+            let e = match resolve(extra) {
+                Ok(r) => panic!("{extra:?} resolved to {r:?}"),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains(want), "{extra:?}: {e}");
+        }
+        let f = run(BASE).unwrap();
+        let mut p = f.plan();
+        p.federation.cohort_size = Some(4);
+        p.federation.sampling_rate = Some(0.5);
+        assert!(
+            p.resolve(10, 5)
+                .unwrap_err()
+                .to_string()
+                .contains("not both")
+        );
+        p.federation.sampling_rate = None;
+        p.federation.cohort_size = Some(11);
+        assert!(
+            p.resolve(10, 5)
+                .unwrap_err()
+                .to_string()
+                .contains("federation.cohort_size")
+        );
+        p.federation.cohort_size = Some(5);
+        p.secagg.degree = Some(3);
+        assert!(
+            p.resolve(10, 5)
+                .unwrap_err()
+                .to_string()
+                .contains("even cohort")
+        );
+    }
+
+    #[test]
+    fn a_target_epsilon_is_met_by_the_calibrated_noise() {
+        let r = resolve(
+            "[dp]\nplacement = \"distributed\"\nclip = 0.5\ntarget_epsilon = 4.0\ndelta = 1e-6\nmin_survivors = 8\n",
+        )
+        .unwrap();
+        let dp = r.dp.unwrap();
+        assert!(dp.calibrated);
+        assert_eq!(dp.noise.min_survivors, 8);
+        let rho = fedveil_dp::zcdp::round_rho(&dp.noise, 8).unwrap();
+        let eps = fedveil_dp::zcdp::epsilon(3.0 * rho, 1e-6).unwrap();
+        assert!(eps <= 4.0 && eps > 3.99, "{eps}");
+        // The ring holds the largest cohort's sum with the promised headroom.
+        assert!(dp.noise.overflow_probability(10) < 1e-9);
+    }
+}

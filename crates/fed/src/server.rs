@@ -1,0 +1,1052 @@
+//! The federation server (protocols/federation.md §4, §5).
+//!
+//! One task owns all federation state and runs the rounds; connection
+//! tasks ([`crate::connection`]) feed it the clients' messages through a
+//! bounded channel, so a flood from one client only slows that client.
+//! Each round:
+//!
+//! 1. wait until enough clients are connected, then select the cohort
+//!    (a fixed number of connected clients, or Poisson sampling of the
+//!    population);
+//! 2. send every member the round specification, whose SecAgg+ session
+//!    commits to the hash of the parameters that follow it (§3.3);
+//! 3. relay the SecAgg+ session; a client that misses a stage's deadline,
+//!    disconnects or declines drops out of it;
+//! 4. before asking for unmasking shares, charge the round to the privacy
+//!    ledger and persist it (§5.3);
+//! 5. decode the sum, apply the server optimiser, evaluate, checkpoint
+//!    atomically and write the metrics line.
+//!
+//! A session that aborts reveals nothing; the round is tried again with a
+//! fresh session, up to `federation.attempts` times.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fedveil_net::{ClientKey, Limits, NetServer, ServerIdentity};
+use fedveil_secagg::crypto::identity::IdentityPublic;
+use fedveil_secagg::messages::{ClientMessage, MaskedInput, ServerMessage};
+use fedveil_secagg::params::RosterEntry;
+use fedveil_secagg::ring::{PackedVec, packed_len};
+use fedveil_secagg::{ClientId, PROTOCOL_VERSION, SessionParams, Stage};
+use rand_core::RngCore;
+use tokio::sync::{mpsc, watch};
+
+use crate::FedError;
+use crate::checkpoint::{Checkpoint, Header, RoundRecord};
+use crate::config::{CohortRule, Plan, Resolved, default_threshold};
+use crate::connection::{self, CLOSE_FINISHED, Counters, Expect, Inbound, Outbound, Shared};
+use crate::encoding;
+use crate::ledger::PrivacyLedger;
+use crate::metrics::{
+    Dropout, Emitter, Event, MetricsWriter, RoundMetrics, peak_rss_bytes, stage_key,
+};
+use crate::optimizer::ServerOptimizer;
+use crate::randomness::{Purpose, Randomness};
+use crate::trainer::{Evaluation, Evaluator};
+use crate::wire::{self, Down, Encoding, RoundSpec, Up};
+
+/// Lets a test play a malicious server that sends some clients something
+/// other than what the others get. The command-line tools never install
+/// one.
+pub trait Adversary: Send {
+    /// Called for every cohort member as a round starts, with what it is
+    /// about to receive.
+    fn tamper(&mut self, client: ClientId, spec: &mut RoundSpec, params: &mut Vec<u8>);
+}
+
+/// Everything a server needs.
+pub struct ServerSetup {
+    pub plan: Plan,
+    pub identity: ServerIdentity,
+    /// The allowed client keys; client `i` (1-based) is the `i`-th.
+    pub allow: Vec<ClientKey>,
+    pub listen: SocketAddr,
+    pub limits: Limits,
+    pub evaluator: Box<dyn Evaluator>,
+    pub randomness: Randomness,
+    pub events: Option<mpsc::UnboundedSender<Event>>,
+    pub adversary: Option<Box<dyn Adversary>>,
+}
+
+impl std::fmt::Debug for ServerSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerSetup")
+            .field("listen", &self.listen)
+            .field("clients", &self.allow.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a federation ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summary {
+    /// Rounds completed, in total (across restarts).
+    pub rounds: u64,
+    pub params: Vec<f32>,
+    pub evaluation: Option<Evaluation>,
+    pub epsilon: Option<f64>,
+    pub delta: Option<f64>,
+    pub history: Vec<RoundRecord>,
+    pub reason: String,
+    pub server_peak_rss_bytes: Option<u64>,
+}
+
+/// One connected client.
+#[derive(Debug)]
+struct Conn {
+    generation: u64,
+    tx: mpsc::UnboundedSender<Outbound>,
+}
+
+/// The state a checkpoint holds.
+#[derive(Debug)]
+struct State {
+    federation: [u8; 32],
+    completed: u64,
+    params: Vec<f32>,
+    optimizer: ServerOptimizer,
+    ledger: PrivacyLedger,
+    history: Vec<RoundRecord>,
+    task: String,
+    evaluation: Option<Evaluation>,
+}
+
+/// Aborts a task when dropped.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A bound server, ready to run.
+pub struct Server {
+    resolved: Resolved,
+    net: Arc<NetServer>,
+    addr: SocketAddr,
+    shared: Shared,
+    keys: BTreeMap<ClientId, ClientKey>,
+    evaluator: Option<Box<dyn Evaluator>>,
+    randomness: Randomness,
+    events: Emitter<Event>,
+    adversary: Option<Box<dyn Adversary>>,
+    state: State,
+    metrics: Option<MetricsWriter>,
+    hub: mpsc::Receiver<Inbound>,
+    expect: watch::Sender<Option<Expect>>,
+    counters: Arc<Counters>,
+    conns: BTreeMap<ClientId, Conn>,
+    clock: Instant,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("addr", &self.addr)
+            .field("completed", &self.state.completed)
+            .field("connected", &self.conns.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Server {
+    /// Validates the plan, resumes from the checkpoint if there is one, and
+    /// listens. Must be called within a tokio runtime.
+    pub fn bind(setup: ServerSetup) -> Result<Server, FedError> {
+        let ServerSetup {
+            plan,
+            identity,
+            allow,
+            listen,
+            limits,
+            mut evaluator,
+            randomness,
+            events,
+            adversary,
+        } = setup;
+        let events = Emitter(events);
+        let population = u32::try_from(allow.len())
+            .map_err(|_| FedError::config("allow_list", "too many clients"))?;
+        let mut ids = HashMap::new();
+        let mut keys = BTreeMap::new();
+        for (i, k) in allow.iter().enumerate() {
+            let id = ClientId(i as u32 + 1);
+            if ids.insert(*k, id).is_some() {
+                return Err(FedError::config(
+                    "allow_list",
+                    format!("{k} is listed twice"),
+                ));
+            }
+            keys.insert(id, *k);
+        }
+        let dim = evaluator.dim();
+        let resolved = plan.resolve(population, dim)?;
+        if resolved.dp.is_some() && resolved.checkpoint_dir.is_none() {
+            tracing::warn!(
+                "differential privacy without federation.checkpoint_dir: the privacy ledger \
+                 is lost if the server stops, and a restart starts a new account"
+            );
+        }
+        let task = toml::to_string(&plan.task).map_err(|e| FedError::Internal(e.to_string()))?;
+        let state = match resolved
+            .checkpoint_dir
+            .as_deref()
+            .map(Checkpoint::load)
+            .transpose()?
+            .flatten()
+        {
+            Some(ck) => {
+                let path = crate::checkpoint::path_in(
+                    resolved
+                        .checkpoint_dir
+                        .as_deref()
+                        .unwrap_or(std::path::Path::new(".")),
+                );
+                let bad = |why: String| FedError::Checkpoint {
+                    path: path.display().to_string(),
+                    reason: format!(
+                        "{why}; remove it, or point federation.checkpoint_dir elsewhere, to start a new federation"
+                    ),
+                };
+                let h = &ck.header;
+                if h.task != task {
+                    return Err(bad(format!("it was written for another task:\n{}", h.task)));
+                }
+                if h.dim != dim as u64 {
+                    return Err(bad(format!(
+                        "it holds {} parameters, the task has {dim}",
+                        h.dim
+                    )));
+                }
+                if h.optimizer != resolved.optimizer.kind.name() {
+                    return Err(bad(format!(
+                        "it was written by {}, the plan uses {}",
+                        h.optimizer,
+                        resolved.optimizer.kind.name()
+                    )));
+                }
+                let mut federation = [0u8; 32];
+                if h.federation.len() != 64 {
+                    return Err(bad("its federation id is malformed".into()));
+                }
+                for (i, f) in federation.iter_mut().enumerate() {
+                    *f = u8::from_str_radix(&h.federation[2 * i..2 * i + 2], 16)
+                        .map_err(|_| bad("its federation id is malformed".into()))?;
+                }
+                let optimizer = ServerOptimizer::resume(resolved.optimizer, dim, ck.m, ck.v)?;
+                events.emit(Event::Resumed {
+                    round: h.completed_rounds,
+                });
+                tracing::info!(
+                    round = h.completed_rounds,
+                    "resumed from {}",
+                    path.display()
+                );
+                State {
+                    federation,
+                    completed: h.completed_rounds,
+                    params: ck.params,
+                    optimizer,
+                    ledger: ck.header.ledger,
+                    history: ck.header.history,
+                    task,
+                    evaluation: None,
+                }
+            }
+            None => {
+                let params = evaluator.initial_params()?;
+                if params.len() != dim {
+                    return Err(FedError::Internal(format!(
+                        "the task's initial model has {} parameters, not {dim}",
+                        params.len()
+                    )));
+                }
+                let mut federation = [0u8; 32];
+                randomness
+                    .rng(Purpose::Federation, 0, 0, 0)
+                    .fill_bytes(&mut federation);
+                State {
+                    federation,
+                    completed: 0,
+                    params,
+                    optimizer: ServerOptimizer::new(resolved.optimizer, dim),
+                    ledger: PrivacyLedger::default(),
+                    history: Vec::new(),
+                    task,
+                    evaluation: None,
+                }
+            }
+        };
+        let metrics = resolved
+            .metrics
+            .as_deref()
+            .map(MetricsWriter::open)
+            .transpose()?;
+        let net = Arc::new(NetServer::bind(listen, &identity, allow, limits.clone())?);
+        let addr = net.local_addr()?;
+        let (hub_tx, hub) = mpsc::channel(1024);
+        let (expect, expect_rx) = watch::channel(None);
+        let counters = Arc::new(Counters::default());
+        let shared = Shared {
+            ids: Arc::new(ids),
+            hub: hub_tx,
+            expect: expect_rx,
+            counters: Arc::clone(&counters),
+            limits,
+            events: events.clone(),
+        };
+        Ok(Server {
+            resolved,
+            net,
+            addr,
+            shared,
+            keys,
+            evaluator: Some(evaluator),
+            randomness,
+            events,
+            adversary,
+            state,
+            metrics,
+            hub,
+            expect,
+            counters,
+            conns: BTreeMap::new(),
+            clock: Instant::now(),
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The validated plan.
+    pub fn resolved(&self) -> &Resolved {
+        &self.resolved
+    }
+
+    /// Rounds completed so far (a resumed server starts above zero).
+    pub fn completed_rounds(&self) -> u64 {
+        self.state.completed
+    }
+
+    /// Runs the federation to its end. Dropping the future stops the server
+    /// and closes every connection, as a crash would (the checkpoint holds
+    /// the last completed round).
+    pub async fn run(mut self) -> Result<Summary, FedError> {
+        let accept = AbortOnDrop(tokio::spawn(connection::accept_loop(
+            Arc::clone(&self.net),
+            self.shared.clone(),
+        )));
+        self.events.emit(Event::Listening(self.addr));
+        tracing::info!(addr = %self.addr, "listening");
+        let result = self.rounds().await;
+        let reason = match &result {
+            Ok(r) => r.clone(),
+            Err(e) => e.to_string(),
+        };
+        self.finish(&reason).await;
+        self.net.close();
+        drop(accept);
+        let reason = result?;
+        let dp = self.resolved.dp.as_ref();
+        Ok(Summary {
+            rounds: self.state.completed,
+            params: self.state.params.clone(),
+            evaluation: self.state.evaluation.clone(),
+            epsilon: dp.map(|d| self.state.ledger.epsilon(d.delta)).transpose()?,
+            delta: dp.map(|d| d.delta),
+            history: self.state.history.clone(),
+            reason,
+            server_peak_rss_bytes: peak_rss_bytes(),
+        })
+    }
+
+    fn now(&self) -> Duration {
+        self.clock.elapsed()
+    }
+
+    async fn rounds(&mut self) -> Result<String, FedError> {
+        while self.state.completed < self.resolved.rounds {
+            let round = self.state.completed;
+            if let Some(dp) = &self.resolved.dp
+                && let Some(budget) = dp.budget
+            {
+                let worst = self
+                    .state
+                    .ledger
+                    .epsilon_after_worst_round(&dp.noise, dp.delta)?;
+                if worst > budget {
+                    let spent = self.state.ledger.epsilon(dp.delta)?;
+                    let reason = format!(
+                        "the privacy budget stops the federation before round {round}: ε = {spent:.4} \
+                         is spent, and the round could take it to {worst:.4}, past the budget of {budget}"
+                    );
+                    tracing::warn!("{reason}");
+                    return Ok(reason);
+                }
+            }
+            let mut attempt = 0;
+            loop {
+                let outcome = self.attempt(round, attempt).await?;
+                match outcome {
+                    Ok(()) => break,
+                    Err(reason) => {
+                        attempt += 1;
+                        if attempt >= self.resolved.attempts {
+                            return Err(FedError::Stopped(format!(
+                                "round {round} failed in {attempt} sessions; the last: {reason}"
+                            )));
+                        }
+                        tracing::warn!(round, attempt, "trying the round again: {reason}");
+                    }
+                }
+            }
+        }
+        Ok(format!("completed {} rounds", self.state.completed))
+    }
+
+    /// One session of a round: `Ok(Err(reason))` if it aborted.
+    async fn attempt(&mut self, round: u64, attempt: u32) -> Result<Result<(), String>, FedError> {
+        self.wait_for_clients().await?;
+        let cohort = self.select_cohort(round, attempt);
+        let need = self.resolved.min_survivors.max(3) as usize;
+        if cohort.len() < need {
+            let reason = format!(
+                "the cohort has {} connected clients, a session needs at least {need}",
+                cohort.len()
+            );
+            self.events.emit(Event::RoundAborted {
+                round,
+                attempt,
+                reason: reason.clone(),
+            });
+            return Ok(Err(reason));
+        }
+        self.session(round, attempt, cohort).await
+    }
+
+    async fn wait_for_clients(&mut self) -> Result<(), FedError> {
+        let need = self.resolved.min_clients as usize;
+        let until = tokio::time::Instant::now() + self.resolved.wait;
+        let mut reported = usize::MAX;
+        while self.conns.len() < need {
+            if reported != self.conns.len() {
+                reported = self.conns.len();
+                self.events.emit(Event::WaitingForClients {
+                    connected: reported as u32,
+                    needed: need as u32,
+                });
+            }
+            match tokio::time::timeout_at(until, self.hub.recv()).await {
+                Err(_) => {
+                    return Err(FedError::Stopped(format!(
+                        "waited {:?} for {need} clients; {} connected",
+                        self.resolved.wait,
+                        self.conns.len()
+                    )));
+                }
+                Ok(None) => return Err(FedError::Internal("the connection hub closed".into())),
+                Ok(Some(m)) => self.between_sessions(m),
+            }
+        }
+        Ok(())
+    }
+
+    fn select_cohort(&self, round: u64, attempt: u32) -> Vec<ClientId> {
+        let mut rng = self.randomness.rng(Purpose::Cohort, round, attempt, 0);
+        let connected: Vec<ClientId> = self.conns.keys().copied().collect();
+        let mut cohort = match self.resolved.cohort {
+            CohortRule::Fixed(n) => {
+                let mut pool = connected;
+                let n = (n as usize).min(pool.len());
+                for i in 0..n {
+                    let j = i + (rng.next_u64() % (pool.len() - i) as u64) as usize;
+                    pool.swap(i, j);
+                }
+                pool.truncate(n);
+                pool
+            }
+            CohortRule::Poisson(q) => {
+                // Every client of the population is sampled, connected or
+                // not, so that the sampling is what the accountant assumes;
+                // the sampled clients that are not connected drop out.
+                let sampled: Vec<ClientId> = self
+                    .keys
+                    .keys()
+                    .copied()
+                    .filter(|_| ((rng.next_u64() >> 11) as f64) < q * (1u64 << 53) as f64)
+                    .collect();
+                sampled
+                    .into_iter()
+                    .filter(|c| self.conns.contains_key(c))
+                    .collect()
+            }
+        };
+        cohort.sort();
+        cohort
+    }
+
+    fn send(&self, to: ClientId, out: Outbound) -> bool {
+        self.conns.get(&to).is_some_and(|c| c.tx.send(out).is_ok())
+    }
+
+    fn reject(&self, to: ClientId, reason: String) {
+        tracing::debug!(client = %to, "rejected: {reason}");
+        self.send(
+            to,
+            Outbound::Frame(Down::Rejected {
+                reason: reason.clone(),
+            }),
+        );
+        self.events.emit(Event::Rejected { client: to, reason });
+    }
+
+    /// Registers a client's connection and welcomes it.
+    fn hello(&mut self, id: ClientId, generation: u64, tx: mpsc::UnboundedSender<Outbound>) {
+        let welcome = Down::Welcome {
+            federation: self.state.federation,
+            client: id,
+            round: self.state.completed,
+        };
+        let _ = tx.send(Outbound::Frame(welcome));
+        // A newer connection replaces an older one, whose writer ends when
+        // its sender is dropped here.
+        self.conns.insert(id, Conn { generation, tx });
+        tracing::debug!(client = %id, "connected");
+        self.events.emit(Event::Connected(id));
+    }
+
+    /// Unregisters a connection; false if a newer one had replaced it.
+    fn gone(&mut self, id: ClientId, generation: u64, reason: String) -> bool {
+        if self
+            .conns
+            .get(&id)
+            .is_some_and(|c| c.generation == generation)
+        {
+            self.conns.remove(&id);
+            tracing::debug!(client = %id, "disconnected: {reason}");
+            self.events.emit(Event::Disconnected { client: id, reason });
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Handles a message while no session runs.
+    fn between_sessions(&mut self, m: Inbound) {
+        match m {
+            Inbound::Hello { id, generation, tx } => self.hello(id, generation, tx),
+            Inbound::Gone {
+                id,
+                generation,
+                reason,
+            } => {
+                self.gone(id, generation, reason);
+            }
+            Inbound::Up {
+                up: Up::Decline { .. },
+                ..
+            } => {}
+            Inbound::Up { id, generation, .. } | Inbound::Masked { id, generation, .. } => {
+                if self
+                    .conns
+                    .get(&id)
+                    .is_some_and(|c| c.generation == generation)
+                {
+                    self.reject(id, "no session is running".into());
+                }
+            }
+        }
+    }
+
+    /// Runs one SecAgg+ session of `round` with `cohort`.
+    async fn session(
+        &mut self,
+        round: u64,
+        attempt: u32,
+        cohort: Vec<ClientId>,
+    ) -> Result<Result<(), String>, FedError> {
+        let started = Instant::now();
+        let (sent0, received0) = self.counters.snapshot();
+        let r = &self.resolved;
+        let n = cohort.len() as u32;
+        let dim = self.state.params.len();
+        let mut rng = self.randomness.rng(Purpose::Session, round, attempt, 0);
+        let encoding = match &r.dp {
+            None => Encoding::Plain {
+                bits: r.bits,
+                clamp: r.clamp,
+                max_clients: n,
+                max_weight: r.max_weight,
+            },
+            Some(dp) => {
+                let mut rotation_seed = [0u8; 32];
+                rng.fill_bytes(&mut rotation_seed);
+                Encoding::Private {
+                    noise: dp.noise.clone(),
+                    rotation_seed,
+                }
+            }
+        };
+        let mut k = r.degree.unwrap_or(n - 1).min(n - 1);
+        if k < n - 1 && k % 2 == 1 && n % 2 == 1 {
+            // A Poisson cohort of odd size: the next even degree.
+            k += 1;
+        }
+        let t = r.threshold.unwrap_or_else(|| default_threshold(k));
+        let mut nonce = [0u8; 32];
+        rng.fill_bytes(&mut nonce);
+        let roster = cohort
+            .iter()
+            .map(|id| RosterEntry {
+                id: *id,
+                identity: IdentityPublic(self.keys.get(id).map_or([0; 32], |k| k.0)),
+            })
+            .collect();
+        let ring_len = encoding.ring_len(dim);
+        let session = SessionParams {
+            version: PROTOCOL_VERSION,
+            nonce,
+            round,
+            context: [0; 32],
+            dim: u32::try_from(ring_len)
+                .map_err(|_| FedError::Internal(format!("{ring_len} ring elements")))?,
+            bits: encoding.bits(),
+            degree: k,
+            threshold: t,
+            min_survivors: r.min_survivors,
+            roster,
+        };
+        let blob = Arc::new(wire::params_to_blob(&self.state.params));
+        let hash = wire::params_hash(&blob);
+        let mut spec = RoundSpec {
+            federation: self.state.federation,
+            round,
+            attempt,
+            dim: dim as u64,
+            params_hash: hash,
+            training: r.training.clone(),
+            encoding,
+            session,
+        };
+        spec.session.context = spec
+            .context(&hash)
+            .map_err(|e| FedError::Internal(e.to_string()))?;
+        let mut sa = fedveil_secagg::Server::new(spec.session.clone(), r.stage_deadlines)?;
+        let session_id = sa.session_id();
+        let bits = spec.encoding.bits();
+        tracing::info!(round, attempt, cohort = n, "round started");
+        self.events.emit(Event::RoundStarted {
+            round,
+            attempt,
+            cohort: cohort.clone(),
+        });
+        let _ = self.expect.send(Some(Expect {
+            session: session_id,
+            bytes: packed_len(ring_len, bits),
+        }));
+        sa.start(self.now());
+        for (to, msg) in sa.drain_transmits() {
+            let delivered = match msg {
+                ServerMessage::Setup(_) => match self.adversary.as_mut() {
+                    Some(a) => {
+                        let mut s = spec.clone();
+                        let mut b = blob.as_ref().clone();
+                        a.tamper(to, &mut s, &mut b);
+                        self.send(
+                            to,
+                            Outbound::WithBlob(Down::Round(Box::new(s)), Arc::new(b)),
+                        )
+                    }
+                    None => self.send(
+                        to,
+                        Outbound::WithBlob(Down::Round(Box::new(spec.clone())), Arc::clone(&blob)),
+                    ),
+                },
+                other => self.send(to, Outbound::Frame(Down::Secagg(other))),
+            };
+            if !delivered {
+                sa.drop_client(self.now(), to);
+            }
+        }
+
+        let mut stage = sa.stage();
+        let mut stage_started = Instant::now();
+        let mut seconds = BTreeMap::new();
+        let mut declined = Vec::new();
+        let mut charged = false;
+        if let Some(s) = stage {
+            self.events.emit(Event::StageStarted {
+                round,
+                attempt,
+                stage: s,
+            });
+        }
+        loop {
+            // Stage bookkeeping and the privacy charge come before the
+            // stage's requests go out.
+            if sa.stage() != stage {
+                if let Some(s) = stage {
+                    seconds.insert(
+                        stage_key(s).to_string(),
+                        stage_started.elapsed().as_secs_f64(),
+                    );
+                }
+                stage = sa.stage();
+                stage_started = Instant::now();
+                // Charge before anything can be unmasked: when the
+                // unmasking requests are about to go out, or (if no request
+                // was needed) when a sum exists.
+                let unmasking =
+                    stage == Some(Stage::Unmasking) || matches!(sa.outcome(), Some(Ok(_)));
+                if unmasking && !charged {
+                    charged = true;
+                    self.charge(round, sa.survivors().len()).await?;
+                }
+                if let Some(s) = stage {
+                    self.events.emit(Event::StageStarted {
+                        round,
+                        attempt,
+                        stage: s,
+                    });
+                }
+            }
+            for (to, msg) in sa.drain_transmits() {
+                if !self.send(to, Outbound::Frame(Down::Secagg(msg))) {
+                    sa.drop_client(self.now(), to);
+                }
+            }
+            if sa.outcome().is_some() {
+                break;
+            }
+            let deadline = sa
+                .poll_timeout()
+                .map(|d| tokio::time::Instant::from_std(self.clock + d));
+            let inbound = match deadline {
+                Some(d) => match tokio::time::timeout_at(d, self.hub.recv()).await {
+                    Ok(m) => m,
+                    Err(_) => {
+                        sa.handle_timeout(self.now());
+                        continue;
+                    }
+                },
+                None => self.hub.recv().await,
+            };
+            let Some(m) = inbound else {
+                return Err(FedError::Internal("the connection hub closed".into()));
+            };
+            let in_cohort = |id: &ClientId| cohort.binary_search(id).is_ok();
+            let current = |s: &Self, id: ClientId, generation: u64| {
+                s.conns.get(&id).is_some_and(|c| c.generation == generation)
+            };
+            match m {
+                Inbound::Hello { id, generation, tx } => {
+                    // A reconnecting member lost its session state.
+                    if in_cohort(&id) {
+                        sa.drop_client(self.now(), id);
+                    }
+                    self.hello(id, generation, tx);
+                }
+                Inbound::Gone {
+                    id,
+                    generation,
+                    reason,
+                } => {
+                    if self.gone(id, generation, reason) && in_cohort(&id) {
+                        sa.drop_client(self.now(), id);
+                    }
+                }
+                Inbound::Up { id, generation, up } => {
+                    if !current(self, id, generation) {
+                        continue;
+                    }
+                    match up {
+                        Up::Secagg(msg) if in_cohort(&id) => {
+                            if matches!(msg, ClientMessage::MaskedInput(_)) {
+                                self.reject(
+                                    id,
+                                    "masked inputs travel as Masked with a blob".into(),
+                                );
+                            } else if let Err(e) = sa.handle_message(self.now(), id, msg) {
+                                self.reject(id, e.to_string());
+                            }
+                        }
+                        Up::Secagg(_) => {
+                            self.reject(id, format!("{id} is not in round {round}'s cohort"))
+                        }
+                        Up::Decline { round: r, reason } if r == round && in_cohort(&id) => {
+                            tracing::info!(client = %id, round, "declined the round: {reason}");
+                            declined.push(id.0);
+                            sa.drop_client(self.now(), id);
+                        }
+                        Up::Decline { .. } => {}
+                        Up::Hello { .. } => self.reject(id, "Hello was already received".into()),
+                        Up::Masked { .. } => {
+                            self.reject(id, "internal: masked input without its vector".into())
+                        }
+                    }
+                }
+                Inbound::Masked {
+                    id,
+                    generation,
+                    session,
+                    bits,
+                    len,
+                    bad_envelopes,
+                    data,
+                } => {
+                    if !current(self, id, generation) {
+                        continue;
+                    }
+                    if !in_cohort(&id) {
+                        self.reject(id, format!("{id} is not in round {round}'s cohort"));
+                        continue;
+                    }
+                    let msg = ClientMessage::MaskedInput(MaskedInput {
+                        session,
+                        masked: PackedVec { bits, len, data },
+                        bad_envelopes,
+                    });
+                    if let Err(e) = sa.handle_message(self.now(), id, msg) {
+                        self.reject(id, e.to_string());
+                    }
+                }
+            }
+        }
+        let _ = self.expect.send(None);
+        let outcome = sa
+            .take_outcome()
+            .ok_or_else(|| FedError::Internal("the session ended without an outcome".into()))?;
+        let (sent1, received1) = self.counters.snapshot();
+        let mut metrics = RoundMetrics {
+            round,
+            attempt,
+            status: "completed".into(),
+            abort_reason: None,
+            loss: None,
+            eval: BTreeMap::new(),
+            epsilon: None,
+            delta: self.resolved.dp.as_ref().map(|d| d.delta),
+            cohort: n,
+            survivors: 0,
+            dropouts: Vec::new(),
+            declined,
+            bytes_sent: sent1 - sent0,
+            bytes_received: received1 - received0,
+            stage_seconds: seconds,
+            server_peak_rss_bytes: None,
+        };
+        let agg = match outcome {
+            Err(reason) => {
+                let reason = reason.to_string();
+                tracing::warn!(round, attempt, "session aborted: {reason}");
+                metrics.status = "aborted".into();
+                metrics.abort_reason = Some(reason.clone());
+                metrics.epsilon = self.epsilon()?;
+                self.finish_metrics(metrics, started)?;
+                self.events.emit(Event::RoundAborted {
+                    round,
+                    attempt,
+                    reason: reason.clone(),
+                });
+                return Ok(Err(reason));
+            }
+            Ok(agg) => agg,
+        };
+        metrics.survivors = agg.survivors.len() as u32;
+        metrics.dropouts = agg
+            .dropped
+            .iter()
+            .chain(&agg.late)
+            .map(|(c, s)| Dropout {
+                client: c.0,
+                stage: stage_key(*s).to_string(),
+            })
+            .collect();
+        let sum = Arc::new(agg.sum);
+        self.events.emit(Event::Aggregated {
+            round,
+            survivors: agg.survivors.clone(),
+            sum: Arc::clone(&sum),
+        });
+
+        let t = Instant::now();
+        let mut noise_rng = self.randomness.rng(Purpose::ServerNoise, round, attempt, 0);
+        let mean = encoding::decode(
+            &spec.encoding,
+            &sum,
+            agg.survivors.len(),
+            dim,
+            &mut noise_rng,
+        )?;
+        self.state.optimizer.step(&mut self.state.params, &mean)?;
+        if !charged && self.resolved.dp.is_some() {
+            return Err(FedError::Internal(
+                "a sum was unmasked without a privacy charge".into(),
+            ));
+        }
+        metrics.epsilon = self.epsilon()?;
+        metrics
+            .stage_seconds
+            .insert("aggregate".into(), t.elapsed().as_secs_f64());
+
+        let t = Instant::now();
+        let evaluation = self.evaluate().await?;
+        metrics
+            .stage_seconds
+            .insert("evaluate".into(), t.elapsed().as_secs_f64());
+        metrics.loss = Some(evaluation.loss);
+        metrics.eval = evaluation.metrics.clone();
+        self.state.evaluation = Some(evaluation);
+        self.state.completed = round + 1;
+        self.state.history.push(RoundRecord {
+            round,
+            loss: metrics.loss.unwrap_or(f64::NAN),
+            epsilon: metrics.epsilon,
+            survivors: metrics.survivors,
+            cohort: n,
+            seconds: started.elapsed().as_secs_f64(),
+        });
+        let t = Instant::now();
+        self.checkpoint().await?;
+        metrics
+            .stage_seconds
+            .insert("checkpoint".into(), t.elapsed().as_secs_f64());
+        tracing::info!(
+            round,
+            survivors = metrics.survivors,
+            loss = metrics.loss,
+            epsilon = metrics.epsilon,
+            "round completed"
+        );
+        let m = self.finish_metrics(metrics, started)?;
+        self.events.emit(Event::RoundCompleted(Box::new(m)));
+        Ok(Ok(()))
+    }
+
+    fn epsilon(&self) -> Result<Option<f64>, FedError> {
+        self.resolved
+            .dp
+            .as_ref()
+            .map(|d| self.state.ledger.epsilon(d.delta))
+            .transpose()
+    }
+
+    /// Charges the round to the ledger and persists the ledger before the
+    /// server can learn the sum (§5.3).
+    async fn charge(&mut self, round: u64, survivors: usize) -> Result<(), FedError> {
+        let Some(dp) = &self.resolved.dp else {
+            return Ok(());
+        };
+        let rho = self
+            .state
+            .ledger
+            .record(round, &dp.noise, survivors as u32)?;
+        tracing::debug!(
+            round,
+            survivors,
+            rho,
+            "charged the round to the privacy ledger"
+        );
+        self.checkpoint().await
+    }
+
+    fn finish_metrics(
+        &mut self,
+        mut m: RoundMetrics,
+        started: Instant,
+    ) -> Result<RoundMetrics, FedError> {
+        m.stage_seconds
+            .insert("total".into(), started.elapsed().as_secs_f64());
+        m.server_peak_rss_bytes = peak_rss_bytes();
+        if let Some(w) = self.metrics.as_mut() {
+            w.write(&m)?;
+        }
+        Ok(m)
+    }
+
+    async fn evaluate(&mut self) -> Result<Evaluation, FedError> {
+        let mut evaluator = self
+            .evaluator
+            .take()
+            .ok_or_else(|| FedError::Internal("the evaluator is gone".into()))?;
+        let params = self.state.params.clone();
+        let (evaluator, result) = tokio::task::spawn_blocking(move || {
+            let r = evaluator.evaluate(&params);
+            (evaluator, r)
+        })
+        .await
+        .map_err(|e| FedError::Internal(format!("evaluation task: {e}")))?;
+        self.evaluator = Some(evaluator);
+        Ok(result?)
+    }
+
+    async fn checkpoint(&mut self) -> Result<(), FedError> {
+        let Some(dir) = self.resolved.checkpoint_dir.clone() else {
+            return Ok(());
+        };
+        let s = &self.state;
+        let ck = Checkpoint {
+            header: Header {
+                federation: hex(&s.federation),
+                completed_rounds: s.completed,
+                dim: s.params.len() as u64,
+                optimizer: s.optimizer.hyper().kind.name().into(),
+                task: s.task.clone(),
+                ledger: s.ledger.clone(),
+                history: s.history.clone(),
+                moments: s.optimizer.m.len() as u64,
+            },
+            params: s.params.clone(),
+            m: s.optimizer.m.clone(),
+            v: s.optimizer.v.clone(),
+        };
+        tokio::task::spawn_blocking(move || ck.save(&dir))
+            .await
+            .map_err(|e| FedError::Internal(format!("checkpoint task: {e}")))?
+    }
+
+    /// Tells every client the federation is over and lets them go.
+    async fn finish(&mut self, reason: &str) {
+        let rounds = self.state.completed;
+        for (id, c) in &self.conns {
+            let _ = c.tx.send(Outbound::Last(
+                Down::Finished {
+                    rounds,
+                    reason: reason.to_string(),
+                },
+                CLOSE_FINISHED,
+                "federation finished".into(),
+            ));
+            tracing::debug!(client = %id, "finished");
+        }
+        self.events.emit(Event::Finished {
+            rounds,
+            reason: reason.to_string(),
+        });
+        let until = tokio::time::Instant::now() + Duration::from_secs(3);
+        while !self.conns.is_empty() {
+            match tokio::time::timeout_at(until, self.hub.recv()).await {
+                Ok(Some(Inbound::Gone {
+                    id,
+                    generation,
+                    reason,
+                })) => {
+                    self.gone(id, generation, reason);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
+}

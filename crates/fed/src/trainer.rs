@@ -1,0 +1,138 @@
+//! What the federation runtime asks of a learning task.
+//!
+//! A client's [`Trainer`] takes the global parameters and the round's
+//! training configuration and returns a flat `f32` update (local minus
+//! global) with its sample count. The server's [`Evaluator`] supplies the
+//! initial parameters and scores the global parameters after each round.
+//! The runtime never looks inside either; the synthetic task
+//! ([`crate::synthetic`]) and the language-model trainer implement them.
+
+use std::collections::BTreeMap;
+
+use rand_core::RngCore;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// A task failure, in the task's own words.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{0}")]
+pub struct TrainError(pub String);
+
+/// The local-training hyper-parameters the server broadcasts each round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    /// Optimiser steps per round on the client.
+    #[serde(default = "defaults::local_steps")]
+    pub local_steps: u32,
+    /// Examples per step.
+    #[serde(default = "defaults::batch_size")]
+    pub batch_size: u32,
+    /// The client optimiser's learning rate.
+    #[serde(default = "defaults::learning_rate")]
+    pub learning_rate: f32,
+    /// FedProx: weight `μ` of the proximal term `μ/2 ‖w − w_global‖²`
+    /// (0 turns it off).
+    #[serde(default)]
+    pub proximal_mu: f32,
+}
+
+mod defaults {
+    pub fn local_steps() -> u32 {
+        5
+    }
+    pub fn batch_size() -> u32 {
+        16
+    }
+    pub fn learning_rate() -> f32 {
+        0.05
+    }
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        TrainingConfig {
+            local_steps: defaults::local_steps(),
+            batch_size: defaults::batch_size(),
+            learning_rate: defaults::learning_rate(),
+            proximal_mu: 0.0,
+        }
+    }
+}
+
+impl TrainingConfig {
+    /// Checks the ranges; the error names the field.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.local_steps == 0 || self.local_steps > 1_000_000 {
+            return Err((
+                "local_steps",
+                format!("must be in 1..=1000000, got {}", self.local_steps),
+            ));
+        }
+        if self.batch_size == 0 || self.batch_size > 1 << 20 {
+            return Err((
+                "batch_size",
+                format!("must be in 1..=1048576, got {}", self.batch_size),
+            ));
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return Err((
+                "learning_rate",
+                format!("must be positive, got {}", self.learning_rate),
+            ));
+        }
+        if !(self.proximal_mu.is_finite() && self.proximal_mu >= 0.0) {
+            return Err((
+                "proximal_mu",
+                format!("must be non-negative, got {}", self.proximal_mu),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A client's result of one round of local training.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LocalUpdate {
+    /// Local parameters minus the global parameters, flattened.
+    pub delta: Vec<f32>,
+    /// How many examples the client trained on (its FedAvg weight).
+    pub samples: u64,
+    /// The client's mean training loss over the round.
+    pub loss: f64,
+}
+
+/// Local training on a client's own data.
+pub trait Trainer: Send {
+    /// The number of trained parameters.
+    fn dim(&self) -> usize;
+
+    /// Trains from `global` under `config` and returns the update.
+    /// `rng` (a CSPRNG) supplies every random choice, such as batch order.
+    fn train(
+        &mut self,
+        global: &[f32],
+        config: &TrainingConfig,
+        rng: &mut dyn RngCore,
+    ) -> Result<LocalUpdate, TrainError>;
+}
+
+/// The scores of one set of parameters. `loss` is the headline number;
+/// `metrics` holds anything else the task measures.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    pub loss: f64,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// The server's view of the task.
+pub trait Evaluator: Send {
+    /// The number of trained parameters.
+    fn dim(&self) -> usize;
+
+    /// The parameters of round 0.
+    fn initial_params(&mut self) -> Result<Vec<f32>, TrainError>;
+
+    /// Scores `params` on the server's evaluation data.
+    fn evaluate(&mut self, params: &[f32]) -> Result<Evaluation, TrainError>;
+}

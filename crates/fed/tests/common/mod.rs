@@ -1,0 +1,241 @@
+//! A federation over real QUIC on loopback for tests: a server task and
+//! client tasks that can be started, stopped and restarted independently,
+//! with their events collected.
+
+#![allow(dead_code)]
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use fedveil_fed::FedError;
+use fedveil_fed::client::{self, ClientSetup, ClientSummary, Fault};
+use fedveil_fed::config::{Plan, Policy, RunFile};
+use fedveil_fed::metrics::{ClientEvent, Event};
+use fedveil_fed::net::{ClientIdentity, Limits, NetClient, ServerIdentity};
+use fedveil_fed::randomness::Randomness;
+use fedveil_fed::server::{Adversary, Server, ServerSetup, Summary};
+use fedveil_fed::synthetic::{SyntheticConfig, SyntheticEvaluator, SyntheticTrainer};
+use rand_chacha::ChaCha20Rng;
+use rand_core::SeedableRng;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::task::JoinHandle;
+
+pub const NAME: &str = "localhost";
+
+/// A plan from the federation tables of a run file (`[run]` is added).
+pub fn plan(tables: &str) -> Plan {
+    let text = format!("[run]\nclients = 1\n{tables}");
+    RunFile::parse(Path::new("test.toml"), &text)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .plan()
+}
+
+pub fn limits() -> Limits {
+    Limits {
+        handshake_timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(3),
+        ..Limits::default()
+    }
+}
+
+pub fn task(plan: &Plan) -> SyntheticConfig {
+    SyntheticConfig::from_table(&plan.task).unwrap()
+}
+
+/// The parties of a test federation.
+pub struct Cast {
+    pub server: ServerIdentity,
+    pub clients: Vec<ClientIdentity>,
+}
+
+impl Cast {
+    pub fn new(n: usize, seed: u64) -> Cast {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        Cast {
+            server: ServerIdentity::generate(&[NAME.to_string()]).unwrap(),
+            clients: (0..n).map(|_| ClientIdentity::generate(&mut rng)).collect(),
+        }
+    }
+
+    pub fn identity(&self, i: usize) -> ClientIdentity {
+        ClientIdentity::from_seed(&self.clients[i].seed())
+    }
+}
+
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub task: JoinHandle<Result<Summary, FedError>>,
+    pub events: UnboundedReceiver<Event>,
+}
+
+impl RunningServer {
+    /// The next event matching `pred`, within `secs` seconds.
+    pub async fn wait_for(&mut self, secs: u64, mut pred: impl FnMut(&Event) -> bool) -> Event {
+        let until = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            match tokio::time::timeout_at(until, self.events.recv()).await {
+                Ok(Some(e)) if pred(&e) => return e,
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the server's events ended"),
+                Err(_) => panic!("no such server event within {secs} s"),
+            }
+        }
+    }
+
+    pub async fn finish(self) -> (Summary, Vec<Event>) {
+        let RunningServer {
+            task, mut events, ..
+        } = self;
+        let summary = tokio::time::timeout(Duration::from_secs(120), task)
+            .await
+            .expect("the federation finishes within 120 s")
+            .expect("the server task")
+            .unwrap_or_else(|e| panic!("the server failed: {e}"));
+        let mut rest = Vec::new();
+        while let Ok(e) = events.try_recv() {
+            rest.push(e);
+        }
+        (summary, rest)
+    }
+}
+
+/// Starts a server on `listen` (retrying while a previous server's socket
+/// is being released).
+pub async fn start_server(
+    cast: &Cast,
+    plan: Plan,
+    listen: SocketAddr,
+    randomness: Randomness,
+    adversary: Option<Box<dyn Adversary>>,
+) -> RunningServer {
+    let (tx, events) = unbounded_channel();
+    let population = cast.clients.len() as u32;
+    let cfg = task(&plan);
+    let mut adversary = adversary;
+    let mut tries = 0;
+    let server = loop {
+        let setup = ServerSetup {
+            plan: plan.clone(),
+            identity: cast.server.clone(),
+            allow: cast.clients.iter().map(ClientIdentity::public).collect(),
+            listen,
+            limits: limits(),
+            evaluator: Box::new(SyntheticEvaluator::new(&cfg, population).unwrap()),
+            randomness: randomness.clone(),
+            events: Some(tx.clone()),
+            adversary: adversary.take(),
+        };
+        match Server::bind(setup) {
+            Ok(s) => break s,
+            Err(FedError::Net(e)) if tries < 50 => {
+                tries += 1;
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("the server did not start: {e}"),
+        }
+    };
+    let addr = server.local_addr();
+    RunningServer {
+        addr,
+        task: tokio::spawn(server.run()),
+        events,
+    }
+}
+
+pub fn loopback() -> SocketAddr {
+    (Ipv4Addr::LOCALHOST, 0).into()
+}
+
+/// Options for one client.
+#[derive(Default)]
+pub struct ClientOptions {
+    pub faults: Vec<Fault>,
+    pub policy: Policy,
+    pub record_inputs: bool,
+}
+
+/// Starts client `i` (shard `i` of the synthetic task).
+#[allow(clippy::too_many_arguments)]
+pub fn start_client(
+    cast: &Cast,
+    i: usize,
+    addr: SocketAddr,
+    plan: &Plan,
+    randomness: Randomness,
+    endpoint: Option<NetClient>,
+    events: Option<UnboundedSender<ClientEvent>>,
+    options: ClientOptions,
+) -> JoinHandle<Result<ClientSummary, FedError>> {
+    let cfg = task(plan);
+    let setup = ClientSetup {
+        server: addr,
+        server_name: NAME.into(),
+        pin: cast.server.fingerprint(),
+        identity: cast.identity(i),
+        limits: limits(),
+        trainer: Box::new(SyntheticTrainer::new(&cfg, i as u32).unwrap()),
+        policy: options.policy,
+        randomness,
+        reconnect: Duration::from_millis(100),
+        max_reconnect: Duration::from_millis(500),
+        give_up_after: Some(Duration::from_secs(30)),
+        events,
+        record_inputs: options.record_inputs,
+        endpoint,
+        faults: options.faults,
+    };
+    tokio::spawn(client::run(setup))
+}
+
+/// Starts every client with default options on one shared endpoint.
+pub fn start_clients(
+    cast: &Cast,
+    addr: SocketAddr,
+    plan: &Plan,
+    randomness: &Randomness,
+    events: Option<UnboundedSender<ClientEvent>>,
+) -> Vec<JoinHandle<Result<ClientSummary, FedError>>> {
+    let endpoint = NetClient::new(addr, cast.server.fingerprint(), limits()).unwrap();
+    (0..cast.clients.len())
+        .map(|i| {
+            start_client(
+                cast,
+                i,
+                addr,
+                plan,
+                randomness.clone(),
+                Some(endpoint.clone()),
+                events.clone(),
+                ClientOptions::default(),
+            )
+        })
+        .collect()
+}
+
+/// Waits for every client to finish and returns their summaries.
+pub async fn join_clients(
+    clients: Vec<JoinHandle<Result<ClientSummary, FedError>>>,
+) -> Vec<Result<ClientSummary, FedError>> {
+    let mut out = Vec::new();
+    for c in clients {
+        out.push(
+            tokio::time::timeout(Duration::from_secs(60), c)
+                .await
+                .expect("the client finishes")
+                .expect("the client task"),
+        );
+    }
+    out
+}
+
+pub fn seeded(byte: u8) -> Randomness {
+    Randomness::seeded([byte; 32])
+}
+
+pub fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("fedveil-fed-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
