@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Args as ClapArgs, Subcommand};
-use fedveil_net::{ClientIdentity, ServerIdentity};
+use fedveil_fed::net::{ClientIdentity, ServerIdentity};
 
 #[derive(ClapArgs)]
 pub struct Args {
@@ -17,8 +17,8 @@ pub struct Args {
 
 #[derive(Subcommand)]
 enum What {
-    /// A self-signed server certificate: writes DIR/cert.pem and DIR/key.pem
-    /// and prints the fingerprint clients pin.
+    /// A self-signed server certificate: writes DIR/cert.pem, DIR/key.pem
+    /// and DIR/fingerprint.txt, and prints the fingerprint clients pin.
     Server {
         /// Directory to write into (created if missing).
         #[arg(long)]
@@ -48,7 +48,7 @@ enum What {
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     match &args.what {
         What::Server { dir, names, force } => {
-            for f in ["cert.pem", "key.pem"] {
+            for f in ["cert.pem", "key.pem", "fingerprint.txt"] {
                 let p = dir.join(f);
                 if p.exists() && !force {
                     bail!("{} exists; pass --force to replace it", p.display());
@@ -57,11 +57,17 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             let id = ServerIdentity::generate(names)?;
             id.save(dir)?;
+            let fingerprint = dir.join("fingerprint.txt");
+            std::fs::write(&fingerprint, format!("{}\n", id.fingerprint()))
+                .with_context(|| format!("writing {}", fingerprint.display()))?;
             println!("{}", id.fingerprint());
             eprintln!(
-                "wrote {} and {}; clients pin the fingerprint above",
+                "wrote {}, {} and {}; clients pin the fingerprint above \
+                 (client.fingerprint, or client.fingerprint_file with a copy of {})",
                 dir.join("cert.pem").display(),
-                dir.join("key.pem").display()
+                dir.join("key.pem").display(),
+                fingerprint.display(),
+                fingerprint.display()
             );
         }
         What::Client {

@@ -1,9 +1,12 @@
 //! The `fedveil` command line. It only parses arguments and prints; the work
 //! happens in the workspace crates.
 
+mod display;
+mod federate;
 mod keygen;
 mod privacy;
 mod simulate;
+mod task;
 
 use std::process::ExitCode;
 
@@ -33,6 +36,13 @@ enum Command {
     Privacy(privacy::Args),
     /// Make a server certificate or a client identity.
     Keygen(keygen::Args),
+    /// Run a federation's server (protocols/federation.md).
+    Server(federate::ServerArgs),
+    /// Run a federation client: connect, train on local data, take part in
+    /// secure aggregation, until the server ends the federation.
+    Client(federate::ClientArgs),
+    /// Run a server and its clients in one process over loopback QUIC.
+    Run(federate::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,9 +51,17 @@ fn main() -> ExitCode {
         Command::Simulate(args) => simulate::run(&args),
         Command::Privacy(args) => privacy::run(&args),
         Command::Keygen(args) => keygen::run(&args),
+        Command::Server(args) => federate::server(&args),
+        Command::Client(args) => federate::client(&args),
+        Command::Run(args) => federate::run(&args),
     };
+    // 0: done; 1: the work ran and failed; 2: bad input, nothing ran.
     match result {
         Ok(code) => code,
+        Err(e) if e.is::<federate::RuntimeFailure>() => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)

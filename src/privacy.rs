@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::bail;
 use clap::{Args as ClapArgs, Subcommand, ValueEnum};
-use fedveil_dp::{Accountant, DpError, SubsampledGaussian, calibrate};
+use fedveil_fed::dp::{Accountant, DpError, SubsampledGaussian, calibrate};
 use serde_json::json;
 
 #[derive(ClapArgs, Debug)]

@@ -4,9 +4,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::Args as ClapArgs;
-use fedveil_secagg::Stage;
-use fedveil_secagg::paramfinder::{self, AdversaryModel, ThreatModel};
-use fedveil_secagg::sim::{self, SimConfig, SimReport};
+use fedveil_fed::secagg::Stage;
+use fedveil_fed::secagg::paramfinder::{self, AdversaryModel, ThreatModel};
+use fedveil_fed::secagg::sim::{self, SimConfig, SimReport};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{OsRng, SeedableRng};
 

@@ -33,7 +33,7 @@ use crate::wire::{self, Down, Encoding, MAX_UP_FRAME, RoundSpec, Up, VERSION};
 
 /// A fault to inject, for tests and failure drills: in `round`, when the
 /// request of `stage` arrives (for `AdvertiseKeys`, the round itself), the
-/// client does not answer.
+/// client does not answer. Each fault fires once.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Fault {
     /// It drops its connection at once, then reconnects as after any
@@ -285,6 +285,35 @@ impl Runner {
                         Some(Fault::Stall { .. }) => continue,
                         None => {}
                     }
+                    if spec.encoding == Encoding::Unprotected {
+                        match self.contribute_unprotected(federation, *spec, blob).await {
+                            Ok((head, update)) => {
+                                let sent = async {
+                                    write_frame(&mut send, &head, MAX_UP_FRAME).await?;
+                                    write_blob(&mut send, &update, usize::MAX).await
+                                }
+                                .await;
+                                if let Err(e) = sent {
+                                    return broken(e);
+                                }
+                                self.served += 1;
+                                self.events.emit(ClientEvent::RoundDone { round });
+                            }
+                            Err(reason) => {
+                                tracing::warn!(round, "declined the round: {reason}");
+                                self.events.emit(ClientEvent::Refused {
+                                    round,
+                                    reason: reason.clone(),
+                                });
+                                let decline = Up::Decline { round, reason };
+                                if let Err(e) = write_frame(&mut send, &decline, MAX_UP_FRAME).await
+                                {
+                                    return broken(e);
+                                }
+                            }
+                        }
+                        continue;
+                    }
                     match self.join(id, federation, *spec, blob).await {
                         Ok((s, first)) => {
                             if let Err(e) = send_secagg(&mut send, first).await {
@@ -372,14 +401,16 @@ impl Runner {
         }
     }
 
-    /// The fault to inject at `stage` of `round`, reported once.
-    fn fault(&self, round: u64, stage: Stage) -> Option<Fault> {
-        let f = self
+    /// The fault to inject at `stage` of `round`. Each fires once: a
+    /// repeated session of the same round (after an abort or a server
+    /// restart) runs without it.
+    fn fault(&mut self, round: u64, stage: Stage) -> Option<Fault> {
+        let i = self
             .setup
             .faults
             .iter()
-            .find(|f| f.at() == (round, stage))
-            .copied()?;
+            .position(|f| f.at() == (round, stage))?;
+        let f = self.setup.faults.remove(i);
         tracing::info!(round, %stage, "injecting {f:?}");
         self.events.emit(ClientEvent::Fault { round, stage });
         Some(f)
@@ -411,6 +442,73 @@ async fn send_secagg(send: &mut quinn::SendStream, msg: ClientMessage) -> Result
 
 impl Runner {
     /// Checks a round, trains, encodes and answers its `Setup`.
+    /// Checks the round like [`Self::join`], trains, and returns the raw
+    /// update to send in an unprotected round.
+    async fn contribute_unprotected(
+        &mut self,
+        federation: [u8; 32],
+        spec: RoundSpec,
+        blob: Vec<u8>,
+    ) -> Result<(Up, Vec<u8>), String> {
+        let (round, attempt) = (spec.round, spec.attempt);
+        let params = self.check_round(federation, &spec, &blob)?;
+        let mut trainer = self.trainer.take().ok_or("the trainer is busy")?;
+        let randomness = self.setup.randomness.clone();
+        let training = spec.training.clone();
+        let who = self.id.map_or(0, |c| c.0);
+        let (trainer, result) = tokio::task::spawn_blocking(move || {
+            let mut trng = randomness.rng(Purpose::Training, round, attempt, who);
+            let r = trainer
+                .train(&params, &training, &mut trng)
+                .map_err(|e| e.to_string());
+            (trainer, r)
+        })
+        .await
+        .map_err(|e| format!("the training task failed: {e}"))?;
+        self.trainer = Some(trainer);
+        let u = result?;
+        self.events.emit(ClientEvent::Trained {
+            round,
+            loss: u.loss,
+            samples: u.samples,
+        });
+        let head = Up::Update {
+            round,
+            attempt,
+            samples: u.samples,
+        };
+        Ok((head, wire::params_to_blob(&u.delta)))
+    }
+
+    /// The checks every round passes before training: the federation, the
+    /// parameters' hash and size, the client's policy. Returns the
+    /// parameters.
+    fn check_round(
+        &self,
+        federation: [u8; 32],
+        spec: &RoundSpec,
+        blob: &[u8],
+    ) -> Result<Vec<f32>, String> {
+        if spec.federation != federation {
+            return Err("the round belongs to another federation".into());
+        }
+        let hash = wire::params_hash(blob);
+        if hash != spec.params_hash {
+            return Err("the parameters do not match their announced hash".into());
+        }
+        let dim = self.trainer_dim();
+        let params = wire::blob_to_params(blob, dim)
+            .filter(|_| spec.dim == dim as u64)
+            .ok_or_else(|| {
+                format!(
+                    "the model has {} parameters, this client's task {dim}",
+                    spec.dim
+                )
+            })?;
+        check_policy(&self.setup.policy, spec)?;
+        Ok(params)
+    }
+
     async fn join(
         &mut self,
         id: ClientId,
@@ -419,24 +517,9 @@ impl Runner {
         blob: Vec<u8>,
     ) -> Result<(Session, ClientMessage), String> {
         let round = spec.round;
-        if spec.federation != federation {
-            return Err("the round belongs to another federation".into());
-        }
-        let hash = wire::params_hash(&blob);
-        if hash != spec.params_hash {
-            return Err("the parameters do not match their announced hash".into());
-        }
-        let dim = self.trainer_dim();
-        let params = wire::blob_to_params(&blob, dim)
-            .filter(|_| spec.dim == dim as u64)
-            .ok_or_else(|| {
-                format!(
-                    "the model has {} parameters, this client's task {dim}",
-                    spec.dim
-                )
-            })?;
-        check_policy(&self.setup.policy, &spec)?;
+        let params = self.check_round(federation, &spec, &blob)?;
         // The commitment is computed from what this client received.
+        let hash = wire::params_hash(&blob);
         let context = spec.context(&hash).map_err(|e| e.to_string())?;
 
         let mut trainer = self.trainer.take().ok_or("the trainer is busy")?;
@@ -488,6 +571,22 @@ impl Runner {
 /// The client's policy against the round (protocols/federation.md §4.4).
 fn check_policy(policy: &Policy, spec: &RoundSpec) -> Result<(), String> {
     match &spec.encoding {
+        Encoding::Unprotected => {
+            if !policy.allow_unprotected {
+                return Err(
+                    "the round is unprotected (raw updates to the server, no secure \
+                     aggregation), which this client's policy refuses"
+                        .into(),
+                );
+            }
+            if policy.require_dp {
+                return Err(
+                    "the round has no differential privacy, and this client's policy requires it"
+                        .into(),
+                );
+            }
+            return Ok(());
+        }
         Encoding::Plain { .. } => {
             if policy.require_dp {
                 return Err(

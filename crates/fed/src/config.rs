@@ -55,6 +55,21 @@ pub struct FederationSection {
     /// Where the server appends one JSON line per round.
     #[serde(default)]
     pub metrics: Option<PathBuf>,
+    /// `"secagg"` (the default), or `"unprotected"`: every client sends its
+    /// raw update and the server averages them. No privacy at all; it exists
+    /// as the baseline that measures what SecAgg+ and DP cost, and clients
+    /// refuse it unless their policy allows it.
+    #[serde(default)]
+    pub aggregation: AggregationName,
+}
+
+/// How updates are combined.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AggregationName {
+    #[default]
+    Secagg,
+    Unprotected,
 }
 
 /// `[secagg]`.
@@ -281,6 +296,8 @@ pub struct Resolved {
     pub stage_deadlines: StageDeadlines,
     pub checkpoint_dir: Option<PathBuf>,
     pub metrics: Option<PathBuf>,
+    /// Raw updates, no secure aggregation (the insecure baseline).
+    pub unprotected: bool,
 }
 
 fn secs(path: &str, s: f64) -> Result<Duration, FedError> {
@@ -420,6 +437,13 @@ impl Plan {
         };
 
         let dp = self.resolve_dp(max_cohort, dim, s.bits)?;
+        if f.aggregation == AggregationName::Unprotected && dp.is_some() {
+            return Err(FedError::config(
+                "federation.aggregation",
+                "\"unprotected\" sends each raw update to the server, so it cannot carry \
+                 distributed noise; remove the [dp] placement or use \"secagg\"",
+            ));
+        }
         let min_survivors = dp.as_ref().map_or(1, |d| d.noise.min_survivors);
         if let CohortRule::Fixed(n) = cohort
             && min_survivors > n
@@ -470,6 +494,7 @@ impl Plan {
             stage_deadlines,
             checkpoint_dir: f.checkpoint_dir.clone(),
             metrics: f.metrics.clone(),
+            unprotected: f.aggregation == AggregationName::Unprotected,
         })
     }
 
@@ -507,6 +532,25 @@ impl Plan {
         let clip = p
             .clip
             .ok_or_else(|| FedError::config("dp.clip", "is required with a noise placement"))?;
+        let positive = |key: &str, v: Option<f64>| match v {
+            Some(x) if !(x.is_finite() && x > 0.0) => Err(FedError::config(
+                format!("dp.{key}"),
+                format!("must be positive and finite, got {x}"),
+            )),
+            _ => Ok(()),
+        };
+        positive("clip", Some(clip))?;
+        positive("noise_multiplier", p.noise_multiplier)?;
+        positive("target_epsilon", p.target_epsilon)?;
+        positive("granularity", p.granularity)?;
+        if let Some(b) = p.beta
+            && !(b.is_finite() && (0.0..1.0).contains(&b))
+        {
+            return Err(FedError::config(
+                "dp.beta",
+                format!("must be in [0, 1), got {b}"),
+            ));
+        }
         let min_survivors = p.min_survivors.unwrap_or(match placement {
             // Distributed noise needs a floor; default to every client but a
             // tenth (rounded down), so a few may drop.
@@ -688,8 +732,14 @@ pub struct ClientSection {
     /// part of `server`).
     #[serde(default)]
     pub server_name: Option<String>,
-    /// The server certificate's fingerprint, `sha256:…`.
-    pub fingerprint: String,
+    /// The server certificate's fingerprint, `sha256:…`, as `fedveil keygen
+    /// server` printed it.
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+    /// Or a file holding it (`fedveil keygen server` writes
+    /// `fingerprint.txt` next to the certificate).
+    #[serde(default)]
+    pub fingerprint_file: Option<PathBuf>,
     /// This client's identity from `fedveil keygen client`.
     pub identity: PathBuf,
     /// First delay before reconnecting, in seconds; it doubles up to
@@ -724,6 +774,10 @@ pub struct Policy {
     /// Refuse sessions whose survivor floor is below this.
     #[serde(default)]
     pub min_survivors: u32,
+    /// Take part in unprotected rounds (raw updates to the server; the
+    /// baseline of the privacy-overhead benchmark). Off by default.
+    #[serde(default)]
+    pub allow_unprotected: bool,
 }
 
 impl Default for Policy {
@@ -734,6 +788,7 @@ impl Default for Policy {
             max_clip: None,
             refuse_placements: Vec::new(),
             min_survivors: 0,
+            allow_unprotected: false,
         }
     }
 }
@@ -759,22 +814,107 @@ fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, F
     })
 }
 
+/// Parses `text`, then applies `overrides` (`section.key=VALUE`, as given
+/// to `--set`) before the file's types see it, so that an override is
+/// checked exactly like a line of the file.
+fn parse_with<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    text: &str,
+    overrides: &[String],
+) -> Result<T, FedError> {
+    if overrides.is_empty() {
+        return parse(path, text);
+    }
+    let mut table: toml::Table = parse(path, text)?;
+    for o in overrides {
+        apply_override(&mut table, o)?;
+    }
+    toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| FedError::Config {
+            path: format!("{} (with --set)", path.display()),
+            reason: e.message().trim_end().to_string(),
+        })
+}
+
+/// Sets `a.b.c=VALUE` in `table`. VALUE is read as a TOML value (`3`,
+/// `0.5`, `true`, `"text"`, `[1, 2]`) and otherwise taken as a string.
+pub fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), FedError> {
+    let bad = |why: &str| FedError::config(format!("--set {spec}"), why.to_string());
+    let (key, value) = spec
+        .split_once('=')
+        .ok_or_else(|| bad("expected section.key=VALUE"))?;
+    let parts: Vec<&str> = key.trim().split('.').map(str::trim).collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(bad("the key has an empty part"));
+    }
+    let value = value.trim();
+    let value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(value.into())),
+        Err(_) => toml::Value::String(value.into()),
+    };
+    let (last, parents) = parts.split_last().ok_or_else(|| bad("no key"))?;
+    let mut at = table;
+    for p in parents {
+        let next = at
+            .entry((*p).to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        at = match next {
+            toml::Value::Table(t) => t,
+            _ => return Err(bad(&format!("'{p}' is not a table"))),
+        };
+    }
+    at.insert((*last).to_string(), value);
+    Ok(())
+}
+
 /// Resolves a path in a config file against the file's directory.
+/// `..` steps are folded lexically where the path allows it
+/// (`configs/../runs` becomes `runs`).
 pub fn relative_to(file: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        file.parent().unwrap_or(Path::new(".")).join(p)
+        return p.to_path_buf();
     }
+    let joined = file.parent().unwrap_or(Path::new(".")).join(p);
+    let mut out = PathBuf::new();
+    for c in joined.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir
+                if matches!(
+                    out.components().next_back(),
+                    Some(std::path::Component::Normal(_))
+                ) =>
+            {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
 }
 
 impl RunFile {
     pub fn load(path: &Path) -> Result<Self, FedError> {
-        Self::parse(path, &read(path)?)
+        Self::load_with(path, &[])
+    }
+
+    /// Loads the file with `--set` overrides applied.
+    pub fn load_with(path: &Path, overrides: &[String]) -> Result<Self, FedError> {
+        Self::parse_with(path, &read(path)?, overrides)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, FedError> {
-        let mut f: RunFile = parse(path, text)?;
+        Self::parse_with(path, text, &[])
+    }
+
+    pub fn parse_with(path: &Path, text: &str, overrides: &[String]) -> Result<Self, FedError> {
+        let mut f: RunFile = parse_with(path, text, overrides)?;
         f.federation.checkpoint_dir = f.federation.checkpoint_dir.map(|p| relative_to(path, &p));
         f.federation.metrics = f.federation.metrics.map(|p| relative_to(path, &p));
         Ok(f)
@@ -803,7 +943,12 @@ impl RunFile {
 
 impl ServerFile {
     pub fn load(path: &Path) -> Result<Self, FedError> {
-        let mut f: ServerFile = parse(path, &read(path)?)?;
+        Self::load_with(path, &[])
+    }
+
+    /// Loads the file with `--set` overrides applied.
+    pub fn load_with(path: &Path, overrides: &[String]) -> Result<Self, FedError> {
+        let mut f: ServerFile = parse_with(path, &read(path)?, overrides)?;
         let s = &mut f.server;
         s.certificate = relative_to(path, &s.certificate);
         s.key = relative_to(path, &s.key);
@@ -843,14 +988,53 @@ impl ServerFile {
 
 impl ClientFile {
     pub fn load(path: &Path) -> Result<Self, FedError> {
-        let mut f: ClientFile = parse(path, &read(path)?)?;
+        Self::load_with(path, &[])
+    }
+
+    /// Loads the file with `--set` overrides applied.
+    pub fn load_with(path: &Path, overrides: &[String]) -> Result<Self, FedError> {
+        let mut f: ClientFile = parse_with(path, &read(path)?, overrides)?;
         f.client.identity = relative_to(path, &f.client.identity);
+        f.client.fingerprint_file = f.client.fingerprint_file.map(|p| relative_to(path, &p));
+        match (&f.client.fingerprint, &f.client.fingerprint_file) {
+            (Some(_), Some(_)) => {
+                return Err(FedError::config(
+                    "client.fingerprint",
+                    "give either fingerprint or fingerprint_file, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(FedError::config(
+                    "client.fingerprint",
+                    "is required: the server certificate's sha256:… fingerprint (or \
+                     fingerprint_file, a file holding it)",
+                ));
+            }
+            _ => {}
+        }
         secs("client.reconnect", f.client.reconnect)?;
         secs("client.max_reconnect", f.client.max_reconnect)?;
         if let Some(g) = f.client.give_up_after {
             secs("client.give_up_after", g)?;
         }
         Ok(f)
+    }
+}
+
+impl ClientFile {
+    /// The fingerprint the client pins.
+    pub fn pin(&self) -> Result<fedveil_net::Fingerprint, FedError> {
+        let (text, place) = match (&self.client.fingerprint, &self.client.fingerprint_file) {
+            (Some(f), _) => (f.clone(), "client.fingerprint".to_string()),
+            (None, Some(p)) => (
+                std::fs::read_to_string(p).map_err(|e| FedError::file(p, e))?,
+                format!("client.fingerprint_file ({})", p.display()),
+            ),
+            (None, None) => return Err(FedError::config("client.fingerprint", "is required")),
+        };
+        text.trim()
+            .parse()
+            .map_err(|e: fedveil_net::NetError| FedError::config(place, e.to_string()))
     }
 }
 
@@ -894,6 +1078,22 @@ kind = "synthetic"
         assert_eq!(r.cohort, CohortRule::Fixed(10));
         assert_eq!((r.degree, r.threshold, r.min_survivors), (None, None, 1));
         assert!(r.dp.is_none());
+    }
+
+    #[test]
+    fn paths_are_resolved_against_the_file_and_folded() {
+        let f = Path::new("configs/run.toml");
+        assert_eq!(relative_to(f, Path::new("../runs/x")), Path::new("runs/x"));
+        assert_eq!(
+            relative_to(f, Path::new("./k/a.key")),
+            Path::new("configs/k/a.key")
+        );
+        assert_eq!(relative_to(f, Path::new("..")), Path::new("."));
+        assert_eq!(
+            relative_to(Path::new("a.toml"), Path::new("../up")),
+            Path::new("../up")
+        );
+        assert_eq!(relative_to(f, Path::new("/abs/p")), Path::new("/abs/p"));
     }
 
     #[test]

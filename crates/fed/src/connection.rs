@@ -62,6 +62,15 @@ pub(crate) enum Inbound {
         bad_envelopes: Vec<ClientId>,
         data: Vec<u8>,
     },
+    /// An unprotected round's raw update.
+    Update {
+        id: ClientId,
+        generation: u64,
+        round: u64,
+        attempt: u32,
+        samples: u64,
+        data: Vec<u8>,
+    },
     Gone {
         id: ClientId,
         generation: u64,
@@ -234,7 +243,41 @@ fn up_name(up: &Up) -> &'static str {
         Up::Secagg(_) => "a secure-aggregation message",
         Up::Masked { .. } => "Masked",
         Up::Decline { .. } => "Decline",
+        Up::Update { .. } => "Update",
     }
+}
+
+/// Why reading from a client stopped.
+enum Broken {
+    /// It broke a rule; it is told why.
+    Violation(String),
+    /// The stream failed.
+    Stream(String),
+}
+
+/// Reads the vector that follows a `Masked` or `Update` frame: exactly the
+/// size the running session or round expects (nothing when none runs).
+async fn read_expected(
+    recv: &mut quinn::RecvStream,
+    shared: &Shared,
+    what: &str,
+) -> Result<Vec<u8>, Broken> {
+    let max = shared.expect.borrow().map_or(0, |e| e.bytes);
+    let data = match read_blob(recv, max).await {
+        Ok(d) => d,
+        Err(NetError::FrameTooLarge { len, max }) => {
+            return Err(Broken::Violation(format!(
+                "{what} of {len} bytes; the running round's have {max}"
+            )));
+        }
+        Err(e @ NetError::Malformed(_)) => return Err(Broken::Violation(e.to_string())),
+        Err(e) => return Err(Broken::Stream(e.to_string())),
+    };
+    shared
+        .counters
+        .received
+        .fetch_add(data.len() as u64 + 8, Ordering::Relaxed);
+    Ok(data)
 }
 
 /// Reads the client's frames until the stream ends or breaks a rule;
@@ -276,22 +319,11 @@ async fn read_loop(
                 len,
                 bad_envelopes,
             } => {
-                // Exactly the size of this session's vectors, or nothing.
-                let max = shared.expect.borrow().map_or(0, |e| e.bytes);
-                let data = match read_blob(&mut recv, max).await {
+                let data = match read_expected(&mut recv, shared, "a masked vector").await {
                     Ok(d) => d,
-                    Err(NetError::FrameTooLarge { len, max }) => {
-                        return violation(format!(
-                            "a masked vector of {len} bytes; this session's vectors have {max}"
-                        ));
-                    }
-                    Err(e @ NetError::Malformed(_)) => return violation(e.to_string()),
-                    Err(e) => return e.to_string(),
+                    Err(Broken::Violation(why)) => return violation(why),
+                    Err(Broken::Stream(why)) => return why,
                 };
-                shared
-                    .counters
-                    .received
-                    .fetch_add(data.len() as u64 + 8, Ordering::Relaxed);
                 Inbound::Masked {
                     id,
                     generation,
@@ -299,6 +331,25 @@ async fn read_loop(
                     bits,
                     len,
                     bad_envelopes,
+                    data,
+                }
+            }
+            Up::Update {
+                round,
+                attempt,
+                samples,
+            } => {
+                let data = match read_expected(&mut recv, shared, "an update").await {
+                    Ok(d) => d,
+                    Err(Broken::Violation(why)) => return violation(why),
+                    Err(Broken::Stream(why)) => return why,
+                };
+                Inbound::Update {
+                    id,
+                    generation,
+                    round,
+                    attempt,
+                    samples,
                     data,
                 }
             }

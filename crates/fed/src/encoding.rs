@@ -58,6 +58,9 @@ pub fn encode<R: RngCore + CryptoRng>(
                 norm: Some(out.norm),
             })
         }
+        Encoding::Unprotected => Err(FedError::Internal(
+            "an unprotected round's update is sent as it is, not encoded".into(),
+        )),
     }
 }
 
@@ -92,6 +95,11 @@ pub fn decode<R: RngCore + CryptoRng>(
             let mut s = d.decode(sum, rng)?;
             s.iter_mut().for_each(|v| *v /= n);
             s
+        }
+        Encoding::Unprotected => {
+            return Err(FedError::Internal(
+                "an unprotected round has no ring sum to decode".into(),
+            ));
         }
     };
     if mean.len() != dim {

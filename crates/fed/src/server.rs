@@ -154,6 +154,14 @@ impl std::fmt::Debug for Server {
     }
 }
 
+impl Drop for Server {
+    /// A server dropped mid-run (its task aborted) closes every connection,
+    /// so that no connection outlives it and its clients learn at once.
+    fn drop(&mut self) {
+        self.net.close();
+    }
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -349,7 +357,15 @@ impl Server {
         )));
         self.events.emit(Event::Listening(self.addr));
         tracing::info!(addr = %self.addr, "listening");
-        let result = self.rounds().await;
+        let mut result = self.rounds().await;
+        // A server that resumed with nothing left to do still reports the
+        // model it holds.
+        if result.is_ok() && self.state.evaluation.is_none() && self.state.completed > 0 {
+            match self.evaluate().await {
+                Ok(e) => self.state.evaluation = Some(e),
+                Err(e) => result = Err(e),
+            }
+        }
         let reason = match &result {
             Ok(r) => r.clone(),
             Err(e) => e.to_string(),
@@ -557,7 +573,9 @@ impl Server {
                 up: Up::Decline { .. },
                 ..
             } => {}
-            Inbound::Up { id, generation, .. } | Inbound::Masked { id, generation, .. } => {
+            Inbound::Up { id, generation, .. }
+            | Inbound::Masked { id, generation, .. }
+            | Inbound::Update { id, generation, .. } => {
                 if self
                     .conns
                     .get(&id)
@@ -583,6 +601,7 @@ impl Server {
         let dim = self.state.params.len();
         let mut rng = self.randomness.rng(Purpose::Session, round, attempt, 0);
         let encoding = match &r.dp {
+            None if r.unprotected => Encoding::Unprotected,
             None => Encoding::Plain {
                 bits: r.bits,
                 clamp: r.clamp,
@@ -642,6 +661,13 @@ impl Server {
         spec.session.context = spec
             .context(&hash)
             .map_err(|e| FedError::Internal(e.to_string()))?;
+        if self.resolved.unprotected {
+            let counters = (sent0, received0);
+            return self
+                .unprotected_session(round, attempt, cohort, spec, blob, started, counters)
+                .await;
+        }
+        let r = &self.resolved;
         let mut sa = fedveil_secagg::Server::new(spec.session.clone(), r.stage_deadlines)?;
         let session_id = sa.session_id();
         let bits = spec.encoding.bits();
@@ -794,6 +820,18 @@ impl Server {
                         Up::Masked { .. } => {
                             self.reject(id, "internal: masked input without its vector".into())
                         }
+                        Up::Update { .. } => self.reject(
+                            id,
+                            "raw updates are only accepted in unprotected rounds".into(),
+                        ),
+                    }
+                }
+                Inbound::Update { id, generation, .. } => {
+                    if current(self, id, generation) {
+                        self.reject(
+                            id,
+                            "raw updates are only accepted in unprotected rounds".into(),
+                        );
                     }
                 }
                 Inbound::Masked {
@@ -895,11 +933,198 @@ impl Server {
                 "a sum was unmasked without a privacy charge".into(),
             ));
         }
-        metrics.epsilon = self.epsilon()?;
         metrics
             .stage_seconds
             .insert("aggregate".into(), t.elapsed().as_secs_f64());
+        self.complete(round, n, metrics, started).await
+    }
 
+    /// One session of an unprotected round (the insecure baseline,
+    /// protocols/federation.md §4.6): the cohort trains and sends raw
+    /// updates, which the server averages weighted by samples.
+    #[allow(clippy::too_many_arguments)]
+    async fn unprotected_session(
+        &mut self,
+        round: u64,
+        attempt: u32,
+        cohort: Vec<ClientId>,
+        spec: RoundSpec,
+        blob: Arc<Vec<u8>>,
+        started: Instant,
+        (sent0, received0): (u64, u64),
+    ) -> Result<Result<(), String>, FedError> {
+        let n = cohort.len() as u32;
+        let dim = self.state.params.len();
+        let max_weight = u64::from(self.resolved.max_weight);
+        tracing::info!(round, attempt, cohort = n, "unprotected round started");
+        self.events.emit(Event::RoundStarted {
+            round,
+            attempt,
+            cohort: cohort.clone(),
+        });
+        let _ = self.expect.send(Some(Expect {
+            session: fedveil_secagg::SessionId([0; 32]),
+            bytes: dim * 4,
+        }));
+        let mut waiting = std::collections::BTreeSet::new();
+        let mut dropouts = Vec::new();
+        for &to in &cohort {
+            let round_msg = Down::Round(Box::new(spec.clone()));
+            if self.send(to, Outbound::WithBlob(round_msg, Arc::clone(&blob))) {
+                waiting.insert(to);
+            } else {
+                dropouts.push(to);
+            }
+        }
+        self.events.emit(Event::StageStarted {
+            round,
+            attempt,
+            stage: Stage::AdvertiseKeys,
+        });
+        let deadline = tokio::time::Instant::now() + self.resolved.train_deadline;
+        let mut sum = vec![0f64; dim];
+        let mut weight = 0f64;
+        let mut contributed = 0u32;
+        let mut declined = Vec::new();
+        while !waiting.is_empty() {
+            let m = match tokio::time::timeout_at(deadline, self.hub.recv()).await {
+                Err(_) => break,
+                Ok(None) => return Err(FedError::Internal("the connection hub closed".into())),
+                Ok(Some(m)) => m,
+            };
+            let current = |s: &Self, id: ClientId, generation: u64| {
+                s.conns.get(&id).is_some_and(|c| c.generation == generation)
+            };
+            match m {
+                Inbound::Hello { id, generation, tx } => {
+                    if waiting.remove(&id) {
+                        dropouts.push(id);
+                    }
+                    self.hello(id, generation, tx);
+                }
+                Inbound::Gone {
+                    id,
+                    generation,
+                    reason,
+                } => {
+                    if self.gone(id, generation, reason) && waiting.remove(&id) {
+                        dropouts.push(id);
+                    }
+                }
+                Inbound::Update {
+                    id,
+                    generation,
+                    round: r,
+                    attempt: a,
+                    samples,
+                    data,
+                } => {
+                    if !current(self, id, generation) {
+                        continue;
+                    }
+                    if r != round || a != attempt || !waiting.contains(&id) {
+                        self.reject(
+                            id,
+                            format!("no update for round {r}, session {a} is expected from {id}"),
+                        );
+                        continue;
+                    }
+                    waiting.remove(&id);
+                    match wire::blob_to_params(&data, dim)
+                        .filter(|d| d.iter().all(|v| v.is_finite()))
+                    {
+                        Some(delta) => {
+                            let w = samples.clamp(1, max_weight) as f64;
+                            for (acc, d) in sum.iter_mut().zip(&delta) {
+                                *acc += w * f64::from(*d);
+                            }
+                            weight += w;
+                            contributed += 1;
+                        }
+                        None => {
+                            self.reject(id, format!("the update is not {dim} finite f32 values"));
+                            dropouts.push(id);
+                        }
+                    }
+                }
+                Inbound::Up { id, generation, up } => match up {
+                    Up::Decline { round: r, reason } if r == round && waiting.remove(&id) => {
+                        tracing::info!(client = %id, round, "declined the round: {reason}");
+                        declined.push(id.0);
+                    }
+                    Up::Decline { .. } => {}
+                    _ if current(self, id, generation) => {
+                        self.reject(id, "an unprotected round expects an Update".into());
+                    }
+                    _ => {}
+                },
+                Inbound::Masked { id, generation, .. } => {
+                    if current(self, id, generation) {
+                        self.reject(id, "an unprotected round expects an Update".into());
+                    }
+                }
+            }
+        }
+        dropouts.extend(waiting);
+        let _ = self.expect.send(None);
+        let mut seconds = BTreeMap::new();
+        seconds.insert("train".to_string(), started.elapsed().as_secs_f64());
+        let (sent1, received1) = self.counters.snapshot();
+        let mut metrics = RoundMetrics {
+            round,
+            attempt,
+            status: "completed".into(),
+            abort_reason: None,
+            loss: None,
+            eval: BTreeMap::new(),
+            epsilon: None,
+            delta: None,
+            cohort: n,
+            survivors: contributed,
+            dropouts: dropouts
+                .iter()
+                .map(|c| Dropout {
+                    client: c.0,
+                    stage: "train".into(),
+                })
+                .collect(),
+            declined,
+            bytes_sent: sent1 - sent0,
+            bytes_received: received1 - received0,
+            stage_seconds: seconds,
+            server_peak_rss_bytes: None,
+        };
+        if contributed == 0 {
+            let reason = "no client sent its update".to_string();
+            metrics.status = "aborted".into();
+            metrics.abort_reason = Some(reason.clone());
+            self.finish_metrics(metrics, started)?;
+            self.events.emit(Event::RoundAborted {
+                round,
+                attempt,
+                reason: reason.clone(),
+            });
+            return Ok(Err(reason));
+        }
+        let t = Instant::now();
+        let mean: Vec<f64> = sum.iter().map(|s| s / weight).collect();
+        self.state.optimizer.step(&mut self.state.params, &mean)?;
+        metrics
+            .stage_seconds
+            .insert("aggregate".into(), t.elapsed().as_secs_f64());
+        self.complete(round, n, metrics, started).await
+    }
+
+    /// The end of a round with an aggregate applied: ε, evaluation, the
+    /// checkpoint and the metrics.
+    async fn complete(
+        &mut self,
+        round: u64,
+        n: u32,
+        mut metrics: RoundMetrics,
+        started: Instant,
+    ) -> Result<Result<(), String>, FedError> {
+        metrics.epsilon = self.epsilon()?;
         let t = Instant::now();
         let evaluation = self.evaluate().await?;
         metrics

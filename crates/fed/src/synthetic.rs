@@ -245,6 +245,8 @@ impl Trainer for SyntheticTrainer {
 const EXACT_OPTIMUM_BUDGET: f64 = 4e9;
 /// The most examples the evaluator scores.
 const EVAL_ROWS: usize = 20_000;
+/// The most feature values it keeps (64 MiB), whatever the dimension.
+const EVAL_VALUES: usize = 1 << 24;
 
 /// The server's side of the synthetic task.
 #[derive(Debug)]
@@ -270,10 +272,11 @@ impl SyntheticEvaluator {
         let exact = d <= 1024 && cost <= EXACT_OPTIMUM_BUDGET;
         let mut eval = Vec::new();
         let mut rows = 0;
+        let max_rows = (EVAL_VALUES / d).clamp(1, EVAL_ROWS);
         let mut gram = if exact { vec![0f64; d * d] } else { Vec::new() };
         let mut rhs = vec![0f64; if exact { d } else { 0 }];
         for c in 0..population {
-            if !exact && rows >= EVAL_ROWS {
+            if !exact && rows >= max_rows {
                 break;
             }
             let s = shard(cfg, &w, c);
@@ -290,8 +293,13 @@ impl SyntheticEvaluator {
                     }
                 }
             }
-            if rows < EVAL_ROWS {
-                rows += s.y.len();
+            if rows < max_rows {
+                let mut s = s;
+                let keep = s.y.len().min(max_rows - rows);
+                s.y.truncate(keep);
+                s.x.truncate(keep * d);
+                s.x.shrink_to_fit();
+                rows += keep;
                 eval.push(s);
             }
         }

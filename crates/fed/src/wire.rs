@@ -36,6 +36,9 @@ pub enum Encoding {
         noise: NoiseConfig,
         rotation_seed: [u8; 32],
     },
+    /// No encoding and no secure aggregation: the client sends its update
+    /// as `f32`s in an [`Up::Update`] (the insecure baseline).
+    Unprotected,
 }
 
 impl Encoding {
@@ -44,6 +47,7 @@ impl Encoding {
         match self {
             Encoding::Plain { .. } => dim + 1,
             Encoding::Private { noise, .. } => noise.padded_dim(),
+            Encoding::Unprotected => dim,
         }
     }
 
@@ -52,6 +56,7 @@ impl Encoding {
         match self {
             Encoding::Plain { bits, .. } => *bits,
             Encoding::Private { noise, .. } => noise.bits,
+            Encoding::Unprotected => 32,
         }
     }
 }
@@ -146,6 +151,13 @@ pub enum Up {
     /// The client will not take part in this round, and why (its policy, a
     /// model that does not match its hash, a training failure).
     Decline { round: u64, reason: String },
+    /// An unprotected round's raw update; `dim` little-endian `f32`s follow
+    /// as a blob.
+    Update {
+        round: u64,
+        attempt: u32,
+        samples: u64,
+    },
 }
 
 /// Server → client.

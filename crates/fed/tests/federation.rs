@@ -123,3 +123,88 @@ min_survivors = 16
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// §4.6: the unprotected baseline. Clients whose policy allows it send raw
+// updates and the server applies their sample-weighted mean, exactly the
+// same update as secure aggregation without noise would (up to the float
+// codec's rounding); clients with the default policy refuse it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unprotected_rounds_average_raw_updates_and_default_clients_refuse_them() {
+    let tables = |aggregation: &str| {
+        plan(&format!(
+            r#"
+[federation]
+rounds = 3
+aggregation = "{aggregation}"
+attempts = 1
+[training]
+local_steps = 2
+learning_rate = 0.1
+[optimizer]
+kind = "fedavg"
+server_lr = 1.0
+{TASK}"#
+        ))
+    };
+    let cast = Cast::new(5, 21);
+    let randomness = fedveil_fed::randomness::Randomness::seeded([5; 32]);
+    let run = |aggregation: &'static str, allow: bool| {
+        let plan = tables(aggregation);
+        let cast = &cast;
+        let randomness = randomness.clone();
+        async move {
+            let server =
+                start_server(cast, plan.clone(), loopback(), randomness.clone(), None).await;
+            let endpoint =
+                fedveil_fed::net::NetClient::new(server.addr, cast.server.fingerprint(), limits())
+                    .unwrap();
+            let clients: Vec<_> = (0..5)
+                .map(|i| {
+                    let mut options = ClientOptions::default();
+                    options.policy.allow_unprotected = allow;
+                    start_client(
+                        cast,
+                        i,
+                        server.addr,
+                        &plan,
+                        randomness.clone(),
+                        Some(endpoint.clone()),
+                        None,
+                        options,
+                    )
+                })
+                .collect();
+            let task = server.task;
+            let result = tokio::time::timeout(std::time::Duration::from_secs(60), task)
+                .await
+                .expect("the federation ends")
+                .unwrap();
+            for c in clients {
+                c.abort();
+            }
+            result
+        }
+    };
+    let raw = run("unprotected", true).await.expect("unprotected rounds");
+    let secure = run("secagg", true).await.expect("secure rounds");
+    assert_eq!(raw.rounds, 3);
+    // The same trajectory: only the codec's rounding differs.
+    let worst = raw
+        .params
+        .iter()
+        .zip(&secure.params)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst < 1e-3,
+        "unprotected and secure FedAvg differ by {worst}"
+    );
+    assert!(
+        raw.params != secure.params,
+        "no rounding at all is implausible"
+    );
+
+    let refused = run("unprotected", false).await;
+    let err = refused.expect_err("no client takes part").to_string();
+    assert!(err.contains("round 0 failed"), "{err}");
+}

@@ -7,8 +7,10 @@ use std::path::Path;
 
 use common::*;
 use fedveil_fed::checkpoint::Checkpoint;
+use fedveil_fed::client::Fault;
 use fedveil_fed::config::Plan;
-use fedveil_fed::metrics::Event;
+use fedveil_fed::metrics::{ClientEvent, Event};
+use fedveil_fed::net::NetClient;
 use fedveil_fed::secagg::Stage;
 
 const CLIENTS: usize = 6;
@@ -50,14 +52,51 @@ async fn killed_at(stage: Stage, tag: &str) -> (Vec<f32>, f64, std::path::PathBu
     let plan = plan_in(&dir);
     let cast = Cast::new(CLIENTS, 4);
     let randomness = seeded(11);
-    let mut first = start_server(&cast, plan.clone(), loopback(), randomness.clone(), None).await;
+    let first = start_server(&cast, plan.clone(), loopback(), randomness.clone(), None).await;
     let addr = first.addr;
-    let clients = start_clients(&cast, addr, &plan, &randomness, None);
-    first
-        .wait_for(60, |e| {
-            matches!(e, Event::StageStarted { round, stage: s, .. } if *round == KILL_ROUND && *s == stage)
+    // Client 0 stalls at the kill point, so the server cannot get past it
+    // before the kill lands (the stage waits for its deadline). The fault
+    // fires once: the repeated session runs as in the uninterrupted run.
+    let endpoint = NetClient::new(addr, cast.server.fingerprint(), limits()).unwrap();
+    let (stalled_tx, mut stalled) = tokio::sync::mpsc::unbounded_channel();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (faults, events) = if i == 0 {
+                let f = Fault::Stall {
+                    round: KILL_ROUND,
+                    stage,
+                };
+                (vec![f], Some(stalled_tx.clone()))
+            } else {
+                (Vec::new(), None)
+            };
+            start_client(
+                &cast,
+                i,
+                addr,
+                &plan,
+                randomness.clone(),
+                Some(endpoint.clone()),
+                events,
+                ClientOptions {
+                    faults,
+                    ..ClientOptions::default()
+                },
+            )
         })
-        .await;
+        .collect();
+    // Kill once client 0 has stalled in this session (the server's own
+    // "stage started" event comes before its requests reach the clients).
+    loop {
+        let e = tokio::time::timeout(std::time::Duration::from_secs(60), stalled.recv())
+            .await
+            .expect("client 0 stalls within 60 s")
+            .expect("client 0's events");
+        if matches!(e, ClientEvent::Fault { round, stage: s } if round == KILL_ROUND && s == stage)
+        {
+            break;
+        }
+    }
     // The crash: no shutdown, no goodbye.
     first.task.abort();
     assert!(first.task.await.unwrap_err().is_cancelled());

@@ -61,8 +61,18 @@ impl NetServer {
         limits: Limits,
     ) -> Result<Self, NetError> {
         let config = tls::server_config(identity, limits.idle_timeout)?;
+        let io = |e: std::io::Error| NetError::Io(format!("{addr}: {e}"));
+        let socket = std::net::UdpSocket::bind(addr).map_err(io)?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| NetError::Io("no async runtime is running".into()))?;
+        let (reset_key, cid_key) = identity.restart_stable_keys();
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        endpoint_config.reset_key(Arc::new(reset_key));
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
         let endpoint =
-            quinn::Endpoint::server(config, addr).map_err(|e| NetError::Io(e.to_string()))?;
+            quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime).map_err(io)?;
         Ok(NetServer {
             endpoint,
             allow: Arc::new(RwLock::new(allow.into_iter().collect())),

@@ -111,6 +111,33 @@ impl ServerIdentity {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.to_vec()))
     }
 
+    /// The key of the QUIC stateless-reset tokens (RFC 9000 §10.3.2),
+    /// derived from the private key so that it survives a restart: a
+    /// restarted server answers packets of its predecessor's connections
+    /// with resets the clients accept, and they reconnect at once instead
+    /// of waiting out the idle timeout.
+    /// The second value keys the check quinn makes that a connection id is
+    /// one of this server's; it must survive the restart too, or packets
+    /// for the old connections are dropped before a reset is considered.
+    pub(crate) fn restart_stable_keys(&self) -> (aws_lc_rs::hmac::Key, u64) {
+        use aws_lc_rs::hmac;
+        let prf = hmac::Key::new(hmac::HMAC_SHA256, &self.key_der);
+        let derive = |label: &[u8]| {
+            let tag = hmac::sign(&prf, label);
+            let mut out = Zeroizing::new([0u8; 32]);
+            out.copy_from_slice(tag.as_ref());
+            out
+        };
+        let reset = derive(b"fedveil/v1 QUIC stateless reset key");
+        let cid = derive(b"fedveil/v1 QUIC connection id key");
+        let mut cid_key = [0u8; 8];
+        cid_key.copy_from_slice(&cid[..8]);
+        (
+            hmac::Key::new(hmac::HMAC_SHA256, &reset[..]),
+            u64::from_le_bytes(cid_key),
+        )
+    }
+
     /// Writes `cert.pem` and `key.pem` (mode 0600) into `dir`.
     pub fn save(&self, dir: &Path) -> Result<(), NetError> {
         let cert = pem_block("CERTIFICATE", &self.cert_der);

@@ -24,7 +24,7 @@ mod tls;
 pub use quinn;
 
 pub use endpoint::{Authenticated, Limits, NetClient, NetServer, Pending};
-pub use identity::{ClientIdentity, ClientKey, Fingerprint, ServerIdentity};
+pub use identity::{ClientIdentity, ClientKey, Fingerprint, ServerIdentity, load_allow_list};
 
 use thiserror::Error;
 

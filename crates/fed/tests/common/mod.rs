@@ -23,6 +23,17 @@ use tokio::task::JoinHandle;
 
 pub const NAME: &str = "localhost";
 
+/// Logs to the test's output when `FEDVEIL_TEST_LOG` holds a tracing
+/// filter (e.g. `FEDVEIL_TEST_LOG=debug cargo test -- --nocapture`).
+pub fn logs() {
+    if let Ok(filter) = std::env::var("FEDVEIL_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// A plan from the federation tables of a run file (`[run]` is added).
 pub fn plan(tables: &str) -> Plan {
     let text = format!("[run]\nclients = 1\n{tables}");
@@ -109,6 +120,7 @@ pub async fn start_server(
     randomness: Randomness,
     adversary: Option<Box<dyn Adversary>>,
 ) -> RunningServer {
+    logs();
     let (tx, events) = unbounded_channel();
     let population = cast.clients.len() as u32;
     let cfg = task(&plan);
