@@ -865,40 +865,10 @@ impl Server {
         let outcome = sa
             .take_outcome()
             .ok_or_else(|| FedError::Internal("the session ended without an outcome".into()))?;
-        let (sent1, received1) = self.counters.snapshot();
-        let mut metrics = RoundMetrics {
-            round,
-            attempt,
-            status: "completed".into(),
-            abort_reason: None,
-            loss: None,
-            eval: BTreeMap::new(),
-            epsilon: None,
-            delta: self.resolved.dp.as_ref().map(|d| d.delta),
-            cohort: n,
-            survivors: 0,
-            dropouts: Vec::new(),
-            declined,
-            bytes_sent: sent1 - sent0,
-            bytes_received: received1 - received0,
-            stage_seconds: seconds,
-            server_peak_rss_bytes: None,
-        };
+        let mut metrics = self.round_metrics(round, attempt, n, declined, (sent0, received0));
+        metrics.stage_seconds = seconds;
         let agg = match outcome {
-            Err(reason) => {
-                let reason = reason.to_string();
-                tracing::warn!(round, attempt, "session aborted: {reason}");
-                metrics.status = "aborted".into();
-                metrics.abort_reason = Some(reason.clone());
-                metrics.epsilon = self.epsilon()?;
-                self.finish_metrics(metrics, started)?;
-                self.events.emit(Event::RoundAborted {
-                    round,
-                    attempt,
-                    reason: reason.clone(),
-                });
-                return Ok(Err(reason));
-            }
+            Err(reason) => return self.aborted(metrics, started, reason.to_string()),
             Ok(agg) => agg,
         };
         metrics.survivors = agg.survivors.len() as u32;
@@ -1069,42 +1039,18 @@ impl Server {
         let _ = self.expect.send(None);
         let mut seconds = BTreeMap::new();
         seconds.insert("train".to_string(), started.elapsed().as_secs_f64());
-        let (sent1, received1) = self.counters.snapshot();
-        let mut metrics = RoundMetrics {
-            round,
-            attempt,
-            status: "completed".into(),
-            abort_reason: None,
-            loss: None,
-            eval: BTreeMap::new(),
-            epsilon: None,
-            delta: None,
-            cohort: n,
-            survivors: contributed,
-            dropouts: dropouts
-                .iter()
-                .map(|c| Dropout {
-                    client: c.0,
-                    stage: "train".into(),
-                })
-                .collect(),
-            declined,
-            bytes_sent: sent1 - sent0,
-            bytes_received: received1 - received0,
-            stage_seconds: seconds,
-            server_peak_rss_bytes: None,
-        };
+        let mut metrics = self.round_metrics(round, attempt, n, declined, (sent0, received0));
+        metrics.stage_seconds = seconds;
+        metrics.survivors = contributed;
+        metrics.dropouts = dropouts
+            .iter()
+            .map(|c| Dropout {
+                client: c.0,
+                stage: "train".into(),
+            })
+            .collect();
         if contributed == 0 {
-            let reason = "no client sent its update".to_string();
-            metrics.status = "aborted".into();
-            metrics.abort_reason = Some(reason.clone());
-            self.finish_metrics(metrics, started)?;
-            self.events.emit(Event::RoundAborted {
-                round,
-                attempt,
-                reason: reason.clone(),
-            });
-            return Ok(Err(reason));
+            return self.aborted(metrics, started, "no client sent its update".into());
         }
         let t = Instant::now();
         let mean: Vec<f64> = sum.iter().map(|s| s / weight).collect();
@@ -1113,6 +1059,58 @@ impl Server {
             .stage_seconds
             .insert("aggregate".into(), t.elapsed().as_secs_f64());
         self.complete(round, n, metrics, started).await
+    }
+
+    /// A session's metrics so far: its traffic since `(sent0, received0)`,
+    /// no survivors, no evaluation.
+    fn round_metrics(
+        &self,
+        round: u64,
+        attempt: u32,
+        cohort: u32,
+        declined: Vec<u32>,
+        (sent0, received0): (u64, u64),
+    ) -> RoundMetrics {
+        let (sent1, received1) = self.counters.snapshot();
+        RoundMetrics {
+            round,
+            attempt,
+            status: "completed".into(),
+            abort_reason: None,
+            loss: None,
+            eval: BTreeMap::new(),
+            epsilon: None,
+            delta: self.resolved.dp.as_ref().map(|d| d.delta),
+            cohort,
+            survivors: 0,
+            dropouts: Vec::new(),
+            declined,
+            bytes_sent: sent1 - sent0,
+            bytes_received: received1 - received0,
+            stage_seconds: BTreeMap::new(),
+            server_peak_rss_bytes: None,
+        }
+    }
+
+    /// Records an aborted session: its metrics line and event.
+    fn aborted(
+        &mut self,
+        mut metrics: RoundMetrics,
+        started: Instant,
+        reason: String,
+    ) -> Result<Result<(), String>, FedError> {
+        let (round, attempt) = (metrics.round, metrics.attempt);
+        tracing::warn!(round, attempt, "session aborted: {reason}");
+        metrics.status = "aborted".into();
+        metrics.abort_reason = Some(reason.clone());
+        metrics.epsilon = self.epsilon()?;
+        self.finish_metrics(metrics, started)?;
+        self.events.emit(Event::RoundAborted {
+            round,
+            attempt,
+            reason: reason.clone(),
+        });
+        Ok(Err(reason))
     }
 
     /// The end of a round with an aggregate applied: ε, evaluation, the
