@@ -4,6 +4,7 @@
 mod display;
 mod federate;
 mod keygen;
+mod model;
 mod privacy;
 mod simulate;
 mod task;
@@ -43,6 +44,8 @@ enum Command {
     Client(federate::ClientArgs),
     /// Run a server and its clients in one process over loopback QUIC.
     Run(federate::RunArgs),
+    /// Language models: check that one loads and works.
+    Model(model::Args),
 }
 
 fn main() -> ExitCode {
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
         Command::Server(args) => federate::server(&args),
         Command::Client(args) => federate::client(&args),
         Command::Run(args) => federate::run(&args),
+        Command::Model(args) => model::run(&args),
     };
     // 0: done; 1: the work ran and failed; 2: bad input, nothing ran.
     match result {

@@ -1,0 +1,61 @@
+//! fedveil's language model: a llama-family decoder on candle with a
+//! training-safe forward pass, PEFT adapters (LoRA, prefix-, prompt- and
+//! P-tuning) and an adapter trainer.
+//!
+//! The base model's weights are frozen tensors shared by reference; only an
+//! [`peft::Adapter`]'s variables are trained, and an adapter flattens to the
+//! single `f32` vector a federation aggregates.
+
+pub mod check;
+pub mod config;
+pub mod fetch;
+pub mod generate;
+pub mod interop;
+pub mod load;
+pub mod model;
+pub mod peft;
+mod random;
+pub mod train;
+
+use thiserror::Error;
+
+pub use config::LlamaConfig;
+pub use model::{KvCache, Llama, Mode, Module, Weights};
+pub use peft::{Adapter, LoraConfig, PTuningConfig, PeftConfig, PrefixConfig, PromptConfig};
+pub use train::{AdapterTrainer, Batch, EvalResult, Example, OptimConfig, StepStats};
+
+/// Everything that can go wrong in this crate.
+#[derive(Debug, Error)]
+pub enum ModelError {
+    /// A shape or hyper-parameter that cannot work.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Input the model cannot take.
+    #[error("invalid input: {0}")]
+    Input(String),
+    /// A file that is missing, unreadable or not what it claims to be.
+    #[error("{path}: {why}")]
+    File { path: String, why: String },
+    /// Training produced a non-finite value.
+    #[error("numerical failure: {0}")]
+    Numerical(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl ModelError {
+    pub(crate) fn file(path: &std::path::Path, why: impl std::fmt::Display) -> ModelError {
+        ModelError::File {
+            path: path.display().to_string(),
+            why: why.to_string(),
+        }
+    }
+}
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+/// The first CUDA GPU when the crate is built with the `cuda` feature and
+/// one is present, else the CPU.
+pub fn default_device() -> candle_core::Device {
+    candle_core::Device::cuda_if_available(0).unwrap_or(candle_core::Device::Cpu)
+}

