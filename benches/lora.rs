@@ -13,6 +13,11 @@
 //! peak resident memory are printed.
 
 use std::process::Command;
+
+// As the fedveil binary does.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::Instant;
 
 use candle_core::Device;
@@ -38,7 +43,7 @@ fn model_path() -> std::path::PathBuf {
     ensure(&SMOLLM2_135M, &cache, &mut |m| eprintln!("{m}")).expect("the default model")
 }
 
-fn trainer(model: &Llama) -> AdapterTrainer<'_> {
+fn trainer(model: &Llama) -> AdapterTrainer {
     let mut rng = ChaCha20Rng::from_seed([1; 32]);
     let adapter = Adapter::new(
         PeftConfig::Lora(LoraConfig {

@@ -78,7 +78,7 @@ def main():
                 "tokens_per_s": a.batch * a.seq / step_s,
                 "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "trainable": sum(q.numel() for q in params),
-                "loss": float(out.loss),
+                "loss": out.loss.item(),
             }
         )
     )

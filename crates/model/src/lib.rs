@@ -8,10 +8,13 @@
 
 pub mod check;
 pub mod config;
+pub mod federated;
 pub mod fetch;
+mod fused;
 pub mod generate;
 pub mod interop;
 pub mod load;
+mod loss;
 pub mod model;
 pub mod peft;
 mod random;

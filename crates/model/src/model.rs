@@ -533,7 +533,7 @@ impl Llama {
     ) -> Result<Tensor> {
         let gate = self.project(index, Module::Gate, &layer.gate, x, adapter, mode)?;
         let up = self.project(index, Module::Up, &layer.up, x, adapter, mode)?;
-        let hidden = (gate.silu()? * up)?;
+        let hidden = swiglu(&gate, &up)?;
         self.project(index, Module::Down, &layer.down, &hidden, adapter, mode)
     }
 }
@@ -715,8 +715,16 @@ fn causal_mask(t: usize, past: usize, device: &Device, dtype: DType) -> Result<O
     ))
 }
 
-/// RMSNorm from differentiable primitives, computed in f32.
+/// RMSNorm: the fused kernel where it applies, else differentiable
+/// primitives computing in f32.
 pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::fused::applies(x) {
+        return Ok(crate::fused::rms_norm(x, weight, eps)?);
+    }
+    rms_norm_composite(x, weight, eps)
+}
+
+pub(crate) fn rms_norm_composite(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x32 = x.to_dtype(DType::F32)?;
     let mean_square = x32.sqr()?.mean_keepdim(D::Minus1)?;
@@ -724,8 +732,15 @@ pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> 
     Ok(normed.to_dtype(dtype)?.broadcast_mul(weight)?)
 }
 
-/// Softmax over the last dimension from differentiable primitives.
+/// Softmax over the last dimension.
 fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if crate::fused::applies(x) {
+        return Ok(crate::fused::softmax(x)?);
+    }
+    softmax_composite(x)
+}
+
+pub(crate) fn softmax_composite(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?;
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
@@ -735,6 +750,13 @@ fn softmax_last(x: &Tensor) -> Result<Tensor> {
 /// Rotary embedding in the "rotate half" layout: `x·cos + rotate_half(x)·sin`
 /// with `x` `(batch, heads, seq, head_dim)` and the tables `(seq, head_dim/2)`.
 fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if crate::fused::applies(x) {
+        return Ok(crate::fused::rope(x, cos, sin)?);
+    }
+    rope_composite(x, cos, sin)
+}
+
+pub(crate) fn rope_composite(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let half = x.dim(D::Minus1)? / 2;
     let cos = Tensor::cat(&[cos, cos], D::Minus1)?
         .unsqueeze(0)?
@@ -746,6 +768,18 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let x2 = x.narrow(D::Minus1, half, half)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
     Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+}
+
+/// `silu(gate) · up`.
+fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if crate::fused::applies(gate) {
+        return Ok(crate::fused::swiglu(gate, up)?);
+    }
+    swiglu_composite(gate, up)
+}
+
+pub(crate) fn swiglu_composite(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Ok((gate.silu()? * up)?)
 }
 
 /// Grouped-query attention: each key/value head serves `n` query heads.

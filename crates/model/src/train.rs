@@ -38,6 +38,9 @@ pub struct Batch {
     ids: Tensor,
     targets: Tensor,
     weights: Tensor,
+    /// The same targets and weights, flat, on the host.
+    host_targets: Vec<u32>,
+    host_weights: Vec<f32>,
     tokens: usize,
 }
 
@@ -77,8 +80,10 @@ impl Batch {
         }
         Ok(Batch {
             ids: Tensor::from_vec(ids, (b, seq), device)?,
-            targets: Tensor::from_vec(targets, (b, seq), device)?,
-            weights: Tensor::from_vec(weights, (b, seq), device)?,
+            targets: Tensor::from_slice(&targets, (b, seq), device)?,
+            weights: Tensor::from_slice(&weights, (b, seq), device)?,
+            host_targets: targets,
+            host_weights: weights,
             tokens,
         })
     }
@@ -140,6 +145,10 @@ pub fn batch_nll(logits: &Tensor, batch: &Batch, virtual_tokens: usize) -> Resul
     let logits = logits.narrow(1, virtual_tokens, seq)?;
     let vocab = logits.dim(D::Minus1)?;
     let logits = logits.reshape((b * seq, vocab))?;
+    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+        let nll = crate::loss::weighted_nll(&logits, &batch.host_targets, &batch.host_weights)?;
+        return Ok(nll.sum_all()?);
+    }
     let max = logits.max_keepdim(D::Minus1)?;
     let shifted = logits.broadcast_sub(&max)?;
     let log_norm = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
@@ -292,25 +301,68 @@ struct AdamW {
     steps: i32,
 }
 
-/// Trains one adapter on one frozen model.
+/// Trains one adapter on one frozen model. The trainer holds a handle to
+/// the model (its weights are shared, not copied).
 #[derive(Debug)]
-pub struct AdapterTrainer<'m> {
-    model: &'m Llama,
+pub struct AdapterTrainer {
+    model: Llama,
     adapter: Adapter,
     config: OptimConfig,
     state: AdamW,
+    /// FedProx: `μ` and the global parameters the proximal term pulls
+    /// towards, one tensor per adapter parameter.
+    proximal: Option<(f64, Vec<Tensor>)>,
 }
 
-impl<'m> AdapterTrainer<'m> {
-    pub fn new(model: &'m Llama, adapter: Adapter, config: OptimConfig) -> Result<Self> {
+impl AdapterTrainer {
+    pub fn new(model: &Llama, adapter: Adapter, config: OptimConfig) -> Result<Self> {
         config.validate()?;
         let state = fresh_state(&adapter)?;
         Ok(AdapterTrainer {
-            model,
+            model: model.clone(),
             adapter,
             config,
             state,
+            proximal: None,
         })
+    }
+
+    /// Adds FedProx's proximal term `μ/2 ‖w − anchor‖²` to the loss (its
+    /// gradient `μ (w − anchor)` to every step); `μ = 0` removes it.
+    pub fn set_proximal(&mut self, mu: f64, anchor: &[f32]) -> Result<()> {
+        if !(mu.is_finite() && mu >= 0.0) {
+            return Err(ModelError::Config(format!(
+                "proximal mu must be non-negative, got {mu}"
+            )));
+        }
+        if mu == 0.0 {
+            self.proximal = None;
+            return Ok(());
+        }
+        if anchor.len() != self.adapter.num_parameters() {
+            return Err(ModelError::Input(format!(
+                "the proximal anchor has {} values, the adapter {}",
+                anchor.len(),
+                self.adapter.num_parameters()
+            )));
+        }
+        let mut at = 0;
+        let mut tensors = Vec::new();
+        for (_, var) in self.adapter.params() {
+            let n = var.elem_count();
+            tensors.push(Tensor::from_slice(
+                &anchor[at..at + n],
+                var.shape(),
+                var.device(),
+            )?);
+            at += n;
+        }
+        self.proximal = Some((mu, tensors));
+        Ok(())
+    }
+
+    pub fn model(&self) -> &Llama {
+        &self.model
     }
 
     pub fn adapter(&self) -> &Adapter {
@@ -385,7 +437,7 @@ impl<'m> AdapterTrainer<'m> {
                 }
             }
         }
-        let grads: Vec<Tensor> = sum
+        let mut grads: Vec<Tensor> = sum
             .into_iter()
             .zip(&params)
             .map(|(g, p)| match g {
@@ -393,6 +445,11 @@ impl<'m> AdapterTrainer<'m> {
                 None => Tensor::zeros_like(p),
             })
             .collect::<candle_core::Result<_>>()?;
+        if let Some((mu, anchor)) = &self.proximal {
+            for ((g, p), a) in grads.iter_mut().zip(&params).zip(anchor) {
+                *g = (&*g + ((p - a)? * *mu)?)?;
+            }
+        }
         let norm = global_norm(&grads)?;
         if !norm.is_finite() {
             return Err(ModelError::Numerical(format!(
