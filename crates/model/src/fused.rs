@@ -336,10 +336,46 @@ impl CustomOp2 for SwiGluGrad {
 
 /// Softmax over the last dimension.
 pub(crate) fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op1(Softmax)
+    x.contiguous()?.apply_op1(Softmax::plain())
 }
 
-struct Softmax;
+/// Causal attention weights: `softmax(scale · x)` over the last dimension
+/// of scores `(…, rows, keys)`, where row `r` is query position `r mod t`
+/// and sees keys `0..=past + (r mod t)`; the others get weight 0.
+pub(crate) fn causal_softmax(
+    x: &Tensor,
+    scale: f64,
+    t: usize,
+    past: usize,
+) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(Softmax {
+        scale: scale as f32,
+        causal: Some((t, past)),
+    })
+}
+
+struct Softmax {
+    scale: f32,
+    /// `(t, past)` for causal masking.
+    causal: Option<(usize, usize)>,
+}
+
+impl Softmax {
+    fn plain() -> Softmax {
+        Softmax {
+            scale: 1.0,
+            causal: None,
+        }
+    }
+
+    /// How many leading entries row `row` sees (all, without masking).
+    fn visible(&self, row: usize, width: usize) -> usize {
+        match self.causal {
+            Some((t, past)) => (past + row % t.max(1) + 1).min(width),
+            None => width,
+        }
+    }
+}
 
 impl CustomOp1 for Softmax {
     fn name(&self) -> &'static str {
@@ -352,14 +388,18 @@ impl CustomOp1 for Softmax {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, w) = slice(storage, layout, "softmax")?;
+        let scale = self.scale;
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(w)
             .zip(x.par_chunks(w))
-            .for_each(|(y, x)| {
-                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            .enumerate()
+            .for_each(|(row, (y, x))| {
+                let n = self.visible(row, w);
+                let (y, x) = (&mut y[..n], &x[..n]);
+                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) * scale;
                 let mut sum = 0.0;
                 for (y, &x) in y.iter_mut().zip(x) {
-                    *y = (x - max).exp();
+                    *y = (x * scale - max).exp();
                     sum += *y;
                 }
                 let inv = 1.0 / sum;
@@ -368,13 +408,16 @@ impl CustomOp1 for Softmax {
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 
-    /// `∂x = y∘(∂y − Σ ∂y∘y)`.
+    /// `∂x = scale · y∘(∂y − Σ ∂y∘y)` (masked entries have `y = 0`).
     fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(y.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxGrad)?))
+        Ok(Some(y.apply_op2_no_bwd(
+            &dy.contiguous()?,
+            &SoftmaxGrad(self.scale),
+        )?))
     }
 }
 
-struct SoftmaxGrad;
+struct SoftmaxGrad(f32);
 
 impl CustomOp2 for SoftmaxGrad {
     fn name(&self) -> &'static str {
@@ -397,7 +440,7 @@ impl CustomOp2 for SoftmaxGrad {
             .for_each(|(dx, (y, dy))| {
                 let dot: f32 = y.iter().zip(dy).map(|(y, dy)| y * dy).sum();
                 for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
-                    *dx = y * (dy - dot);
+                    *dx = self.0 * y * (dy - dot);
                 }
             });
         Ok((CpuStorage::F32(out), yl.shape().clone()))
@@ -477,6 +520,22 @@ mod tests {
             &[2, 3, 7, 8],
             |x| super::rope(x, &cos, &sin).unwrap(),
             |x| rope_composite(x, &cos, &sin).unwrap(),
+        );
+        // Causal, scaled: rows are (query head, position) pairs with t = 4
+        // positions after 3 earlier keys.
+        let (t, past) = (4usize, 3usize);
+        let width = past + t;
+        let mut mask = vec![0f32; 2 * t * width];
+        for r in 0..2 * t {
+            for j in past + r % t + 1..width {
+                mask[r * width + j] = f32::NEG_INFINITY;
+            }
+        }
+        let mask = Tensor::from_vec(mask, (2 * t, width), &Device::Cpu).unwrap();
+        agree(
+            &[3, 2 * t, width],
+            |x| super::causal_softmax(x, 0.5, t, past).unwrap(),
+            |x| softmax_composite(&(x * 0.5).unwrap().broadcast_add(&mask).unwrap()).unwrap(),
         );
         let up = random(&[6, 10], 5);
         agree(

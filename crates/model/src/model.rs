@@ -499,9 +499,22 @@ impl Llama {
                 }
             }
         }
+        let scale = 1.0 / (hd as f64).sqrt();
+        if crate::fused::applies(&q) {
+            // Each key/value head serves `rep` consecutive query heads: fold
+            // them into the query rows, so keys and values are never copied,
+            // and mask, scale and normalise in one kernel.
+            let rep = heads / kv_heads;
+            let past = k.dim(2)? - t;
+            let q = q.reshape((b, kv_heads, rep * t, hd))?;
+            let scores = q.matmul(&k.t()?)?;
+            let probs = crate::fused::causal_softmax(&scores, scale, t, past)?;
+            let out = probs.matmul(&v.contiguous()?)?.reshape((b, heads, t, hd))?;
+            let out = out.transpose(1, 2)?.reshape((b, t, heads * hd))?;
+            return self.project(index, Module::O, &layer.o, &out, adapter, mode);
+        }
         let k = repeat_kv(&k, heads / kv_heads)?;
         let v = repeat_kv(&v, heads / kv_heads)?;
-        let scale = 1.0 / (hd as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?;
         let scores = match mask {
             Some(mask) => scores.broadcast_add(mask)?,
