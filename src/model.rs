@@ -55,8 +55,11 @@ pub fn resolve(path: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
 fn run_check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
     let path = resolve(args.model.as_ref())?;
     let device = fedveil_model::default_device();
-    let loaded = fedveil_model::load::load(&path, &device)
+    let mut loaded = fedveil_model::load::load(&path, &device)
         .with_context(|| format!("cannot load the model {}", path.display()))?;
+    loaded.model = loaded
+        .model
+        .to_dtype(fedveil_model::compute_dtype(&device))?;
     let report = check(&loaded, args.max_new_tokens)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

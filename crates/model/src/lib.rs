@@ -57,6 +57,16 @@ impl ModelError {
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
+/// The dtype a model computes in on `device`: bf16 on a GPU (adapters keep
+/// f32 weights and are cast on the way in), f32 on the CPU.
+pub fn compute_dtype(device: &candle_core::Device) -> candle_core::DType {
+    if device.is_cuda() {
+        candle_core::DType::BF16
+    } else {
+        candle_core::DType::F32
+    }
+}
+
 /// The first CUDA GPU when the crate is built with the `cuda` feature and
 /// one is present, else the CPU.
 pub fn default_device() -> candle_core::Device {

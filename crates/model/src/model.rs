@@ -281,6 +281,9 @@ impl Llama {
     /// The same model computing in `dtype` (bf16 on a GPU, say). Adapters
     /// keep their own f32 parameters and are cast on the way in.
     pub fn to_dtype(&self, dtype: DType) -> Result<Llama> {
+        if dtype == self.dtype {
+            return Ok(self.clone());
+        }
         let cast = |t: &Tensor| t.to_dtype(dtype);
         let linear = |l: &Linear| -> Result<Linear> {
             Ok(Linear::new(
