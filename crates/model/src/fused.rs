@@ -36,6 +36,21 @@ fn slice<'a>(
     Ok((&data[start..end], width))
 }
 
+/// Two contiguous f32 storages of the same shape, as slices, and the
+/// width of their last dimension.
+fn pair<'a>(
+    a: &'a CpuStorage,
+    al: &Layout,
+    b: &'a CpuStorage,
+    bl: &Layout,
+    what: &str,
+) -> candle_core::Result<(&'a [f32], &'a [f32], usize)> {
+    same_shape(al, bl, what)?;
+    let (a, width) = slice(a, al, what)?;
+    let (b, _) = slice(b, bl, what)?;
+    Ok((a, b, width))
+}
+
 fn same_shape(a: &Layout, b: &Layout, what: &str) -> candle_core::Result<()> {
     if a.shape() != b.shape() {
         candle_core::bail!("{what}: shapes {:?} and {:?} differ", a.shape(), b.shape());
@@ -112,9 +127,7 @@ impl CustomOp2 for RmsNormGrad<'_> {
         dys: &CpuStorage,
         dyl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        same_shape(xl, dyl, "rms-norm-grad")?;
-        let (x, h) = slice(xs, xl, "rms-norm-grad")?;
-        let (dy, _) = slice(dys, dyl, "rms-norm-grad")?;
+        let (x, dy, h) = pair(xs, xl, dys, dyl, "rms-norm-grad")?;
         let w = &self.0.weight;
         let mut out = vec![0f32; x.len()];
         out.par_chunks_mut(h)
@@ -259,9 +272,7 @@ impl CustomOp2 for SwiGlu {
         us: &CpuStorage,
         ul: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        same_shape(gl, ul, "swiglu")?;
-        let (g, w) = slice(gs, gl, "swiglu")?;
-        let (u, _) = slice(us, ul, "swiglu")?;
+        let (g, u, w) = pair(gs, gl, us, ul, "swiglu")?;
         let mut out = vec![0f32; g.len()];
         out.par_chunks_mut(w)
             .zip(g.par_chunks(w).zip(u.par_chunks(w)))
@@ -306,9 +317,7 @@ impl CustomOp2 for SwiGluGrad {
         us: &CpuStorage,
         ul: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        same_shape(gl, ul, "swiglu-grad")?;
-        let (g, w) = slice(gs, gl, "swiglu-grad")?;
-        let (u, _) = slice(us, ul, "swiglu-grad")?;
+        let (g, u, w) = pair(gs, gl, us, ul, "swiglu-grad")?;
         let (storage, dyl) = self.dy.storage_and_layout();
         let candle_core::Storage::Cpu(dys) = &*storage else {
             candle_core::bail!("swiglu-grad: the gradient is not on the CPU");
@@ -431,9 +440,7 @@ impl CustomOp2 for SoftmaxGrad {
         dys: &CpuStorage,
         dyl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        same_shape(yl, dyl, "softmax-grad")?;
-        let (y, w) = slice(ys, yl, "softmax-grad")?;
-        let (dy, _) = slice(dys, dyl, "softmax-grad")?;
+        let (y, dy, w) = pair(ys, yl, dys, dyl, "softmax-grad")?;
         let mut out = vec![0f32; y.len()];
         out.par_chunks_mut(w)
             .zip(y.par_chunks(w).zip(dy.par_chunks(w)))

@@ -26,8 +26,6 @@ use crate::{ModelError, Result};
 pub const CONFIG_FILE: &str = "adapter_config.json";
 /// The weights file's name.
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
-/// The largest configuration file read.
-const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// Writes `adapter` into `dir` (created if needed). `base_model` goes into
 /// the configuration's `base_model_name_or_path`.
@@ -96,7 +94,7 @@ fn peft_lora_config(c: &LoraConfig, base_model: &str) -> Result<Value> {
 /// must be there with the right shape, and nothing else.
 pub fn load_adapter(dir: &Path, model: &Llama) -> Result<Adapter> {
     let config_path = dir.join(CONFIG_FILE);
-    let config = read_config(&config_path)?;
+    let config = crate::load::read_json(&config_path)?;
     let peft = parse_config(&config).map_err(|why| ModelError::file(&config_path, why))?;
     // The initial values are all overwritten below.
     let mut rng = ChaCha20Rng::from_seed([0; 32]);
@@ -130,18 +128,6 @@ pub fn load_adapter(dir: &Path, model: &Llama) -> Result<Adapter> {
         ));
     }
     Ok(adapter)
-}
-
-fn read_config(path: &Path) -> Result<Value> {
-    let meta = std::fs::metadata(path).map_err(|e| ModelError::file(path, e))?;
-    if meta.len() > MAX_CONFIG_BYTES {
-        return Err(ModelError::file(
-            path,
-            format!("{} bytes is too large for a config", meta.len()),
-        ));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| ModelError::file(path, e))?;
-    serde_json::from_str(&text).map_err(|e| ModelError::file(path, format!("not valid JSON: {e}")))
 }
 
 /// Reads PEFT's LoRA configuration (refusing the variants this

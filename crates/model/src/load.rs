@@ -43,7 +43,8 @@ pub fn load(path: &Path, device: &Device) -> Result<Loaded> {
     }
 }
 
-fn read_json(path: &Path) -> Result<serde_json::Value> {
+/// A JSON file of at most `MAX_JSON_BYTES`, size checked before reading.
+pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
     let meta = std::fs::metadata(path).map_err(|e| ModelError::file(path, e))?;
     if meta.len() > MAX_JSON_BYTES {
         return Err(ModelError::file(
