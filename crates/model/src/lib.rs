@@ -16,15 +16,19 @@ pub mod interop;
 pub mod load;
 mod loss;
 pub mod model;
+pub mod offsite;
 pub mod peft;
 mod random;
+pub mod tiny;
 pub mod train;
 
 use thiserror::Error;
 
 pub use config::LlamaConfig;
 pub use model::{KvCache, Llama, Mode, Module, Weights};
-pub use peft::{Adapter, LoraConfig, PTuningConfig, PeftConfig, PrefixConfig, PromptConfig};
+pub use peft::{
+    Adapter, FullConfig, LoraConfig, PTuningConfig, PeftConfig, PrefixConfig, PromptConfig,
+};
 pub use train::{AdapterTrainer, Batch, EvalResult, Example, OptimConfig, StepStats};
 
 /// Everything that can go wrong in this crate.

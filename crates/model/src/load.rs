@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use tokenizers::Tokenizer;
 
 use crate::config::LlamaConfig;
-use crate::model::{Layer, Linear, Llama, Weights};
+use crate::model::{Layer, Linear, Llama, Module, Weights};
 use crate::{ModelError, Result};
 
 /// The largest `config.json` or index read (weights are not bounded here:
@@ -81,45 +81,64 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<Loaded> {
         .validate()
         .map_err(|e| ModelError::file(&config_path, e))?;
     let mut tensors = read_safetensors(dir, device)?;
-    let mut take = |name: &str| -> Result<Tensor> {
+    let weights = weights_from_map(&config, &mut tensors, config.num_hidden_layers)
+        .map_err(|why| ModelError::file(dir, why))?;
+    let model = Llama::new(config, weights).map_err(|e| ModelError::file(dir, e))?;
+    let tokenizer_path = dir.join("tokenizer.json");
+    let tokenizer =
+        Tokenizer::from_file(&tokenizer_path).map_err(|e| ModelError::file(&tokenizer_path, e))?;
+    Ok(Loaded {
+        model,
+        tokenizer,
+        source: dir.display().to_string(),
+    })
+}
+
+/// Takes a model's weights out of `tensors`, by their Hugging Face names
+/// (`model.layers.{i}.self_attn.q_proj.weight`, ...), as f32, for `layers`
+/// layers numbered from 0. The error names the missing tensor.
+pub(crate) fn weights_from_map(
+    config: &LlamaConfig,
+    tensors: &mut HashMap<String, Tensor>,
+    layers: usize,
+) -> Result<Weights, String> {
+    let mut take = |name: &str| -> Result<Tensor, String> {
         let t = tensors
             .remove(name)
-            .ok_or_else(|| ModelError::file(dir, format!("the weights have no tensor {name}")))?;
-        Ok(t.to_dtype(DType::F32)?)
+            .ok_or_else(|| format!("the weights have no tensor {name}"))?;
+        t.to_dtype(DType::F32).map_err(|e| format!("{name}: {e}"))
     };
-    let mut layers = Vec::with_capacity(config.num_hidden_layers);
-    for i in 0..config.num_hidden_layers {
+    let mut out = Vec::with_capacity(layers);
+    for i in 0..layers {
         let p = format!("model.layers.{i}");
-        let bias =
-            |take: &mut dyn FnMut(&str) -> Result<Tensor>, name: &str| -> Result<Option<Tensor>> {
-                if config.attention_bias {
-                    Ok(Some(take(name)?))
-                } else {
-                    Ok(None)
-                }
+        let mut linear = |module: Module, bias: bool| -> Result<Linear, String> {
+            let path = format!("{p}.{}.{}", module.parent(), module.name());
+            let weight = take(&format!("{path}.weight"))?;
+            let bias = if bias {
+                Some(take(&format!("{path}.bias"))?)
+            } else {
+                None
             };
-        let q = Linear::new(
-            take(&format!("{p}.self_attn.q_proj.weight"))?,
-            bias(&mut take, &format!("{p}.self_attn.q_proj.bias"))?,
-        );
-        let k = Linear::new(
-            take(&format!("{p}.self_attn.k_proj.weight"))?,
-            bias(&mut take, &format!("{p}.self_attn.k_proj.bias"))?,
-        );
-        let v = Linear::new(
-            take(&format!("{p}.self_attn.v_proj.weight"))?,
-            bias(&mut take, &format!("{p}.self_attn.v_proj.bias"))?,
-        );
-        layers.push(Layer {
+            Ok(Linear::new(weight, bias))
+        };
+        let qkv_bias = config.attention_bias;
+        let q = linear(Module::Q, qkv_bias)?;
+        let k = linear(Module::K, qkv_bias)?;
+        let v = linear(Module::V, qkv_bias)?;
+        let o = linear(Module::O, false)?;
+        let gate = linear(Module::Gate, false)?;
+        let up = linear(Module::Up, false)?;
+        let down = linear(Module::Down, false)?;
+        out.push(Layer {
             input_norm: take(&format!("{p}.input_layernorm.weight"))?,
             q,
             k,
             v,
-            o: Linear::new(take(&format!("{p}.self_attn.o_proj.weight"))?, None),
+            o,
             post_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
-            gate: Linear::new(take(&format!("{p}.mlp.gate_proj.weight"))?, None),
-            up: Linear::new(take(&format!("{p}.mlp.up_proj.weight"))?, None),
-            down: Linear::new(take(&format!("{p}.mlp.down_proj.weight"))?, None),
+            gate,
+            up,
+            down,
         });
     }
     let embed = take("model.embed_tokens.weight")?;
@@ -129,24 +148,70 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<Loaded> {
     } else {
         Some(take("lm_head.weight")?)
     };
-    let model = Llama::new(
-        config,
-        Weights {
-            embed,
-            layers,
-            norm,
-            lm_head,
-        },
-    )
-    .map_err(|e| ModelError::file(dir, e))?;
-    let tokenizer_path = dir.join("tokenizer.json");
-    let tokenizer =
-        Tokenizer::from_file(&tokenizer_path).map_err(|e| ModelError::file(&tokenizer_path, e))?;
-    Ok(Loaded {
-        model,
-        tokenizer,
-        source: dir.display().to_string(),
+    Ok(Weights {
+        embed,
+        layers: out,
+        norm,
+        lm_head,
     })
+}
+
+/// A model's weights under their Hugging Face names (the inverse of
+/// [`weights_from_map`]), layers numbered by position.
+pub(crate) fn weights_to_map(weights: &Weights) -> Vec<(String, Tensor)> {
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        weights.embed.clone(),
+    )];
+    for (i, l) in weights.layers.iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        out.push((format!("{p}.input_layernorm.weight"), l.input_norm.clone()));
+        for module in Module::ALL {
+            let linear = l.linear(module);
+            let path = format!("{p}.{}.{}", module.parent(), module.name());
+            out.push((format!("{path}.weight"), linear.weight.clone()));
+            if let Some(b) = &linear.bias {
+                out.push((format!("{path}.bias"), b.clone()));
+            }
+        }
+        out.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            l.post_norm.clone(),
+        ));
+    }
+    out.push(("model.norm.weight".to_string(), weights.norm.clone()));
+    if let Some(head) = &weights.lm_head {
+        out.push(("lm_head.weight".to_string(), head.clone()));
+    }
+    out
+}
+
+/// Writes `loaded` as a Hugging Face directory (`config.json`,
+/// `model.safetensors`, `tokenizer.json`) that [`load_hf_dir`] reads back.
+pub fn save_hf_dir(loaded: &Loaded, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::file(dir, e))?;
+    let model = &loaded.model;
+    let mut config = serde_json::to_value(model.config())
+        .map_err(|e| ModelError::Config(format!("cannot encode the config: {e}")))?;
+    config["model_type"] = if model.config().attention_bias {
+        "qwen2"
+    } else {
+        "llama"
+    }
+    .into();
+    config["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+    crate::interop::write_atomically(&dir.join("config.json"), config.to_string().as_bytes())?;
+    let tensors: HashMap<String, Tensor> = weights_to_map(model.weights())
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let path = dir.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &path).map_err(|e| ModelError::file(&path, e))?;
+    let path = dir.join("tokenizer.json");
+    loaded
+        .tokenizer
+        .save(&path, false)
+        .map_err(|e| ModelError::file(&path, e))
 }
 
 /// Every tensor of `model.safetensors`, or of the shards that

@@ -33,11 +33,19 @@ impl Linear {
         Linear { weight, bias }
     }
 
-    /// `x` is `(n, in)`.
+    /// `x` is `(n, in)`. A frozen weight multiplies through
+    /// [`frozen_matmul`]; a trainable one (an adapter's variable, f32, cast
+    /// to the input's dtype) through candle's matmul, which also gives the
+    /// weight's gradient.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = frozen_matmul(x, &self.weight)?;
+        let y = if self.weight.is_variable() {
+            let w = self.weight.to_dtype(x.dtype())?;
+            x.contiguous()?.matmul(&w.t()?)?
+        } else {
+            frozen_matmul(x, &self.weight)?
+        };
         Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
             None => y,
         })
     }
@@ -175,6 +183,10 @@ impl Mode<'_> {
 pub struct Llama {
     config: LlamaConfig,
     weights: Weights,
+    /// Each layer's index in the model it was taken from: `0..n` for a
+    /// whole model, the kept indices for an offsite-tuning emulator.
+    /// Adapters address layers by these ids, so one adapter fits both.
+    layer_ids: Vec<usize>,
     dtype: DType,
     device: Device,
     /// `(max_position_embeddings, head_dim / 2)` rotary tables, in `dtype`.
@@ -186,14 +198,32 @@ impl Llama {
     /// Assembles a model from its weights, checking every shape against
     /// `config`. The compute dtype is the embedding's.
     pub fn new(config: LlamaConfig, weights: Weights) -> Result<Llama> {
+        let ids = (0..weights.layers.len()).collect();
+        Llama::with_layer_ids(config, weights, ids)
+    }
+
+    /// Like [`Llama::new`], for layers taken from a larger model:
+    /// `layer_ids[i]` is layer `i`'s index there (strictly increasing).
+    pub fn with_layer_ids(
+        config: LlamaConfig,
+        weights: Weights,
+        layer_ids: Vec<usize>,
+    ) -> Result<Llama> {
         config.validate()?;
         check_shapes(&config, &weights)?;
+        if layer_ids.len() != weights.layers.len() || layer_ids.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(ModelError::Config(format!(
+                "layer ids {layer_ids:?} must be strictly increasing, one per layer ({})",
+                weights.layers.len()
+            )));
+        }
         let dtype = weights.embed.dtype();
         let device = weights.embed.device().clone();
         let (cos, sin) = rotary_tables(&config, &device, dtype)?;
         Ok(Llama {
             config,
             weights,
+            layer_ids,
             dtype,
             device,
             cos,
@@ -270,6 +300,17 @@ impl Llama {
         &self.weights
     }
 
+    /// Each layer's index in the model it came from (`0..n` for a whole
+    /// model).
+    pub fn layer_ids(&self) -> &[usize] {
+        &self.layer_ids
+    }
+
+    /// The position of the layer with id `id`, if this model has it.
+    pub fn layer_position(&self, id: usize) -> Option<usize> {
+        self.layer_ids.binary_search(&id).ok()
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -315,7 +356,7 @@ impl Llama {
             norm: cast(&self.weights.norm)?,
             lm_head: self.weights.lm_head.as_ref().map(cast).transpose()?,
         };
-        Llama::new(self.config.clone(), weights)
+        Llama::with_layer_ids(self.config.clone(), weights, self.layer_ids.clone())
     }
 
     /// The token embedding matrix `(vocab, hidden)`.
@@ -348,14 +389,10 @@ impl Llama {
         mut mode: Mode,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
-        let (b, s) = ids.dims2()?;
+        let b = ids.dim(0)?;
         let first = cache.as_ref().is_none_or(|c| c.layers.is_empty());
         let h = self.config.hidden_size;
-        let mut x = self
-            .weights
-            .embed
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, s, h))?;
+        let mut x = self.embed(ids, adapter)?;
         if first
             && let Some(adapter) = adapter
             && let Some(soft) = adapter.soft_prompt(mode.rng())?
@@ -380,6 +417,35 @@ impl Llama {
             Some(c) if !first => c.position,
             _ => prefix_len,
         };
+        let (cos, sin, mask) = self.positions(position, t)?;
+        if let Some(c) = cache.as_deref_mut()
+            && first
+        {
+            c.layers = vec![None; self.config.num_hidden_layers];
+            c.position = prefix_len;
+        }
+        for i in 0..self.weights.layers.len() {
+            let layer_prefix = prefix.as_ref().map(|kv| &kv[i]);
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = self.layer_forward(
+                i,
+                x,
+                (&cos, &sin, mask.as_ref()),
+                layer_prefix,
+                slot,
+                adapter,
+                &mut mode,
+            )?;
+        }
+        if let Some(c) = cache {
+            c.position += t;
+        }
+        self.head(&x, adapter)
+    }
+
+    /// The rotary tables and causal mask for `t` new positions after
+    /// `position` earlier ones.
+    fn positions(&self, position: usize, t: usize) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         if position + t > self.config.max_position_embeddings {
             return Err(ModelError::Input(format!(
                 "{} positions exceed the model's maximum of {}",
@@ -390,46 +456,103 @@ impl Llama {
         let cos = self.cos.narrow(0, position, t)?;
         let sin = self.sin.narrow(0, position, t)?;
         let mask = causal_mask(t, position, &self.device, self.dtype)?;
-        if let Some(c) = cache.as_deref_mut()
-            && first
-        {
-            c.layers = vec![None; self.config.num_hidden_layers];
-            c.position = prefix_len;
+        Ok((cos, sin, mask))
+    }
+
+    /// The token embeddings `(batch, seq, hidden)` of ids `(batch, seq)`:
+    /// the adapter's trainable copy when it has one.
+    pub fn embed(&self, ids: &Tensor, adapter: Option<&Adapter>) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let table = adapter
+            .and_then(Adapter::embeddings)
+            .unwrap_or(&self.weights.embed);
+        Ok(table
+            .index_select(&ids.flatten_all()?, 0)?
+            .to_dtype(self.dtype)?
+            .reshape((b, s, self.config.hidden_size))?)
+    }
+
+    /// Runs the layers at positions `range` over hidden states `x`
+    /// `(batch, seq, hidden)` of a sequence that starts at position 0 (no
+    /// cache, no prefix): the pieces of a forward pass that offsite-tuning's
+    /// distillation compares.
+    pub fn run_layers(
+        &self,
+        x: &Tensor,
+        range: std::ops::Range<usize>,
+        adapter: Option<&Adapter>,
+        mut mode: Mode,
+    ) -> Result<Tensor> {
+        if range.end > self.weights.layers.len() {
+            return Err(ModelError::Input(format!(
+                "layers {range:?} of a model with {}",
+                self.weights.layers.len()
+            )));
         }
-        for (i, layer) in self.weights.layers.iter().enumerate() {
-            let layer_prefix = prefix.as_ref().map(|kv| &kv[i]);
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let normed = rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps)?;
-            let attn = self.attention(
+        let (cos, sin, mask) = self.positions(0, x.dim(1)?)?;
+        let mut x = x.clone();
+        for i in range {
+            x = self.layer_forward(
                 i,
-                layer,
-                &normed,
-                &cos,
-                &sin,
-                mask.as_ref(),
-                layer_prefix,
-                slot,
+                x,
+                (&cos, &sin, mask.as_ref()),
+                None,
+                None,
                 adapter,
                 &mut mode,
             )?;
-            x = (x + attn)?;
-            let normed = rms_norm(&x, &layer.post_norm, self.config.rms_norm_eps)?;
-            let mlp = self.mlp(i, layer, &normed, adapter, &mut mode)?;
-            x = (x + mlp)?;
         }
-        if let Some(c) = cache {
-            c.position += t;
-        }
-        let x = rms_norm(&x, &self.weights.norm, self.config.rms_norm_eps)?;
-        let head = self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed);
-        let logits = frozen_matmul(&x.reshape((b * t, h))?, head)?;
+        Ok(x)
+    }
+
+    /// The final norm and the output projection: f32 logits
+    /// `(batch, seq, vocab)` of hidden states `(batch, seq, hidden)`.
+    pub fn head(&self, x: &Tensor, adapter: Option<&Adapter>) -> Result<Tensor> {
+        let (b, t, h) = x.dims3()?;
+        let norm = adapter
+            .and_then(Adapter::final_norm)
+            .unwrap_or(&self.weights.norm);
+        let x = rms_norm(x, norm, self.config.rms_norm_eps)?;
+        let head = match adapter.and_then(Adapter::output) {
+            Some(w) => w,
+            None => self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed),
+        };
+        let logits = Linear::new(head.clone(), None).forward(&x.reshape((b * t, h))?)?;
         Ok(logits
             .reshape((b, t, self.config.vocab_size))?
             .to_dtype(DType::F32)?)
     }
 
+    /// Layer `i` (a position): its own weights, or the adapter's trainable
+    /// copy of them.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        i: usize,
+        x: Tensor,
+        (cos, sin, mask): (&Tensor, &Tensor, Option<&Tensor>),
+        prefix: Option<&(Tensor, Tensor)>,
+        slot: Option<&mut Option<(Tensor, Tensor)>>,
+        adapter: Option<&Adapter>,
+        mode: &mut Mode,
+    ) -> Result<Tensor> {
+        let id = self.layer_ids[i];
+        let layer = adapter
+            .and_then(|a| a.layer(id))
+            .unwrap_or(&self.weights.layers[i]);
+        let eps = self.config.rms_norm_eps;
+        let normed = rms_norm(&x, &layer.input_norm, eps)?;
+        let attn = self.attention(
+            id, layer, &normed, cos, sin, mask, prefix, slot, adapter, mode,
+        )?;
+        let x = (x + attn)?;
+        let normed = rms_norm(&x, &layer.post_norm, eps)?;
+        let mlp = self.mlp(id, layer, &normed, adapter, mode)?;
+        Ok((x + mlp)?)
+    }
+
     /// A projection of `x` `(batch, seq, in)`, with the adapter's LoRA branch
-    /// when it targets this module.
+    /// when it targets this module of the layer with id `layer`.
     fn project(
         &self,
         layer: usize,
@@ -451,7 +574,7 @@ impl Llama {
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
-        index: usize,
+        id: usize,
         layer: &Layer,
         x: &Tensor,
         cos: &Tensor,
@@ -470,15 +593,15 @@ impl Llama {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
         let q = split(
-            self.project(index, Module::Q, &layer.q, x, adapter, mode)?,
+            self.project(id, Module::Q, &layer.q, x, adapter, mode)?,
             heads,
         )?;
         let k = split(
-            self.project(index, Module::K, &layer.k, x, adapter, mode)?,
+            self.project(id, Module::K, &layer.k, x, adapter, mode)?,
             kv_heads,
         )?;
         let v = split(
-            self.project(index, Module::V, &layer.v, x, adapter, mode)?,
+            self.project(id, Module::V, &layer.v, x, adapter, mode)?,
             kv_heads,
         )?;
         let q = rope(&q, cos, sin)?;
@@ -514,7 +637,7 @@ impl Llama {
             let probs = crate::fused::causal_softmax(&scores, scale, t, past)?;
             let out = probs.matmul(&v.contiguous()?)?.reshape((b, heads, t, hd))?;
             let out = out.transpose(1, 2)?.reshape((b, t, heads * hd))?;
-            return self.project(index, Module::O, &layer.o, &out, adapter, mode);
+            return self.project(id, Module::O, &layer.o, &out, adapter, mode);
         }
         let k = repeat_kv(&k, heads / kv_heads)?;
         let v = repeat_kv(&v, heads / kv_heads)?;
@@ -526,7 +649,7 @@ impl Llama {
         let probs = softmax_last(&scores.to_dtype(DType::F32)?)?.to_dtype(self.dtype)?;
         let out = probs.matmul(&v.contiguous()?)?;
         let out = out.transpose(1, 2)?.reshape((b, t, heads * hd))?;
-        self.project(index, Module::O, &layer.o, &out, adapter, mode)
+        self.project(id, Module::O, &layer.o, &out, adapter, mode)
     }
 
     /// A `(kv_heads, p, head_dim)` prefix as `(batch, kv_heads, p, head_dim)`.
@@ -541,16 +664,16 @@ impl Llama {
 
     fn mlp(
         &self,
-        index: usize,
+        id: usize,
         layer: &Layer,
         x: &Tensor,
         adapter: Option<&Adapter>,
         mode: &mut Mode,
     ) -> Result<Tensor> {
-        let gate = self.project(index, Module::Gate, &layer.gate, x, adapter, mode)?;
-        let up = self.project(index, Module::Up, &layer.up, x, adapter, mode)?;
+        let gate = self.project(id, Module::Gate, &layer.gate, x, adapter, mode)?;
+        let up = self.project(id, Module::Up, &layer.up, x, adapter, mode)?;
         let hidden = swiglu(&gate, &up)?;
-        self.project(index, Module::Down, &layer.down, &hidden, adapter, mode)
+        self.project(id, Module::Down, &layer.down, &hidden, adapter, mode)
     }
 }
 
@@ -734,7 +857,8 @@ fn causal_mask(t: usize, past: usize, device: &Device, dtype: DType) -> Result<O
 /// RMSNorm: the fused kernel where it applies, else differentiable
 /// primitives computing in f32.
 pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if crate::fused::applies(x) {
+    // The fused kernel treats the weight as frozen.
+    if crate::fused::applies(x) && !weight.is_variable() {
         return Ok(crate::fused::rms_norm(x, weight, eps)?);
     }
     rms_norm_composite(x, weight, eps)
@@ -745,7 +869,9 @@ pub(crate) fn rms_norm_composite(x: &Tensor, weight: &Tensor, eps: f64) -> Resul
     let x32 = x.to_dtype(DType::F32)?;
     let mean_square = x32.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = x32.broadcast_div(&(mean_square + eps)?.sqrt()?)?;
-    Ok(normed.to_dtype(dtype)?.broadcast_mul(weight)?)
+    Ok(normed
+        .to_dtype(dtype)?
+        .broadcast_mul(&weight.to_dtype(dtype)?)?)
 }
 
 /// Softmax over the last dimension.

@@ -16,7 +16,7 @@ use candle_core::{DType, Tensor, Var};
 use rand_core::RngCore;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Llama, Module};
+use crate::model::{Layer, Linear, Llama, Module};
 use crate::{ModelError, Result, random};
 
 /// Which method, and its hyper-parameters.
@@ -27,6 +27,7 @@ pub enum PeftConfig {
     Prefix(PrefixConfig),
     Prompt(PromptConfig),
     PTuning(PTuningConfig),
+    Full(FullConfig),
 }
 
 /// LoRA (Hu et al. 2021): `W x + (α/r) B A dropout(x)` on the target
@@ -45,6 +46,10 @@ pub struct LoraConfig {
     /// `gate_proj`, `up_proj`, `down_proj`.
     #[serde(default = "defaults::lora_targets")]
     pub target_modules: Vec<String>,
+    /// Only the layers with these ids (PEFT's `layers_to_transform`);
+    /// every layer when absent.
+    #[serde(default)]
+    pub layers_to_transform: Option<Vec<usize>>,
 }
 
 /// Prefix-tuning (Li and Liang 2021): learned keys and values that every
@@ -81,6 +86,24 @@ pub struct PTuningConfig {
     pub encoder_hidden_size: usize,
 }
 
+/// Full tuning of whole layers (offsite-tuning's adapter): every weight
+/// of the layers with these ids becomes trainable, initialised from the
+/// model's; optionally the final norm and the embeddings (with the output
+/// projection) too. Not a PEFT method: saved with fedveil's own
+/// configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FullConfig {
+    pub layers: Vec<usize>,
+    /// Train the final RMSNorm's weight.
+    #[serde(default)]
+    pub norm: bool,
+    /// Train the token embeddings and the output projection (one matrix
+    /// when they are tied).
+    #[serde(default)]
+    pub embeddings: bool,
+}
+
 mod defaults {
     pub fn lora_r() -> usize {
         8
@@ -106,6 +129,7 @@ impl Default for LoraConfig {
             alpha: defaults::lora_alpha(),
             dropout: 0.0,
             target_modules: defaults::lora_targets(),
+            layers_to_transform: None,
         }
     }
 }
@@ -118,6 +142,7 @@ impl PeftConfig {
             PeftConfig::Prefix(_) => "prefix",
             PeftConfig::Prompt(_) => "prompt",
             PeftConfig::PTuning(_) => "p_tuning",
+            PeftConfig::Full(_) => "full",
         }
     }
 
@@ -139,6 +164,9 @@ impl PeftConfig {
                     return bad("lora target_modules is empty".into());
                 }
                 lora_targets(&c.target_modules)?;
+                if let Some(layers) = &c.layers_to_transform {
+                    layer_list("lora layers_to_transform", layers)?;
+                }
             }
             PeftConfig::Prefix(c) => {
                 virtual_tokens(c.num_virtual_tokens)?;
@@ -153,9 +181,45 @@ impl PeftConfig {
                     return bad("p_tuning encoder_hidden_size must be positive".into());
                 }
             }
+            PeftConfig::Full(c) => {
+                if c.layers.is_empty() && !c.norm && !c.embeddings {
+                    return bad("full tuning of nothing: no layers, norm or embeddings".into());
+                }
+                if !c.layers.is_empty() {
+                    layer_list("full layers", &c.layers)?;
+                }
+            }
         }
         Ok(())
     }
+}
+
+/// A non-empty list of distinct layer ids.
+fn layer_list(what: &str, layers: &[usize]) -> Result<()> {
+    if layers.is_empty() {
+        return Err(ModelError::Config(format!("{what} is empty")));
+    }
+    let mut sorted = layers.to_vec();
+    sorted.sort_unstable();
+    if sorted.windows(2).any(|w| w[0] == w[1]) {
+        return Err(ModelError::Config(format!(
+            "{what} {layers:?} names a layer twice"
+        )));
+    }
+    Ok(())
+}
+
+/// Each id of `layers` must be one of the model's.
+fn check_layers_exist(what: &str, layers: &[usize], model: &Llama) -> Result<()> {
+    for &id in layers {
+        if model.layer_position(id).is_none() {
+            return Err(ModelError::Config(format!(
+                "{what} names layer {id}, which this model does not have (its layers: {:?})",
+                model.layer_ids()
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn virtual_tokens(n: usize) -> Result<()> {
@@ -265,8 +329,8 @@ impl Mlp {
 
 #[derive(Clone, Debug)]
 enum Kind {
-    /// `pairs[layer][module]`.
-    Lora(Vec<Vec<(Module, LoraPair)>>),
+    /// Per layer id, the pairs on its target modules.
+    Lora(Vec<(usize, Vec<(Module, LoraPair)>)>),
     Prefix {
         embedding: Var,
         transform: Option<Mlp>,
@@ -280,6 +344,14 @@ enum Kind {
     PTuning {
         embedding: Var,
         encoder: Mlp,
+    },
+    /// Trainable copies: layers by id, built from the variables.
+    Full {
+        layers: Vec<(usize, Layer)>,
+        norm: Option<Tensor>,
+        embed: Option<Tensor>,
+        /// The untied output projection (with tied embeddings, `embed`).
+        output: Option<Tensor>,
     },
 }
 
@@ -321,8 +393,17 @@ impl Adapter {
             PeftConfig::Lora(c) => {
                 let targets = lora_targets(&c.target_modules)?;
                 let scale = c.alpha / c.r as f64;
+                if let Some(only) = &c.layers_to_transform {
+                    check_layers_exist("lora layers_to_transform", only, model)?;
+                }
                 let mut layers = Vec::with_capacity(mc.num_hidden_layers);
-                for (i, layer) in model.weights().layers.iter().enumerate() {
+                for (&i, layer) in model.layer_ids().iter().zip(&model.weights().layers) {
+                    if c.layers_to_transform
+                        .as_ref()
+                        .is_some_and(|only| !only.contains(&i))
+                    {
+                        continue;
+                    }
                     let mut pairs = Vec::new();
                     for &module in &targets {
                         let (out, input) = layer.linear(module).weight.dims2()?;
@@ -345,7 +426,7 @@ impl Adapter {
                             },
                         ));
                     }
-                    layers.push(pairs);
+                    layers.push((i, pairs));
                 }
                 Kind::Lora(layers)
             }
@@ -406,6 +487,7 @@ impl Adapter {
                 }
                 Kind::PTuning { embedding, encoder }
             }
+            PeftConfig::Full(c) => full(c, model, &mut params)?,
         };
         Ok(Adapter {
             config,
@@ -442,10 +524,45 @@ impl Adapter {
     pub fn lora(&self, layer: usize, module: Module) -> Option<&LoraPair> {
         match &self.kind {
             Kind::Lora(layers) => layers
-                .get(layer)?
+                .iter()
+                .find(|(id, _)| *id == layer)?
+                .1
                 .iter()
                 .find(|(m, _)| *m == module)
                 .map(|(_, pair)| pair),
+            _ => None,
+        }
+    }
+
+    /// The trainable copy of the layer with id `id`, for full tuning.
+    pub fn layer(&self, id: usize) -> Option<&Layer> {
+        match &self.kind {
+            Kind::Full { layers, .. } => layers.iter().find(|(i, _)| *i == id).map(|(_, l)| l),
+            _ => None,
+        }
+    }
+
+    /// The trainable final-norm weight, for full tuning with `norm`.
+    pub fn final_norm(&self) -> Option<&Tensor> {
+        match &self.kind {
+            Kind::Full { norm, .. } => norm.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// The trainable token embeddings, for full tuning with `embeddings`.
+    pub fn embeddings(&self) -> Option<&Tensor> {
+        match &self.kind {
+            Kind::Full { embed, .. } => embed.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// The trainable output projection, for full tuning with `embeddings`
+    /// (the embeddings themselves when the model ties them).
+    pub fn output(&self) -> Option<&Tensor> {
+        match &self.kind {
+            Kind::Full { output, .. } => output.as_ref(),
             _ => None,
         }
     }
@@ -529,6 +646,94 @@ impl Adapter {
     pub fn get(&self, name: &str) -> Option<&Var> {
         self.params.iter().find(|(n, _)| n == name).map(|(_, v)| v)
     }
+}
+
+/// A trainable f32 copy of `t`, registered under `name`.
+fn trainable(name: String, t: &Tensor, params: &mut Vec<(String, Var)>) -> Result<Tensor> {
+    let var = Var::from_tensor(&t.to_dtype(DType::F32)?.contiguous()?)?;
+    let tensor = var.as_tensor().clone();
+    params.push((name, var));
+    Ok(tensor)
+}
+
+/// Full tuning's variables, in a fixed order: the layers by increasing id
+/// (each in Hugging Face's order of its weights), the final norm, the
+/// embeddings, the untied output projection.
+fn full(c: &FullConfig, model: &Llama, params: &mut Vec<(String, Var)>) -> Result<Kind> {
+    check_layers_exist("full layers", &c.layers, model)?;
+    let mut ids = c.layers.clone();
+    ids.sort_unstable();
+    let mut layers = Vec::with_capacity(ids.len());
+    for id in ids {
+        let Some(pos) = model.layer_position(id) else {
+            continue;
+        };
+        let base = &model.weights().layers[pos];
+        let root = format!("model.layers.{id}");
+        let linear = |module: Module, params: &mut Vec<(String, Var)>| -> Result<Linear> {
+            let l = base.linear(module);
+            let path = format!("{root}.{}.{}", module.parent(), module.name());
+            let weight = trainable(format!("{path}.weight"), &l.weight, params)?;
+            let bias = match &l.bias {
+                Some(b) => Some(trainable(format!("{path}.bias"), b, params)?),
+                None => None,
+            };
+            Ok(Linear::new(weight, bias))
+        };
+        let input_norm = trainable(
+            format!("{root}.input_layernorm.weight"),
+            &base.input_norm,
+            params,
+        )?;
+        let q = linear(Module::Q, params)?;
+        let k = linear(Module::K, params)?;
+        let v = linear(Module::V, params)?;
+        let o = linear(Module::O, params)?;
+        let post_norm = trainable(
+            format!("{root}.post_attention_layernorm.weight"),
+            &base.post_norm,
+            params,
+        )?;
+        let gate = linear(Module::Gate, params)?;
+        let up = linear(Module::Up, params)?;
+        let down = linear(Module::Down, params)?;
+        layers.push((
+            id,
+            Layer {
+                input_norm,
+                q,
+                k,
+                v,
+                o,
+                post_norm,
+                gate,
+                up,
+                down,
+            },
+        ));
+    }
+    let w = model.weights();
+    let norm = if c.norm {
+        Some(trainable("model.norm.weight".into(), &w.norm, params)?)
+    } else {
+        None
+    };
+    let (embed, output) = if c.embeddings {
+        let embed = trainable("model.embed_tokens.weight".into(), &w.embed, params)?;
+        let output = match &w.lm_head {
+            Some(head) => trainable("lm_head.weight".into(), head, params)?,
+            None => embed.clone(),
+        };
+        (Some(embed), Some(output))
+    } else {
+        (None, None)
+    };
+    Ok(Kind::Full {
+        layers,
+        norm,
+        embed,
+        output,
+    })
 }
 
 /// `n` rows of the model's embedding matrix chosen uniformly at random, as

@@ -24,6 +24,32 @@ impl Example {
         Example { ids, prompt_len: 0 }
     }
 
+    /// `prompt` then `completion` and the end-of-sequence token, tokenised
+    /// separately (no merge across the boundary) and cut at `max_len`; the
+    /// loss covers the completion and the end token. `None` when no target
+    /// is left within `max_len`.
+    pub fn prompted(
+        tokenizer: &tokenizers::Tokenizer,
+        prompt: &str,
+        completion: &str,
+        eos: Option<u32>,
+        max_len: usize,
+    ) -> Result<Option<Example>> {
+        let encode = |text: &str, special: bool| {
+            tokenizer
+                .encode(text, special)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| ModelError::Input(format!("tokenising {text:?}: {e}")))
+        };
+        let mut ids = encode(prompt, true)?;
+        let prompt_len = ids.len();
+        ids.extend(encode(completion, false)?);
+        ids.extend(eos);
+        ids.truncate(max_len);
+        let e = Example { ids, prompt_len };
+        Ok((e.targets(max_len) > 0).then_some(e))
+    }
+
     /// How many tokens the loss covers (a sequence's first token is never
     /// predicted).
     pub fn targets(&self, max_len: usize) -> usize {
@@ -38,6 +64,8 @@ pub struct Batch {
     ids: Tensor,
     targets: Tensor,
     weights: Tensor,
+    /// 1 at every real token, 0 at padding, `(batch, seq)`.
+    valid: Tensor,
     /// The same targets and weights, flat, on the host.
     host_targets: Vec<u32>,
     host_weights: Vec<f32>,
@@ -66,10 +94,12 @@ impl Batch {
         let mut ids = vec![pad; b * seq];
         let mut targets = vec![0u32; b * seq];
         let mut weights = vec![0f32; b * seq];
+        let mut valid = vec![0f32; b * seq];
         let mut tokens = 0;
         for (row, e) in examples.iter().enumerate() {
             let len = e.ids.len().min(max_len);
             ids[row * seq..row * seq + len].copy_from_slice(&e.ids[..len]);
+            valid[row * seq..row * seq + len].fill(1.0);
             for t in 0..len.saturating_sub(1) {
                 targets[row * seq + t] = e.ids[t + 1];
                 if t + 1 >= e.prompt_len {
@@ -82,6 +112,7 @@ impl Batch {
             ids: Tensor::from_vec(ids, (b, seq), device)?,
             targets: Tensor::from_slice(&targets, (b, seq), device)?,
             weights: Tensor::from_slice(&weights, (b, seq), device)?,
+            valid: Tensor::from_vec(valid, (b, seq), device)?,
             host_targets: targets,
             host_weights: weights,
             tokens,
@@ -96,6 +127,16 @@ impl Batch {
     /// Positions in the batch, padding included.
     pub fn positions(&self) -> usize {
         self.ids.elem_count()
+    }
+
+    /// The padded token ids, `(batch, seq)`.
+    pub fn ids(&self) -> &Tensor {
+        &self.ids
+    }
+
+    /// 1 at every real token and 0 at padding, `(batch, seq)` f32.
+    pub fn valid(&self) -> &Tensor {
+        &self.valid
     }
 }
 
@@ -450,32 +491,10 @@ impl AdapterTrainer {
                 *g = (&*g + ((p - a)? * *mu)?)?;
             }
         }
-        let norm = global_norm(&grads)?;
-        if !norm.is_finite() {
-            return Err(ModelError::Numerical(format!(
-                "the gradient norm is {norm}; the step was not applied"
-            )));
-        }
-        let clip = match self.config.max_grad_norm {
-            Some(max) if norm > max => max / (norm + 1e-6),
-            _ => 1.0,
-        };
-        let lr = self.config.rate_at(self.state.steps as usize);
-        self.state.steps += 1;
-        let c = &self.config;
-        let t = self.state.steps;
-        let bias1 = 1.0 - c.beta1.powi(t);
-        let bias2 = 1.0 - c.beta2.powi(t);
-        for (i, ((_, var), g)) in self.adapter.params().iter().zip(&grads).enumerate() {
-            let g = (g * clip)?;
-            let m = ((&self.state.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-            let v = ((&self.state.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let update = ((&m / bias1)? / ((&v / bias2)?.sqrt()? + c.eps)?)?;
-            let decayed = (var.as_tensor() * (1.0 - lr * c.weight_decay))?;
-            var.set(&(decayed - (update * lr)?)?)?;
-            self.state.m[i] = m;
-            self.state.v[i] = v;
-        }
+        let (norm, clip) = norm_and_clip(&grads, self.config.max_grad_norm)?;
+        let lr = self
+            .state
+            .update(&self.adapter, &grads, &self.config, clip)?;
         Ok(StepStats {
             loss: total_loss / tokens as f64,
             grad_norm: norm,
@@ -514,6 +533,85 @@ fn fresh_state(adapter: &Adapter) -> Result<AdamW> {
         v: zeros()?,
         steps: 0,
     })
+}
+
+impl AdamW {
+    /// One step on `adapter`'s parameters with their gradients `grads`
+    /// (canonical order) scaled by `clip`, at the schedule's rate for this
+    /// step; returns that rate.
+    fn update(
+        &mut self,
+        adapter: &Adapter,
+        grads: &[Tensor],
+        c: &OptimConfig,
+        clip: f64,
+    ) -> Result<f64> {
+        let lr = c.rate_at(self.steps as usize);
+        self.steps += 1;
+        let t = self.steps;
+        let bias1 = 1.0 - c.beta1.powi(t);
+        let bias2 = 1.0 - c.beta2.powi(t);
+        for (i, ((_, var), g)) in adapter.params().iter().zip(grads).enumerate() {
+            let g = (g * clip)?;
+            let m = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+            let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let update = ((&m / bias1)? / ((&v / bias2)?.sqrt()? + c.eps)?)?;
+            let decayed = (var.as_tensor() * (1.0 - lr * c.weight_decay))?;
+            var.set(&(decayed - (update * lr)?)?)?;
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        Ok(lr)
+    }
+}
+
+/// The gradients' global L2 norm and the factor that clips it to
+/// `max_norm`; a non-finite norm is an error (the step must not be taken).
+fn norm_and_clip(grads: &[Tensor], max_norm: Option<f64>) -> Result<(f64, f64)> {
+    let norm = global_norm(grads)?;
+    if !norm.is_finite() {
+        return Err(ModelError::Numerical(format!(
+            "the gradient norm is {norm}; the step was not applied"
+        )));
+    }
+    let clip = match max_norm {
+        Some(max) if norm > max => max / (norm + 1e-6),
+        _ => 1.0,
+    };
+    Ok((norm, clip))
+}
+
+/// A fresh optimiser for `adapter` under `config`, for training loops
+/// other than [`AdapterTrainer`]'s (offsite-tuning's distillation).
+pub(crate) struct Optimizer {
+    state: AdamW,
+    config: OptimConfig,
+}
+
+impl Optimizer {
+    pub(crate) fn new(adapter: &Adapter, config: OptimConfig) -> Result<Optimizer> {
+        config.validate()?;
+        Ok(Optimizer {
+            state: fresh_state(adapter)?,
+            config,
+        })
+    }
+
+    /// Clips and applies `grads`; returns the norm before clipping and the
+    /// learning rate.
+    pub(crate) fn step(&mut self, adapter: &Adapter, grads: &GradStore) -> Result<(f64, f64)> {
+        let grads: Vec<Tensor> = adapter
+            .params()
+            .iter()
+            .map(|(_, v)| match grads.get(v.as_tensor()) {
+                Some(g) => Ok(g.clone()),
+                None => Tensor::zeros_like(v.as_tensor()),
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let (norm, clip) = norm_and_clip(&grads, self.config.max_grad_norm)?;
+        let lr = self.state.update(adapter, &grads, &self.config, clip)?;
+        Ok((norm, lr))
+    }
 }
 
 fn global_norm(grads: &[Tensor]) -> Result<f64> {

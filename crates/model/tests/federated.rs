@@ -16,6 +16,7 @@ fn peft() -> PeftConfig {
         alpha: 8.0,
         dropout: 0.0,
         target_modules: vec!["all-linear".into()],
+        layers_to_transform: None,
     })
 }
 

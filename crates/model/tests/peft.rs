@@ -10,8 +10,8 @@ use fedveil_model::model::Mode;
 use fedveil_model::peft::lora_key;
 use fedveil_model::train::evaluate;
 use fedveil_model::{
-    Adapter, AdapterTrainer, Batch, Example, KvCache, Llama, LlamaConfig, LoraConfig, Module,
-    OptimConfig, PTuningConfig, PeftConfig, PrefixConfig, PromptConfig,
+    Adapter, AdapterTrainer, Batch, Example, FullConfig, KvCache, Llama, LlamaConfig, LoraConfig,
+    Module, OptimConfig, PTuningConfig, PeftConfig, PrefixConfig, PromptConfig,
 };
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
@@ -31,6 +31,7 @@ fn methods() -> Vec<PeftConfig> {
             alpha: 8.0,
             dropout: 0.1,
             target_modules: vec!["all-linear".into()],
+            layers_to_transform: None,
         }),
         PeftConfig::Prefix(PrefixConfig {
             num_virtual_tokens: 4,
@@ -46,6 +47,13 @@ fn methods() -> Vec<PeftConfig> {
         PeftConfig::PTuning(PTuningConfig {
             num_virtual_tokens: 4,
             encoder_hidden_size: 16,
+        }),
+        // Offsite-tuning's adapter: whole layers, the final norm and the
+        // (tied) embeddings trainable.
+        PeftConfig::Full(FullConfig {
+            layers: vec![1],
+            norm: true,
+            embeddings: true,
         }),
     ]
 }
@@ -117,6 +125,7 @@ fn lora_with_zero_b_reproduces_the_base_logits_exactly() {
             alpha: 32.0,
             dropout: 0.0,
             target_modules: vec!["all-linear".into()],
+            layers_to_transform: None,
         }),
         &model,
         &mut rng(2),
@@ -151,6 +160,7 @@ fn the_loss_falls_on_a_memorisation_task_for_every_method() {
         let adapter = Adapter::new(peft.clone(), &model, &mut rng(4)).unwrap();
         let lr = match peft {
             PeftConfig::Lora(_) => 1e-2,
+            PeftConfig::Full(_) => 3e-3,
             _ => 1e-1,
         };
         let optim = OptimConfig {
@@ -225,6 +235,7 @@ fn lora_files_use_peft_key_names_and_config() {
             alpha: 16.0,
             dropout: 0.05,
             target_modules: vec!["v_proj".into(), "q_proj".into()],
+            layers_to_transform: None,
         }),
         &model,
         &mut rng(7),

@@ -31,6 +31,7 @@ fn peft_loads_a_fedveil_lora_adapter_to_the_same_logits() {
             alpha: 16.0,
             dropout: 0.05,
             target_modules: vec!["all-linear".into()],
+            layers_to_transform: None,
         }),
         model,
         &mut ChaCha20Rng::from_seed([5; 32]),
