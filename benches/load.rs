@@ -196,6 +196,7 @@ fn main() {
             events: None,
             give_up_after: Duration::from_secs(120),
             policy: Default::default(),
+            bundle_cache: None,
         })
         .unwrap();
         let mut out = Vec::new();

@@ -150,8 +150,9 @@ pub fn server(args: &ServerArgs) -> anyhow::Result<ExitCode> {
     let identity = ServerIdentity::load(&file.server.certificate, &file.server.key)?;
     let allow = load_allow_list(&file.server.allow_list)?;
     let population = u32::try_from(allow.len()).context("the allow-list is too long")?;
-    let evaluator = task::evaluator(&file.task, population)?;
     let plan = file.plan();
+    plan.resolve(population, 1)?;
+    let evaluator = task::evaluator(&file.task, file.offsite.as_ref(), population, &args.config)?;
     let rounds = plan.federation.rounds;
     let metrics = plan.federation.metrics.clone();
     let fingerprint = identity.fingerprint();
@@ -211,7 +212,17 @@ pub fn client(args: &ClientArgs) -> anyhow::Result<ExitCode> {
     let identity_path = args.identity.as_ref().unwrap_or(&file.client.identity);
     let identity = ClientIdentity::load(identity_path)?;
     let pin: Fingerprint = file.pin()?;
-    let trainer = task::client_trainer(&file.task)?;
+    let trainer = task::client_trainer(&file.task, &args.config)?;
+    let bundle_cache = match &file.client.bundle_cache {
+        Some(dir) => Some(dir.clone()),
+        None => fedveil_model::fetch::cache_dir()
+            .ok()
+            .map(|d| d.join("bundles")),
+    };
+    let max_bundle_bytes = file
+        .client
+        .max_bundle_bytes
+        .unwrap_or(fedveil_fed::client::MAX_BUNDLE_BYTES);
     let name = file
         .client
         .server_name
@@ -237,6 +248,8 @@ pub fn client(args: &ClientArgs) -> anyhow::Result<ExitCode> {
             record_inputs: false,
             endpoint: None,
             faults: Vec::new(),
+            bundle_cache,
+            max_bundle_bytes,
         })
         .await
         .map_err(runtime_failure)?;
@@ -263,9 +276,12 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     if clients == 0 {
         anyhow::bail!("run.clients: must be at least 1");
     }
-    let evaluator = task::evaluator(&file.task, clients)?;
-    let trainers = task::local_trainers(&file.task)?;
     let plan = file.plan();
+    // The plan's own rules first: the task may take minutes to build (a
+    // model to fetch, an emulator to distil).
+    plan.resolve(clients, 1)?;
+    let (evaluator, trainers) =
+        task::local(&file.task, file.offsite.as_ref(), clients, &args.file)?;
     // Every check that needs no socket, before any is opened.
     plan.resolve(clients, evaluator.dim())?;
     if args.fresh {

@@ -1,9 +1,12 @@
 //! The `fedveil` command line. It only parses arguments and prints; the work
 //! happens in the workspace crates.
 
+mod data;
+mod datasets;
 mod display;
 mod federate;
 mod keygen;
+mod llm;
 mod model;
 mod privacy;
 mod simulate;
@@ -46,6 +49,8 @@ enum Command {
     Run(federate::RunArgs),
     /// Language models: check that one loads and works.
     Model(model::Args),
+    /// Datasets: prepare one as JSONL records, or split one among clients.
+    Data(data::Args),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +63,7 @@ fn main() -> ExitCode {
         Command::Client(args) => federate::client(&args),
         Command::Run(args) => federate::run(&args),
         Command::Model(args) => model::run(&args),
+        Command::Data(args) => data::run(&args),
     };
     // 0: done; 1: the work ran and failed; 2: bad input, nothing ran.
     match result {

@@ -1,13 +1,19 @@
-//! From a config's `[task]` table to the trainer a client runs and the
-//! evaluator the server runs. New tasks (the language-model trainer) plug in
-//! here by their `kind`.
+//! From a config's `[task]` table (and `[offsite]`) to the trainer a
+//! client runs and the evaluator the server runs, by the task's `kind`:
+//! `synthetic` (federated linear regression with a known optimum) or `llm`
+//! (adapter fine-tuning of a language model, [`crate::llm`]).
+
+use std::path::Path;
 
 use fedveil_fed::FedError;
 use fedveil_fed::config::task_kind;
+use fedveil_fed::local::TrainerFactory;
 use fedveil_fed::synthetic::{SyntheticConfig, SyntheticEvaluator, SyntheticTrainer};
 use fedveil_fed::trainer::{Evaluator, Trainer};
 
-const KINDS: &str = "synthetic";
+use crate::llm;
+
+const KINDS: &str = "synthetic, llm";
 
 fn unknown(kind: &str) -> FedError {
     FedError::Config {
@@ -16,16 +22,31 @@ fn unknown(kind: &str) -> FedError {
     }
 }
 
-fn synthetic(task: &toml::Table) -> Result<SyntheticConfig, FedError> {
+fn synthetic(
+    task: &toml::Table,
+    offsite: Option<&toml::Table>,
+) -> Result<SyntheticConfig, FedError> {
+    if llm::offsite_of(offsite, Path::new("."))?.is_some() {
+        return Err(FedError::Config {
+            path: "offsite.enabled".into(),
+            reason: "offsite-tuning splits a language model; it needs task.kind = \"llm\"".into(),
+        });
+    }
     SyntheticConfig::from_table(task)
 }
 
-/// The server's evaluator for a population of `population` clients. A
-/// server's `[task]` must not name a shard: it holds no client's data.
-pub fn evaluator(task: &toml::Table, population: u32) -> Result<Box<dyn Evaluator>, FedError> {
+/// `fedveil server`'s evaluator for a population of `population` clients;
+/// paths in the tables are relative to the config file `base`. A server's
+/// `[task]` must not name a shard: it holds no client's data.
+pub fn evaluator(
+    task: &toml::Table,
+    offsite: Option<&toml::Table>,
+    population: u32,
+    base: &Path,
+) -> Result<Box<dyn Evaluator>, FedError> {
     match task_kind(task)? {
         "synthetic" => {
-            let cfg = synthetic(task)?;
+            let cfg = synthetic(task, offsite)?;
             if cfg.shard.is_some() {
                 return Err(FedError::Config {
                     path: "task.shard".into(),
@@ -34,15 +55,16 @@ pub fn evaluator(task: &toml::Table, population: u32) -> Result<Box<dyn Evaluato
             }
             Ok(Box::new(SyntheticEvaluator::new(&cfg, population)?))
         }
+        "llm" => llm::server_evaluator(task, offsite, base),
         other => Err(unknown(other)),
     }
 }
 
-/// A client's trainer from its own `[task]`, which names its shard.
-pub fn client_trainer(task: &toml::Table) -> Result<Box<dyn Trainer>, FedError> {
+/// A client's trainer from its own `[task]`.
+pub fn client_trainer(task: &toml::Table, base: &Path) -> Result<Box<dyn Trainer>, FedError> {
     match task_kind(task)? {
         "synthetic" => {
-            let cfg = synthetic(task)?;
+            let cfg = synthetic(task, None)?;
             let Some(shard) = cfg.shard else {
                 return Err(FedError::Config {
                     path: "task.shard".into(),
@@ -53,25 +75,36 @@ pub fn client_trainer(task: &toml::Table) -> Result<Box<dyn Trainer>, FedError> 
             };
             Ok(Box::new(SyntheticTrainer::new(&cfg, shard)?))
         }
+        "llm" => llm::client_trainer(task, base),
         other => Err(unknown(other)),
     }
 }
 
-/// The trainers of an in-process federation: client `i` gets shard `i`.
-pub fn local_trainers(task: &toml::Table) -> Result<fedveil_fed::local::TrainerFactory, FedError> {
+/// The evaluator and trainers of an in-process federation of `clients`
+/// clients: client `i` gets shard `i`.
+pub fn local(
+    task: &toml::Table,
+    offsite: Option<&toml::Table>,
+    clients: u32,
+    base: &Path,
+) -> Result<(Box<dyn Evaluator>, TrainerFactory), FedError> {
     match task_kind(task)? {
         "synthetic" => {
-            let cfg = synthetic(task)?;
+            let cfg = synthetic(task, offsite)?;
             if cfg.shard.is_some() {
                 return Err(FedError::Config {
                     path: "task.shard".into(),
                     reason: "'fedveil run' gives client i shard i; remove it".into(),
                 });
             }
-            Ok(Box::new(move |i| {
-                Ok(Box::new(SyntheticTrainer::new(&cfg, i)?) as Box<dyn Trainer>)
-            }))
+            let evaluator = Box::new(SyntheticEvaluator::new(&cfg, clients)?);
+            let factory: TrainerFactory =
+                Box::new(
+                    move |i| Ok(Box::new(SyntheticTrainer::new(&cfg, i)?) as Box<dyn Trainer>),
+                );
+            Ok((evaluator, factory))
         }
+        "llm" => llm::local(task, offsite, clients, base),
         other => Err(unknown(other)),
     }
 }

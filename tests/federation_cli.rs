@@ -5,12 +5,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::fedveil;
-
-const BIN: &str = env!("CARGO_BIN_EXE_fedveil");
+use common::{Killed, fedveil, free_udp_port, keygen, spawn};
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("fedveil-fedcli-{name}-{}", std::process::id()));
@@ -152,33 +149,6 @@ fn bad_configs_are_refused_with_the_key_that_is_wrong() {
     assert!(err.contains("none.pem"), "{err}");
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_udp_port() -> u16 {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.local_addr().unwrap().port()
-}
-
-fn spawn(args: &[String], log: &Path) -> Killed {
-    let f = std::fs::File::create(log).unwrap();
-    Killed(
-        Command::new(BIN)
-            .args(args)
-            .env("FEDVEIL_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(f)
-            .spawn()
-            .expect("spawn fedveil"),
-    )
-}
-
 // §5.3, §5.4: a server process killed with SIGKILL mid-run restarts from
 // its checkpoint, its client processes reconnect, and the federation
 // completes every round with none lost (the bit-exact comparison with an
@@ -187,26 +157,8 @@ fn spawn(args: &[String], log: &Path) -> Killed {
 fn a_killed_server_process_restarts_from_its_checkpoint_and_its_clients_reconnect() {
     let dir = scratch("restart");
     let keys = dir.join("keys");
-    let (code, _, err) = fedveil(&[
-        "keygen",
-        "server",
-        "--dir",
-        keys.join("server").to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{err}");
+    keygen(&keys, 3);
     let allow = keys.join("allow.txt");
-    for i in 0..3 {
-        let out = keys.join(format!("client-{i}.key"));
-        let (code, _, err) = fedveil(&[
-            "keygen",
-            "client",
-            "--out",
-            out.to_str().unwrap(),
-            "--allow-list",
-            allow.to_str().unwrap(),
-        ]);
-        assert_eq!(code, 0, "{err}");
-    }
     let rounds = 300;
     let port = free_udp_port();
     let metrics = dir.join("metrics.jsonl");
@@ -238,7 +190,7 @@ fn a_killed_server_process_restarts_from_its_checkpoint_and_its_clients_reconnec
         "dp.noise_multiplier=40".into(),
     ]
     .into();
-    let mut server = spawn(&server_args, &dir.join("server-1.log"));
+    let mut server = spawn(&server_args, &dir.join("server-1.log"), &[]);
     let clients: Vec<Killed> = (0..3)
         .map(|i| {
             let args: Vec<String> = [
@@ -264,7 +216,7 @@ fn a_killed_server_process_restarts_from_its_checkpoint_and_its_clients_reconnec
                 "client.give_up_after=60".into(),
             ]
             .into();
-            spawn(&args, &dir.join(format!("client-{i}.log")))
+            spawn(&args, &dir.join(format!("client-{i}.log")), &[])
         })
         .collect();
 
@@ -286,7 +238,7 @@ fn a_killed_server_process_restarts_from_its_checkpoint_and_its_clients_reconnec
     let before = metrics_lines(&metrics).len();
     assert!(before < rounds, "the run finished before the kill");
 
-    let server = spawn(&server_args, &dir.join("server-2.log"));
+    let server = spawn(&server_args, &dir.join("server-2.log"), &[]);
     let out = server.wait_with_output_or_timeout(Duration::from_secs(120));
     let log = std::fs::read_to_string(dir.join("server-2.log")).unwrap_or_default();
     assert!(out.status.success(), "the restarted server failed: {log}");
@@ -308,7 +260,7 @@ fn a_killed_server_process_restarts_from_its_checkpoint_and_its_clients_reconnec
     );
 
     for (i, mut c) in clients.into_iter().enumerate() {
-        let status = c.0.wait_timeout(Duration::from_secs(30));
+        let status = c.wait_timeout(Duration::from_secs(30));
         let log = std::fs::read_to_string(dir.join(format!("client-{i}.log"))).unwrap();
         assert!(status.success(), "client {i}: {log}");
         // The restarted server keeps its predecessor's stateless-reset and
@@ -318,42 +270,5 @@ fn a_killed_server_process_restarts_from_its_checkpoint_and_its_clients_reconnec
             log.contains("connection lost: reset by peer"),
             "client {i} was not reset by the restarted server: {log}"
         );
-    }
-}
-
-trait WaitTimeout {
-    fn wait_timeout(&mut self, limit: Duration) -> std::process::ExitStatus;
-}
-
-impl WaitTimeout for Child {
-    fn wait_timeout(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(s) = self.try_wait().unwrap() {
-                return s;
-            }
-            assert!(start.elapsed() < limit, "the process did not end");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-trait WaitOutput {
-    fn wait_with_output_or_timeout(self, limit: Duration) -> std::process::Output;
-}
-
-impl WaitOutput for Killed {
-    fn wait_with_output_or_timeout(mut self, limit: Duration) -> std::process::Output {
-        self.0.wait_timeout(limit);
-        let mut stdout = Vec::new();
-        if let Some(mut s) = self.0.stdout.take() {
-            std::io::Read::read_to_end(&mut s, &mut stdout).unwrap();
-        }
-        let status = self.0.wait().unwrap();
-        std::process::Output {
-            status,
-            stdout,
-            stderr: Vec::new(),
-        }
     }
 }

@@ -11,6 +11,7 @@
 //! the round in progress is lost to it and it waits for the next.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -87,7 +88,16 @@ pub struct ClientSetup {
     pub endpoint: Option<NetClient>,
     /// Faults to inject (none in operation).
     pub faults: Vec<Fault>,
+    /// Where received bundles are kept, by hash, so that a reconnecting or
+    /// restarted client does not fetch the same bundle again (none: kept
+    /// in memory only).
+    pub bundle_cache: Option<PathBuf>,
+    /// The largest bundle this client accepts, in bytes.
+    pub max_bundle_bytes: u64,
 }
+
+/// The default [`ClientSetup::max_bundle_bytes`]: 16 GiB.
+pub const MAX_BUNDLE_BYTES: u64 = 16 << 30;
 
 impl std::fmt::Debug for ClientSetup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -134,6 +144,8 @@ struct Runner {
     id: Option<ClientId>,
     served: u64,
     trainer: Option<Box<dyn Trainer>>,
+    /// The hash of the bundle the trainer was built on.
+    bundle: Option<[u8; 32]>,
 }
 
 /// Runs the client until the federation finishes.
@@ -150,6 +162,7 @@ pub async fn run(mut setup: ClientSetup) -> Result<ClientSummary, FedError> {
         id: None,
         served: 0,
         trainer,
+        bundle: None,
     };
     let mut delay = runner.setup.reconnect;
     let mut last_contact = Instant::now();
@@ -230,11 +243,33 @@ impl Runner {
         {
             return broken(e);
         }
-        let welcome = tokio::time::timeout(
+        let first = tokio::time::timeout(
             limits.handshake_timeout,
             read_frame::<Down>(&mut recv, limits.max_frame),
         )
         .await;
+        let welcome = if let Ok(Ok(Down::Bundle { hash, bytes })) = first {
+            if let Err(ended) = self.receive_bundle(hash, bytes, &mut send, &mut recv).await {
+                return ended;
+            }
+            tokio::time::timeout(
+                limits.handshake_timeout,
+                read_frame::<Down>(&mut recv, limits.max_frame),
+            )
+            .await
+        } else {
+            first
+        };
+        if matches!(welcome, Ok(Ok(Down::Welcome { .. })))
+            && self.bundle.is_none()
+            && self.trainer.as_ref().is_some_and(|t| t.wants_bundle())
+        {
+            return Ended::Refused(
+                "this client's task is built on the server's bundle (offsite-tuning's \
+                 emulator), and the server offers none"
+                    .into(),
+            );
+        }
         let (federation, round) = match welcome {
             Ok(Ok(Down::Welcome {
                 federation,
@@ -397,6 +432,7 @@ impl Runner {
                     return Ended::Finished { rounds, reason };
                 }
                 Down::Welcome { .. } => return broken("a second Welcome"),
+                Down::Bundle { .. } => return broken("a bundle offer after Welcome"),
             }
         }
     }
@@ -419,6 +455,112 @@ impl Runner {
     fn trainer_dim(&self) -> usize {
         self.trainer.as_ref().map_or(0, |t| t.dim())
     }
+
+    /// Answers the server's bundle offer (protocols/federation.md §3.4):
+    /// the bundle the trainer already holds, or one cached on disk, is
+    /// not fetched again; a fetched one must match its hash before it is
+    /// cached and installed.
+    async fn receive_bundle(
+        &mut self,
+        hash: [u8; 32],
+        bytes: u64,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<(), Ended> {
+        let wants = self.trainer.as_ref().is_some_and(|t| t.wants_bundle());
+        let reply = |fetch: bool| Up::BundleReply { hash, fetch };
+        if !wants || self.bundle == Some(hash) {
+            return write_frame(send, &reply(false), MAX_UP_FRAME)
+                .await
+                .map(|_| ())
+                .map_err(broken);
+        }
+        let max = self.setup.max_bundle_bytes;
+        if bytes > max {
+            let _ = write_frame(send, &reply(false), MAX_UP_FRAME).await;
+            return Err(Ended::Refused(format!(
+                "the server's bundle has {bytes} bytes, more than this client's limit of {max}"
+            )));
+        }
+        let cached = self
+            .setup
+            .bundle_cache
+            .as_deref()
+            .map(|d| cache_path(d, &hash));
+        let from_disk = match cached.clone() {
+            Some(path) => tokio::task::spawn_blocking(move || {
+                std::fs::read(&path)
+                    .ok()
+                    .filter(|b| wire::bundle_hash(b) == hash)
+            })
+            .await
+            .ok()
+            .flatten(),
+            None => None,
+        };
+        let fetch = from_disk.is_none();
+        write_frame(send, &reply(fetch), MAX_UP_FRAME)
+            .await
+            .map_err(broken)?;
+        let data = match from_disk {
+            Some(d) => d,
+            None => {
+                let len = usize::try_from(bytes)
+                    .map_err(|_| Ended::Refused(format!("a {bytes}-byte bundle")))?;
+                let blob = read_blob(recv, len)
+                    .await
+                    .map_err(|e| broken(format!("the bundle: {e}")))?;
+                if blob.len() as u64 != bytes || wire::bundle_hash(&blob) != hash {
+                    return Err(broken("the bundle does not match its announced hash"));
+                }
+                blob
+            }
+        };
+        let mut trainer = self
+            .trainer
+            .take()
+            .ok_or_else(|| broken("the trainer is busy"))?;
+        let (trainer, installed) = tokio::task::spawn_blocking(move || {
+            if fetch
+                && let Some(path) = cached
+                && let Err(e) = write_atomically(&path, &data)
+            {
+                tracing::warn!("could not cache the bundle at {}: {e}", path.display());
+            }
+            let r = trainer.install_bundle(&data);
+            (trainer, r)
+        })
+        .await
+        .map_err(|e| broken(format!("installing the bundle: {e}")))?;
+        self.trainer = Some(trainer);
+        installed.map_err(|e| Ended::Refused(format!("the server's bundle: {e}")))?;
+        self.bundle = Some(hash);
+        tracing::info!(bytes, fetched = fetch, "installed the server's bundle");
+        self.events.emit(ClientEvent::Bundle {
+            hash,
+            bytes,
+            fetched: if fetch { bytes } else { 0 },
+        });
+        Ok(())
+    }
+}
+
+/// Where a bundle with `hash` is cached in `dir`.
+fn cache_path(dir: &Path, hash: &[u8; 32]) -> PathBuf {
+    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    dir.join(format!("{hex}.bundle"))
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Sends a SecAgg+ message; the masked input as a frame and a blob.
@@ -491,6 +633,11 @@ impl Runner {
     ) -> Result<Vec<f32>, String> {
         if spec.federation != federation {
             return Err("the round belongs to another federation".into());
+        }
+        if self.trainer.as_ref().is_some_and(|t| t.wants_bundle()) && spec.bundle != self.bundle {
+            return Err(
+                "the round's bundle hash is not that of the bundle this client holds".into(),
+            );
         }
         let hash = wire::params_hash(blob);
         if hash != spec.params_hash {

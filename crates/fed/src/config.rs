@@ -249,6 +249,9 @@ pub struct Plan {
     pub dp: DpSection,
     pub deadlines: DeadlinesSection,
     pub task: toml::Table,
+    /// `[offsite]`: offsite-tuning's split of the model, read by the task
+    /// (the runtime only binds it into the checkpoint).
+    pub offsite: Option<toml::Table>,
 }
 
 /// How the cohort is chosen.
@@ -674,6 +677,9 @@ pub struct RunFile {
     #[serde(default)]
     pub deadlines: DeadlinesSection,
     pub task: toml::Table,
+    /// `[offsite]`, read by the task (protocols/offsite-tuning.md).
+    #[serde(default)]
+    pub offsite: Option<toml::Table>,
 }
 
 /// `[server]`.
@@ -720,6 +726,9 @@ pub struct ServerFile {
     #[serde(default)]
     pub deadlines: DeadlinesSection,
     pub task: toml::Table,
+    /// `[offsite]`, read by the task (protocols/offsite-tuning.md).
+    #[serde(default)]
+    pub offsite: Option<toml::Table>,
 }
 
 /// `[client]`.
@@ -751,6 +760,13 @@ pub struct ClientSection {
     /// Give up after this many seconds without a connection (default: never).
     #[serde(default)]
     pub give_up_after: Option<f64>,
+    /// Where bundles from the server (offsite-tuning's emulator) are
+    /// cached by hash (default: `bundles/` in fedveil's cache directory).
+    #[serde(default)]
+    pub bundle_cache: Option<PathBuf>,
+    /// The largest bundle accepted, in bytes (default 16 GiB).
+    #[serde(default)]
+    pub max_bundle_bytes: Option<u64>,
 }
 
 /// `[policy]`: what a client requires of every round before it takes part
@@ -937,6 +953,7 @@ impl RunFile {
             dp: self.dp.clone(),
             deadlines: self.deadlines.clone(),
             task: self.task.clone(),
+            offsite: self.offsite.clone(),
         }
     }
 }
@@ -973,6 +990,7 @@ impl ServerFile {
             dp: self.dp.clone(),
             deadlines: self.deadlines.clone(),
             task: self.task.clone(),
+            offsite: self.offsite.clone(),
         }
     }
 
@@ -995,6 +1013,7 @@ impl ClientFile {
     pub fn load_with(path: &Path, overrides: &[String]) -> Result<Self, FedError> {
         let mut f: ClientFile = parse_with(path, &read(path)?, overrides)?;
         f.client.identity = relative_to(path, &f.client.identity);
+        f.client.bundle_cache = f.client.bundle_cache.map(|p| relative_to(path, &p));
         f.client.fingerprint_file = f.client.fingerprint_file.map(|p| relative_to(path, &p));
         match (&f.client.fingerprint, &f.client.fingerprint_file) {
             (Some(_), Some(_)) => {

@@ -101,10 +101,25 @@ impl Counters {
     }
 }
 
+/// The task's bundle, offered to every client before it joins (§3.4).
+pub(crate) struct Bundle {
+    pub hash: [u8; 32],
+    pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for Bundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bundle")
+            .field("bytes", &self.data.len())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Everything the accept loop shares with its connection tasks.
 #[derive(Clone, Debug)]
 pub(crate) struct Shared {
     pub ids: Arc<HashMap<ClientKey, ClientId>>,
+    pub bundle: Option<Arc<Bundle>>,
     pub hub: mpsc::Sender<Inbound>,
     pub expect: watch::Receiver<Option<Expect>>,
     pub counters: Arc<Counters>,
@@ -159,7 +174,7 @@ async fn connection(pending: Pending, generation: u64, shared: Shared) {
         Ok::<_, NetError>((send, recv, hello, n))
     })
     .await;
-    let (send, recv, hello, n) = match opened {
+    let (mut send, mut recv, hello, n) = match opened {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             tracing::info!(%id, "no control stream: {e}");
@@ -196,6 +211,13 @@ async fn connection(pending: Pending, generation: u64, shared: Shared) {
             return;
         }
     }
+    if let Some(bundle) = &shared.bundle
+        && let Err(reason) = offer_bundle(id, &mut send, &mut recv, bundle, &shared).await
+    {
+        tracing::info!(%id, "bundle: {reason}");
+        conn.close(CLOSE_PROTOCOL.into(), reason.as_bytes());
+        return;
+    }
     let (tx, rx) = mpsc::unbounded_channel();
     let hello = Inbound::Hello {
         id,
@@ -222,6 +244,58 @@ async fn connection(pending: Pending, generation: u64, shared: Shared) {
     tokio::join!(reader, writer);
 }
 
+/// Offers the task's bundle and sends it if the client asks (§3.4),
+/// before the client joins the federation: a client never receives a round
+/// it could not train.
+async fn offer_bundle(
+    id: ClientId,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    bundle: &Bundle,
+    shared: &Shared,
+) -> Result<(), String> {
+    let offer = Down::Bundle {
+        hash: bundle.hash,
+        bytes: bundle.data.len() as u64,
+    };
+    let n = write_frame(send, &offer, MAX_DOWN_FRAME)
+        .await
+        .map_err(|e| e.to_string())?;
+    shared.counters.sent.fetch_add(n as u64, Ordering::Relaxed);
+    let reply = tokio::time::timeout(
+        shared.limits.handshake_timeout,
+        read_frame_counted::<Up>(recv, MAX_UP_FRAME),
+    )
+    .await;
+    let fetch = match reply {
+        Ok(Ok((Up::BundleReply { hash, fetch }, n))) if hash == bundle.hash => {
+            shared
+                .counters
+                .received
+                .fetch_add(n as u64, Ordering::Relaxed);
+            fetch
+        }
+        Ok(Ok((Up::BundleReply { .. }, _))) => {
+            return Err("the client answered for another bundle".into());
+        }
+        Ok(Ok((other, _))) => {
+            return Err(format!("expected BundleReply, got {}", up_name(&other)));
+        }
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err("no BundleReply within the handshake timeout".into()),
+    };
+    if fetch {
+        write_blob(send, &bundle.data, bundle.data.len())
+            .await
+            .map_err(|e| e.to_string())?;
+        let bytes = bundle.data.len() as u64 + 8;
+        shared.counters.sent.fetch_add(bytes, Ordering::Relaxed);
+        shared.events.emit(Event::BundleSent { client: id, bytes });
+        tracing::info!(%id, bytes, "sent the bundle");
+    }
+    Ok(())
+}
+
 /// Writes a refusal and closes.
 async fn refuse(conn: &quinn::Connection, mut send: quinn::SendStream, reason: String) {
     let _ = write_frame(
@@ -244,6 +318,7 @@ fn up_name(up: &Up) -> &'static str {
         Up::Masked { .. } => "Masked",
         Up::Decline { .. } => "Decline",
         Up::Update { .. } => "Update",
+        Up::BundleReply { .. } => "BundleReply",
     }
 }
 

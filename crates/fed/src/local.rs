@@ -70,6 +70,8 @@ pub struct Swarm {
     pub give_up_after: Duration,
     /// Every client's policy.
     pub policy: Policy,
+    /// Where the clients cache the server's bundle (none: in memory).
+    pub bundle_cache: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Swarm {
@@ -102,6 +104,8 @@ pub fn spawn_swarm(swarm: Swarm) -> Result<Vec<JoinHandle<ClientOutcome>>, FedEr
             record_inputs: false,
             endpoint: Some(endpoint.clone()),
             faults: Vec::new(),
+            bundle_cache: swarm.bundle_cache.clone(),
+            max_bundle_bytes: client::MAX_BUNDLE_BYTES,
         };
         tasks.push(tokio::spawn(client::run(setup)));
     }
@@ -160,6 +164,7 @@ pub async fn run(local: LocalRun) -> Result<LocalOutcome, FedError> {
         events: client_events,
         give_up_after: Duration::from_secs(30),
         policy,
+        bundle_cache: None,
     })?;
     let summary = server.run().await;
     // Clients the server told that the federation ended finish at once; a

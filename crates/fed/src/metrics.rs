@@ -110,6 +110,11 @@ pub enum Event {
         reason: String,
     },
     Connected(ClientId),
+    /// A client fetched the task's bundle (`bytes` on the wire).
+    BundleSent {
+        client: ClientId,
+        bytes: u64,
+    },
     Disconnected {
         client: ClientId,
         reason: String,
@@ -157,6 +162,13 @@ pub enum ClientEvent {
     Connected {
         client: ClientId,
         round: u64,
+    },
+    /// The client installed the server's bundle: `fetched` bytes came over
+    /// the network (0 when it was cached from an earlier connection).
+    Bundle {
+        hash: [u8; 32],
+        bytes: u64,
+        fetched: u64,
     },
     Disconnected {
         reason: String,

@@ -37,7 +37,9 @@ use tokio::sync::{mpsc, watch};
 use crate::FedError;
 use crate::checkpoint::{Checkpoint, Header, RoundRecord};
 use crate::config::{CohortRule, Plan, Resolved, default_threshold};
-use crate::connection::{self, CLOSE_FINISHED, Counters, Expect, Inbound, Outbound, Shared};
+use crate::connection::{
+    self, Bundle, CLOSE_FINISHED, Counters, Expect, Inbound, Outbound, Shared,
+};
 use crate::encoding;
 use crate::ledger::PrivacyLedger;
 use crate::metrics::{
@@ -204,7 +206,17 @@ impl Server {
                  is lost if the server stops, and a restart starts a new account"
             );
         }
-        let task = toml::to_string(&plan.task).map_err(|e| FedError::Internal(e.to_string()))?;
+        // The checkpoint binds the task (and its offsite-tuning split).
+        let task = match &plan.offsite {
+            None => toml::to_string(&plan.task),
+            Some(offsite) => {
+                let mut both = toml::Table::new();
+                both.insert("task".into(), toml::Value::Table(plan.task.clone()));
+                both.insert("offsite".into(), toml::Value::Table(offsite.clone()));
+                toml::to_string(&both)
+            }
+        }
+        .map_err(|e| FedError::Internal(e.to_string()))?;
         let state = match resolved
             .checkpoint_dir
             .as_deref()
@@ -299,6 +311,11 @@ impl Server {
             .as_deref()
             .map(MetricsWriter::open)
             .transpose()?;
+        let bundle = evaluator.client_bundle()?.map(|data| {
+            let hash = wire::bundle_hash(&data);
+            tracing::info!(bytes = data.len(), "the task's bundle is {}", hex(&hash));
+            Arc::new(Bundle { hash, data })
+        });
         let net = Arc::new(NetServer::bind(listen, &identity, allow, limits.clone())?);
         let addr = net.local_addr()?;
         let (hub_tx, hub) = mpsc::channel(1024);
@@ -306,6 +323,7 @@ impl Server {
         let counters = Arc::new(Counters::default());
         let shared = Shared {
             ids: Arc::new(ids),
+            bundle,
             hub: hub_tx,
             expect: expect_rx,
             counters: Arc::clone(&counters),
@@ -657,6 +675,7 @@ impl Server {
             training: r.training.clone(),
             encoding,
             session,
+            bundle: self.shared.bundle.as_ref().map(|b| b.hash),
         };
         spec.session.context = spec
             .context(&hash)
@@ -817,6 +836,9 @@ impl Server {
                         }
                         Up::Decline { .. } => {}
                         Up::Hello { .. } => self.reject(id, "Hello was already received".into()),
+                        Up::BundleReply { .. } => {
+                            self.reject(id, "the bundle was offered before Welcome".into())
+                        }
                         Up::Masked { .. } => {
                             self.reject(id, "internal: masked input without its vector".into())
                         }

@@ -115,6 +115,21 @@ pub trait Trainer: Send {
         config: &TrainingConfig,
         rng: &mut dyn RngCore,
     ) -> Result<LocalUpdate, TrainError>;
+
+    /// Whether this trainer is built on the server's bundle (an
+    /// offsite-tuning client receives its model that way) and cannot train
+    /// before [`Trainer::install_bundle`].
+    fn wants_bundle(&self) -> bool {
+        false
+    }
+
+    /// Takes the server's bundle, already checked against its announced
+    /// hash. Called again only with a different bundle.
+    fn install_bundle(&mut self, _bundle: &[u8]) -> Result<(), TrainError> {
+        Err(TrainError(
+            "this task takes no bundle from the server".into(),
+        ))
+    }
 }
 
 /// The scores of one set of parameters. `loss` is the headline number;
@@ -135,4 +150,11 @@ pub trait Evaluator: Send {
 
     /// Scores `params` on the server's evaluation data.
     fn evaluate(&mut self, params: &[f32]) -> Result<Evaluation, TrainError>;
+
+    /// What every client receives once before its first round, if the task
+    /// has such a thing (offsite-tuning's emulator): the same bytes for
+    /// every client, content-hashed and cached by clients (§3.4).
+    fn client_bundle(&mut self) -> Result<Option<Vec<u8>>, TrainError> {
+        Ok(None)
+    }
 }

@@ -79,14 +79,18 @@ pub struct RoundSpec {
     /// The secure-aggregation session; its `context` is
     /// [`RoundSpec::context`].
     pub session: SessionParams,
+    /// The hash of the task's bundle (offsite-tuning's emulator) that the
+    /// round's parameters go with, when the task has one (§3.4).
+    pub bundle: Option<[u8; 32]>,
 }
 
 impl RoundSpec {
     /// The model-hash commitment (§3.3): SHA-256 over the federation id,
-    /// round, attempt, dimension, parameter hash, training configuration
-    /// and encoding. A client computes it from what it received; SecAgg+
-    /// puts it into the session id, so clients that received different
-    /// models or configurations cannot share a session.
+    /// round, attempt, dimension, parameter hash, training configuration,
+    /// encoding and bundle hash. A client computes it from what it
+    /// received (and checks the bundle hash against the bundle it holds);
+    /// SecAgg+ puts it into the session id, so clients that received
+    /// different models or configurations cannot share a session.
     pub fn context(&self, params_hash: &[u8; 32]) -> Result<[u8; 32], postcard::Error> {
         let committed = (
             &self.federation,
@@ -96,6 +100,7 @@ impl RoundSpec {
             params_hash,
             &self.training,
             &self.encoding,
+            &self.bundle,
         );
         let mut h = Sha256::new();
         h.update(b"fedveil/fed/v1/context\0");
@@ -108,6 +113,14 @@ impl RoundSpec {
 pub fn params_hash(blob: &[u8]) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(b"fedveil/fed/v1/params\0");
+    h.update(blob);
+    h.finalize().into()
+}
+
+/// SHA-256 of a task bundle (§3.4).
+pub fn bundle_hash(blob: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"fedveil/fed/v1/bundle\0");
     h.update(blob);
     h.finalize().into()
 }
@@ -158,6 +171,9 @@ pub enum Up {
         attempt: u32,
         samples: u64,
     },
+    /// The answer to [`Down::Bundle`]: `fetch` asks for the bundle (the
+    /// client does not hold one with this hash).
+    BundleReply { hash: [u8; 32], fetch: bool },
 }
 
 /// Server → client.
@@ -178,6 +194,10 @@ pub enum Down {
     Rejected { reason: String },
     /// The federation is over.
     Finished { rounds: u64, reason: String },
+    /// Before `Welcome`, when the task has a bundle (offsite-tuning's
+    /// emulator): its hash and size. If the client's [`Up::BundleReply`]
+    /// asks for it, exactly `bytes` bytes follow as a blob (§3.4).
+    Bundle { hash: [u8; 32], bytes: u64 },
 }
 
 impl Down {
@@ -188,6 +208,7 @@ impl Down {
             Down::Secagg(m) => m.name(),
             Down::Rejected { .. } => "Rejected",
             Down::Finished { .. } => "Finished",
+            Down::Bundle { .. } => "Bundle",
         }
     }
 }

