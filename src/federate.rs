@@ -12,7 +12,7 @@ use fedveil_fed::FedError;
 use fedveil_fed::client::{self, ClientSetup};
 use fedveil_fed::config::{ClientFile, RunFile, ServerFile};
 use fedveil_fed::local::{self, LocalRun};
-use fedveil_fed::metrics::Event;
+use fedveil_fed::metrics::{ClientEvent, Event};
 use fedveil_fed::net::{ClientIdentity, Fingerprint, Limits, ServerIdentity, load_allow_list};
 use fedveil_fed::randomness::Randomness;
 use fedveil_fed::server::{Server, ServerSetup, Summary};
@@ -152,7 +152,13 @@ pub fn server(args: &ServerArgs) -> anyhow::Result<ExitCode> {
     let population = u32::try_from(allow.len()).context("the allow-list is too long")?;
     let plan = file.plan();
     plan.resolve(population, 1)?;
-    let evaluator = task::evaluator(&file.task, file.offsite.as_ref(), population, &args.config)?;
+    let evaluator = task::evaluator(
+        &bars,
+        &file.task,
+        file.offsite.as_ref(),
+        population,
+        &args.config,
+    )?;
     let rounds = plan.federation.rounds;
     let metrics = plan.federation.metrics.clone();
     let fingerprint = identity.fingerprint();
@@ -271,6 +277,38 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     }
     let bars = display::bars(!args.quiet);
     display::init_logging("warn", &bars);
+    let done = run_local(file, &args.file, bars, args.fresh)?;
+    print_summary(
+        &done.rounds,
+        &done.outcome.server,
+        done.metrics.as_deref(),
+        args.json,
+        serde_json::json!({ "clients": done.clients, "clients_failed": done.failed }),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What an in-process federation did.
+pub struct LocalDone {
+    pub outcome: local::LocalOutcome,
+    /// The completed rounds' metrics.
+    pub rounds: Vec<fedveil_fed::metrics::RoundMetrics>,
+    pub clients: u32,
+    /// Clients that did not finish.
+    pub failed: usize,
+    /// Bundle bytes fetched over the network, all clients together.
+    pub bundle_bytes: u64,
+    pub metrics: Option<PathBuf>,
+}
+
+/// Runs the federation of a `fedveil run` file in this process; `base` is
+/// the file's path (what relative paths in it are relative to).
+pub fn run_local(
+    file: RunFile,
+    base: &Path,
+    bars: indicatif::MultiProgress,
+    fresh: bool,
+) -> anyhow::Result<LocalDone> {
     let listen = file.listen()?;
     let clients = file.run.clients;
     if clients == 0 {
@@ -281,10 +319,10 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     // model to fetch, an emulator to distil).
     plan.resolve(clients, 1)?;
     let (evaluator, trainers) =
-        task::local(&file.task, file.offsite.as_ref(), clients, &args.file)?;
+        task::local(&bars, &file.task, file.offsite.as_ref(), clients, base)?;
     // Every check that needs no socket, before any is opened.
     plan.resolve(clients, evaluator.dim())?;
-    if args.fresh {
+    if fresh {
         start_afresh(&plan)?;
     }
     let rounds = plan.federation.rounds;
@@ -292,7 +330,17 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio()?;
     rt.block_on(async move {
         let (tx, rx) = unbounded_channel::<Event>();
+        let (ctx, mut crx) = unbounded_channel::<ClientEvent>();
         let display = tokio::spawn(display::follow(rx, bars, rounds));
+        let bundles = tokio::spawn(async move {
+            let mut bytes = 0u64;
+            while let Some(e) = crx.recv().await {
+                if let ClientEvent::Bundle { fetched, .. } = e {
+                    bytes += fetched;
+                }
+            }
+            bytes
+        });
         let outcome = local::run(LocalRun {
             plan,
             clients,
@@ -302,10 +350,11 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
             trainers,
             evaluator,
             events: Some(tx),
-            client_events: None,
+            client_events: Some(ctx),
         })
         .await;
         let done = display.await.unwrap_or_default();
+        let bundle_bytes = bundles.await.unwrap_or_default();
         let outcome = outcome.map_err(runtime_failure)?;
         let mut failed = std::collections::BTreeMap::<String, usize>::new();
         for c in &outcome.clients {
@@ -316,14 +365,13 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
         for (why, count) in &failed {
             tracing::warn!("{count} client(s) did not finish: {why}");
         }
-        let failed: usize = failed.values().sum();
-        print_summary(
-            &done,
-            &outcome.server,
-            metrics.as_deref(),
-            args.json,
-            serde_json::json!({ "clients": clients, "clients_failed": failed }),
-        );
-        Ok(ExitCode::SUCCESS)
+        Ok(LocalDone {
+            outcome,
+            rounds: done,
+            clients,
+            failed: failed.values().sum(),
+            bundle_bytes,
+            metrics,
+        })
     })
 }

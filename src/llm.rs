@@ -14,11 +14,14 @@ use fedveil_fed::FedError;
 use fedveil_fed::trainer::{
     Evaluation, Evaluator, LocalUpdate, TrainError, Trainer, TrainingConfig,
 };
+use fedveil_model::eval::gsm8k_exact_match;
 use fedveil_model::federated::{LocalTraining, RoundSettings};
+use fedveil_model::generate::{GenerateOptions, Sampling, generate};
 use fedveil_model::load::Loaded;
 use fedveil_model::offsite::{self, Bundle, DistillConfig, Layout, OffsiteConfig, Tuning};
 use fedveil_model::train::{EvalResult, Example, OptimConfig, evaluate};
 use fedveil_model::{Adapter, Llama, LoraConfig, PeftConfig};
+use indicatif::MultiProgress;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{OsRng, SeedableRng};
 use serde::Deserialize;
@@ -60,6 +63,15 @@ pub struct LlmTask {
     pub eval_examples: usize,
     #[serde(default = "defaults::eval_batch_size")]
     pub eval_batch_size: usize,
+    /// GSM8K-style exact match on this many held-out records (0: off):
+    /// greedy generation from the prompt, then the final number of the
+    /// answer against the reference's. Slow, so measured on the model a run
+    /// starts from and the one it ends with only.
+    #[serde(default)]
+    pub exact_match: usize,
+    /// Tokens generated per exact-match answer.
+    #[serde(default = "defaults::max_new_tokens")]
+    pub max_new_tokens: usize,
     /// How `data` is dealt out (`fedveil run`, or a client with `shard`).
     #[serde(default)]
     pub split: Option<Splitter>,
@@ -158,6 +170,9 @@ mod defaults {
     }
     pub fn eval_batch_size() -> usize {
         8
+    }
+    pub fn max_new_tokens() -> usize {
+        192
     }
     pub fn adapter_layers() -> usize {
         2
@@ -575,6 +590,10 @@ pub struct LlmEvaluator {
     adapter: Adapter,
     emulator: Option<(Llama, Adapter)>,
     eval: Vec<Example>,
+    /// Prompts and reference answers for exact match.
+    generate: Vec<(Vec<u32>, String)>,
+    tokenizer: Tokenizer,
+    max_new_tokens: usize,
     initial: Vec<f32>,
     bundle: Option<Vec<u8>>,
     batch_size: usize,
@@ -636,6 +655,36 @@ impl Evaluator for LlmEvaluator {
         Ok(out)
     }
 
+    fn evaluate_final(&mut self, params: &[f32]) -> Result<Evaluation, TrainError> {
+        let mut out = self.evaluate(params)?;
+        if !self.generate.is_empty() {
+            // `evaluate` left the adapter set to `params`.
+            let options = GenerateOptions {
+                max_new_tokens: self.max_new_tokens,
+                sampling: Sampling::Greedy,
+                stop: self.full.config().eos_token_id.into_iter().collect(),
+            };
+            let mut hits = 0usize;
+            for (prompt, reference) in &self.generate {
+                let ids = generate(
+                    &self.full,
+                    Some(&self.adapter),
+                    prompt,
+                    &options,
+                    &mut OsRng,
+                )
+                .map_err(train_error)?;
+                let text = self.tokenizer.decode(&ids, true).map_err(train_error)?;
+                hits += usize::from(gsm8k_exact_match(&text, reference));
+            }
+            let n = self.generate.len();
+            tracing::info!(hits, of = n, "exact match");
+            out.metrics
+                .insert("exact_match".into(), hits as f64 / n as f64);
+        }
+        Ok(out)
+    }
+
     fn client_bundle(&mut self) -> Result<Option<Vec<u8>>, TrainError> {
         Ok(self.bundle.take())
     }
@@ -645,15 +694,21 @@ impl Evaluator for LlmEvaluator {
 struct ServerSide {
     loaded: Loaded,
     eval: Vec<Example>,
+    eval_records: Vec<Record>,
     peft: PeftConfig,
     offsite: Option<(OffsiteSection, Layout)>,
 }
 
 /// The evaluator, distilling the emulator first when asked.
-fn build_evaluator(task: &LlmTask, side: ServerSide) -> Result<LlmEvaluator, FedError> {
+fn build_evaluator(
+    bars: &MultiProgress,
+    task: &LlmTask,
+    side: ServerSide,
+) -> Result<LlmEvaluator, FedError> {
     let ServerSide {
         loaded,
         eval,
+        eval_records,
         peft,
         offsite,
     } = side;
@@ -676,7 +731,7 @@ fn build_evaluator(task: &LlmTask, side: ServerSide) -> Result<LlmEvaluator, Fed
         Some((section, layout)) => {
             let emulator =
                 offsite::emulator(&full, &layout).map_err(|e| config_error("offsite", e))?;
-            let emulator = distilled(task, &section, &loaded, &layout, emulator, &eval)?;
+            let emulator = distilled(bars, task, &section, &loaded, &layout, emulator, &eval)?;
             let bundle = Bundle {
                 model: emulator.clone(),
                 tokenizer: Some(loaded.tokenizer.clone()),
@@ -698,11 +753,25 @@ fn build_evaluator(task: &LlmTask, side: ServerSide) -> Result<LlmEvaluator, Fed
             (Some((emulator, emu_adapter)), Some(bundle))
         }
     };
+    let generate = eval_records
+        .iter()
+        .take(task.exact_match)
+        .map(|r| {
+            let prompt = loaded
+                .tokenizer
+                .encode(task.template.prompt(r), true)
+                .map_err(|e| config_error("task.exact_match", e))?;
+            Ok((prompt.get_ids().to_vec(), r.output.clone()))
+        })
+        .collect::<Result<Vec<_>, FedError>>()?;
     Ok(LlmEvaluator {
         full,
         adapter,
         emulator,
         eval,
+        generate,
+        tokenizer: loaded.tokenizer.clone(),
+        max_new_tokens: task.max_new_tokens,
         initial,
         bundle,
         batch_size: task.eval_batch_size,
@@ -713,6 +782,7 @@ fn build_evaluator(task: &LlmTask, side: ServerSide) -> Result<LlmEvaluator, Fed
 /// The emulator, distilled when `[offsite.distill]` asks for steps: once
 /// per model, layout, settings and data, then read from the cache.
 fn distilled(
+    bars: &MultiProgress,
     task: &LlmTask,
     section: &OffsiteSection,
     loaded: &Loaded,
@@ -783,6 +853,7 @@ fn distilled(
         "distilling the emulator"
     );
     let started = std::time::Instant::now();
+    let bar = crate::display::phase(bars, config.steps as u64, "distil");
     let (model, report) = offsite::distill(
         &loaded.model,
         &emulator,
@@ -794,12 +865,15 @@ fn distilled(
         &config,
         &mut OsRng,
         &mut |step, loss| {
+            bar.set_position(step as u64 + 1);
+            bar.set_message(format!("emulator steps, loss {loss:.4}"));
             if step % 10 == 0 {
                 tracing::info!(step, loss, "distillation");
             }
         },
     )
     .map_err(|e| config_error("offsite.distill", e))?;
+    bar.finish_and_clear();
     tracing::info!(
         gap_before = report.gap_before,
         gap_after = report.gap_after,
@@ -861,6 +935,7 @@ fn held_out(task: &LlmTask, loaded: &Loaded, records: &[Record]) -> Result<Vec<E
 
 /// `fedveil server`'s evaluator.
 pub fn server_evaluator(
+    bars: &MultiProgress,
     table: &toml::Table,
     offsite: Option<&toml::Table>,
     base: &Path,
@@ -878,10 +953,12 @@ pub fn server_evaluator(
     let eval = held_out(&task, &loaded, &records)?;
     let (peft, offsite) = plan_adapter(&task, offsite, &loaded.model)?;
     Ok(Box::new(build_evaluator(
+        bars,
         &task,
         ServerSide {
             loaded,
             eval,
+            eval_records: records,
             peft,
             offsite,
         },
@@ -909,6 +986,7 @@ pub fn client_trainer(table: &toml::Table, base: &Path) -> Result<Box<dyn Traine
 /// client `i` holding part `i` of the split data. The model is loaded
 /// once and shared by everyone in the process.
 pub fn local(
+    bars: &MultiProgress,
     table: &toml::Table,
     offsite: Option<&toml::Table>,
     clients: u32,
@@ -957,10 +1035,12 @@ pub fn local(
     let client_model = offsite.is_none().then(|| loaded.clone());
     let shared = std::sync::Arc::new((task.clone(), parts, client_model, peft.clone()));
     let evaluator = build_evaluator(
+        bars,
         &task,
         ServerSide {
             loaded,
             eval,
+            eval_records,
             peft,
             offsite,
         },

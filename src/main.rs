@@ -9,7 +9,9 @@ mod keygen;
 mod llm;
 mod model;
 mod privacy;
+mod quickstart;
 mod simulate;
+mod sweep;
 mod task;
 
 use std::process::ExitCode;
@@ -34,6 +36,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The first run: three clients fine-tune SmolLM2-135M-Instruct on
+    /// GSM8K with offsite-tuning, LoRA, SecAgg+ and distributed DP, over
+    /// loopback QUIC; prints loss and exact match before and after.
+    Quickstart(quickstart::Args),
     /// Run one SecAgg+ round in memory on random inputs and check the result.
     Simulate(simulate::Args),
     /// Privacy accounting: epsilon for a noise level, or noise for an epsilon.
@@ -51,11 +57,15 @@ enum Command {
     Model(model::Args),
     /// Datasets: prepare one as JSONL records, or split one among clients.
     Data(data::Args),
+    /// Run a grid of federations (noise, clients, rounds) and plot utility
+    /// against the ε spent.
+    Sweep(sweep::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Quickstart(args) => quickstart::run(&args),
         Command::Simulate(args) => simulate::run(&args),
         Command::Privacy(args) => privacy::run(&args),
         Command::Keygen(args) => keygen::run(&args),
@@ -64,6 +74,7 @@ fn main() -> ExitCode {
         Command::Run(args) => federate::run(&args),
         Command::Model(args) => model::run(&args),
         Command::Data(args) => data::run(&args),
+        Command::Sweep(args) => sweep::run(&args),
     };
     // 0: done; 1: the work ran and failed; 2: bad input, nothing ran.
     match result {

@@ -10,6 +10,7 @@ use fedveil_fed::config::task_kind;
 use fedveil_fed::local::TrainerFactory;
 use fedveil_fed::synthetic::{SyntheticConfig, SyntheticEvaluator, SyntheticTrainer};
 use fedveil_fed::trainer::{Evaluator, Trainer};
+use indicatif::MultiProgress;
 
 use crate::llm;
 
@@ -36,9 +37,11 @@ fn synthetic(
 }
 
 /// `fedveil server`'s evaluator for a population of `population` clients;
-/// paths in the tables are relative to the config file `base`. A server's
+/// paths in the tables are relative to the config file `base`; long
+/// preparations draw on `bars`. A server's
 /// `[task]` must not name a shard: it holds no client's data.
 pub fn evaluator(
+    bars: &MultiProgress,
     task: &toml::Table,
     offsite: Option<&toml::Table>,
     population: u32,
@@ -55,7 +58,7 @@ pub fn evaluator(
             }
             Ok(Box::new(SyntheticEvaluator::new(&cfg, population)?))
         }
-        "llm" => llm::server_evaluator(task, offsite, base),
+        "llm" => llm::server_evaluator(bars, task, offsite, base),
         other => Err(unknown(other)),
     }
 }
@@ -83,6 +86,7 @@ pub fn client_trainer(task: &toml::Table, base: &Path) -> Result<Box<dyn Trainer
 /// The evaluator and trainers of an in-process federation of `clients`
 /// clients: client `i` gets shard `i`.
 pub fn local(
+    bars: &MultiProgress,
     task: &toml::Table,
     offsite: Option<&toml::Table>,
     clients: u32,
@@ -104,7 +108,7 @@ pub fn local(
                 );
             Ok((evaluator, factory))
         }
-        "llm" => llm::local(task, offsite, clients, base),
+        "llm" => llm::local(bars, task, offsite, clients, base),
         other => Err(unknown(other)),
     }
 }

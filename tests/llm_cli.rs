@@ -46,6 +46,7 @@ fn records(n: usize, offset: usize) -> Vec<Record> {
                 input: String::new(),
                 output: WORDS[c].into(),
                 category: format!("c{c}"),
+                test: String::new(),
             }
         })
         .collect()
@@ -99,6 +100,8 @@ eval_fraction = 0.25
 template = "plain"
 max_len = 64
 split = {{ kind = "dirichlet", alpha = 1.0 }}
+exact_match = 4
+max_new_tokens = 6
 
 [task.peft]
 method = "lora"
@@ -122,6 +125,13 @@ target_modules = ["all-linear"]
     let summary: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON summary");
     assert_eq!(summary["rounds"], 8);
     assert_eq!(summary["clients_failed"], 0);
+    // The model it started from and the one it ended with, both with the
+    // (generation-based) exact match.
+    assert!(summary["initial_loss"].as_f64().unwrap() > summary["loss"].as_f64().unwrap());
+    for key in ["initial_eval", "eval"] {
+        let em = summary[key]["exact_match"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&em), "{summary}");
+    }
     let lines = metrics_lines(&metrics);
     assert_eq!(lines.len(), 8);
     let losses: Vec<f64> = lines.iter().map(|l| l["loss"].as_f64().unwrap()).collect();
@@ -464,4 +474,79 @@ fn distillation_runs_once_and_an_in_process_offsite_run_evaluates_both_ways() {
     );
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("distilling the emulator"), "{err}");
+}
+
+// `fedveil sweep`: every grid point runs; the results come as CSV, JSON,
+// a Markdown table and an SVG plot, and the ε spent falls as the noise
+// grows.
+#[test]
+fn a_sweep_writes_its_table_and_plot() {
+    let dir = scratch("sweep");
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/synthetic.toml");
+    let file = dir.join("sweep.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[sweep]\nbase = \"{}\"\nout = \"out\"\nnoise_multiplier = [0.0, 0.5, 2.0]\n\
+             clients = [10, 20]\nrounds = [4]\nmetric = \"distance_to_optimum\"\n\
+             set = [\"secagg.degree=6\", \"secagg.threshold=4\", \"dp.min_survivors=8\"]\n",
+            base.display()
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = fedveil(&["sweep", "--quiet", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("| privacy | clients | rounds | ε spent |"),
+        "{out}"
+    );
+    let csv = std::fs::read_to_string(dir.join("out/results.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    assert_eq!(rows.len(), 6, "{csv}");
+    let eps = |clients: &str, z: &str| -> f64 {
+        let row = rows
+            .iter()
+            .find(|r| r[3] == clients && r[1] == z)
+            .unwrap_or_else(|| panic!("{clients} {z}: {csv}"));
+        row[5].parse().unwrap()
+    };
+    for clients in ["10", "20"] {
+        assert!(eps(clients, "0.5") > eps(clients, "2"), "{csv}");
+        let none = rows
+            .iter()
+            .find(|r| r[3] == clients && r[0] == "no DP")
+            .unwrap();
+        assert!(none[5].is_empty(), "no ε without DP: {csv}");
+        assert!(none[9].parse::<f64>().unwrap() >= 0.0);
+    }
+    // Every point keeps its config, checkpoint and metrics in its own
+    // directory of the output.
+    for i in 0..6 {
+        let run = dir.join(format!("out/run-{i:02}"));
+        assert!(run.join("run.toml").exists() && run.join("metrics.jsonl").exists());
+    }
+    let svg = std::fs::read_to_string(dir.join("out/utility.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("distance_to_optimum"),
+        "{svg}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("out/results.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["points"].as_array().unwrap().len(), 6);
+    // The plot and table are redrawn from results.json without running.
+    std::fs::remove_file(dir.join("out/utility.svg")).unwrap();
+    let (code, out, err) = fedveil(&["sweep", "--replot", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("| z = 2 | 20 | 4 |"), "{out}");
+    assert!(dir.join("out/utility.svg").exists());
+    // A sweep over noise needs noise to sweep.
+    std::fs::write(&file, "[sweep]\nbase = \"x.toml\"\nout = \"o\"\n").unwrap();
+    let (code, _, err) = fedveil(&["sweep", file.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("x.toml"), "{err}");
 }

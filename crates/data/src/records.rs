@@ -31,6 +31,11 @@ pub struct Record {
     /// by it); empty when the file gives none.
     #[serde(default)]
     pub category: String,
+    /// For code: Python that checks a solution (run after the prompt and
+    /// the generated completion; see `fedveil_model::eval`). Not part of
+    /// FS-LLM's format: an extra key its loaders ignore.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub test: String,
 }
 
 /// Reads every record of a JSON or JSONL file.
@@ -165,6 +170,7 @@ fn record(value: &Value) -> Result<Record, String> {
         input: string(obj, "input", false)?,
         output: string(obj, "output", true)?,
         category,
+        test: string(obj, "test", false)?,
     })
 }
 

@@ -74,6 +74,7 @@ mod tests {
             input: String::new(),
             output: "5".into(),
             category: String::new(),
+            test: String::new(),
         };
         let p = Template::Alpaca.prompt(&r);
         assert!(p.starts_with("Below is an instruction that describes a task. Write"));

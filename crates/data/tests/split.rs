@@ -15,6 +15,7 @@ fn dataset(categories: usize, per: usize) -> Vec<Record> {
                 input: String::new(),
                 output: format!("a{c}-{i}"),
                 category: format!("cat{c:02}"),
+                test: String::new(),
             });
         }
     }

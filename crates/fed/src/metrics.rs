@@ -149,6 +149,8 @@ pub enum Event {
         attempt: u32,
         reason: String,
     },
+    /// The evaluation of the model a new federation starts from.
+    InitialEvaluation(crate::trainer::Evaluation),
     RoundCompleted(Box<RoundMetrics>),
     Finished {
         rounds: u64,

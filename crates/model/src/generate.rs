@@ -57,7 +57,7 @@ pub fn generate(
     let mut input = Tensor::from_slice(prompt, (1, prompt.len()), model.device())?;
     let mut out = Vec::with_capacity(options.max_new_tokens);
     while out.len() < options.max_new_tokens {
-        let logits = model.forward_cached(&input, adapter, &mut cache)?;
+        let logits = model.forward_cached_last(&input, adapter, &mut cache)?;
         let last = logits.get(0)?.get(logits.dim(1)? - 1)?;
         let next = pick(&last, options.sampling, rng)?;
         out.push(next);

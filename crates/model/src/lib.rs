@@ -8,6 +8,7 @@
 
 pub mod check;
 pub mod config;
+pub mod eval;
 pub mod federated;
 pub mod fetch;
 mod fused;

@@ -368,7 +368,7 @@ impl Llama {
     /// `(batch, seq)`. With a prompt- or P-tuning adapter the first
     /// `adapter.virtual_tokens()` positions are the soft prompt's.
     pub fn forward(&self, ids: &Tensor, adapter: Option<&Adapter>, mode: Mode) -> Result<Tensor> {
-        self.run(ids, adapter, mode, None)
+        self.run(ids, adapter, mode, None, false)
     }
 
     /// Like [`Llama::forward`], continuing from (and extending) `cache`. The
@@ -379,7 +379,19 @@ impl Llama {
         adapter: Option<&Adapter>,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        self.run(ids, adapter, Mode::Eval, Some(cache))
+        self.run(ids, adapter, Mode::Eval, Some(cache), false)
+    }
+
+    /// Like [`Llama::forward_cached`], returning the logits of the last
+    /// position only, `(batch, 1, vocab)`: all that generation needs, at
+    /// a fraction of the output projection's cost for a long prompt.
+    pub fn forward_cached_last(
+        &self,
+        ids: &Tensor,
+        adapter: Option<&Adapter>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        self.run(ids, adapter, Mode::Eval, Some(cache), true)
     }
 
     fn run(
@@ -388,6 +400,7 @@ impl Llama {
         adapter: Option<&Adapter>,
         mut mode: Mode,
         mut cache: Option<&mut KvCache>,
+        last_only: bool,
     ) -> Result<Tensor> {
         let b = ids.dim(0)?;
         let first = cache.as_ref().is_none_or(|c| c.layers.is_empty());
@@ -439,6 +452,9 @@ impl Llama {
         }
         if let Some(c) = cache {
             c.position += t;
+        }
+        if last_only {
+            x = x.narrow(1, t - 1, 1)?;
         }
         self.head(&x, adapter)
     }

@@ -1,0 +1,338 @@
+//! Task metrics beyond the loss: GSM8K exact match (the number a solution
+//! ends with), and pass@k for code (HumanEval, MBPP) with generated
+//! programs run against their tests in a sandboxed `python3`.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{ModelError, Result};
+
+// ------------------------------------------------------------ GSM8K
+
+/// The final answer of a GSM8K solution, as a canonical decimal string:
+/// the number after the last `####` (the dataset's own format), else the
+/// first number after `The answer is` (the few-shot format FS-LLM prompts
+/// for, any case), else the last number in the text. Commas, dollar signs
+/// and a trailing period are ignored; `18.00` becomes `18`.
+pub fn gsm8k_answer(text: &str) -> Option<String> {
+    if let Some(at) = text.rfind("####") {
+        return first_number(&text[at + 4..]);
+    }
+    let lower = text.to_lowercase();
+    if let Some(at) = lower.find("the answer is") {
+        // Lowercasing keeps ASCII offsets; the trigger is ASCII.
+        return first_number(&lower[at + "the answer is".len()..]);
+    }
+    numbers(text).last().and_then(|n| canonical(n))
+}
+
+/// Whether a generated solution's answer equals the reference's.
+pub fn gsm8k_exact_match(generated: &str, reference: &str) -> bool {
+    match (gsm8k_answer(generated), gsm8k_answer(reference)) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
+}
+
+fn first_number(text: &str) -> Option<String> {
+    numbers(text).first().and_then(|n| canonical(n))
+}
+
+/// The numbers in `text` (`-?\d[\d,]*(\.\d+)?`), commas removed.
+fn numbers(text: &str) -> Vec<String> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let starts = chars[i].is_ascii_digit()
+            || (chars[i] == '-' && chars.get(i + 1).is_some_and(char::is_ascii_digit));
+        if !starts {
+            i += 1;
+            continue;
+        }
+        let mut n = String::new();
+        if chars[i] == '-' {
+            n.push('-');
+            i += 1;
+        }
+        while i < chars.len() {
+            let c = chars[i];
+            if c.is_ascii_digit() {
+                n.push(c);
+            } else if c == ',' && chars.get(i + 1).is_some_and(char::is_ascii_digit) {
+                // A thousands separator.
+            } else if c == '.' && chars.get(i + 1).is_some_and(char::is_ascii_digit) {
+                n.push('.');
+            } else {
+                break;
+            }
+            i += 1;
+        }
+        out.push(n);
+    }
+    out
+}
+
+/// `n` without superfluous zeros: `018.50` → `18.5`, `-0.0` → `0`.
+fn canonical(n: &str) -> Option<String> {
+    let (neg, digits) = match n.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, n),
+    };
+    let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
+    if int.is_empty() && frac.is_empty() {
+        return None;
+    }
+    let int = int.trim_start_matches('0');
+    let frac = frac.trim_end_matches('0');
+    let int = if int.is_empty() { "0" } else { int };
+    let body = if frac.is_empty() {
+        int.to_string()
+    } else {
+        format!("{int}.{frac}")
+    };
+    Some(if neg && body != "0" {
+        format!("-{body}")
+    } else {
+        body
+    })
+}
+
+// ------------------------------------------------------------ pass@k
+
+/// The unbiased pass@k estimator (Chen et al. 2021): the probability that
+/// at least one of `k` samples drawn without replacement from `n`
+/// generations, `c` of them correct, passes; `1 − C(n−c, k)/C(n, k)`,
+/// computed as a product so that it neither overflows nor cancels.
+pub fn pass_at_k(n: usize, c: usize, k: usize) -> Result<f64> {
+    if k == 0 || k > n || c > n {
+        return Err(ModelError::Input(format!(
+            "pass@k needs 1 ≤ k ≤ n and c ≤ n, got n = {n}, c = {c}, k = {k}"
+        )));
+    }
+    if n - c < k {
+        return Ok(1.0);
+    }
+    let fail: f64 = ((n - c + 1)..=n)
+        .map(|i| 1.0 - k as f64 / i as f64)
+        .product();
+    Ok(1.0 - fail)
+}
+
+/// How a program ran against its tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every test passed (the program exited with status 0).
+    Passed,
+    /// It raised, failed an assertion, or ran out of memory; the tail of
+    /// its error output.
+    Failed(String),
+    /// It ran past its time limit and was killed.
+    TimedOut,
+}
+
+/// What a sandboxed program may use.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limits {
+    /// Wall-clock time; the process group is killed after it.
+    pub timeout: Duration,
+    /// Address space (`RLIMIT_AS`).
+    pub memory_bytes: u64,
+    /// CPU seconds (`RLIMIT_CPU`).
+    pub cpu_seconds: u64,
+    /// The largest file it may write (`RLIMIT_FSIZE`).
+    pub file_bytes: u64,
+    /// The Python interpreter.
+    pub python: PathBuf,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            timeout: Duration::from_secs(10),
+            memory_bytes: 1 << 30,
+            cpu_seconds: 10,
+            file_bytes: 1 << 20,
+            python: PathBuf::from("python3"),
+        }
+    }
+}
+
+/// The output kept from a program.
+const MAX_OUTPUT: usize = 64 << 10;
+
+/// Set up by trusted code before the candidate runs: resource limits,
+/// no sockets, no subprocesses, the working directory a fresh temporary
+/// one. The candidate then runs with `exec` in a fresh namespace; its
+/// exit status is the verdict.
+const GUARD: &str = r#"
+import os, resource, sys
+mem, cpu, fsize = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+import socket
+def _no_network(*a, **k):
+    raise OSError("network access is disabled in the sandbox")
+socket.socket = _no_network
+socket.create_connection = _no_network
+socket.socketpair = _no_network
+socket.getaddrinfo = _no_network
+def _no_processes(*a, **k):
+    raise OSError("starting processes is disabled in the sandbox")
+for name in ("system", "fork", "forkpty", "execv", "execve", "execvp", "execvpe",
+             "execl", "execle", "execlp", "execlpe", "spawnv", "spawnve", "spawnvp",
+             "spawnvpe", "posix_spawn", "posix_spawnp", "popen", "kill", "killpg"):
+    if hasattr(os, name):
+        setattr(os, name, _no_processes)
+import subprocess
+subprocess.Popen = _no_processes
+source = sys.stdin.read()
+sys.stdin = open(os.devnull)
+exec(compile(source, "<candidate>", "exec"), {"__name__": "__main__"})
+"#;
+
+/// Runs `program` (a candidate solution followed by its tests) in
+/// `python3` under `limits`, in a fresh temporary directory, with a clean
+/// environment, its own process group (killed as a whole at the end), and
+/// no network: its own network namespace where the system allows one
+/// ([`network_isolation`]), and sockets disabled in the interpreter.
+pub fn run_python(program: &str, limits: &Limits) -> Result<Outcome> {
+    let dir = tempdir()?;
+    let result = run_in(program, limits, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn run_in(program: &str, limits: &Limits, dir: &std::path::Path) -> Result<Outcome> {
+    use std::io::Write;
+    use std::os::unix::process::CommandExt;
+    let io = |e: std::io::Error| ModelError::Config(format!("running python3: {e}"));
+    let mut cmd = match network_isolation() {
+        Some(prefix) => {
+            let mut c = Command::new(prefix[0]);
+            c.args(&prefix[1..]).arg(&limits.python);
+            c
+        }
+        None => Command::new(&limits.python),
+    };
+    let mut child = cmd
+        .args(["-I", "-S", "-B", "-c", GUARD])
+        .arg(limits.memory_bytes.to_string())
+        .arg(limits.cpu_seconds.max(1).to_string())
+        .arg(limits.file_bytes.to_string())
+        .current_dir(dir)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", dir)
+        .env("TMPDIR", dir)
+        .process_group(0)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(io)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A program that exits before reading everything is its own verdict.
+        let _ = stdin.write_all(program.as_bytes());
+    }
+    let mut stderr = child.stderr.take();
+    let reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(s) = stderr.as_mut() {
+            let _ = s.take(MAX_OUTPUT as u64 * 4).read_to_end(&mut buf);
+        }
+        buf
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(io)? {
+            break Some(status);
+        }
+        if started.elapsed() >= limits.timeout {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // Whatever the candidate started goes with it: the whole group.
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", child.id())])
+        .stderr(Stdio::null())
+        .status();
+    let _ = child.kill();
+    let _ = child.wait();
+    let err = reader.join().unwrap_or_default();
+    let tail = String::from_utf8_lossy(&err[err.len().saturating_sub(MAX_OUTPUT)..]).into_owned();
+    Ok(match status {
+        None => Outcome::TimedOut,
+        Some(s) if s.success() => Outcome::Passed,
+        Some(s) => {
+            use std::os::unix::process::ExitStatusExt;
+            // SIGXCPU or SIGKILL from the CPU limit: it ran out of time.
+            if matches!(s.signal(), Some(24) | Some(9)) {
+                Outcome::TimedOut
+            } else {
+                Outcome::Failed(tail.lines().rev().take(8).collect::<Vec<_>>().join("\n"))
+            }
+        }
+    })
+}
+
+/// A command prefix that gives the program a network namespace of its own
+/// (no interfaces but loopback, so nothing outside is reachable), where
+/// the system allows it: `unshare --net` as root, or inside a new user
+/// namespace otherwise. `None`: only the Python-level guard applies.
+pub fn network_isolation() -> Option<&'static [&'static str]> {
+    static PREFIX: std::sync::OnceLock<Option<&'static [&'static str]>> =
+        std::sync::OnceLock::new();
+    *PREFIX.get_or_init(|| {
+        const ROOT: &[&str] = &["unshare", "--net", "--"];
+        const USER: &[&str] = &["unshare", "--map-root-user", "--net", "--"];
+        [ROOT, USER].into_iter().find(|p| {
+            Command::new(p[0])
+                .args(&p[1..])
+                .arg("true")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+    })
+}
+
+fn tempdir() -> Result<PathBuf> {
+    let mut bytes = [0u8; 12];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
+    let name: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let dir = std::env::temp_dir().join(format!("fedveil-sandbox-{name}"));
+    std::fs::create_dir(&dir).map_err(|e| ModelError::file(&dir, e))?;
+    Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_canonical() {
+        assert_eq!(canonical("018.50").as_deref(), Some("18.5"));
+        assert_eq!(canonical("-0.0").as_deref(), Some("0"));
+        assert_eq!(canonical("1000").as_deref(), Some("1000"));
+        assert_eq!(numbers("a 1,234.5 b -7 c 3."), vec!["1234.5", "-7", "3"]);
+    }
+
+    #[test]
+    fn pass_at_k_is_the_unbiased_estimator() {
+        assert_eq!(pass_at_k(10, 0, 1).unwrap(), 0.0);
+        assert_eq!(pass_at_k(10, 10, 5).unwrap(), 1.0);
+        assert!((pass_at_k(10, 3, 1).unwrap() - 0.3).abs() < 1e-12);
+        // 1 − C(7,2)/C(10,2) = 1 − 21/45.
+        assert!((pass_at_k(10, 3, 2).unwrap() - (1.0 - 21.0 / 45.0)).abs() < 1e-12);
+        assert_eq!(pass_at_k(5, 4, 2).unwrap(), 1.0);
+        assert!(pass_at_k(5, 1, 6).is_err());
+        assert!(pass_at_k(200, 1, 100).unwrap() > 0.49);
+    }
+}
