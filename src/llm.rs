@@ -14,7 +14,9 @@ use fedveil_fed::FedError;
 use fedveil_fed::trainer::{
     Evaluation, Evaluator, LocalUpdate, TrainError, Trainer, TrainingConfig,
 };
-use fedveil_model::eval::gsm8k_exact_match;
+use fedveil_model::eval::{
+    Limits, Outcome, gsm8k_exact_match, pass_at_k, run_python, test_program,
+};
 use fedveil_model::federated::{LocalTraining, RoundSettings};
 use fedveil_model::generate::{GenerateOptions, Sampling, generate};
 use fedveil_model::load::Loaded;
@@ -39,15 +41,16 @@ pub struct LlmTask {
     /// model: it receives the emulator from the server.
     #[serde(default)]
     pub model: Option<String>,
-    /// Training records in FS-LLM's format (JSON or JSONL): a client's own,
-    /// or, for `fedveil run`, the whole set that `split` deals out.
-    #[serde(default)]
-    pub data: Option<PathBuf>,
-    /// The server's held-out records.
-    #[serde(default)]
-    pub eval_data: Option<PathBuf>,
-    /// For `fedveil run` without `eval_data`: the share of `data` held out
-    /// for the server's evaluation.
+    /// Training records in FS-LLM's format (JSON or JSONL files, or
+    /// built-in datasets; one or a list): a client's own, or, for
+    /// `fedveil run`, the whole set that `split` deals out.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub data: Vec<PathBuf>,
+    /// The server's held-out records (one source or a list).
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub eval_data: Vec<PathBuf>,
+    /// For `fedveil run` without `eval_data`: the share of each source of
+    /// `data` held out (its last records) for the server's evaluation.
     #[serde(default = "defaults::eval_fraction")]
     pub eval_fraction: f64,
     #[serde(default)]
@@ -55,7 +58,7 @@ pub struct LlmTask {
     /// Tokens per example (longer ones are cut).
     #[serde(default = "defaults::max_len")]
     pub max_len: usize,
-    /// Use at most this many records of `data` (0: all).
+    /// Use at most this many records of each source of `data` (0: all).
     #[serde(default)]
     pub max_records: usize,
     /// Evaluate on at most this many held-out records.
@@ -69,9 +72,12 @@ pub struct LlmTask {
     /// starts from and the one it ends with only.
     #[serde(default)]
     pub exact_match: usize,
-    /// Tokens generated per exact-match answer.
+    /// Tokens generated per exact-match or pass@k answer.
     #[serde(default = "defaults::max_new_tokens")]
     pub max_new_tokens: usize,
+    /// pass@k on held-out records that carry tests (HumanEval, MBPP).
+    #[serde(default)]
+    pub pass_at_k: Option<PassAtK>,
     /// How `data` is dealt out (`fedveil run`, or a client with `shard`).
     #[serde(default)]
     pub split: Option<Splitter>,
@@ -89,6 +95,89 @@ pub struct LlmTask {
     pub peft: Option<PeftConfig>,
     #[serde(default)]
     pub optim: ClientOptim,
+}
+
+/// `[task.pass_at_k]`: code generated for held-out problems runs against
+/// their tests in a sandboxed `python3` (`fedveil_model::eval`), on the
+/// model a run starts from and the one it ends with.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassAtK {
+    /// Held-out records with tests to generate for.
+    pub problems: usize,
+    /// Generations per problem (n); 1 is greedy decoding.
+    #[serde(default = "defaults::one")]
+    pub samples: usize,
+    /// The k of each pass@k reported (each at most `samples`).
+    #[serde(default = "defaults::ks")]
+    pub k: Vec<usize>,
+    /// Sampling temperature when `samples` > 1.
+    #[serde(default = "defaults::temperature")]
+    pub temperature: f64,
+    #[serde(default = "defaults::top_p")]
+    pub top_p: f64,
+    /// Wall-clock and CPU seconds per program.
+    #[serde(default = "defaults::timeout_s")]
+    pub timeout_s: u64,
+    /// Address space per program.
+    #[serde(default = "defaults::memory_mib")]
+    pub memory_mib: u64,
+}
+
+impl PassAtK {
+    fn validate(&self) -> Result<(), FedError> {
+        let bad = |m: String| Err(config_error("task.pass_at_k", m));
+        if self.problems == 0 || self.samples == 0 {
+            return bad("problems and samples must be positive".into());
+        }
+        if self.k.is_empty() || self.k.iter().any(|&k| k == 0 || k > self.samples) {
+            return bad(format!(
+                "every k must be in 1..={} (samples), got {:?}",
+                self.samples, self.k
+            ));
+        }
+        if self.samples > 1 && !(self.temperature > 0.0 && self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("sampling needs temperature > 0 and top_p in (0, 1]".into());
+        }
+        if self.timeout_s == 0 || self.memory_mib < 16 {
+            return bad("timeout_s must be positive and memory_mib at least 16".into());
+        }
+        Ok(())
+    }
+
+    fn sampling(&self) -> Sampling {
+        if self.samples == 1 {
+            Sampling::Greedy
+        } else {
+            Sampling::TopP {
+                temperature: self.temperature,
+                top_p: self.top_p,
+            }
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            timeout: std::time::Duration::from_secs(self.timeout_s),
+            memory_bytes: self.memory_mib << 20,
+            cpu_seconds: self.timeout_s,
+            ..Limits::default()
+        }
+    }
+}
+
+/// A dataset or file, or a list of them.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged, expecting = "a dataset name or file, or a list of them")]
+    enum OneOrMany {
+        One(PathBuf),
+        Many(Vec<PathBuf>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(p) => vec![p],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// `[task.optim]`: the client optimiser's settings beyond the round's
@@ -174,6 +263,24 @@ mod defaults {
     pub fn max_new_tokens() -> usize {
         192
     }
+    pub fn one() -> usize {
+        1
+    }
+    pub fn ks() -> Vec<usize> {
+        vec![1]
+    }
+    pub fn temperature() -> f64 {
+        0.8
+    }
+    pub fn top_p() -> f64 {
+        0.95
+    }
+    pub fn timeout_s() -> u64 {
+        10
+    }
+    pub fn memory_mib() -> u64 {
+        1024
+    }
     pub fn adapter_layers() -> usize {
         2
     }
@@ -208,8 +315,12 @@ impl LlmTask {
                 format!("expected \"llm\", got \"{}\"", t.kind),
             ));
         }
-        t.data = t.data.as_deref().map(|p| data_path(base, p));
-        t.eval_data = t.eval_data.as_deref().map(|p| data_path(base, p));
+        for p in t.data.iter_mut().chain(t.eval_data.iter_mut()) {
+            *p = data_path(base, p);
+        }
+        if let Some(p) = &t.pass_at_k {
+            p.validate()?;
+        }
         let rel = |p: &Path| fedveil_fed::config::relative_to(base, p);
         if let Some(m) = &t.model
             && m != "smollm2"
@@ -261,25 +372,39 @@ impl LlmTask {
         Ok(c)
     }
 
-    fn records(&self, key: &str, path: Option<&Path>) -> Result<Vec<Record>, FedError> {
-        let path = path.ok_or_else(|| config_error(key, "is required"))?;
-        let mut records =
-            crate::datasets::load(path).map_err(|e| config_error(key, format!("{e:#}")))?;
-        if self.max_records > 0 && key == "task.data" {
-            records.truncate(self.max_records);
+    /// The records of each source in `paths` (`max_records` of each, for
+    /// `task.data`).
+    fn sources(&self, key: &str, paths: &[PathBuf]) -> Result<Vec<Vec<Record>>, FedError> {
+        if paths.is_empty() {
+            return Err(config_error(key, "is required"));
         }
-        if records.is_empty() {
-            return Err(config_error(
-                key,
-                format!("{} holds no records", path.display()),
-            ));
-        }
-        Ok(records)
+        paths
+            .iter()
+            .map(|path| {
+                let mut records = crate::datasets::load(path)
+                    .map_err(|e| config_error(key, format!("{}: {e:#}", path.display())))?;
+                if self.max_records > 0 && key == "task.data" {
+                    records.truncate(self.max_records);
+                }
+                if records.is_empty() {
+                    return Err(config_error(
+                        key,
+                        format!("{} holds no records", path.display()),
+                    ));
+                }
+                Ok(records)
+            })
+            .collect()
+    }
+
+    /// The records of every source, one after another.
+    fn records(&self, key: &str, paths: &[PathBuf]) -> Result<Vec<Record>, FedError> {
+        Ok(self.sources(key, paths)?.concat())
     }
 
     /// A client's own records: all of `data`, or its shard of a split.
     fn client_records(&self) -> Result<Vec<Record>, FedError> {
-        let records = self.records("task.data", self.data.as_deref())?;
+        let records = self.records("task.data", &self.data)?;
         match (self.shard, self.shards) {
             (None, None) => Ok(records),
             (Some(shard), Some(shards)) if shard < shards => {
@@ -592,6 +717,10 @@ pub struct LlmEvaluator {
     eval: Vec<Example>,
     /// Prompts and reference answers for exact match.
     generate: Vec<(Vec<u32>, String)>,
+    /// Prompts, instructions and tests for pass@k.
+    code: Vec<(Vec<u32>, Record)>,
+    pass_at_k: Option<PassAtK>,
+    seed: u64,
     tokenizer: Tokenizer,
     max_new_tokens: usize,
     initial: Vec<f32>,
@@ -657,24 +786,11 @@ impl Evaluator for LlmEvaluator {
 
     fn evaluate_final(&mut self, params: &[f32]) -> Result<Evaluation, TrainError> {
         let mut out = self.evaluate(params)?;
+        // `evaluate` left the adapter set to `params`.
         if !self.generate.is_empty() {
-            // `evaluate` left the adapter set to `params`.
-            let options = GenerateOptions {
-                max_new_tokens: self.max_new_tokens,
-                sampling: Sampling::Greedy,
-                stop: self.full.config().eos_token_id.into_iter().collect(),
-            };
             let mut hits = 0usize;
             for (prompt, reference) in &self.generate {
-                let ids = generate(
-                    &self.full,
-                    Some(&self.adapter),
-                    prompt,
-                    &options,
-                    &mut OsRng,
-                )
-                .map_err(train_error)?;
-                let text = self.tokenizer.decode(&ids, true).map_err(train_error)?;
+                let text = self.answer(prompt, Sampling::Greedy, &mut OsRng)?;
                 hits += usize::from(gsm8k_exact_match(&text, reference));
             }
             let n = self.generate.len();
@@ -682,11 +798,56 @@ impl Evaluator for LlmEvaluator {
             out.metrics
                 .insert("exact_match".into(), hits as f64 / n as f64);
         }
+        if let Some(cfg) = &self.pass_at_k {
+            // The same samples before and after training, for a given seed.
+            let mut rng = ChaCha20Rng::seed_from_u64(self.seed);
+            let limits = cfg.limits();
+            let mut sums = vec![0.0; cfg.k.len()];
+            let mut passed = 0usize;
+            for (prompt, record) in &self.code {
+                let mut correct = 0usize;
+                for _ in 0..cfg.samples {
+                    let text = self.answer(prompt, cfg.sampling(), &mut rng)?;
+                    let program = test_program(&record.instruction, &text, &record.test);
+                    let outcome = run_python(&program, &limits).map_err(train_error)?;
+                    tracing::debug!(%program, ?outcome, "pass@k sample");
+                    correct += usize::from(outcome == Outcome::Passed);
+                }
+                passed += correct;
+                for (sum, &k) in sums.iter_mut().zip(&cfg.k) {
+                    *sum += pass_at_k(cfg.samples, correct, k).map_err(train_error)?;
+                }
+            }
+            let n = self.code.len();
+            tracing::info!(passed, of = n * cfg.samples, "pass@k programs");
+            for (sum, k) in sums.iter().zip(&cfg.k) {
+                out.metrics.insert(format!("pass@{k}"), sum / n as f64);
+            }
+        }
         Ok(out)
     }
 
     fn client_bundle(&mut self) -> Result<Option<Vec<u8>>, TrainError> {
         Ok(self.bundle.take())
+    }
+}
+
+impl LlmEvaluator {
+    /// The full model's answer (with the adapter as last set) to a prompt.
+    fn answer(
+        &self,
+        prompt: &[u32],
+        sampling: Sampling,
+        rng: &mut dyn rand_core::RngCore,
+    ) -> Result<String, TrainError> {
+        let options = GenerateOptions {
+            max_new_tokens: self.max_new_tokens,
+            sampling,
+            stop: self.full.config().eos_token_id.into_iter().collect(),
+        };
+        let ids = generate(&self.full, Some(&self.adapter), prompt, &options, rng)
+            .map_err(train_error)?;
+        self.tokenizer.decode(&ids, true).map_err(train_error)
     }
 }
 
@@ -753,23 +914,45 @@ fn build_evaluator(
             (Some((emulator, emu_adapter)), Some(bundle))
         }
     };
+    let prompt = |r: &Record, key: &str| {
+        loaded
+            .tokenizer
+            .encode(task.template.prompt(r), true)
+            .map(|p| p.get_ids().to_vec())
+            .map_err(|e| config_error(key, e))
+    };
     let generate = eval_records
         .iter()
         .take(task.exact_match)
-        .map(|r| {
-            let prompt = loaded
-                .tokenizer
-                .encode(task.template.prompt(r), true)
-                .map_err(|e| config_error("task.exact_match", e))?;
-            Ok((prompt.get_ids().to_vec(), r.output.clone()))
-        })
+        .map(|r| Ok((prompt(r, "task.exact_match")?, r.output.clone())))
         .collect::<Result<Vec<_>, FedError>>()?;
+    let code = match &task.pass_at_k {
+        None => Vec::new(),
+        Some(cfg) => {
+            let code = eval_records
+                .iter()
+                .filter(|r| !r.test.is_empty())
+                .take(cfg.problems)
+                .map(|r| Ok((prompt(r, "task.pass_at_k")?, r.clone())))
+                .collect::<Result<Vec<_>, FedError>>()?;
+            if code.is_empty() {
+                return Err(config_error(
+                    "task.pass_at_k",
+                    "no held-out record has tests (a \"test\" key, as mbpp and humaneval have)",
+                ));
+            }
+            code
+        }
+    };
     Ok(LlmEvaluator {
         full,
         adapter,
         emulator,
         eval,
         generate,
+        code,
+        pass_at_k: task.pass_at_k.clone(),
+        seed: task.seed,
         tokenizer: loaded.tokenizer.clone(),
         max_new_tokens: task.max_new_tokens,
         initial,
@@ -933,6 +1116,21 @@ fn held_out(task: &LlmTask, loaded: &Loaded, records: &[Record]) -> Result<Vec<E
     .map_err(|e| config_error("task.eval_data", e))
 }
 
+/// Held-out records taken from each source in turn, so that the first
+/// `eval_examples` (or pass@k problems) cover every source; one source
+/// keeps its order.
+fn interleave(sources: Vec<Vec<Record>>) -> Vec<Record> {
+    let mut iters: Vec<_> = sources.into_iter().map(Vec::into_iter).collect();
+    let mut out = Vec::new();
+    loop {
+        let before = out.len();
+        out.extend(iters.iter_mut().filter_map(Iterator::next));
+        if out.len() == before {
+            return out;
+        }
+    }
+}
+
 /// `fedveil server`'s evaluator.
 pub fn server_evaluator(
     bars: &MultiProgress,
@@ -941,7 +1139,7 @@ pub fn server_evaluator(
     base: &Path,
 ) -> Result<Box<dyn Evaluator>, FedError> {
     let task = LlmTask::from_table(table, base)?;
-    if task.data.is_some() || task.shard.is_some() {
+    if !task.data.is_empty() || task.shard.is_some() {
         return Err(config_error(
             "task.data",
             "a server holds no client's data; give it eval_data only",
@@ -949,7 +1147,7 @@ pub fn server_evaluator(
     }
     let offsite = offsite_of(offsite, base)?;
     let loaded = load_model(task.model.as_deref())?;
-    let records = task.records("task.eval_data", task.eval_data.as_deref())?;
+    let records = interleave(task.sources("task.eval_data", &task.eval_data)?);
     let eval = held_out(&task, &loaded, &records)?;
     let (peft, offsite) = plan_adapter(&task, offsite, &loaded.model)?;
     Ok(Box::new(build_evaluator(
@@ -1001,10 +1199,10 @@ pub fn local(
     }
     let offsite = offsite_of(offsite, base)?;
     let loaded = load_model(task.model.as_deref())?;
-    let mut records = task.records("task.data", task.data.as_deref())?;
-    let eval_records = match &task.eval_data {
-        Some(p) => task.records("task.eval_data", Some(p))?,
-        None => {
+    let mut sources = task.sources("task.data", &task.data)?;
+    let eval_records = if task.eval_data.is_empty() {
+        let mut held_out = Vec::new();
+        for records in &mut sources {
             let held = ((records.len() as f64 * task.eval_fraction).round() as usize)
                 .clamp(1, records.len().saturating_sub(clients as usize).max(1));
             if records.len() <= held {
@@ -1013,9 +1211,13 @@ pub fn local(
                     "too few records to hold some out for evaluation; give eval_data",
                 ));
             }
-            records.split_off(records.len() - held)
+            held_out.push(records.split_off(records.len() - held));
         }
+        interleave(held_out)
+    } else {
+        interleave(task.sources("task.eval_data", &task.eval_data)?)
     };
+    let records = sources.concat();
     let split = task
         .splitter()
         .split(&records, clients as usize, task.seed)

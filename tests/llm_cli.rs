@@ -172,6 +172,24 @@ fn bad_language_model_configs_are_refused_with_the_key() {
         ("", &["--set", "task.max_len=1"], "task.max_len"),
         ("", &["--set", "task.colour=1"], "colour"),
         (
+            "",
+            &[
+                "--set",
+                "task.pass_at_k={problems = 2, samples = 1, k = [2]}",
+            ],
+            "every k must be in 1..=1",
+        ),
+        (
+            "",
+            &["--set", "task.pass_at_k={problems = 2}"],
+            "no held-out record has tests",
+        ),
+        (
+            "",
+            &["--set", "task.data=3"],
+            "a dataset name or file, or a list",
+        ),
+        (
             "[offsite]\nenabled = true\ntuning = \"lora\"\n[task.peft]\nmethod = \"prompt\"\n",
             &[],
             "task.peft",
@@ -217,6 +235,97 @@ fn bad_language_model_configs_are_refused_with_the_key() {
     let (code, _, err) = fedveil(&["run", "--quiet", synthetic.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("offsite.enabled"), "{err}");
+}
+
+/// Code records: a function header for a prompt, the body for an answer
+/// and an assertion for a test, every function returning the same number
+/// so that a tiny model can learn to write it.
+fn code_records(n: usize, offset: usize) -> Vec<Record> {
+    (offset..offset + n)
+        .map(|i| Record {
+            instruction: format!("def f{i}():\n"),
+            input: String::new(),
+            output: "    return 7\n".into(),
+            category: "code".into(),
+            test: format!("assert f{i}() == 7"),
+        })
+        .collect()
+}
+
+// pass@k end to end: generated code runs against its tests in the sandbox
+// (python3, time and memory limits, no network), on the model the run
+// starts from and the one it ends with; data from two sources, held out
+// from each.
+#[test]
+fn pass_at_k_judges_generated_code_from_two_sources_in_the_sandbox() {
+    let dir = scratch("passk");
+    let model = tiny_model(&dir);
+    write_records(&dir.join("code.jsonl"), &code_records(48, 0));
+    write_records(&dir.join("colours.jsonl"), &records(48, 0));
+    let config = format!(
+        r#"
+[run]
+clients = 3
+
+[federation]
+rounds = 12
+cohort_size = 3
+
+[training]
+local_steps = 8
+batch_size = 8
+learning_rate = 0.01
+
+[optimizer]
+kind = "fedavg"
+server_lr = 1.0
+
+[secagg]
+threshold = 2
+clamp = 1.0
+
+[task]
+kind = "llm"
+model = "{model}"
+data = ["code.jsonl", "colours.jsonl"]
+eval_fraction = 0.125
+template = "plain"
+max_len = 48
+split = {{ kind = "meta" }}
+max_new_tokens = 16
+
+[task.pass_at_k]
+problems = 4
+samples = 2
+k = [1, 2]
+timeout_s = 5
+temperature = 0.1
+
+[task.peft]
+method = "lora"
+r = 8
+alpha = 16
+target_modules = ["all-linear"]
+"#,
+        model = model.display()
+    );
+    let file = dir.join("run.toml");
+    std::fs::write(&file, config).unwrap();
+    let (code, out, err) = fedveil(&["run", file.to_str().unwrap(), "--json", "--quiet"]);
+    assert_eq!(code, 0, "{err}");
+    let summary: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON summary");
+    let (before, after) = (&summary["initial_eval"], &summary["eval"]);
+    for eval in [before, after] {
+        for k in ["pass@1", "pass@2"] {
+            let p = eval[k].as_f64().unwrap_or(-1.0);
+            assert!((0.0..=1.0).contains(&p), "{k}: {summary}");
+        }
+        assert!(eval["pass@2"].as_f64() >= eval["pass@1"].as_f64());
+    }
+    // A random model writes no working function; the trained one learnt
+    // the answer that every test accepts.
+    assert_eq!(before["pass@1"].as_f64(), Some(0.0), "{summary}");
+    assert!(after["pass@1"].as_f64().unwrap() > 0.0, "{summary}");
 }
 
 // offsite-tuning.md §3: each client process receives, over QUIC, the

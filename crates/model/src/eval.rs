@@ -121,6 +121,56 @@ pub fn pass_at_k(n: usize, c: usize, k: usize) -> Result<f64> {
     Ok(1.0 - fail)
 }
 
+/// The code in a model's answer: the first fenced block (```` ```python ````
+/// or a bare fence); the text before the fence when the answer has a lone
+/// closing fence (a completion that ends its code with one); else the
+/// whole answer.
+pub fn extract_code(answer: &str) -> String {
+    let Some(open) = answer.find("```") else {
+        return answer.to_string();
+    };
+    if answer.matches("```").count() == 1 && !answer[..open].trim().is_empty() {
+        return answer[..open].to_string();
+    }
+    // The rest of the opening line names the language.
+    let body = answer[open + 3..].split_once('\n').map_or("", |(_, b)| b);
+    body[..body.find("```").unwrap_or(body.len())].to_string()
+}
+
+/// Whether a prompt is itself the start of the program (HumanEval's
+/// signature and docstring) rather than prose (MBPP's task): its first
+/// line that is not blank is Python that begins a module.
+pub fn is_code_prompt(instruction: &str) -> bool {
+    instruction
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .is_some_and(|l| {
+            ["def ", "from ", "import ", "class ", "@", "#", "async def "]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
+}
+
+/// The program that tests a generated answer: the code in it
+/// ([`extract_code`]), after the prompt when the prompt is code
+/// ([`is_code_prompt`]; a completion that repeats the whole function just
+/// redefines it), then the tests.
+pub fn test_program(instruction: &str, answer: &str, test: &str) -> String {
+    let code = extract_code(answer);
+    let mut program = String::new();
+    if is_code_prompt(instruction) {
+        program.push_str(instruction);
+        if !program.ends_with('\n') {
+            program.push('\n');
+        }
+    }
+    program.push_str(&code);
+    program.push_str("\n\n");
+    program.push_str(test);
+    program.push('\n');
+    program
+}
+
 /// How a program ran against its tests.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {

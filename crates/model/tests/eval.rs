@@ -5,7 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use fedveil_model::eval::{Limits, Outcome, gsm8k_answer, gsm8k_exact_match, run_python};
+use fedveil_model::eval::{
+    Limits, Outcome, extract_code, gsm8k_answer, gsm8k_exact_match, is_code_prompt, pass_at_k,
+    run_python, test_program,
+};
 
 #[test]
 fn gsm8k_answers_in_real_formats() {
@@ -100,4 +103,77 @@ fn the_sandbox_stops_loops_bombs_forks_and_the_network() {
     let write =
         "open('out.txt', 'w').write('x')\nimport os\nassert os.listdir('.') == ['out.txt']\n";
     assert_eq!(run_python(write, &limits()).unwrap(), Outcome::Passed);
+}
+
+/// HumanEval/0 as the dataset ships it (MIT): the prompt is the start of
+/// the program, and the test ends by calling `check` on the entry point.
+const HE_PROMPT: &str = "from typing import List\n\n\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n    \"\"\" Check if in given list of numbers, are any two numbers closer to each other than\n    given threshold.\n    >>> has_close_elements([1.0, 2.0, 3.0], 0.5)\n    False\n    \"\"\"\n";
+const HE_TEST: &str = "def check(candidate):\n    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.3) == True\n    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.05) == False\n    assert candidate([1.0, 2.0, 5.9, 4.0, 5.0], 0.95) == True\n    assert candidate([1.1, 2.2, 3.1, 4.1, 5.1], 1.0) == True\n\ncheck(has_close_elements)\n";
+
+#[test]
+fn code_answers_become_programs_that_pass_or_fail_on_their_tests() {
+    assert!(is_code_prompt(HE_PROMPT));
+    let mbpp = "Write a function to add two numbers.\nassert add(2, 3) == 5";
+    assert!(!is_code_prompt(mbpp));
+
+    // The dataset's own completion: the body only.
+    let body = "    for i, a in enumerate(numbers):\n        for j, b in enumerate(numbers):\n            if i != j and abs(a - b) < threshold:\n                return True\n    return False\n";
+    let judge = |answer: &str, prompt: &str, test: &str| {
+        run_python(&test_program(prompt, answer, test), &limits()).unwrap()
+    };
+    assert_eq!(judge(body, HE_PROMPT, HE_TEST), Outcome::Passed);
+    // A chat model's answer: the whole function in a fence, with prose.
+    let fenced = format!(
+        "Here is the function:\n```python\nfrom typing import List\n\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n{body}```\nIt compares every pair."
+    );
+    assert_eq!(judge(&fenced, HE_PROMPT, HE_TEST), Outcome::Passed);
+    // A body that ends with a stray closing fence.
+    assert_eq!(
+        judge(&format!("{body}```\nDone."), HE_PROMPT, HE_TEST),
+        Outcome::Passed
+    );
+    // Wrong answers fail: an off-by-one comparison, and prose.
+    let wrong = body.replace("< threshold", "< threshold / 10");
+    assert!(matches!(
+        judge(&wrong, HE_PROMPT, HE_TEST),
+        Outcome::Failed(_)
+    ));
+    assert!(matches!(
+        judge("I would compare every pair of numbers.", HE_PROMPT, HE_TEST),
+        Outcome::Failed(_)
+    ));
+
+    // MBPP: the prompt is prose, so the answer must define the function.
+    let test = "assert add(2, 3) == 5\nassert add(-1, 1) == 0";
+    let good = "```python\ndef add(a, b):\n    return a + b\n```";
+    assert_eq!(judge(good, mbpp, test), Outcome::Passed);
+    let looping = "def add(a, b):\n    while True:\n        pass\n";
+    assert_eq!(judge(looping, mbpp, test), Outcome::TimedOut);
+
+    assert_eq!(extract_code("no fences"), "no fences");
+    assert_eq!(extract_code("```\nx = 1\n```"), "x = 1\n");
+}
+
+#[test]
+fn pass_at_k_over_judged_samples() {
+    // Four samples of one problem: two right, one wrong, one endless loop.
+    let test = "assert add(2, 3) == 5";
+    let samples = [
+        "def add(a, b):\n    return a + b",
+        "def add(a, b):\n    return b + a",
+        "def add(a, b):\n    return a * b",
+        "def add(a, b):\n    while True:\n        pass",
+    ];
+    let passed = samples
+        .iter()
+        .filter(|s| {
+            run_python(&test_program("Add two numbers.", s, test), &limits()).unwrap()
+                == Outcome::Passed
+        })
+        .count();
+    assert_eq!(passed, 2);
+    assert!((pass_at_k(4, passed, 1).unwrap() - 0.5).abs() < 1e-12);
+    // 1 − C(2,2)/C(4,2) = 1 − 1/6.
+    assert!((pass_at_k(4, passed, 2).unwrap() - 5.0 / 6.0).abs() < 1e-12);
+    assert_eq!(pass_at_k(4, passed, 3).unwrap(), 1.0);
 }
