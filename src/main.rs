@@ -1,6 +1,7 @@
 //! The `fedveil` command line. It only parses arguments and prints; the work
 //! happens in the workspace crates.
 
+mod audit;
 mod data;
 mod datasets;
 mod display;
@@ -57,6 +58,9 @@ enum Command {
     Model(model::Args),
     /// Datasets: prepare one as JSONL records, or split one among clients.
     Data(data::Args),
+    /// Attack the protocol and the privacy mechanism, claim by claim, and
+    /// report what held (docs/audit.md); exit status 1 if any claim failed.
+    Audit(audit::Args),
     /// Run a grid of federations (noise, clients, rounds) and plot utility
     /// against the ε spent.
     Sweep(sweep::Args),
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
         Command::Model(args) => model::run(&args),
         Command::Data(args) => data::run(&args),
         Command::Sweep(args) => sweep::run(&args),
+        Command::Audit(args) => audit::run(&args),
     };
     // 0: done; 1: the work ran and failed; 2: bad input, nothing ran.
     match result {
