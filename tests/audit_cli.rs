@@ -32,6 +32,12 @@ fn every_claim_holds_on_the_default_configuration() {
         "server.too_few_survivors",
         "server.different_model",
         "server.control",
+        "client.forged_signature",
+        "client.tampered_ciphertext",
+        "client.wrong_length",
+        "client.out_of_round",
+        "network.unauthenticated_client",
+        "network.oversized_frame",
         "transcript.same_sum",
         "dp.noise_0.5",
         "dp.noise_1",
@@ -61,7 +67,7 @@ fn every_claim_holds_on_the_default_configuration() {
     }
     assert_eq!(report["failed"], 0);
     let md = std::fs::read_to_string(&md).unwrap();
-    assert!(md.contains("13 of 13 claims held"), "{md}");
+    assert!(md.contains("19 of 19 claims held"), "{md}");
     assert!(md.contains("| **server.equivocation**"), "{md}");
     // The same seed replays the protocol sessions exactly.
     let (_, again, _) = audit(&["--seed", "7"]);

@@ -576,6 +576,252 @@ pub fn control(seed: u64) -> Result<Finding, SimError> {
     Ok(pooled.finding())
 }
 
+/// What a malicious client achieved against the server.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ClientFinding {
+    /// The server's rejections of the attacker's messages.
+    pub rejected: Vec<String>,
+    /// Complaints honest clients filed (a tampered envelope).
+    pub complaints: usize,
+    /// Whether the round ended with a sum, and over how many clients.
+    pub completed: bool,
+    pub survivors: usize,
+    /// Whether the sum is exactly that of the survivors' inputs.
+    pub sum_exact: bool,
+    /// Whether every honest client is among the survivors.
+    pub honest_served: bool,
+}
+
+impl ClientFinding {
+    /// The attack was noticed (rejected or reported), and the round still
+    /// completed with the exact sum, every honest client in it.
+    pub fn held(&self) -> bool {
+        (!self.rejected.is_empty() || self.complaints > 0)
+            && self.completed
+            && self.sum_exact
+            && self.honest_served
+    }
+
+    pub fn evidence(&self) -> String {
+        let mut kinds: Vec<&str> = self.rejected.iter().map(String::as_str).collect();
+        kinds.dedup();
+        format!(
+            "{} rejected{}; {} complaint(s); the round {} with {} of {} clients, sum {}, every \
+             honest client served: {}",
+            self.rejected.len(),
+            if kinds.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({})",
+                    kinds.into_iter().take(3).collect::<Vec<_>>().join("; ")
+                )
+            },
+            self.complaints,
+            if self.completed {
+                "completed"
+            } else {
+                "did NOT complete"
+            },
+            self.survivors,
+            CLIENTS,
+            if self.sum_exact { "exact" } else { "WRONG" },
+            self.honest_served
+        )
+    }
+}
+
+/// The malicious client of the client attacks.
+pub const ATTACKER: ClientId = ClientId(2);
+
+impl Session {
+    /// Hands the attacker's message straight to the server, keeping the
+    /// rejection.
+    fn inject(&mut self, msg: ClientMessage) {
+        let now = self.cohort.now;
+        if let Err(e) = self.cohort.server.handle_message(now, ATTACKER, msg) {
+            self.refusals.push((ATTACKER.0, e.to_string()));
+        }
+    }
+
+    /// Runs the session to its end and reports what the attacker achieved.
+    fn client_finding(mut self) -> Result<ClientFinding, SimError> {
+        let outcome = self.cohort.run()?;
+        let honest: Vec<ClientId> = (0..CLIENTS)
+            .map(ClientId)
+            .filter(|c| *c != ATTACKER)
+            .collect();
+        let (completed, survivors, sum_exact, honest_served, complaints) = match outcome {
+            Ok(agg) => {
+                let mut sum = vec![0u32; DIM as usize];
+                for c in &agg.survivors {
+                    for (a, x) in sum.iter_mut().zip(&self.inputs[c.0 as usize]) {
+                        *a = a.wrapping_add(*x);
+                    }
+                }
+                (
+                    true,
+                    agg.survivors.len(),
+                    sum == agg.sum,
+                    honest.iter().all(|c| agg.survivors.contains(c)),
+                    agg.complaints.len(),
+                )
+            }
+            Err(_) => (false, 0, false, false, 0),
+        };
+        Ok(ClientFinding {
+            rejected: self.refusals.into_iter().map(|(_, e)| e).collect(),
+            complaints,
+            completed,
+            survivors,
+            sum_exact,
+            honest_served,
+        })
+    }
+
+    /// Starts the session and collects every client's AdvertiseKeys,
+    /// undelivered to the server.
+    fn adverts(&mut self) -> Result<Vec<(ClientId, ClientMessage)>, SimError> {
+        self.cohort.start();
+        let setup = self.cohort.take_outbox()?;
+        Ok(setup
+            .into_iter()
+            .filter_map(|(to, msg)| match self.cohort.deliver(to, msg) {
+                Ok(Some(m)) => Some((to, m)),
+                _ => None,
+            })
+            .collect())
+    }
+}
+
+/// §6.2, §6.8: the attacker's key advertisement carries a forged signature
+/// (its keys changed after signing), then another client's keys under its
+/// own name. Both are rejected; it never gets into the session, and the
+/// others finish without it.
+pub fn forged_signature(seed: u64) -> Result<ClientFinding, SimError> {
+    let mut s = Session::new(seed, |_| None)?;
+    let adverts = s.adverts()?;
+    let now = s.cohort.now;
+    let someone_elses = adverts
+        .iter()
+        .find(|(from, _)| *from != ATTACKER)
+        .map(|(_, m)| m.clone());
+    for (from, msg) in adverts {
+        if from != ATTACKER {
+            s.cohort
+                .server
+                .handle_message(now, from, msg)
+                .map_err(|_| SimError::ClientOrder(from))?;
+            continue;
+        }
+        if let ClientMessage::AdvertiseKeys(mut forged) = msg {
+            forged.cipher_pk[0] ^= 1;
+            s.inject(ClientMessage::AdvertiseKeys(forged));
+        }
+    }
+    if let Some(m) = someone_elses {
+        s.inject(m);
+    }
+    s.client_finding()
+}
+
+/// §5.4, §6.3: the network (or the server relaying) flips a bit of a share
+/// envelope. The recipient cannot open it, reports it, and the round still
+/// completes with every client.
+pub fn tampered_ciphertext(seed: u64) -> Result<ClientFinding, SimError> {
+    let mut s = Session::new(seed, |_| None)?;
+    let mut relays = s.until(Stage::MaskedInput)?;
+    if let Some((_, ServerMessage::ShareRelay { envelopes, .. })) = relays.get_mut(4)
+        && let Some(e) = envelopes.first_mut()
+        && let Some(byte) = e.ciphertext.get_mut(7)
+    {
+        *byte ^= 0x40;
+    }
+    s.cohort.exchange(relays)?;
+    s.client_finding()
+}
+
+/// §6.8: the attacker sends a masked vector of the wrong length, then one
+/// of the wrong width, then a truncated encoding, and never a valid one.
+/// Each is rejected; it counts as dropped, its masks are removed, and the
+/// others' sum is exact.
+pub fn wrong_length(seed: u64) -> Result<ClientFinding, SimError> {
+    let mut s = Session::new(seed, |_| None)?;
+    let relays = s.until(Stage::MaskedInput)?;
+    let now = s.cohort.now;
+    for (to, msg) in relays {
+        let Ok(Some(ClientMessage::MaskedInput(m))) = s.cohort.deliver(to, msg) else {
+            continue;
+        };
+        if to != ATTACKER {
+            s.cohort
+                .server
+                .handle_message(now, to, ClientMessage::MaskedInput(m))
+                .map_err(|_| SimError::ClientOrder(to))?;
+            continue;
+        }
+        let mut short = m.clone();
+        short.masked = PackedVec::pack(&[1, 2, 3], 32).map_err(|_| SimError::ClientOrder(to))?;
+        s.inject(ClientMessage::MaskedInput(short));
+        let mut wide = m.clone();
+        wide.masked =
+            PackedVec::pack(&vec![0; DIM as usize], 16).map_err(|_| SimError::ClientOrder(to))?;
+        s.inject(ClientMessage::MaskedInput(wide));
+        let mut truncated = m;
+        truncated.masked.data.pop();
+        s.inject(ClientMessage::MaskedInput(truncated));
+    }
+    s.client_finding()
+}
+
+/// §6.8: the attacker sends a later stage's message early, a message of
+/// another session, and its key advertisement twice (a replay). Each is
+/// rejected, its genuine messages are still accepted, and the round
+/// completes with every client.
+pub fn out_of_round(seed: u64) -> Result<ClientFinding, SimError> {
+    let mut s = Session::new(seed, |_| None)?;
+    let adverts = s.adverts()?;
+    let now = s.cohort.now;
+    let session = s.session_id();
+    s.inject(ClientMessage::Consistency(
+        crate::messages::ConsistencySignature {
+            session,
+            signature: SignatureBytes([0; 64]),
+        },
+    ));
+    for (from, msg) in adverts {
+        if from == ATTACKER
+            && let ClientMessage::AdvertiseKeys(k) = &msg
+        {
+            let mut other = k.clone();
+            other.session = SessionId([1; 32]);
+            s.inject(ClientMessage::AdvertiseKeys(other));
+            s.cohort
+                .server
+                .handle_message(now, from, msg.clone())
+                .map_err(|_| SimError::ClientOrder(from))?;
+            s.inject(msg);
+            continue;
+        }
+        s.cohort
+            .server
+            .handle_message(now, from, msg)
+            .map_err(|_| SimError::ClientOrder(from))?;
+    }
+    s.client_finding()
+}
+
+/// A malicious client's attack.
+pub type ClientAttack = fn(u64) -> Result<ClientFinding, SimError>;
+
+/// The malicious-client attacks: (name, spec section, attack).
+pub const CLIENT_ATTACKS: &[(&str, &str, ClientAttack)] = &[
+    ("forged_signature", "§6.2, §6.8", forged_signature),
+    ("tampered_ciphertext", "§5.4, §6.3", tampered_ciphertext),
+    ("wrong_length", "§6.8", wrong_length),
+    ("out_of_round", "§6.8", out_of_round),
+];
+
 /// A two-sample chi-square test of homogeneity between two views.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Homogeneity {
@@ -746,6 +992,15 @@ mod tests {
         assert!(f.self_seed_recovered && f.mask_seed_recovered, "{f:?}");
         assert_eq!(f.recovered_coordinates, DIM as usize);
         assert!(!f.target_hidden());
+    }
+
+    #[test]
+    fn malicious_clients_are_rejected_and_the_honest_ones_finish() {
+        for (name, _, attack) in CLIENT_ATTACKS {
+            let f = attack(12).unwrap();
+            eprintln!("{name}: {}", f.evidence());
+            assert!(f.held(), "{name}: {f:?}");
+        }
     }
 
     #[test]
