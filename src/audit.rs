@@ -71,6 +71,28 @@ struct Entry {
     details: serde_json::Value,
 }
 
+impl Entry {
+    fn new(
+        id: impl Into<String>,
+        section: impl Into<String>,
+        claim: impl Into<String>,
+        attack: impl Into<String>,
+        held: bool,
+        evidence: String,
+        details: &impl Serialize,
+    ) -> anyhow::Result<Entry> {
+        Ok(Entry {
+            id: id.into(),
+            section: section.into(),
+            claim: claim.into(),
+            attack: attack.into(),
+            held,
+            evidence,
+            details: serde_json::to_value(details)?,
+        })
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     version: &'static str,
@@ -177,31 +199,28 @@ fn server_attacks(seed: u64, claims: &mut Vec<Entry>) -> anyhow::Result<()> {
         let finding =
             attack(seed.wrapping_add(i as u64)).with_context(|| format!("attack {name}"))?;
         let (claim, what) = describe(name);
-        claims.push(Entry {
-            id: format!("server.{name}"),
-            section: format!("secagg-plus.md {section}"),
-            claim: claim.into(),
-            attack: what.into(),
-            held: finding.target_hidden(),
-            evidence: finding.evidence(),
-            details: serde_json::to_value(&finding)?,
-        });
+        claims.push(Entry::new(
+            format!("server.{name}"),
+            format!("secagg-plus.md {section}"),
+            claim,
+            what,
+            finding.target_hidden(),
+            finding.evidence(),
+            &finding,
+        )?);
     }
     let control = attacks::control(seed).context("the control attack")?;
-    claims.push(Entry {
-        id: "server.control".into(),
-        section: "secagg-plus.md §5.1, §6.7".into(),
-        claim: "The measurement above can see a leak: with both secrets of the target the \
-                server's estimate is its input."
-            .into(),
-        attack: "The same deterministic session run twice, the target alive in one and \
-                 dropped in the other (what fresh per-session keys prevent), pooling the \
-                 shares of both."
-            .into(),
-        held: !control.target_hidden(),
-        evidence: control.evidence(),
-        details: serde_json::to_value(&control)?,
-    });
+    claims.push(Entry::new(
+        "server.control",
+        "secagg-plus.md §5.1, §6.7",
+        "The measurement above can see a leak: with both secrets of the target the server's \
+         estimate is its input.",
+        "The same deterministic session run twice, the target alive in one and dropped in the \
+         other (what fresh per-session keys prevent), pooling the shares of both.",
+        !control.target_hidden(),
+        control.evidence(),
+        &control,
+    )?);
     Ok(())
 }
 
@@ -238,15 +257,15 @@ fn client_attacks(seed: u64, claims: &mut Vec<Entry>) -> anyhow::Result<()> {
         let finding =
             attack(seed.wrapping_add(100 + i as u64)).with_context(|| format!("attack {name}"))?;
         let (claim, what) = describe(name);
-        claims.push(Entry {
-            id: format!("client.{name}"),
-            section: format!("secagg-plus.md {section}"),
-            claim: claim.into(),
-            attack: what.into(),
-            held: finding.held(),
-            evidence: finding.evidence(),
-            details: serde_json::to_value(&finding)?,
-        });
+        claims.push(Entry::new(
+            format!("client.{name}"),
+            format!("secagg-plus.md {section}"),
+            claim,
+            what,
+            finding.held(),
+            finding.evidence(),
+            &finding,
+        )?);
     }
     Ok(())
 }
@@ -281,33 +300,32 @@ fn network_attacks(claims: &mut Vec<Entry>) -> anyhow::Result<()> {
     ];
     for (id, section, claim, attack, finding) in cases {
         let finding = finding.with_context(|| format!("the {id} case"))?;
-        claims.push(Entry {
-            id: id.into(),
-            section: section.into(),
-            claim: claim.into(),
-            attack: attack.into(),
-            held: finding.held(),
-            evidence: finding.evidence(),
-            details: serde_json::to_value(&finding)?,
-        });
+        claims.push(Entry::new(
+            id,
+            section,
+            claim,
+            attack,
+            finding.held(),
+            finding.evidence(),
+            &finding,
+        )?);
     }
     Ok(())
 }
 
 fn transcript(sessions: usize, seed: u64, claims: &mut Vec<Entry>) -> anyhow::Result<()> {
     let t = attacks::transcript(sessions, seed).context("the transcript test")?;
-    claims.push(Entry {
-        id: "transcript.same_sum".into(),
-        section: "secagg-plus.md §8.1".into(),
-        claim: "The server's view depends on the inputs only through their sum.".into(),
-        attack: "The same federation run with two input sets of equal sum (two clients trade \
-                 2^31 on every coordinate), over fresh sessions; a chi-square test compares \
-                 the masked inputs the server saw, with the unmasked inputs as the control."
-            .into(),
-        held: t.held(),
-        evidence: t.evidence(),
-        details: serde_json::to_value(&t)?,
-    });
+    claims.push(Entry::new(
+        "transcript.same_sum",
+        "secagg-plus.md §8.1",
+        "The server's view depends on the inputs only through their sum.",
+        "The same federation run with two input sets of equal sum (two clients trade 2^31 on \
+         every coordinate), over fresh sessions; a chi-square test compares the masked inputs \
+         the server saw, with the unmasked inputs as the control.",
+        t.held(),
+        t.evidence(),
+        &t,
+    )?);
     Ok(())
 }
 
@@ -326,30 +344,29 @@ fn noise_config(z: f64) -> anyhow::Result<NoiseConfig> {
     Ok(noise)
 }
 
-fn dp_entry(id: String, claim: String, attack: String, r: &AuditResult, held: bool) -> Entry {
+fn dp_entry(
+    id: String,
+    claim: String,
+    attack: String,
+    r: &AuditResult,
+    held: bool,
+) -> anyhow::Result<Entry> {
     let (tpr, fpr) = r.rates();
-    Entry {
-        id,
-        section: "dp.md §7".into(),
-        claim,
-        attack,
-        held,
-        evidence: format!(
-            "ε lower bound {:.2} ({:.0} % confidence) against the claimed ε {:.2} at δ = {:e} \
+    let evidence = format!(
+        "ε lower bound {:.2} ({:.0} % confidence) against the claimed ε {:.2} at δ = {:e} \
              (this many trials can prove at most {:.2}); TPR {:.3}, FPR {:.3} on {} held-out \
              trials each way (threshold chosen on {} more)",
-            r.epsilon_lower_bound,
-            100.0 * r.confidence,
-            r.claimed_epsilon,
-            r.delta,
-            r.ceiling,
-            tpr,
-            fpr,
-            r.outcome.positives,
-            r.trials as u64 - r.outcome.positives
-        ),
-        details: serde_json::to_value(r).unwrap_or_default(),
-    }
+        r.epsilon_lower_bound,
+        100.0 * r.confidence,
+        r.claimed_epsilon,
+        r.delta,
+        r.ceiling,
+        tpr,
+        fpr,
+        r.outcome.positives,
+        r.trials as u64 - r.outcome.positives
+    );
+    Entry::new(id, "dp.md §7", claim, attack, held, evidence, r)
 }
 
 fn dp_audits(args: &Args, claims: &mut Vec<Entry>) -> anyhow::Result<()> {
@@ -386,7 +403,7 @@ fn dp_audits(args: &Args, claims: &mut Vec<Entry>) -> anyhow::Result<()> {
             attack.into(),
             &r,
             held,
-        ));
+        )?);
     }
     for b in [Broken::NoNoise, Broken::NoClip] {
         let r =
@@ -400,7 +417,7 @@ fn dp_audits(args: &Args, claims: &mut Vec<Entry>) -> anyhow::Result<()> {
             format!("The same attack on a mechanism with {}.", b.name()),
             &r,
             !r.held(),
-        ));
+        )?);
     }
     Ok(())
 }

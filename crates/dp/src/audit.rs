@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::DpError;
 use crate::mechanism::{ClientPrivatizer, NoiseConfig, ServerDecoder};
+use crate::sampler::uniform_unit;
 use crate::special::log_comb;
 use crate::zcdp;
 
@@ -267,7 +268,7 @@ pub fn audit_round<R: RngCore + CryptoRng + ?Sized>(
             } else {
                 // Others: random updates of up to the clip norm, known to
                 // the adversary.
-                let norm = noise.clip * unit(rng);
+                let norm = noise.clip * uniform_unit(rng);
                 let u = scaled(random_direction(dim, rng), norm);
                 known.iter_mut().zip(&u).for_each(|(k, v)| *k += v);
                 u.iter().map(|&v| v as f32).collect()
@@ -346,17 +347,12 @@ fn best_threshold(with: &[f64], without: &[f64], delta: f64, alpha: f64) -> f64 
         .unwrap_or(0.0)
 }
 
-/// A uniform value in [0, 1).
-fn unit<R: RngCore + ?Sized>(rng: &mut R) -> f64 {
-    (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-}
-
 /// A uniformly random unit vector (normalised Gaussians, Box–Muller).
 fn random_direction<R: RngCore + ?Sized>(dim: usize, rng: &mut R) -> Vec<f64> {
     let v: Vec<f64> = (0..dim)
         .map(|_| {
-            let u1 = 1.0 - unit(rng);
-            let u2 = unit(rng);
+            let u1 = 1.0 - uniform_unit(rng);
+            let u2 = uniform_unit(rng);
             (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
         })
         .collect();

@@ -329,7 +329,7 @@ impl ClientPrivatizer {
             let mut sq: u128 = 0;
             for (o, &v) in z.iter_mut().zip(y) {
                 let f = v.floor();
-                let coin = (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+                let coin = crate::sampler::uniform_unit(rng);
                 let r = f as i64 + i64::from(coin < v - f);
                 *o = r;
                 sq = sq.saturating_add(u128::from(r.unsigned_abs()) * u128::from(r.unsigned_abs()));

@@ -16,6 +16,12 @@ use rand_core::{CryptoRng, RngCore};
 
 use crate::DpError;
 
+/// A uniform value in [0, 1) with 53 random bits.
+#[inline]
+pub(crate) fn uniform_unit<R: RngCore + ?Sized>(rng: &mut R) -> f64 {
+    (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
 /// Bits of the fixed denominator of `σ²`.
 pub const VARIANCE_DENOMINATOR_BITS: u32 = 20;
 /// The largest standard deviation the sampler accepts (2^20 ≈ 1.05e6), which
