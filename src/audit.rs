@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use fedveil_fed::audit::ClientAttackKind;
 use fedveil_fed::dp::audit::{AuditConfig, AuditResult, Broken, audit_round};
 use fedveil_fed::dp::mechanism::{NoiseConfig, Placement};
-use fedveil_fed::secagg::audit as attacks;
+use fedveil_fed::secagg::audit::{self as attacks, ServerAttackKind};
 use rand_core::{OsRng, RngCore};
 use serde::Serialize;
 
@@ -39,6 +40,11 @@ pub struct Args {
     /// The audit must then fail; this never touches a real federation.
     #[arg(long = "break", value_enum, value_name = "WHAT")]
     broken: Option<BreakArg>,
+    /// Run the protocol attacks over real QUIC on loopback, with the
+    /// federation's server and clients, instead of the in-memory harness
+    /// (the DP audit, which attacks the mechanism, is the same either way).
+    #[arg(long)]
+    quic: bool,
 }
 
 #[derive(Copy, Clone, Debug, clap::ValueEnum)]
@@ -96,6 +102,8 @@ impl Entry {
 #[derive(Debug, Serialize)]
 struct Report {
     version: &'static str,
+    /// Where the protocol attacks ran: `memory` or `quic`.
+    transport: &'static str,
     seed: u64,
     held: usize,
     failed: usize,
@@ -114,14 +122,25 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     // An attack that cannot run at all is a failure of the run (exit 1),
     // not bad input.
     let failure = |e: anyhow::Error| anyhow::Error::new(RuntimeFailure(format!("{e:#}")));
-    server_attacks(seed, &mut claims).map_err(failure)?;
-    client_attacks(seed, &mut claims).map_err(failure)?;
-    network_attacks(&mut claims).map_err(failure)?;
-    transcript(args.sessions as usize, seed, &mut claims).map_err(failure)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+        .map_err(failure)?;
+    let harness = Harness {
+        seed,
+        quic: args.quic.then_some(&runtime),
+    };
+    server_attacks(&harness, &mut claims).map_err(failure)?;
+    client_attacks(&harness, &mut claims).map_err(failure)?;
+    network_attacks(&runtime, &mut claims).map_err(failure)?;
+    transcript(&harness, args.sessions as usize, &mut claims).map_err(failure)?;
     dp_audits(args, &mut claims).map_err(failure)?;
     let failed = claims.iter().filter(|c| !c.held).count();
     let report = Report {
         version: env!("CARGO_PKG_VERSION"),
+        transport: if args.quic { "quic" } else { "memory" },
         seed,
         held: claims.len() - failed,
         failed,
@@ -155,7 +174,49 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn server_attacks(seed: u64, claims: &mut Vec<Entry>) -> anyhow::Result<()> {
+/// Where the protocol attacks run: in memory (every session derived from
+/// `seed`), or over loopback QUIC with the federation's server and clients
+/// (their randomness drawn from the OS).
+struct Harness<'a> {
+    seed: u64,
+    quic: Option<&'a tokio::runtime::Runtime>,
+}
+
+impl Harness<'_> {
+    fn server_attack(&self, kind: ServerAttackKind, i: u64) -> anyhow::Result<attacks::Finding> {
+        Ok(match self.quic {
+            Some(rt) => rt.block_on(fedveil_fed::audit::server_attack(kind))?,
+            None => attacks::run_server_attack(kind, self.seed.wrapping_add(i))?,
+        })
+    }
+
+    fn client_attack(&self, i: usize) -> anyhow::Result<(&'static str, attacks::ClientFinding)> {
+        let (name, _, attack) = attacks::CLIENT_ATTACKS
+            .get(i)
+            .context("no such client attack")?;
+        Ok(match self.quic {
+            Some(rt) => {
+                let kind = ClientAttackKind::ALL
+                    .into_iter()
+                    .find(|k| k.name() == *name)
+                    .context("no such client attack over QUIC")?;
+                (*name, rt.block_on(fedveil_fed::audit::client_attack(kind))?)
+            }
+            None => (*name, attack(self.seed.wrapping_add(100 + i as u64))?),
+        })
+    }
+
+    /// Where the attacks ran, for the report's attack lines.
+    fn over(&self) -> &'static str {
+        if self.quic.is_some() {
+            " Over loopback QUIC, between the federation's server and clients."
+        } else {
+            ""
+        }
+    }
+}
+
+fn server_attacks(h: &Harness, claims: &mut Vec<Entry>) -> anyhow::Result<()> {
     let describe = |name: &str| -> (&str, &str) {
         match name {
             "alive_and_dropped" => (
@@ -195,36 +256,45 @@ fn server_attacks(seed: u64, claims: &mut Vec<Entry>) -> anyhow::Result<()> {
             _ => ("", ""),
         }
     };
-    for (i, (name, section, attack)) in attacks::ATTACKS.iter().enumerate() {
-        let finding =
-            attack(seed.wrapping_add(i as u64)).with_context(|| format!("attack {name}"))?;
+    for (i, kind) in ServerAttackKind::ALL.into_iter().enumerate() {
+        let name = kind.name();
+        let finding = h
+            .server_attack(kind, i as u64)
+            .with_context(|| format!("attack {name}"))?;
+        let section = format!("secagg-plus.md {}", kind.section());
+        let over = h.over();
+        if kind == ServerAttackKind::Control {
+            claims.push(Entry::new(
+                "server.control",
+                section,
+                "The measurement above can see a leak: with both secrets of the target the \
+                 server's estimate is its input.",
+                format!(
+                    "The same deterministic session run twice, the target alive in one and \
+                     dropped in the other (what fresh per-session keys prevent), pooling the \
+                     shares of both.{over}"
+                ),
+                !finding.target_hidden(),
+                finding.evidence(),
+                &finding,
+            )?);
+            continue;
+        }
         let (claim, what) = describe(name);
         claims.push(Entry::new(
             format!("server.{name}"),
-            format!("secagg-plus.md {section}"),
+            section,
             claim,
-            what,
+            format!("{what}{over}"),
             finding.target_hidden(),
             finding.evidence(),
             &finding,
         )?);
     }
-    let control = attacks::control(seed).context("the control attack")?;
-    claims.push(Entry::new(
-        "server.control",
-        "secagg-plus.md §5.1, §6.7",
-        "The measurement above can see a leak: with both secrets of the target the server's \
-         estimate is its input.",
-        "The same deterministic session run twice, the target alive in one and dropped in the \
-         other (what fresh per-session keys prevent), pooling the shares of both.",
-        !control.target_hidden(),
-        control.evidence(),
-        &control,
-    )?);
     Ok(())
 }
 
-fn client_attacks(seed: u64, claims: &mut Vec<Entry>) -> anyhow::Result<()> {
+fn client_attacks(h: &Harness, claims: &mut Vec<Entry>) -> anyhow::Result<()> {
     let describe = |name: &str| -> (&str, &str) {
         match name {
             "forged_signature" => (
@@ -253,15 +323,16 @@ fn client_attacks(seed: u64, claims: &mut Vec<Entry>) -> anyhow::Result<()> {
             _ => ("", ""),
         }
     };
-    for (i, (name, section, attack)) in attacks::CLIENT_ATTACKS.iter().enumerate() {
-        let finding =
-            attack(seed.wrapping_add(100 + i as u64)).with_context(|| format!("attack {name}"))?;
+    for (i, (_, section, _)) in attacks::CLIENT_ATTACKS.iter().enumerate() {
+        let (name, finding) = h
+            .client_attack(i)
+            .with_context(|| format!("client attack {i}"))?;
         let (claim, what) = describe(name);
         claims.push(Entry::new(
             format!("client.{name}"),
             format!("secagg-plus.md {section}"),
             claim,
-            what,
+            format!("{what}{}", h.over()),
             finding.held(),
             finding.evidence(),
             &finding,
@@ -271,13 +342,11 @@ fn client_attacks(seed: u64, claims: &mut Vec<Entry>) -> anyhow::Result<()> {
 }
 
 /// The transport's cases, over real loopback QUIC.
-fn network_attacks(claims: &mut Vec<Entry>) -> anyhow::Result<()> {
+fn network_attacks(
+    runtime: &tokio::runtime::Runtime,
+    claims: &mut Vec<Entry>,
+) -> anyhow::Result<()> {
     use fedveil_fed::net::audit as net;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
     let cases = [
         (
             "network.unauthenticated_client",
@@ -313,15 +382,28 @@ fn network_attacks(claims: &mut Vec<Entry>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn transcript(sessions: usize, seed: u64, claims: &mut Vec<Entry>) -> anyhow::Result<()> {
-    let t = attacks::transcript(sessions, seed).context("the transcript test")?;
+fn transcript(h: &Harness, sessions: usize, claims: &mut Vec<Entry>) -> anyhow::Result<()> {
+    let (t, inputs) = match h.quic {
+        Some(rt) => (
+            rt.block_on(fedveil_fed::audit::transcript(sessions))
+                .context("the transcript test")?,
+            "client 1 sends +0.5 and client 2 −0.5 on every coordinate, then both 0, in two \
+             federations over loopback QUIC, one round per session",
+        ),
+        None => (
+            attacks::transcript(sessions, h.seed).context("the transcript test")?,
+            "two clients trade 2^31 on every coordinate",
+        ),
+    };
     claims.push(Entry::new(
         "transcript.same_sum",
         "secagg-plus.md §8.1",
         "The server's view depends on the inputs only through their sum.",
-        "The same federation run with two input sets of equal sum (two clients trade 2^31 on \
-         every coordinate), over fresh sessions; a chi-square test compares the masked inputs \
-         the server saw, with the unmasked inputs as the control.",
+        format!(
+            "The same federation run with two input sets of equal sum ({inputs}), over fresh \
+             sessions; a chi-square test compares the masked inputs the server saw, with the \
+             unmasked inputs as the control."
+        ),
         t.held(),
         t.evidence(),
         &t,
@@ -424,8 +506,9 @@ fn dp_audits(args: &Args, claims: &mut Vec<Entry>) -> anyhow::Result<()> {
 
 fn text(report: &Report) -> String {
     let mut out = format!(
-        "fedveil audit {} (seed {}): {} of {} claims held\n\n",
+        "fedveil audit {} ({}, seed {}): {} of {} claims held\n\n",
         report.version,
+        report.transport,
         report.seed,
         report.held,
         report.claims.len()
@@ -447,9 +530,14 @@ fn text(report: &Report) -> String {
 fn markdown(report: &Report) -> String {
     let cell = |s: &str| s.replace('|', "\\|").replace('\n', " ");
     let mut out = format!(
-        "# fedveil audit\n\nfedveil {}, protocol seed {}: **{} of {} claims held**.\n\n\
-         | claim | section | attack | held | evidence |\n|---|---|---|---|---|\n",
+        "# fedveil audit\n\nfedveil {}, protocol attacks {}, seed {}: **{} of {} claims \
+         held**.\n\n| claim | section | attack | held | evidence |\n|---|---|---|---|---|\n",
         report.version,
+        if report.transport == "quic" {
+            "over loopback QUIC"
+        } else {
+            "in memory"
+        },
         report.seed,
         report.held,
         report.claims.len()

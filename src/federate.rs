@@ -256,6 +256,7 @@ pub fn client(args: &ClientArgs) -> anyhow::Result<ExitCode> {
             faults: Vec::new(),
             bundle_cache,
             max_bundle_bytes,
+            adversary: None,
         })
         .await
         .map_err(runtime_failure)?;

@@ -74,6 +74,33 @@ fn every_claim_holds_on_the_default_configuration() {
     assert_eq!(again["claims"][0]["details"], claims[0]["details"]);
 }
 
+// `--quic`: the same claims, the protocol attacks played by the
+// federation's server against its clients over loopback QUIC.
+#[test]
+fn every_claim_holds_over_quic() {
+    let (code, report, err) = audit(&["--quic"]);
+    assert_eq!(code, 0, "{err}\n{report:#}");
+    assert_eq!(report["transport"], "quic");
+    let claims = report["claims"].as_array().unwrap();
+    assert_eq!(claims.len(), 19, "{report:#}");
+    for c in claims {
+        assert_eq!(c["held"], true, "{c}");
+        let id = c["id"].as_str().unwrap();
+        if id.starts_with("server.") || id.starts_with("client.") {
+            assert!(
+                c["attack"].as_str().unwrap().contains("loopback QUIC"),
+                "{c}"
+            );
+        }
+    }
+    // The control over QUIC: both secrets, every coordinate.
+    let control = claims.iter().find(|c| c["id"] == "server.control").unwrap();
+    assert_eq!(
+        control["details"]["recovered_coordinates"], control["details"]["dim"],
+        "{control}"
+    );
+}
+
 #[test]
 fn a_broken_mechanism_fails_the_audit_loudly() {
     for what in ["noise", "clip"] {

@@ -94,6 +94,16 @@ pub struct ClientSetup {
     pub bundle_cache: Option<PathBuf>,
     /// The largest bundle this client accepts, in bytes.
     pub max_bundle_bytes: u64,
+    /// A malicious client's behaviour (tests and `fedveil audit --quic`
+    /// only; `fedveil client` never installs one).
+    pub adversary: Option<Box<dyn ClientAdversary>>,
+}
+
+/// Lets a test or `fedveil audit --quic` play a malicious client: it sees
+/// every SecAgg+ message this client is about to send, and the client
+/// sends what it returns instead, in order.
+pub trait ClientAdversary: Send + 'static {
+    fn outgoing(&mut self, round: u64, msg: ClientMessage) -> Vec<ClientMessage>;
 }
 
 /// The default [`ClientSetup::max_bundle_bytes`]: 16 GiB.
@@ -351,7 +361,7 @@ impl Runner {
                     }
                     match self.join(id, federation, *spec, blob).await {
                         Ok((s, first)) => {
-                            if let Err(e) = send_secagg(&mut send, first).await {
+                            if let Err(e) = self.send_secagg(&mut send, round, first).await {
                                 return broken(e);
                             }
                             session = Some(s);
@@ -393,7 +403,7 @@ impl Runner {
                     let unmask = matches!(msg, ServerMessage::UnmaskRequest { .. });
                     match s.client.handle(msg, &mut s.rng) {
                         Ok(Some(reply)) => {
-                            if let Err(e) = send_secagg(&mut send, reply).await {
+                            if let Err(e) = self.send_secagg(&mut send, round, reply).await {
                                 return broken(e);
                             }
                             if unmask {
@@ -435,6 +445,24 @@ impl Runner {
                 Down::Bundle { .. } => return broken("a bundle offer after Welcome"),
             }
         }
+    }
+
+    /// Sends a SecAgg+ message of `round` (what an installed adversary
+    /// makes of it).
+    async fn send_secagg(
+        &mut self,
+        send: &mut quinn::SendStream,
+        round: u64,
+        msg: ClientMessage,
+    ) -> Result<(), NetError> {
+        let msgs = match self.setup.adversary.as_mut() {
+            Some(a) => a.outgoing(round, msg),
+            None => vec![msg],
+        };
+        for m in msgs {
+            send_secagg(send, m).await?;
+        }
+        Ok(())
     }
 
     /// The fault to inject at `stage` of `round`. Each fires once: a

@@ -106,6 +106,7 @@ pub fn spawn_swarm(swarm: Swarm) -> Result<Vec<JoinHandle<ClientOutcome>>, FedEr
             faults: Vec::new(),
             bundle_cache: swarm.bundle_cache.clone(),
             max_bundle_bytes: client::MAX_BUNDLE_BYTES,
+            adversary: None,
         };
         tasks.push(tokio::spawn(client::run(setup)));
     }

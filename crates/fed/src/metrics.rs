@@ -143,6 +143,8 @@ pub enum Event {
         round: u64,
         survivors: Vec<ClientId>,
         sum: Arc<Vec<u32>>,
+        /// Share envelopes that did not open: (reporter, accused).
+        complaints: Vec<(ClientId, ClientId)>,
     },
     RoundAborted {
         round: u64,

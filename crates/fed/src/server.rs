@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fedveil_net::{ClientKey, Limits, NetServer, ServerIdentity};
+use fedveil_secagg::audit::{Link, View};
 use fedveil_secagg::crypto::identity::IdentityPublic;
 use fedveil_secagg::messages::{ClientMessage, MaskedInput, ServerMessage};
 use fedveil_secagg::params::RosterEntry;
@@ -50,13 +51,59 @@ use crate::randomness::{Purpose, Randomness};
 use crate::trainer::{Evaluation, Evaluator};
 use crate::wire::{self, Down, Encoding, RoundSpec, Up};
 
-/// Lets a test play a malicious server that sends some clients something
-/// other than what the others get. The command-line tools never install
-/// one.
-pub trait Adversary: Send {
+/// Lets a test or `fedveil audit --quic` play a malicious server: one that
+/// sends some clients something other than what the others get, or that
+/// takes a session over at some stage and speaks to the clients itself.
+/// `fedveil server` and `fedveil run` never install one.
+pub trait Adversary: Send + 'static {
     /// Called for every cohort member as a round starts, with what it is
     /// about to receive.
-    fn tamper(&mut self, client: ClientId, spec: &mut RoundSpec, params: &mut Vec<u8>);
+    fn tamper(&mut self, _client: ClientId, _spec: &mut RoundSpec, _params: &mut Vec<u8>) {}
+
+    /// Sees every SecAgg+ message a cohort member sends, before the server
+    /// handles it (also those it then refuses).
+    fn observe(&mut self, _from: ClientId, _msg: &ClientMessage) {}
+
+    /// The stage at which to take over the session of `round`, `attempt`
+    /// (none: the session runs honestly).
+    fn takeover(&mut self, _round: u64, _attempt: u32) -> Option<Stage> {
+        None
+    }
+
+    /// Plays the server in a session taken over: `requests` are the
+    /// messages the honest server was about to send at the takeover stage,
+    /// unsent; `link` reaches the cohort over its connections. It runs on a
+    /// blocking thread. Afterwards the session is aborted.
+    fn play(
+        &mut self,
+        _view: View,
+        _requests: Vec<(ClientId, ServerMessage)>,
+        _link: &mut dyn Link,
+    ) {
+    }
+}
+
+/// A request of an adversary's [`Link`] to the server task.
+struct Ask {
+    msgs: Vec<(ClientId, ServerMessage)>,
+    reply: tokio::sync::oneshot::Sender<Vec<(ClientId, ClientMessage)>>,
+}
+
+/// The link of an adversary playing on a blocking thread: each batch goes
+/// to the server task, which sends it over the clients' connections and
+/// collects their answers.
+struct RelayLink {
+    tx: mpsc::UnboundedSender<Ask>,
+}
+
+impl Link for RelayLink {
+    fn ask_all(&mut self, msgs: Vec<(ClientId, ServerMessage)>) -> Vec<(ClientId, ClientMessage)> {
+        let (reply, answers) = tokio::sync::oneshot::channel();
+        if self.tx.send(Ask { msgs, reply }).is_err() {
+            return Vec::new();
+        }
+        answers.blocking_recv().unwrap_or_default()
+    }
 }
 
 /// Everything a server needs.
@@ -741,6 +788,12 @@ impl Server {
                 .unprotected_session(round, attempt, cohort, spec, blob, started, counters)
                 .await;
         }
+        let takeover = self
+            .adversary
+            .as_mut()
+            .and_then(|a| a.takeover(round, attempt));
+        // What the cohort sent, for an adversary that takes the session over.
+        let mut log: Vec<(ClientId, ClientMessage)> = Vec::new();
         let r = &self.resolved;
         let mut sa = fedveil_secagg::Server::new(spec.session.clone(), r.stage_deadlines)?;
         let session_id = sa.session_id();
@@ -821,6 +874,26 @@ impl Server {
                     });
                 }
             }
+            if let Some(s) = takeover
+                && stage == Some(s)
+            {
+                let requests = sa.drain_transmits();
+                self.take_over(&sa, s, &cohort, requests, std::mem::take(&mut log))
+                    .await?;
+                let _ = self.expect.send(None);
+                let reason = format!("an adversary took the session over at {s}");
+                for to in &cohort {
+                    let abort = ServerMessage::Abort {
+                        session: session_id,
+                        reason: reason.clone(),
+                    };
+                    self.send(*to, Outbound::Frame(Down::Secagg(abort)));
+                }
+                let mut metrics =
+                    self.round_metrics(round, attempt, n, declined, (sent0, received0));
+                metrics.stage_seconds = seconds;
+                return self.aborted(metrics, started, reason);
+            }
             for (to, msg) in sa.drain_transmits() {
                 if !self.send(to, Outbound::Frame(Down::Secagg(msg))) {
                     sa.drop_client(self.now(), to);
@@ -877,8 +950,9 @@ impl Server {
                                     id,
                                     "masked inputs travel as Masked with a blob".into(),
                                 );
-                            } else if let Err(e) = sa.handle_message(self.now(), id, msg) {
-                                self.reject(id, e.to_string());
+                            } else {
+                                let log = takeover.is_some().then_some(&mut log);
+                                self.hand_over(&mut sa, id, msg, log);
                             }
                         }
                         Up::Secagg(_) => {
@@ -932,9 +1006,8 @@ impl Server {
                         masked: PackedVec { bits, len, data },
                         bad_envelopes,
                     });
-                    if let Err(e) = sa.handle_message(self.now(), id, msg) {
-                        self.reject(id, e.to_string());
-                    }
+                    let log = takeover.is_some().then_some(&mut log);
+                    self.hand_over(&mut sa, id, msg, log);
                 }
             }
         }
@@ -963,6 +1036,11 @@ impl Server {
             round,
             survivors: agg.survivors.clone(),
             sum: Arc::clone(&sum),
+            complaints: agg
+                .complaints
+                .iter()
+                .map(|c| (c.reporter, c.accused))
+                .collect(),
         });
 
         let t = Instant::now();
@@ -984,6 +1062,130 @@ impl Server {
             .stage_seconds
             .insert("aggregate".into(), t.elapsed().as_secs_f64());
         self.complete(round, n, metrics, started).await
+    }
+
+    /// Hands a member's SecAgg+ message to the session; an installed
+    /// adversary sees it first, and `log` keeps it for one that takes the
+    /// session over.
+    fn hand_over(
+        &mut self,
+        sa: &mut fedveil_secagg::Server,
+        id: ClientId,
+        msg: ClientMessage,
+        log: Option<&mut Vec<(ClientId, ClientMessage)>>,
+    ) {
+        if let Some(a) = self.adversary.as_mut() {
+            a.observe(id, &msg);
+        }
+        if let Some(log) = log {
+            log.push((id, msg.clone()));
+        }
+        if let Err(e) = sa.handle_message(self.now(), id, msg) {
+            self.reject(id, e.to_string());
+        }
+    }
+
+    /// Hands a session to the adversary at `stage` and relays its batches
+    /// to the cohort until it is done.
+    async fn take_over(
+        &mut self,
+        sa: &fedveil_secagg::Server,
+        stage: Stage,
+        cohort: &[ClientId],
+        requests: Vec<(ClientId, ServerMessage)>,
+        log: Vec<(ClientId, ClientMessage)>,
+    ) -> Result<(), FedError> {
+        let Some(mut adversary) = self.adversary.take() else {
+            return Ok(());
+        };
+        tracing::warn!(%stage, "an adversary takes the session over");
+        let view = View {
+            session: sa.session_id(),
+            bits: sa.params().bits,
+            threshold: sa.params().threshold,
+            members: cohort.to_vec(),
+            neighbours: cohort
+                .iter()
+                .map(|c| (*c, sa.neighbours_of(*c).unwrap_or_default()))
+                .collect(),
+            log,
+        };
+        let (tx, mut asks) = mpsc::unbounded_channel();
+        let player = tokio::task::spawn_blocking(move || {
+            let mut link = RelayLink { tx };
+            adversary.play(view, requests, &mut link);
+            adversary
+        });
+        let wait = self.resolved.stage_deadlines.get(stage);
+        // The link closes when the adversary is done.
+        while let Some(Ask { msgs, reply }) = asks.recv().await {
+            let answers = self.relay(msgs, cohort, wait).await;
+            let _ = reply.send(answers);
+        }
+        let adversary = player
+            .await
+            .map_err(|e| FedError::Internal(format!("the adversary failed: {e}")))?;
+        self.adversary = Some(adversary);
+        Ok(())
+    }
+
+    /// Sends an adversary's batch and collects one answer per message
+    /// (a client that refuses sends none), for at most `wait`.
+    async fn relay(
+        &mut self,
+        msgs: Vec<(ClientId, ServerMessage)>,
+        cohort: &[ClientId],
+        wait: Duration,
+    ) -> Vec<(ClientId, ClientMessage)> {
+        let mut pending: BTreeMap<ClientId, usize> = BTreeMap::new();
+        for (to, msg) in msgs {
+            if cohort.contains(&to) && self.send(to, Outbound::Frame(Down::Secagg(msg))) {
+                *pending.entry(to).or_default() += 1;
+            }
+        }
+        let until = tokio::time::Instant::now() + wait;
+        let mut answers = Vec::new();
+        while !pending.is_empty() {
+            let Ok(Some(m)) = tokio::time::timeout_at(until, self.hub.recv()).await else {
+                break;
+            };
+            match m {
+                Inbound::Hello { id, generation, tx } => {
+                    pending.remove(&id);
+                    self.hello(id, generation, tx);
+                }
+                Inbound::Gone {
+                    id,
+                    generation,
+                    reason,
+                } => {
+                    // A member that is gone answers nothing more.
+                    let gone = self.gone(id, generation, reason);
+                    if gone {
+                        pending.remove(&id);
+                    }
+                }
+                Inbound::Up {
+                    id,
+                    generation,
+                    up: Up::Secagg(msg),
+                } if self
+                    .conns
+                    .get(&id)
+                    .is_some_and(|c| c.generation == generation) =>
+                {
+                    if let Some(left) = pending.get_mut(&id) {
+                        answers.push((id, msg));
+                        *left -= 1;
+                        if *left == 0 {
+                            pending.remove(&id);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        answers
     }
 
     /// One session of an unprotected round (the insecure baseline,

@@ -153,6 +153,7 @@ fn client(
         faults,
         bundle_cache: cache,
         max_bundle_bytes: MAX_BUNDLE_BYTES,
+        adversary: None,
     }))
 }
 

@@ -91,6 +91,7 @@ dim = 40
                 round,
                 survivors,
                 sum,
+                ..
             } => {
                 sums.insert(round, (survivors, sum));
             }

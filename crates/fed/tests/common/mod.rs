@@ -199,6 +199,7 @@ pub fn start_client(
         faults: options.faults,
         bundle_cache: None,
         max_bundle_bytes: fedveil_fed::client::MAX_BUNDLE_BYTES,
+        adversary: None,
     };
     tokio::spawn(client::run(setup))
 }
