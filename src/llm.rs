@@ -7,6 +7,7 @@
 //! `fedveil-model`, which do not know each other.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use candle_core::Device;
 use fedveil_data::{Record, Splitter, Template};
@@ -588,6 +589,9 @@ pub struct LlmTrainer {
     /// The adapter (from the config, or from the server's bundle).
     local: Option<LocalTraining>,
     from_bundle: bool,
+    /// Shared by the trainers of one process (`fedveil run`): one trains
+    /// at a time.
+    turns: Option<Arc<Mutex<()>>>,
 }
 
 impl std::fmt::Debug for LlmTrainer {
@@ -623,6 +627,7 @@ impl LlmTrainer {
             optim: task.optim()?,
             local: None,
             from_bundle: true,
+            turns: None,
         })
     }
 
@@ -668,6 +673,12 @@ impl Trainer for LlmTrainer {
             .local
             .as_mut()
             .ok_or_else(|| train_error("no model yet (the server's bundle has not arrived)"))?;
+        // In one process the clients share the cores: together they would
+        // finish no sooner, and hold every client's activations at once.
+        let _turn = self
+            .turns
+            .as_ref()
+            .map(|t| t.lock().unwrap_or_else(PoisonError::into_inner));
         let settings = RoundSettings {
             local_steps: config.local_steps,
             batch_size: config.batch_size,
@@ -1235,7 +1246,9 @@ pub fn local(
         .collect();
     // Offsite-tuning clients get their model from the server's bundle.
     let client_model = offsite.is_none().then(|| loaded.clone());
-    let shared = std::sync::Arc::new((task.clone(), parts, client_model, peft.clone()));
+    let shared = Arc::new((task.clone(), parts, client_model, peft.clone()));
+    // The process's clients train one at a time.
+    let turns = Arc::new(Mutex::new(()));
     let evaluator = build_evaluator(
         bars,
         &task,
@@ -1253,10 +1266,11 @@ pub fn local(
             .get(i as usize)
             .cloned()
             .ok_or_else(|| FedError::Internal(format!("no data for client {i}")))?;
-        let t = match loaded {
+        let mut t = match loaded {
             None => LlmTrainer::waiting(task, records)?,
             Some(loaded) => LlmTrainer::with_model(task, records, loaded, peft.clone())?,
         };
+        t.turns = Some(Arc::clone(&turns));
         Ok(Box::new(t) as Box<dyn Trainer>)
     });
     Ok((Box::new(evaluator), factory))
