@@ -33,14 +33,21 @@ impl Linear {
         Linear { weight, bias }
     }
 
-    /// `x` is `(n, in)`. A frozen weight multiplies through
+    /// `x` is `(…, in)`. A frozen weight multiplies through
     /// [`frozen_matmul`]; a trainable one (an adapter's variable, f32, cast
     /// to the input's dtype) through candle's matmul, which also gives the
     /// weight's gradient.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = if self.weight.is_variable() {
             let w = self.weight.to_dtype(x.dtype())?;
-            x.contiguous()?.matmul(&w.t()?)?
+            let dims = x.dims();
+            let k = dims.last().copied().unwrap_or(0);
+            let mut shape = dims[..dims.len().saturating_sub(1)].to_vec();
+            shape.push(w.dim(0)?);
+            x.contiguous()?
+                .reshape(((), k))?
+                .matmul(&w.t()?)?
+                .reshape(shape)?
         } else {
             frozen_matmul(x, &self.weight)?
         };
@@ -48,10 +55,6 @@ impl Linear {
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
             None => y,
         })
-    }
-
-    fn out_features(&self) -> Result<usize> {
-        Ok(self.weight.dim(0)?)
     }
 }
 
@@ -578,13 +581,19 @@ impl Llama {
         adapter: Option<&Adapter>,
         mode: &mut Mode,
     ) -> Result<Tensor> {
-        let (b, s, input) = x.dims3()?;
-        let flat = x.reshape((b * s, input))?;
-        let mut y = linear.forward(&flat)?;
-        if let Some(lora) = adapter.and_then(|a| a.lora(layer, module)) {
-            y = (y + lora.forward(&flat, self.dtype, mode.rng())?)?;
+        // The frozen product takes `x` as it is: a reshape would be one more
+        // node for backpropagation to fill with zeros and accumulate into.
+        let y = linear.forward(x)?;
+        match adapter.and_then(|a| a.lora(layer, module)) {
+            Some(lora) => {
+                let (b, s, input) = x.dims3()?;
+                let flat = x.reshape((b * s, input))?;
+                let delta = lora.forward(&flat, self.dtype, mode.rng())?;
+                let delta = delta.reshape(y.shape())?;
+                Ok((y + delta)?)
+            }
+            None => Ok(y),
         }
-        Ok(y.reshape((b, s, linear.out_features()?))?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -773,8 +782,17 @@ struct FrozenLinear {
 }
 
 impl FrozenLinear {
-    fn shapes(&self, layout: &Layout) -> candle_core::Result<(usize, usize, usize, Layout)> {
-        let (n, k) = layout.shape().dims2()?;
+    /// The rows `n` of the input `(…, k)` (every leading dimension), `k`,
+    /// the output width, the transposed weight's layout and the output's
+    /// shape `(…, out)`.
+    fn shapes(&self, layout: &Layout) -> candle_core::Result<(usize, usize, usize, Layout, Shape)> {
+        let dims = layout.shape().dims();
+        let Some((&k, lead)) = dims.split_last() else {
+            candle_core::bail!("frozen linear: a scalar input");
+        };
+        if lead.is_empty() {
+            candle_core::bail!("frozen linear: a vector input, not (…, {k})");
+        }
         let (out, k2) = self.weight.dims2()?;
         if k != k2 {
             candle_core::bail!(
@@ -782,7 +800,11 @@ impl FrozenLinear {
                 self.weight.dims()
             );
         }
-        Ok((n, k, out, self.weight.layout().transpose(0, 1)?))
+        let n = lead.iter().product();
+        let mut shape = lead.to_vec();
+        shape.push(out);
+        let x2 = Layout::contiguous_with_offset((n, k), layout.start_offset());
+        Ok((n, k, out, x2, Shape::from(shape)))
     }
 
     fn run<S: BackendStorage>(
@@ -791,9 +813,13 @@ impl FrozenLinear {
         layout: &Layout,
         weight: &S,
     ) -> candle_core::Result<(S, Shape)> {
-        let (n, k, out, wt) = self.shapes(layout)?;
-        let y = x.matmul(weight, (1, n, out, k), layout, &wt)?;
-        Ok((y, Shape::from((n, out))))
+        if !layout.is_contiguous() {
+            candle_core::bail!("frozen linear: a strided input");
+        }
+        let (n, k, out, x2, shape) = self.shapes(layout)?;
+        let wt = self.weight.layout().transpose(0, 1)?;
+        let y = x.matmul(weight, (1, n, out, k), &x2, &wt)?;
+        Ok((y, shape))
     }
 }
 
@@ -822,8 +848,11 @@ impl CustomOp1 for FrozenLinear {
         }
     }
 
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.weight)?))
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let out = self.weight.dim(0)?;
+        let rows = grad.elem_count() / out.max(1);
+        let g = grad.contiguous()?.reshape((rows, out))?;
+        Ok(Some(g.matmul(&self.weight)?.reshape(x.shape())?))
     }
 }
 

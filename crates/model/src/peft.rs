@@ -279,9 +279,10 @@ impl LoraPair {
             }
             _ => x.clone(),
         };
-        let a = self.a.as_tensor().to_dtype(dtype)?;
+        // The scale applies to A (r × in), not to the (n, out) product.
+        let a = (self.a.as_tensor() * self.scale)?.to_dtype(dtype)?;
         let b = self.b.as_tensor().to_dtype(dtype)?;
-        Ok((x.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale)?)
+        Ok(x.matmul(&a.t()?)?.matmul(&b.t()?)?)
     }
 }
 
