@@ -18,9 +18,11 @@ use std::process::Command;
 mod common;
 use common::{median, peak_rss_bytes};
 
-// As the fedveil binary does.
+// As the fedveil binary does (src/tuning.rs).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[path = "../src/tuning.rs"]
+mod tuning;
 
 use std::time::Instant;
 
@@ -76,6 +78,7 @@ fn examples(vocab: usize, n: usize) -> Vec<Example> {
 }
 
 fn bench(c: &mut Criterion) {
+    tuning::tune();
     let path = model_path();
     let loaded = fedveil_model::load::load(&path, &Device::Cpu).expect("load");
     let model = loaded.model;

@@ -22,6 +22,8 @@
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[path = "../src/tuning.rs"]
+mod tuning;
 
 #[path = "common/mod.rs"]
 mod common;
@@ -176,6 +178,7 @@ fn child(mode: &str, source: &Path) {
 }
 
 fn bench(c: &mut Criterion) {
+    tuning::tune();
     if let Ok(mode) = std::env::var(CHILD) {
         let source = std::env::var("FEDVEIL_OFFSITE_SOURCE").expect("source");
         child(&mode, Path::new(&source));

@@ -14,13 +14,13 @@ mod quickstart;
 mod simulate;
 mod sweep;
 mod task;
+mod tuning;
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-// Rounds allocate and free multi-megabyte vectors many times; glibc serves
-// each from a fresh mmap (page faults, TLB shootdowns), mimalloc reuses them.
+// mimalloc, keeping what it frees (tuning.rs).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -67,6 +67,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    tuning::tune();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Quickstart(args) => quickstart::run(&args),
