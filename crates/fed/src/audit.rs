@@ -223,20 +223,18 @@ async fn federate(cast: &Cast, plan: Plan, roles: Roles) -> Result<Outcome, FedE
     })?;
     let addr: SocketAddr = server.local_addr();
     let server = tokio::spawn(server.run());
-    let mut trainers = roles.trainers;
+    let mut trainers = roles.trainers.unwrap_or_default().into_iter();
     let mut bad = roles.client;
     let mut clients = Vec::new();
     for (i, identity) in cast.clients.iter().enumerate() {
-        let trainer: Box<dyn Trainer> = match trainers.as_mut() {
-            Some(t) if !t.is_empty() => t.remove(0),
-            _ => Box::new(SyntheticTrainer::new(&task, i as u32)?),
+        let trainer: Box<dyn Trainer> = match trainers.next() {
+            Some(t) => t,
+            None => Box::new(SyntheticTrainer::new(&task, i as u32)?),
         };
-        let adversary = match bad.take() {
-            Some((j, a)) if j == i => Some(a),
-            other => {
-                bad = other;
-                None
-            }
+        let adversary = if bad.as_ref().is_some_and(|(j, _)| *j == i) {
+            bad.take().map(|(_, a)| a)
+        } else {
+            None
         };
         let (tx, rx) = unbounded_channel();
         let setup = ClientSetup {
