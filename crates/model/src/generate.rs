@@ -2,7 +2,7 @@
 //! nucleus (top-p) sampling.
 
 use candle_core::{D, Tensor};
-use rand_core::RngCore;
+use rand_core::{RngCore, SeedableRng};
 
 use crate::model::{KvCache, Llama};
 use crate::peft::Adapter;
@@ -53,6 +53,18 @@ pub fn generate(
             "token id {bad} is outside the vocabulary of {vocab}"
         )));
     }
+    let mut local = rand_chacha::ChaCha20Rng::from_seed(crate::train::seed_from(rng));
+    crate::pool::on_pool(|| continue_prompt(model, adapter, prompt, options, &mut local))
+}
+
+/// [`generate`]'s loop, on rayon's pool (crate::pool).
+fn continue_prompt(
+    model: &Llama,
+    adapter: Option<&Adapter>,
+    prompt: &[u32],
+    options: &GenerateOptions,
+    rng: &mut dyn RngCore,
+) -> Result<Vec<u32>> {
     let mut cache = KvCache::new();
     let mut input = Tensor::from_slice(prompt, (1, prompt.len()), model.device())?;
     let mut out = Vec::with_capacity(options.max_new_tokens);

@@ -19,6 +19,7 @@ mod loss;
 pub mod model;
 pub mod offsite;
 pub mod peft;
+mod pool;
 mod random;
 pub mod tiny;
 pub mod train;
