@@ -29,6 +29,10 @@ fn noise(c: &mut Criterion) {
             format!("fedveil exact discrete Gaussian, sigma={sigma}, d=10^6"),
             |b| b.iter(|| s.fill(&mut rng, &mut out).unwrap()),
         );
+        g.bench_function(
+            format!("fedveil exact discrete Gaussian, integer only, sigma={sigma}, d=10^6"),
+            |b| b.iter(|| s.fill_integer(&mut rng, &mut out).unwrap()),
+        );
     }
     g.finish();
     // opendp's sampler is ~50x slower: time 10^4 samples and compare per sample.

@@ -3,15 +3,33 @@
 //! `N_Z(0, σ²)` puts mass proportional to `exp(-x² / (2σ²))` on every integer
 //! `x`. The sampler is Algorithm 3 of Canonne, Kamath & Steinke (2020):
 //! propose from a discrete Laplace of integer scale `t = ⌊σ⌋ + 1`, accept with
-//! probability `exp(-(|Y| - σ²/t)² / (2σ²))`. Every probability it uses is a
-//! rational number computed in integer arithmetic: `σ²` is held as the exact
+//! probability `exp(-(|Y| - σ²/t)² / (2σ²))`. `σ²` is held as the exact
 //! fraction `num / 2^20` (rounded up from the requested value, so the noise
-//! is never smaller than asked for), and a Bernoulli(a/b) draw compares
-//! random bits with the binary expansion of `a/b` until they differ, two bits
-//! on average. There is no floating point anywhere in a draw.
+//! is never smaller than asked for), so every probability the algorithm
+//! uses is `exp(-a/b)` or `a/b` for integers `a`, `b`.
+//!
+//! Two implementations of it draw from exactly the same distribution:
+//!
+//! - [`DiscreteGaussian::fill`] decides each Bernoulli(exp(-a/b)) as
+//!   `U < exp(-a/b)` for a uniform `U` of which it first draws 16 bits. A
+//!   floating-point estimate of `exp(-a/b)`, widened by far more than its
+//!   error (2^-30 relative), gives an interval sure to hold the true value;
+//!   when the prefix puts `U` wholly below or above that interval, the draw
+//!   is decided, and decided as the true comparison would. Otherwise (about
+//!   once in 30,000 draws) 32 more bits of `U` go the same way, and if even
+//!   48 bits cannot decide (about once in 2^47), the comparison is finished
+//!   exactly: more bits of `U` against bounds on `exp(-a/b)` computed in
+//!   big-integer arithmetic, at growing precision, until they separate. No
+//!   outcome depends on a rounding error.
+//! - [`DiscreteGaussian::fill_integer`] uses only integer arithmetic: a
+//!   Bernoulli(a/b) draw compares random bits with the binary expansion of
+//!   `a/b`, and Bernoulli(exp(-a/b)) is CKS20's Algorithm 1. It is the
+//!   reference the tests hold the fast one to, and about six times slower.
 //!
 //! Random bits come from the caller's CSPRNG, 64 at a time.
 
+use dashu_int::UBig;
+use dashu_int::ops::BitTest;
 use rand_core::{CryptoRng, RngCore};
 
 use crate::DpError;
@@ -225,6 +243,293 @@ fn divrem_wide(hi: u128, lo: u128, d: u128) -> ((u128, u128), u128) {
     ((qh, ql), r)
 }
 
+/// The relative error allowed to a floating-point estimate of a
+/// probability `exp(-a/b)` (see [`Interval`]).
+const REL_MARGIN: f64 = 1.0 / (1u64 << 30) as f64;
+/// The absolute error allowed on top of it, which covers estimates that
+/// underflow.
+const ABS_MARGIN: f64 = 1.0 / (1u64 << 62) as f64;
+/// Exponents past this are estimated as 0: `exp(-699.99) < 2^-1009`, well
+/// inside [`ABS_MARGIN`].
+const EXP_CUTOFF: f64 = 700.0;
+/// The discrete Laplace's `exp(-u/t)` is a product of two table entries,
+/// split at this many low bits of `u`.
+const FINE_BITS: u32 = 11;
+
+/// An interval `[lo, hi]` around an estimate `p̂` of a probability `p`
+/// that is sure to hold `p`, for deciding `U < p` from a prefix of `U`.
+///
+/// The estimates are [`exp_estimate`]`(g)` (within an ulp), where `g` is
+/// the exponent `a/b` evaluated in `f64` from exact integers: at most seven
+/// roundings, so `g` is within `2^-50` of `a/b` relatively, and for
+/// `g ≤ 700` the estimate is within `2^-39` of `exp(-a/b)` relatively.
+/// Past 700 the estimate is 0 and the true value is below `2^-1009`. (The
+/// discrete Laplace's estimates are products of two table entries, three
+/// roundings more.) The interval is `p̂ ± (p̂ 2^-30 + 2^-62)`,
+/// computed with two more roundings of `2^-53`: it holds `p` with room to
+/// spare. (`tests::intervals_hold_the_true_probability` checks the claim
+/// exactly, against [`exp_bounds`], over thousands of exponents.)
+#[derive(Copy, Clone, Debug)]
+struct Interval {
+    lo: f64,
+    hi: f64,
+}
+
+impl Interval {
+    #[inline]
+    fn around(estimate: f64, relative: f64) -> Interval {
+        Interval {
+            lo: estimate * (1.0 - relative) - ABS_MARGIN,
+            hi: estimate * (1.0 + relative) + ABS_MARGIN,
+        }
+    }
+
+    /// The decision of `U < p` when `U ∈ [k, k + 1) / 2^bits`, if that
+    /// prefix makes one. `k + 1 ≤ 2^53`, so both ends are exact floats.
+    #[inline]
+    fn by_prefix(self, k: u64, scale: f64) -> Option<bool> {
+        if (k + 1) as f64 * scale <= self.lo {
+            Some(true)
+        } else if k as f64 * scale >= self.hi {
+            Some(false)
+        } else {
+            None
+        }
+    }
+}
+
+/// `2^-16` and `2^-48`, the scales of `U`'s prefixes in [`Bits::decide`].
+const SCALE_16: f64 = 1.0 / (1u64 << 16) as f64;
+const SCALE_48: f64 = 1.0 / (1u64 << 48) as f64;
+
+/// `exp(-g)` for `g ≥ 0`, as [`Interval`] needs it: the platform's `exp`
+/// (glibc's and musl's are within one ulp), or 0 when `g > 700` (the true
+/// value is then below `2^-1009`).
+#[inline]
+fn exp_estimate(g: f64) -> f64 {
+    if g > EXP_CUTOFF { 0.0 } else { (-g).exp() }
+}
+
+impl<R: RngCore + CryptoRng + ?Sized> Bits<'_, R> {
+    /// `U < exp(-num/den)` for a fresh uniform `U`, where `near` holds that
+    /// probability: decided by the first 16 bits of `U` unless they fall
+    /// within the interval (about one draw in 30,000), then by 32 more
+    /// (about one in 2^31 of those), and otherwise exactly by
+    /// [`below_exp_exact`]. `exact` gives `(num, den)`; it is only called
+    /// then.
+    #[inline]
+    fn decide(&mut self, near: Interval, exact: impl FnOnce() -> (UBig, UBig)) -> bool {
+        let k = self.take(16);
+        if let Some(decided) = near.by_prefix(k, SCALE_16) {
+            return decided;
+        }
+        let k = (k << 32) | self.take(32);
+        if let Some(decided) = near.by_prefix(k, SCALE_48) {
+            return decided;
+        }
+        let (num, den) = exact();
+        below_exp_exact(self.rng, UBig::from(k), 48, &num, &den)
+    }
+}
+
+/// Whether the uniform `U ∈ [0, 1)` whose first `bits` bits are `prefix`
+/// is below `exp(-num/den)` (`den > 0`), drawing further bits of `U` from
+/// `rng` until exact bounds on `exp(-num/den)` at the same precision
+/// separate them. It ends with probability 1; each further 64 bits are
+/// needed with probability about `2^-precision`.
+fn below_exp_exact<R: RngCore + ?Sized>(
+    rng: &mut R,
+    prefix: UBig,
+    bits: usize,
+    num: &UBig,
+    den: &UBig,
+) -> bool {
+    let (mut u, mut precision) = (prefix, bits);
+    loop {
+        u = (u << 64) | UBig::from(rng.next_u64());
+        precision += 64;
+        let (lo, hi) = exp_bounds(num, den, precision);
+        // U ∈ [u, u + 1) / 2^precision.
+        if &u + UBig::ONE <= lo {
+            return true;
+        }
+        if u >= hi {
+            return false;
+        }
+    }
+}
+
+/// `a - b`, or 0 when `b > a`.
+fn sub_or_zero(a: &UBig, b: &UBig) -> UBig {
+    if a > b { a - b } else { UBig::ZERO }
+}
+
+/// Integers `(lo, hi)` with `lo ≤ exp(-num/den) 2^precision ≤ hi`, and
+/// `hi - lo` a few units for moderate exponents (`den > 0`).
+///
+/// The exponent is halved `s` times to `y = num/(den 2^s) ≤ 1/2`, where the
+/// Taylor series of `exp(-y)` alternates with decreasing terms, so its odd
+/// partial sums are lower bounds and its even ones upper bounds. Each term
+/// is bounded below and above in fixed point (`q` fraction bits, rounded
+/// down and up), and the bounds are squared `s` times, rounded outwards.
+fn exp_bounds(num: &UBig, den: &UBig, precision: usize) -> (UBig, UBig) {
+    let one = UBig::ONE << precision;
+    if *num == UBig::ZERO {
+        return (one.clone(), one);
+    }
+    let s = (num.bit_len() + 2).saturating_sub(den.bit_len());
+    let q = precision + s + 32;
+    let b = den << s;
+    let (mut term_lo, mut term_hi) = (UBig::ONE << q, UBig::ONE << q);
+    // Sums of the even and odd terms so far, each bounded both ways.
+    let (mut even_lo, mut even_hi) = (term_lo.clone(), term_hi.clone());
+    let (mut odd_lo, mut odd_hi) = (UBig::ZERO, UBig::ZERO);
+    let (mut lower, mut upper) = (UBig::ZERO, UBig::ZERO);
+    let mut k: usize = 1;
+    loop {
+        let step = &b * UBig::from(k);
+        term_lo = (&term_lo * num) / &step;
+        term_hi = (&term_hi * num + &step - UBig::ONE) / &step;
+        if k % 2 == 1 {
+            odd_lo += &term_lo;
+            odd_hi += &term_hi;
+            lower = sub_or_zero(&even_lo, &odd_hi);
+        } else {
+            even_lo += &term_lo;
+            even_hi += &term_hi;
+            upper = sub_or_zero(&even_hi, &odd_lo);
+        }
+        if k >= 2 && term_hi <= UBig::ONE {
+            break;
+        }
+        k += 1;
+    }
+    let round_up = (UBig::ONE << q) - UBig::ONE;
+    for _ in 0..s {
+        lower = (&lower * &lower) >> q;
+        upper = (&upper * &upper + &round_up) >> q;
+    }
+    let drop = q - precision;
+    let round_up = (UBig::ONE << drop) - UBig::ONE;
+    (lower >> drop, (upper + round_up) >> drop)
+}
+
+/// One `fill` call's precomputed estimates.
+struct Fast {
+    t: u64,
+    /// `exp(-(a 2^FINE_BITS)/t)` for every `a ≤ (t - 1) >> FINE_BITS`.
+    coarse: Vec<f64>,
+    /// `exp(-b/t)` for every `b < min(t, 2^FINE_BITS)`.
+    fine: Vec<f64>,
+    /// The cut for `exp(-1)`.
+    inv_e: Interval,
+    /// `σ² = p / 2^20`.
+    p: u128,
+    /// `q t` with `q = 2^20`.
+    qt: u128,
+    /// The acceptance exponent's denominator `2 p q t²`, exactly and as a
+    /// float.
+    d: u128,
+    d_float: f64,
+    /// The relative margin of every interval ([`REL_MARGIN`]; wider in
+    /// tests).
+    relative: f64,
+}
+
+impl Fast {
+    fn new(g: &DiscreteGaussian, relative: f64) -> Result<Fast, DpError> {
+        let t = g.t;
+        let tf = t as f64;
+        let coarse = (0..=((t - 1) >> FINE_BITS))
+            .map(|a| exp_estimate((a << FINE_BITS) as f64 / tf))
+            .collect();
+        let fine = (0..t.min(1 << FINE_BITS))
+            .map(|b| exp_estimate(b as f64 / tf))
+            .collect();
+        let q: u128 = 1 << VARIANCE_DENOMINATOR_BITS;
+        let p = g.var_num;
+        let t = u128::from(t);
+        let d = p
+            .checked_mul(2 * q)
+            .and_then(|v| v.checked_mul(t * t))
+            .ok_or(DpError::Internal("sampler overflow"))?;
+        Ok(Fast {
+            t: g.t,
+            coarse,
+            fine,
+            inv_e: Interval::around(exp_estimate(1.0), relative),
+            p,
+            qt: q * t,
+            d,
+            d_float: d as f64,
+            relative,
+        })
+    }
+
+    /// CKS20 Algorithm 2 (the discrete Laplace of scale `t`), deciding
+    /// each Bernoulli(exp(-·)) by [`Bits::decide`].
+    #[inline]
+    fn laplace<R: RngCore + CryptoRng + ?Sized>(
+        &self,
+        bits: &mut Bits<'_, R>,
+    ) -> Result<i64, DpError> {
+        let t = self.t;
+        loop {
+            let u = bits.below(t);
+            // exp(-u/t) = exp(-(a 2^11)/t) exp(-b/t): three roundings more,
+            // still far inside the cut's margin.
+            let estimate = self.coarse[(u >> FINE_BITS) as usize]
+                * self.fine[(u & ((1 << FINE_BITS) - 1)) as usize];
+            if !bits.decide(Interval::around(estimate, self.relative), || {
+                (UBig::from(u), UBig::from(t))
+            }) {
+                continue;
+            }
+            let mut v: u64 = 0;
+            while bits.decide(self.inv_e, || (UBig::ONE, UBig::ONE)) {
+                v += 1;
+            }
+            let x = v
+                .checked_mul(t)
+                .and_then(|vt| vt.checked_add(u))
+                .and_then(|x| i64::try_from(x).ok())
+                .ok_or(DpError::Internal("sampler overflow"))?;
+            let negative = bits.bit();
+            if negative && x == 0 {
+                continue;
+            }
+            return Ok(if negative { -x } else { x });
+        }
+    }
+
+    /// CKS20 Algorithm 3: accept `Y` with probability
+    /// `exp(-(|Y| q t - p)² / (2 p q t²))`.
+    #[inline]
+    fn gaussian<R: RngCore + CryptoRng + ?Sized>(
+        &self,
+        bits: &mut Bits<'_, R>,
+    ) -> Result<i64, DpError> {
+        loop {
+            let y = self.laplace(bits)?;
+            let diff = u128::from(y.unsigned_abs())
+                .checked_mul(self.qt)
+                .ok_or(DpError::Internal("sampler overflow"))?
+                .abs_diff(self.p);
+            // Two 64-bit conversions (u128's goes through a slow library
+            // call): within 2^-52 of diff, relatively.
+            let df =
+                ((diff >> 64) as u64) as f64 * 18_446_744_073_709_551_616.0 + (diff as u64) as f64;
+            let estimate = exp_estimate(df * df / self.d_float);
+            if bits.decide(Interval::around(estimate, self.relative), || {
+                let diff = UBig::from(diff);
+                (&diff * &diff, UBig::from(self.d))
+            }) {
+                return Ok(y);
+            }
+        }
+    }
+}
+
 /// An exact sampler for `N_Z(0, σ²)`.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct DiscreteGaussian {
@@ -315,8 +620,36 @@ impl DiscreteGaussian {
         }
     }
 
-    /// Fills `out` with independent samples.
+    /// Fills `out` with independent samples (the fast exact path, see the
+    /// module's documentation).
     pub fn fill<R: RngCore + CryptoRng + ?Sized>(
+        &self,
+        rng: &mut R,
+        out: &mut [i64],
+    ) -> Result<(), DpError> {
+        out.fill(0);
+        self.add_to(rng, out)
+    }
+
+    /// Adds an independent sample to every element of `values` (wrapping),
+    /// as [`DiscreteGaussian::fill`] draws them.
+    pub fn add_to<R: RngCore + CryptoRng + ?Sized>(
+        &self,
+        rng: &mut R,
+        values: &mut [i64],
+    ) -> Result<(), DpError> {
+        let fast = Fast::new(self, REL_MARGIN)?;
+        let mut bits = Bits::new(rng);
+        for v in values.iter_mut() {
+            *v = v.wrapping_add(fast.gaussian(&mut bits)?);
+        }
+        Ok(())
+    }
+
+    /// Fills `out` with independent samples from the same distribution as
+    /// [`DiscreteGaussian::fill`], in integer arithmetic only (CKS20 as
+    /// published): the reference implementation.
+    pub fn fill_integer<R: RngCore + CryptoRng + ?Sized>(
         &self,
         rng: &mut R,
         out: &mut [i64],
@@ -409,6 +742,228 @@ mod tests {
             .count() as f64;
         let p = (-0.5f64).exp();
         assert!((hits / 20_000.0 - p).abs() < 5.0 * (p * (1.0 - p) / 20_000.0).sqrt());
+    }
+
+    /// `exp(-n/d)` to f64 precision.
+    fn exp_f64(n: u128, d: u128) -> f64 {
+        (-(n as f64) / d as f64).exp()
+    }
+
+    #[test]
+    fn exact_bounds_bracket_the_exponential() {
+        for (n, d) in [
+            (0u128, 1u128),
+            (1, 1),
+            (1, 3),
+            (2, 7),
+            (5, 2),
+            (1000, 3),
+            (12345, 1 << 40),
+            (u128::MAX / 5, 1 << 100),
+        ] {
+            for precision in [64usize, 128, 256] {
+                let (lo, hi) = exp_bounds(&UBig::from(n), &UBig::from(d), precision);
+                assert!(lo <= hi, "{n}/{d}");
+                // Within a few units of each other...
+                assert!(
+                    &hi - &lo <= UBig::from(4u8),
+                    "{n}/{d} at {precision}: {lo} {hi}"
+                );
+                // ...and around the true value (checked in f64 at 64 bits).
+                let scale = 2f64.powi(precision as i32);
+                let (l, h) = (lo.to_f64().value() / scale, hi.to_f64().value() / scale);
+                let e = exp_f64(n, d);
+                assert!(
+                    l <= e * (1.0 + 1e-15) && e <= h * (1.0 + 1e-15),
+                    "{n}/{d}: {l} {e} {h}"
+                );
+            }
+        }
+        // A 256-bit exponent: the value is 0 to any precision we reach.
+        let huge = UBig::from(u128::MAX) * UBig::from(u128::MAX);
+        let (lo, hi) = exp_bounds(&huge, &UBig::from(3u8), 128);
+        assert_eq!(lo, UBig::ZERO);
+        assert_eq!(hi, UBig::ONE);
+    }
+
+    /// `f` as `(m, e)` with `f = m 2^e` exactly (`f ≥ 0`, finite).
+    fn decode(f: f64) -> (u64, i32) {
+        let bits = f.to_bits();
+        let exponent = ((bits >> 52) & 0x7ff) as i32;
+        let fraction = bits & ((1 << 52) - 1);
+        if exponent == 0 {
+            (fraction, -1074)
+        } else {
+            (fraction | (1 << 52), exponent - 1075)
+        }
+    }
+
+    /// `f 2^precision ≤ n` (or `≥ n` with `at_least`), exactly.
+    fn compare(f: f64, precision: usize, n: &UBig, at_least: bool) -> bool {
+        if f <= 0.0 {
+            return !at_least || *n == UBig::ZERO;
+        }
+        let (m, e) = decode(f);
+        let shift = e + precision as i32;
+        // Compare m 2^shift with n.
+        let (left, right) = if shift >= 0 {
+            (UBig::from(m) << shift as usize, n.clone())
+        } else {
+            (UBig::from(m), n << (-shift) as usize)
+        };
+        if at_least {
+            left >= right
+        } else {
+            left <= right
+        }
+    }
+
+    /// The claim of [`Interval`], checked exactly: for exponents a/b from
+    /// the sampler's three uses and from a pseudo-random spread, the
+    /// interval's ends bracket exact bounds on exp(-a/b) at 192 bits.
+    #[test]
+    fn intervals_hold_the_true_probability() {
+        let mut rng = ChaCha20Rng::seed_from_u64(21);
+        let mut exponents: Vec<(u128, u128)> = vec![
+            (0, 1),
+            (1, 1),
+            (1, 3),
+            (699, 1),
+            (700, 1),
+            (1401, 2),
+            (701, 1),
+        ];
+        for _ in 0..3000 {
+            let d = u128::from(rng.next_u64() >> (rng.next_u32() % 64)).max(1);
+            let n = (u128::from(rng.next_u64())
+                * u128::from(rng.next_u32() >> (rng.next_u32() % 32)))
+                % (d.saturating_mul(1100));
+            exponents.push((n, d));
+        }
+        // The discrete Laplace's table products at t = 1001.
+        let g = DiscreteGaussian::new(1000.0).unwrap();
+        let fast = Fast::new(&g, REL_MARGIN).unwrap();
+        let mut checked = 0;
+        for (n, d) in exponents {
+            let estimate = exp_estimate(n as f64 / d as f64);
+            let near = Interval::around(estimate, REL_MARGIN);
+            let (lo, hi) = exp_bounds(&UBig::from(n), &UBig::from(d), 192);
+            assert!(
+                compare(near.lo, 192, &lo, false),
+                "{n}/{d}: low end above exp"
+            );
+            assert!(
+                compare(near.hi, 192, &hi, true),
+                "{n}/{d}: high end below exp"
+            );
+            checked += 1;
+        }
+        for u in (0..1001u64).step_by(7) {
+            let estimate = fast.coarse[(u >> FINE_BITS) as usize]
+                * fast.fine[(u & ((1 << FINE_BITS) - 1)) as usize];
+            let near = Interval::around(estimate, REL_MARGIN);
+            let (lo, hi) = exp_bounds(&UBig::from(u), &UBig::from(1001u16), 192);
+            assert!(
+                compare(near.lo, 192, &lo, false) && compare(near.hi, 192, &hi, true),
+                "{u}"
+            );
+        }
+        let (lo, hi) = exp_bounds(&UBig::ONE, &UBig::ONE, 192);
+        assert!(compare(fast.inv_e.lo, 192, &lo, false) && compare(fast.inv_e.hi, 192, &hi, true));
+        assert!(checked > 3000);
+    }
+
+    /// Frequencies of `decide` against the probability, with the margin so
+    /// wide that about half of the draws go to the exact comparison.
+    #[test]
+    fn the_exact_fallback_decides_with_the_right_probability() {
+        let mut rng = ChaCha20Rng::seed_from_u64(7);
+        let mut bits = Bits::new(&mut rng);
+        for (n, d) in [(1u128, 1u128), (2, 7), (7, 2), (30, 1)] {
+            let p = exp_f64(n, d);
+            let trials = 40_000;
+            let hits = (0..trials)
+                .filter(|_| {
+                    bits.decide(Interval::around(p, 0.5), || (UBig::from(n), UBig::from(d)))
+                })
+                .count() as f64;
+            let sd = (p * (1.0 - p) / trials as f64).sqrt();
+            assert!(
+                (hits / trials as f64 - p).abs() < 5.0 * sd + 1e-9,
+                "{n}/{d}"
+            );
+        }
+        // p = exp(-70) ≈ 2^-101 with U's first 64 bits all 0: the next
+        // word decides. All zeros puts U below 2^-128 < p...
+        let seventy = UBig::from(70u8);
+        let mut zeros = Counter(0);
+        assert!(below_exp_exact(
+            &mut zeros,
+            UBig::ZERO,
+            64,
+            &seventy,
+            &UBig::ONE
+        ));
+        assert_eq!(zeros.0, 1, "one more word was drawn");
+        // ...and a word with its top bit set puts U above 2^-65 > p.
+        let mut ones = Counter(1);
+        assert!(!below_exp_exact(
+            &mut ones,
+            UBig::ZERO,
+            64,
+            &seventy,
+            &UBig::ONE
+        ));
+    }
+
+    /// Word `i` of its stream is `i` times an odd constant: the first is 0.
+    struct Counter(u64);
+    impl RngCore for Counter {
+        fn next_u32(&mut self) -> u32 {
+            self.next_u64() as u32
+        }
+        fn next_u64(&mut self) -> u64 {
+            let v = self.0;
+            self.0 += 1;
+            v.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        }
+        fn fill_bytes(&mut self, dest: &mut [u8]) {
+            rand_core::impls::fill_bytes_via_next(self, dest)
+        }
+        fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_core::Error> {
+            self.fill_bytes(dest);
+            Ok(())
+        }
+    }
+
+    /// The fast sampler, with every cut wide enough to send a third of
+    /// the decisions to the exact comparison, has the right moments.
+    #[test]
+    fn the_sampler_through_the_fallback_keeps_its_distribution() {
+        let g = DiscreteGaussian::new(2.5).unwrap();
+        let fast = Fast::new(&g, 0.3).unwrap();
+        let mut rng = ChaCha20Rng::seed_from_u64(11);
+        let mut bits = Bits::new(&mut rng);
+        let n = 40_000;
+        let xs: Vec<i64> = (0..n).map(|_| fast.gaussian(&mut bits).unwrap()).collect();
+        let pmf = g.pmf_table(30);
+        let var: f64 = pmf
+            .iter()
+            .enumerate()
+            .map(|(i, p)| p * (i as f64 - 30.0).powi(2))
+            .sum();
+        let mean = xs.iter().sum::<i64>() as f64 / n as f64;
+        let m2 = xs.iter().map(|&x| (x * x) as f64).sum::<f64>() / n as f64;
+        assert!(mean.abs() < 5.0 * (var / n as f64).sqrt(), "{mean}");
+        assert!(
+            (m2 - var).abs() < 5.0 * var * (2.0 / n as f64).sqrt(),
+            "{m2} vs {var}"
+        );
+        let zeros = xs.iter().filter(|&&x| x == 0).count() as f64 / n as f64;
+        assert!(
+            (zeros - pmf[30]).abs() < 5.0 * (pmf[30] / n as f64).sqrt(),
+            "{zeros}"
+        );
     }
 
     #[test]

@@ -37,8 +37,19 @@ fn group(cells: Vec<(f64, f64)>) -> Vec<(f64, f64)> {
 }
 
 fn fit(sigma: f64, n: usize, seed: u64) -> f64 {
+    fit_with(sigma, n, seed, false)
+}
+
+/// [`fit`] for the fast sampler, or for the integer-only reference.
+fn fit_with(sigma: f64, n: usize, seed: u64, integer: bool) -> f64 {
     let g = DiscreteGaussian::new(sigma).unwrap();
-    let samples = g.sample(&mut ChaCha20Rng::seed_from_u64(seed), n).unwrap();
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let mut samples = vec![0; n];
+    if integer {
+        g.fill_integer(&mut rng, &mut samples).unwrap();
+    } else {
+        g.fill(&mut rng, &mut samples).unwrap();
+    }
     let bound = (12.0 * sigma).ceil() as i64 + 2;
     let pmf = g.pmf_table(bound);
     let mut counts = vec![0.0; pmf.len()];
@@ -80,6 +91,16 @@ fn fit(sigma: f64, n: usize, seed: u64) -> f64 {
 fn samples_fit_the_exact_pmf() {
     for (sigma, seed) in [(0.75, 1), (3.0, 2), (25.0, 3), (1000.0, 4)] {
         let z = fit(sigma, 200_000, seed);
+        assert!(z.abs() < 4.5, "σ={sigma}: chi-square z = {z}");
+    }
+}
+
+/// §3.4: the integer-only implementation, which the fast one must match,
+/// fits the same pmf.
+#[test]
+fn the_integer_reference_fits_the_exact_pmf() {
+    for (sigma, seed) in [(0.75, 11), (25.0, 12), (1000.0, 13)] {
+        let z = fit_with(sigma, 100_000, seed, true);
         assert!(z.abs() < 4.5, "σ={sigma}: chi-square z = {z}");
     }
 }
