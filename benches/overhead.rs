@@ -24,8 +24,11 @@ use fedveil_fed::randomness::Randomness;
 use fedveil_fed::synthetic::{SyntheticConfig, SyntheticEvaluator, SyntheticTrainer};
 use fedveil_fed::trainer::Trainer;
 
+// As the fedveil binary does (src/tuning.rs).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+#[path = "../src/tuning.rs"]
+mod tuning;
 
 const CLIENTS: u32 = 20;
 const DIM: usize = 4_000_000;
@@ -90,6 +93,7 @@ fn round(rt: &tokio::runtime::Runtime, file: &RunFile) -> Duration {
 }
 
 fn overhead(c: &mut Criterion) {
+    tuning::tune();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

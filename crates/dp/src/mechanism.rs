@@ -29,7 +29,6 @@ use rand_core::{CryptoRng, RngCore};
 use serde::{Deserialize, Serialize};
 
 use crate::DpError;
-use crate::clip::clip_l2;
 use crate::rotation::RandomRotation;
 use crate::sampler::DiscreteGaussian;
 
@@ -291,18 +290,25 @@ impl ClientPrivatizer {
         if let Some(index) = update.iter().position(|v| !v.is_finite()) {
             return Err(DpError::NotFinite { index });
         }
-        let mut x: Vec<f64> = update.iter().map(|&v| f64::from(v)).collect();
-        let norm = clip_l2(&mut x, cfg.clip);
-        let mut y = self.rotation.forward(&x)?;
-        let k = 1.0 / cfg.granularity;
-        y.iter_mut().for_each(|v| *v *= k);
+        // Clip, rotate and scale to the grid in one vector: the rotation is
+        // linear, so scaling by min(1, c/‖x‖)/γ after it is the same.
+        let norm = update
+            .iter()
+            .map(|&v| f64::from(v) * f64::from(v))
+            .sum::<f64>()
+            .sqrt();
+        let clip_scale = if norm > cfg.clip {
+            cfg.clip / norm
+        } else {
+            1.0
+        };
+        let y = self
+            .rotation
+            .forward_scaled(update, clip_scale / cfg.granularity)?;
         let (mut z, rounding_tries) = self.conditional_round(&y, rng)?;
+        drop(y);
         if let Some(noise) = &self.noise {
-            let mut n = vec![0i64; z.len()];
-            noise.fill(rng, &mut n)?;
-            for (a, b) in z.iter_mut().zip(&n) {
-                *a = a.wrapping_add(*b);
-            }
+            noise.add_to(rng, &mut z)?;
         }
         let mask = if cfg.bits == 32 {
             u64::from(u32::MAX)
@@ -407,6 +413,7 @@ impl ServerDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clip::clip_l2;
     use rand_chacha::ChaCha20Rng;
     use rand_core::SeedableRng;
 
