@@ -235,7 +235,7 @@ mod tests {
         for i in 0..64 {
             let mut e = vec![0.0; 1000];
             e[i] = 1.0;
-            // H D e_i / √m has every entry D_ii / √m... times H's row 0 (+1).
+            // Entry 0 of H D e_i / √m is H[0][i] D_ii / √m = D_ii / 32.
             let y = r.forward(&e).unwrap();
             let expected = if (word >> i) & 1 == 1 { -1.0 } else { 1.0 } / 32.0;
             assert_eq!(y[0], expected, "sign {i}");

@@ -24,7 +24,7 @@
 //! - [`DiscreteGaussian::fill_integer`] uses only integer arithmetic: a
 //!   Bernoulli(a/b) draw compares random bits with the binary expansion of
 //!   `a/b`, and Bernoulli(exp(-a/b)) is CKS20's Algorithm 1. It is the
-//!   reference the tests hold the fast one to, and about six times slower.
+//!   reference the tests hold the fast one to, and about half as fast.
 //!
 //! Random bits come from the caller's CSPRNG, 64 at a time.
 

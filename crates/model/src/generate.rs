@@ -2,7 +2,7 @@
 //! nucleus (top-p) sampling.
 
 use candle_core::{D, Tensor};
-use rand_core::{RngCore, SeedableRng};
+use rand_core::RngCore;
 
 use crate::model::{KvCache, Llama};
 use crate::peft::Adapter;
@@ -53,8 +53,9 @@ pub fn generate(
             "token id {bad} is outside the vocabulary of {vocab}"
         )));
     }
-    let mut local = rand_chacha::ChaCha20Rng::from_seed(crate::train::seed_from(rng));
-    crate::pool::on_pool(|| continue_prompt(model, adapter, prompt, options, &mut local))
+    crate::pool::on_pool_seeded(rng, |local| {
+        continue_prompt(model, adapter, prompt, options, local)
+    })
 }
 
 /// [`generate`]'s loop, on rayon's pool (crate::pool).

@@ -9,6 +9,9 @@
 //! from inside the pool, a product splits its work with the workers
 //! directly, and the pass's own thread does its share.
 
+use rand_chacha::ChaCha20Rng;
+use rand_core::{RngCore, SeedableRng};
+
 /// Runs `work` on a worker of rayon's global pool (or right here, if this
 /// already is one) and returns its result.
 pub(crate) fn on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
@@ -17,6 +20,19 @@ pub(crate) fn on_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     } else {
         rayon::scope(|_| work())
     }
+}
+
+/// [`on_pool`] for a pass that draws randomness: `work` gets a ChaCha20
+/// generator seeded with 32 bytes from `rng` (the caller's generator need
+/// not be `Send`; the pass's, which moves to the pool, must be).
+pub(crate) fn on_pool_seeded<R: Send>(
+    rng: &mut dyn RngCore,
+    work: impl FnOnce(&mut dyn RngCore) -> R + Send,
+) -> R {
+    let mut seed = [0u8; 32];
+    rng.fill_bytes(&mut seed);
+    let mut local = ChaCha20Rng::from_seed(seed);
+    on_pool(|| work(&mut local))
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! gradient-norm clipping; evaluation loss and perplexity.
 
 use candle_core::{D, DType, Device, Tensor, backprop::GradStore};
-use rand_core::{RngCore, SeedableRng};
+use rand_core::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Llama, Mode};
@@ -161,13 +161,6 @@ pub fn batches_by_length(
 }
 
 /// Fisher–Yates with unbiased bounded draws.
-/// A 32-byte seed drawn from `rng`.
-pub(crate) fn seed_from(rng: &mut dyn RngCore) -> [u8; 32] {
-    let mut seed = [0u8; 32];
-    rng.fill_bytes(&mut seed);
-    seed
-}
-
 fn shuffle<T>(items: &mut [T], rng: &mut dyn RngCore) {
     for i in (1..items.len()).rev() {
         let j = uniform_below(rng, i as u64 + 1) as usize;
@@ -459,10 +452,9 @@ impl AdapterTrainer {
     /// `config.grad_accum` of them): the gradient of the mean loss per
     /// target token over all of them, clipped, then AdamW.
     pub fn step(&mut self, micro_batches: &[Batch], rng: &mut dyn RngCore) -> Result<StepStats> {
-        // The pass runs on rayon's pool (crate::pool), which needs a `Send`
-        // generator: the dropout masks come from one seeded by `rng`.
-        let mut local = rand_chacha::ChaCha20Rng::from_seed(seed_from(rng));
-        crate::pool::on_pool(|| self.step_on_pool(micro_batches, &mut local))
+        // The pass runs on rayon's pool; its dropout masks come from a
+        // generator seeded by `rng` (crate::pool).
+        crate::pool::on_pool_seeded(rng, |local| self.step_on_pool(micro_batches, local))
     }
 
     fn step_on_pool(
@@ -528,9 +520,8 @@ impl AdapterTrainer {
         batch: &Batch,
         rng: &mut dyn RngCore,
     ) -> Result<Vec<(String, Option<Tensor>)>> {
-        let mut local = rand_chacha::ChaCha20Rng::from_seed(seed_from(rng));
-        let (_, grads) = crate::pool::on_pool(|| {
-            self.gradients(batch, batch.tokens().max(1) as f64, &mut local)
+        let (_, grads) = crate::pool::on_pool_seeded(rng, |local| {
+            self.gradients(batch, batch.tokens().max(1) as f64, local)
         })?;
         Ok(self
             .adapter
