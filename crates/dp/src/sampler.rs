@@ -1,30 +1,33 @@
 //! Exact discrete Gaussian sampling (protocols/dp.md §3.4).
 //!
-//! `N_Z(0, σ²)` puts mass proportional to `exp(-x² / (2σ²))` on every integer
-//! `x`. The sampler is Algorithm 3 of Canonne, Kamath & Steinke (2020):
-//! propose from a discrete Laplace of integer scale `t = ⌊σ⌋ + 1`, accept with
-//! probability `exp(-(|Y| - σ²/t)² / (2σ²))`. `σ²` is held as the exact
-//! fraction `num / 2^20` (rounded up from the requested value, so the noise
-//! is never smaller than asked for), so every probability the algorithm
-//! uses is `exp(-a/b)` or `a/b` for integers `a`, `b`.
+//! `N_Z(0, σ²)` puts mass proportional to `ρ(x) = exp(-x² / (2σ²))` on
+//! every integer `x`. `σ²` is held as the exact fraction `num / 2^20`
+//! (rounded up from the requested value, so the noise is never smaller than
+//! asked for), so every probability a sampler uses is `exp(-a/b)` times a
+//! rational, with integers `a`, `b`. Two implementations draw from exactly
+//! this distribution:
 //!
-//! Two implementations of it draw from exactly the same distribution:
-//!
-//! - [`DiscreteGaussian::fill`] decides each Bernoulli(exp(-a/b)) as
-//!   `U < exp(-a/b)` for a uniform `U` of which it first draws 16 bits. A
-//!   floating-point estimate of `exp(-a/b)`, widened by far more than its
-//!   error (2^-30 relative), gives an interval sure to hold the true value;
-//!   when the prefix puts `U` wholly below or above that interval, the draw
-//!   is decided, and decided as the true comparison would. Otherwise (about
-//!   once in 30,000 draws) 32 more bits of `U` go the same way, and if even
-//!   48 bits cannot decide (about once in 2^47), the comparison is finished
-//!   exactly: more bits of `U` against bounds on `exp(-a/b)` computed in
-//!   big-integer arithmetic, at growing precision, until they separate. No
-//!   outcome depends on a rounding error.
-//! - [`DiscreteGaussian::fill_integer`] uses only integer arithmetic: a
-//!   Bernoulli(a/b) draw compares random bits with the binary expansion of
-//!   `a/b`, and Bernoulli(exp(-a/b)) is CKS20's Algorithm 1. It is the
-//!   reference the tests hold the fast one to, and about half as fast.
+//! - [`DiscreteGaussian::fill`] and [`DiscreteGaussian::add_to`]: rejection
+//!   from a precomputed envelope of integer heights over strips of the
+//!   integers (`Envelope`), picked by an exact alias table and accepted
+//!   with probability `K ρ(x) / height`. Each acceptance is the comparison
+//!   `U < p` for a uniform `U` of which 16 bits are drawn first; a
+//!   floating-point estimate of `p`, widened by far more than its error
+//!   (2^-30 relative), gives an interval sure to hold `p`, and when the
+//!   prefix puts `U` wholly below or above it the draw is decided as the
+//!   true comparison would. Otherwise (about once in 30,000 draws) 32 more
+//!   bits of `U` go the same way, and if even 48 bits cannot decide (about
+//!   once in 2^47), the comparison is finished exactly: more bits of `U`
+//!   against bounds on `p` computed in big-integer arithmetic, at growing
+//!   precision, until they separate. No outcome depends on a rounding
+//!   error. About 11 ns per sample here.
+//! - [`DiscreteGaussian::fill_integer`]: Algorithm 3 of Canonne, Kamath &
+//!   Steinke (2020) in integer arithmetic only (a discrete Laplace proposal
+//!   of scale `t = ⌊σ⌋ + 1`, accepted with probability
+//!   `exp(-(|Y| - σ²/t)² / (2σ²))`; Bernoulli(a/b) compares random bits with
+//!   the binary expansion of `a/b`, Bernoulli(exp(-a/b)) is CKS20's
+//!   Algorithm 1). It is the reference the tests hold the fast one to, and
+//!   about twelve times slower.
 //!
 //! Random bits come from the caller's CSPRNG, 64 at a time.
 
@@ -252,9 +255,6 @@ const ABS_MARGIN: f64 = 1.0 / (1u64 << 62) as f64;
 /// Exponents past this are estimated as 0: `exp(-699.99) < 2^-1009`, well
 /// inside [`ABS_MARGIN`].
 const EXP_CUTOFF: f64 = 700.0;
-/// The discrete Laplace's `exp(-u/t)` is a product of two table entries,
-/// split at this many low bits of `u`.
-const FINE_BITS: u32 = 11;
 
 /// An interval `[lo, hi]` around an estimate `p̂` of a probability `p`
 /// that is sure to hold `p`, for deciding `U < p` from a prefix of `U`.
@@ -264,8 +264,9 @@ const FINE_BITS: u32 = 11;
 /// roundings, so `g` is within `2^-50` of `a/b` relatively, and for
 /// `g ≤ 700` the estimate is within `2^-39` of `exp(-a/b)` relatively.
 /// Past 700 the estimate is 0 and the true value is below `2^-1009`. (The
-/// discrete Laplace's estimates are products of two table entries, three
-/// roundings more.) The interval is `p̂ ± (p̂ 2^-30 + 2^-62)`,
+/// envelope's acceptance probabilities are such an estimate times `K/h`,
+/// two roundings more, and past 700 below `2^-1009 K ≤ 2^-961`.) The
+/// interval is `p̂ ± (p̂ 2^-30 + 2^-62)`,
 /// computed with two more roundings of `2^-53`: it holds `p` with room to
 /// spare. (`tests::intervals_hold_the_true_probability` checks the claim
 /// exactly, against [`exp_bounds`], over thousands of exponents.)
@@ -311,49 +312,49 @@ fn exp_estimate(g: f64) -> f64 {
 }
 
 impl<R: RngCore + CryptoRng + ?Sized> Bits<'_, R> {
-    /// `U < exp(-num/den)` for a fresh uniform `U`, where `near` holds that
-    /// probability: decided by the first 16 bits of `U` unless they fall
-    /// within the interval (about one draw in 30,000), then by 32 more
-    /// (about one in 2^31 of those), and otherwise exactly by
-    /// [`below_exp_exact`]. `exact` gives `(num, den)`; it is only called
-    /// then.
+    /// `U < p` for a fresh uniform `U`, where `near` holds `p`: see
+    /// [`Bits::decide_after`].
+    #[cfg(test)]
+    fn decide(&mut self, near: Interval, exact: impl FnOnce() -> Exact) -> bool {
+        let prefix = self.take(16);
+        self.decide_after(prefix, near, exact)
+    }
+
+    /// `U < p` for the uniform `U` whose first 16 bits are `prefix`, where
+    /// `near` holds `p`: decided by those bits unless they fall within the
+    /// interval (about one draw in 30,000), then by 32 more (about one in
+    /// 2^31 of those), and otherwise exactly by [`below_exp_exact`].
+    /// `exact` gives `p`; it is only called then.
     #[inline]
-    fn decide(&mut self, near: Interval, exact: impl FnOnce() -> (UBig, UBig)) -> bool {
-        let k = self.take(16);
-        if let Some(decided) = near.by_prefix(k, SCALE_16) {
+    fn decide_after(&mut self, prefix: u64, near: Interval, exact: impl FnOnce() -> Exact) -> bool {
+        if let Some(decided) = near.by_prefix(prefix, SCALE_16) {
             return decided;
         }
-        let k = (k << 32) | self.take(32);
+        let k = (prefix << 32) | self.take(32);
         if let Some(decided) = near.by_prefix(k, SCALE_48) {
             return decided;
         }
-        let (num, den) = exact();
-        below_exp_exact(self.rng, UBig::from(k), 48, &num, &den)
+        below_exp_exact(self.rng, UBig::from(k), 48, &exact())
     }
 }
 
 /// Whether the uniform `U ∈ [0, 1)` whose first `bits` bits are `prefix`
-/// is below `exp(-num/den)` (`den > 0`), drawing further bits of `U` from
-/// `rng` until exact bounds on `exp(-num/den)` at the same precision
-/// separate them. It ends with probability 1; each further 64 bits are
-/// needed with probability about `2^-precision`.
-fn below_exp_exact<R: RngCore + ?Sized>(
-    rng: &mut R,
-    prefix: UBig,
-    bits: usize,
-    num: &UBig,
-    den: &UBig,
-) -> bool {
+/// is below `p`, drawing further bits of `U` from `rng` until exact bounds
+/// on `p` at the same precision separate them. It ends with probability 1;
+/// each further 64 bits are needed with probability about
+/// `2^-precision` times `p`'s `times / over`.
+fn below_exp_exact<R: RngCore + ?Sized>(rng: &mut R, prefix: UBig, bits: usize, p: &Exact) -> bool {
     let (mut u, mut precision) = (prefix, bits);
     loop {
         u = (u << 64) | UBig::from(rng.next_u64());
         precision += 64;
-        let (lo, hi) = exp_bounds(num, den, precision);
-        // U ∈ [u, u + 1) / 2^precision.
-        if &u + UBig::ONE <= lo {
+        let (lo, hi) = exp_bounds(&p.num, &p.den, precision);
+        // U ∈ [u, u + 1) / 2^precision, and
+        // p ∈ [lo, hi] times / (over 2^precision).
+        if (&u + UBig::ONE) * &p.over <= lo * &p.times {
             return true;
         }
-        if u >= hi {
+        if &u * &p.over >= hi * &p.times {
             return false;
         }
     }
@@ -414,119 +415,293 @@ fn exp_bounds(num: &UBig, den: &UBig, precision: usize) -> (UBig, UBig) {
     (lower >> drop, (upper + round_up) >> drop)
 }
 
-/// One `fill` call's precomputed estimates.
-struct Fast {
-    t: u64,
-    /// `exp(-(a 2^FINE_BITS)/t)` for every `a ≤ (t - 1) >> FINE_BITS`.
-    coarse: Vec<f64>,
-    /// `exp(-b/t)` for every `b < min(t, 2^FINE_BITS)`.
-    fine: Vec<f64>,
-    /// The cut for `exp(-1)`.
-    inv_e: Interval,
-    /// `σ² = p / 2^20`.
-    p: u128,
-    /// `q t` with `q = 2^20`.
-    qt: u128,
-    /// The acceptance exponent's denominator `2 p q t²`, exactly and as a
-    /// float.
-    d: u128,
-    d_float: f64,
+/// Columns of the envelope's alias table.
+const COLUMNS: usize = 256;
+/// `log2(COLUMNS)`.
+const COLUMN_BITS: u32 = 8;
+/// The envelope's pieces have integer weights summing to exactly
+/// `2^WEIGHT_BITS`, so one 64-bit word picks a column and a threshold.
+const WEIGHT_BITS: u32 = 48;
+/// The strips cover `1 ≤ |x| ≤ SPAN σ` (rounded up to whole strips); the
+/// tail covers the rest.
+const SPAN: f64 = 8.0;
+/// Heights are rounded up from estimates raised by this much, relatively:
+/// far more than the estimates' error.
+const HEIGHT_MARGIN: f64 = 1.0 / (1u64 << 28) as f64;
+
+/// The probability `exp(-num/den) · times / over`, exactly.
+struct Exact {
+    num: UBig,
+    den: UBig,
+    times: UBig,
+    over: UBig,
+}
+
+/// The sampler's precomputed envelope for one `σ` (protocols/dp.md §3.4).
+///
+/// With `ρ(x) = exp(-x²/(2σ²))`, the envelope dominates `K ρ` by integer
+/// heights on pieces of the integers:
+///
+/// - the piece `{0}`, of height `K` (`ρ(0) = 1`);
+/// - `±[L, L + w)` for consecutive strips of width `w = 2^width_bits`
+///   from `L = 1`, of height `h ≥ K ρ(L)`;
+/// - the tail `±[X + k v, X + (k + 1) v)` for `k ≥ 0`, of height
+///   `h_T 2^-k` with `h_T ≥ K ρ(X)`, where `v = 2^tail_bits ≥ σ²/X` makes
+///   `ρ(X + y) ≤ ρ(X) exp(-X y/σ²) ≤ ρ(X) 2^-k` for `y ≥ k v`;
+/// - a rejecting piece that brings the total to `2^48`.
+///
+/// A draw picks a piece with probability its weight (height times size)
+/// over `2^48` by an exact alias table, a point of it uniformly (in the
+/// tail: `k` with probability `2^-(k+1)`, then the offset), and accepts
+/// with probability `K ρ(x) / height` — so every accepted `x` has
+/// probability proportional to `ρ(x)`, exactly. About 98% of proposals are
+/// accepted, and most of those are decided from 16 random bits against a
+/// precomputed lower bound on the strip's acceptance probability, without
+/// evaluating `exp`.
+struct Envelope {
+    /// The alias table: column `c` yields piece `c` if the threshold is
+    /// below `keep[c]`, else piece `alias[c]`.
+    keep: [u64; COLUMNS],
+    alias: [u8; COLUMNS],
+    /// Pieces `1..=strips` are the strips; `strips + 1` is the tail; the
+    /// rest reject.
+    strips: usize,
+    width_bits: u32,
+    /// Per piece (indexed by piece): the strip's first point, its height
+    /// `h`, `K/h` as a float, and a lower bound on the acceptance
+    /// probability over the strip.
+    start: [u64; COLUMNS],
+    height: [u64; COLUMNS],
+    ratio: [f64; COLUMNS],
+    squeeze: [f64; COLUMNS],
+    tail_start: u64,
+    tail_bits: u32,
+    tail_height: u64,
+    /// `K`.
+    scale: u64,
+    /// `σ² = var_num / 2^20`.
+    var_num: u128,
+    /// `2^20 / (2 var_num)`: `ρ(x) = exp(-x² gamma)`.
+    gamma: f64,
     /// The relative margin of every interval ([`REL_MARGIN`]; wider in
     /// tests).
     relative: f64,
 }
 
-impl Fast {
-    fn new(g: &DiscreteGaussian, relative: f64) -> Result<Fast, DpError> {
-        let t = g.t;
-        let tf = t as f64;
-        let coarse = (0..=((t - 1) >> FINE_BITS))
-            .map(|a| exp_estimate((a << FINE_BITS) as f64 / tf))
-            .collect();
-        let fine = (0..t.min(1 << FINE_BITS))
-            .map(|b| exp_estimate(b as f64 / tf))
-            .collect();
-        let q: u128 = 1 << VARIANCE_DENOMINATOR_BITS;
+impl Envelope {
+    fn new(g: &DiscreteGaussian, span: f64, relative: f64) -> Result<Envelope, DpError> {
+        let overflow = DpError::Internal("sampler envelope");
         let p = g.var_num;
-        let t = u128::from(t);
-        let d = p
-            .checked_mul(2 * q)
-            .and_then(|v| v.checked_mul(t * t))
-            .ok_or(DpError::Internal("sampler overflow"))?;
-        Ok(Fast {
-            t: g.t,
-            coarse,
-            fine,
-            inv_e: Interval::around(exp_estimate(1.0), relative),
-            p,
-            qt: q * t,
-            d,
-            d_float: d as f64,
+        let q: u128 = 1 << VARIANCE_DENOMINATOR_BITS;
+        let sigma = (p as f64 / q as f64).sqrt();
+        let gamma = q as f64 / (2.0 * p as f64);
+        let estimate = |x: u64| exp_estimate(x as f64 * x as f64 * gamma);
+
+        let reach = ((span * sigma).ceil() as u64).max(1);
+        let most = (COLUMNS - 3) as u64;
+        let mut width_bits = 0;
+        while reach.div_ceil(1 << width_bits) > most {
+            width_bits += 1;
+        }
+        let width = 1u64 << width_bits;
+        let strips = reach.div_ceil(width) as usize;
+        let tail_start = 1 + strips as u64 * width;
+        let mut tail_bits = 0;
+        while (u128::from(tail_start) << tail_bits) * q < p {
+            tail_bits += 1;
+        }
+        if width_bits > 32 || tail_bits > 32 {
+            return Err(overflow);
+        }
+        let tail_width = 1u64 << tail_bits;
+
+        // The estimates of ρ at each strip's first point and at the tail's,
+        // raised by the margin; a height is K times that, rounded up.
+        let peaks: Vec<f64> = (0..strips)
+            .map(|j| estimate(1 + j as u64 * width) * (1.0 + HEIGHT_MARGIN))
+            .collect();
+        let tail_peak = estimate(tail_start) * (1.0 + HEIGHT_MARGIN);
+        let height = |peak: f64, scale: u64| ((peak * scale as f64).ceil() as u64).max(1);
+        // Total weight ≈ K · per_unit + slack (each rounded-up height adds
+        // less than one unit per point).
+        let per_unit = 1.0
+            + peaks.iter().map(|e| 2.0 * width as f64 * e).sum::<f64>()
+            + 4.0 * tail_width as f64 * tail_peak;
+        let slack = 2 * width * strips as u64 + 4 * tail_width;
+        let capacity = 1u64 << WEIGHT_BITS;
+        let mut scale =
+            ((capacity.saturating_sub(slack)) as f64 / per_unit * (1.0 - 1e-9)).floor() as u64;
+        let (weights, heights, tail_height) = loop {
+            if scale == 0 {
+                return Err(overflow);
+            }
+            let heights: Vec<u64> = peaks.iter().map(|&e| height(e, scale)).collect();
+            let tail_height = height(tail_peak, scale);
+            let mut weights = vec![u128::from(scale)];
+            weights.extend(
+                heights
+                    .iter()
+                    .map(|&h| 2 * u128::from(width) * u128::from(h)),
+            );
+            weights.push(4 * u128::from(tail_width) * u128::from(tail_height));
+            let total: u128 = weights.iter().sum();
+            if total <= u128::from(capacity) {
+                weights.push(u128::from(capacity) - total);
+                weights.resize(COLUMNS, 0);
+                break (weights, heights, tail_height);
+            }
+            scale -= scale / 1024 + 1;
+        };
+
+        // Vose's alias method in exact integers: each column holds
+        // `capacity`, each piece `COLUMNS × weight` in all.
+        let mut scaled: Vec<u128> = weights.iter().map(|w| w * COLUMNS as u128).collect();
+        let cap = u128::from(capacity);
+        let (mut small, mut large): (Vec<usize>, Vec<usize>) =
+            (0..COLUMNS).partition(|&i| scaled[i] < cap);
+        let mut keep = [capacity; COLUMNS];
+        let mut alias = [0u8; COLUMNS];
+        for (i, a) in alias.iter_mut().enumerate() {
+            *a = i as u8;
+        }
+        while let (Some(&s), Some(&l)) = (small.last(), large.last()) {
+            small.pop();
+            keep[s] = scaled[s] as u64;
+            alias[s] = l as u8;
+            scaled[l] -= cap - scaled[s];
+            if scaled[l] < cap {
+                large.pop();
+                small.push(l);
+            }
+        }
+        // The weights sum to the capacity, so what is left is full.
+        if small.iter().chain(&large).any(|&i| scaled[i] != cap) {
+            return Err(DpError::Internal("sampler alias table"));
+        }
+
+        let mut start = [0u64; COLUMNS];
+        let mut heights_by_piece = [0u64; COLUMNS];
+        let mut ratio = [0f64; COLUMNS];
+        let mut squeeze = [0f64; COLUMNS];
+        for (j, &h) in heights.iter().enumerate() {
+            let first = 1 + j as u64 * width;
+            let r = scale as f64 / h as f64;
+            start[j + 1] = first;
+            heights_by_piece[j + 1] = h;
+            ratio[j + 1] = r;
+            squeeze[j + 1] = Interval::around(estimate(first + width - 1) * r, relative).lo;
+        }
+        Ok(Envelope {
+            keep,
+            alias,
+            strips,
+            width_bits,
+            start,
+            height: heights_by_piece,
+            ratio,
+            squeeze,
+            tail_start,
+            tail_bits,
+            tail_height,
+            scale,
+            var_num: p,
+            gamma,
             relative,
         })
     }
 
-    /// CKS20 Algorithm 2 (the discrete Laplace of scale `t`), deciding
-    /// each Bernoulli(exp(-·)) by [`Bits::decide`].
+    /// Piece `c`'s weight as the alias table gives it (`COLUMNS ×` that is
+    /// its share of all columns' capacity).
+    #[cfg(test)]
+    fn piece_weight(&self, c: usize) -> u128 {
+        let mut total: u128 = 0;
+        for column in 0..COLUMNS {
+            if column == c {
+                total += u128::from(self.keep[column]);
+            }
+            if usize::from(self.alias[column]) == c {
+                total += u128::from((1u64 << WEIGHT_BITS) - self.keep[column]);
+            }
+        }
+        total / COLUMNS as u128
+    }
+
+    /// `ρ(x) K / over` as an [`Exact`], times `2^shift`.
+    fn exact(&self, x: u64, over: u64, shift: u32) -> Exact {
+        let x = UBig::from(x);
+        Exact {
+            num: (&x * &x) << VARIANCE_DENOMINATOR_BITS as usize,
+            den: UBig::from(self.var_num) << 1,
+            times: UBig::from(self.scale) << shift as usize,
+            over: UBig::from(over),
+        }
+    }
+
+    /// One sample.
     #[inline]
-    fn laplace<R: RngCore + CryptoRng + ?Sized>(
+    fn sample<R: RngCore + CryptoRng + ?Sized>(
         &self,
         bits: &mut Bits<'_, R>,
     ) -> Result<i64, DpError> {
-        let t = self.t;
         loop {
-            let u = bits.below(t);
-            // exp(-u/t) = exp(-(a 2^11)/t) exp(-b/t): three roundings more,
-            // still far inside the cut's margin.
-            let estimate = self.coarse[(u >> FINE_BITS) as usize]
-                * self.fine[(u & ((1 << FINE_BITS) - 1)) as usize];
-            if !bits.decide(Interval::around(estimate, self.relative), || {
-                (UBig::from(u), UBig::from(t))
-            }) {
+            let word = bits.rng.next_u64();
+            let column = (word >> (64 - COLUMN_BITS)) as usize;
+            let threshold = word & ((1 << WEIGHT_BITS) - 1);
+            let piece = if threshold < self.keep[column] {
+                column
+            } else {
+                usize::from(self.alias[column])
+            };
+            let negative = (word >> WEIGHT_BITS) & 1 == 1;
+            let x = if piece == 0 {
+                return Ok(0);
+            } else if piece <= self.strips {
+                let x = self.start[piece] + bits.take(self.width_bits);
+                let prefix = bits.take(16);
+                // U < squeeze ≤ the acceptance probability: accepted.
+                if (prefix + 1) as f64 * SCALE_16 > self.squeeze[piece] {
+                    let xf = x as f64;
+                    let estimate = exp_estimate(xf * xf * self.gamma) * self.ratio[piece];
+                    let near = Interval::around(estimate, self.relative);
+                    if !bits.decide_after(prefix, near, || self.exact(x, self.height[piece], 0)) {
+                        continue;
+                    }
+                }
+                x
+            } else if piece == self.strips + 1 {
+                match self.tail(bits)? {
+                    Some(x) => x,
+                    None => continue,
+                }
+            } else {
                 continue;
-            }
-            let mut v: u64 = 0;
-            while bits.decide(self.inv_e, || (UBig::ONE, UBig::ONE)) {
-                v += 1;
-            }
-            let x = v
-                .checked_mul(t)
-                .and_then(|vt| vt.checked_add(u))
-                .and_then(|x| i64::try_from(x).ok())
-                .ok_or(DpError::Internal("sampler overflow"))?;
-            let negative = bits.bit();
-            if negative && x == 0 {
-                continue;
-            }
+            };
+            let x = i64::try_from(x).map_err(|_| DpError::Internal("sampler overflow"))?;
             return Ok(if negative { -x } else { x });
         }
     }
 
-    /// CKS20 Algorithm 3: accept `Y` with probability
-    /// `exp(-(|Y| q t - p)² / (2 p q t²))`.
-    #[inline]
-    fn gaussian<R: RngCore + CryptoRng + ?Sized>(
+    /// A proposal from the tail, decided exactly (the tail is drawn about
+    /// once in 2^27 proposals at most, so speed does not matter).
+    #[cold]
+    fn tail<R: RngCore + CryptoRng + ?Sized>(
         &self,
         bits: &mut Bits<'_, R>,
-    ) -> Result<i64, DpError> {
-        loop {
-            let y = self.laplace(bits)?;
-            let diff = u128::from(y.unsigned_abs())
-                .checked_mul(self.qt)
-                .ok_or(DpError::Internal("sampler overflow"))?
-                .abs_diff(self.p);
-            // Two 64-bit conversions (u128's goes through a slow library
-            // call): within 2^-52 of diff, relatively.
-            let df =
-                ((diff >> 64) as u64) as f64 * 18_446_744_073_709_551_616.0 + (diff as u64) as f64;
-            let estimate = exp_estimate(df * df / self.d_float);
-            if bits.decide(Interval::around(estimate, self.relative), || {
-                let diff = UBig::from(diff);
-                (&diff * &diff, UBig::from(self.d))
-            }) {
-                return Ok(y);
-            }
+    ) -> Result<Option<u64>, DpError> {
+        let mut k: u32 = 0;
+        while !bits.bit() {
+            k += 1;
         }
+        let offset = bits.take(self.tail_bits);
+        // x < 2^40 keeps x² 2^20 within 128 bits; a larger x has
+        // probability below 2^-(2^40 / v).
+        let x = u64::from(k)
+            .checked_mul(1 << self.tail_bits)
+            .and_then(|kv| kv.checked_add(self.tail_start + offset))
+            .filter(|&x| x < 1 << 40)
+            .ok_or(DpError::Internal("sampler overflow"))?;
+        let exact = self.exact(x, self.tail_height, k);
+        Ok(below_exp_exact(bits.rng, UBig::ZERO, 0, &exact).then_some(x))
     }
 }
 
@@ -638,10 +813,10 @@ impl DiscreteGaussian {
         rng: &mut R,
         values: &mut [i64],
     ) -> Result<(), DpError> {
-        let fast = Fast::new(self, REL_MARGIN)?;
+        let envelope = Envelope::new(self, SPAN, REL_MARGIN)?;
         let mut bits = Bits::new(rng);
         for v in values.iter_mut() {
-            *v = v.wrapping_add(fast.gaussian(&mut bits)?);
+            *v = v.wrapping_add(envelope.sample(&mut bits)?);
         }
         Ok(())
     }
@@ -840,9 +1015,6 @@ mod tests {
                 % (d.saturating_mul(1100));
             exponents.push((n, d));
         }
-        // The discrete Laplace's table products at t = 1001.
-        let g = DiscreteGaussian::new(1000.0).unwrap();
-        let fast = Fast::new(&g, REL_MARGIN).unwrap();
         let mut checked = 0;
         for (n, d) in exponents {
             let estimate = exp_estimate(n as f64 / d as f64);
@@ -858,18 +1030,6 @@ mod tests {
             );
             checked += 1;
         }
-        for u in (0..1001u64).step_by(7) {
-            let estimate = fast.coarse[(u >> FINE_BITS) as usize]
-                * fast.fine[(u & ((1 << FINE_BITS) - 1)) as usize];
-            let near = Interval::around(estimate, REL_MARGIN);
-            let (lo, hi) = exp_bounds(&UBig::from(u), &UBig::from(1001u16), 192);
-            assert!(
-                compare(near.lo, 192, &lo, false) && compare(near.hi, 192, &hi, true),
-                "{u}"
-            );
-        }
-        let (lo, hi) = exp_bounds(&UBig::ONE, &UBig::ONE, 192);
-        assert!(compare(fast.inv_e.lo, 192, &lo, false) && compare(fast.inv_e.hi, 192, &hi, true));
         assert!(checked > 3000);
     }
 
@@ -883,9 +1043,7 @@ mod tests {
             let p = exp_f64(n, d);
             let trials = 40_000;
             let hits = (0..trials)
-                .filter(|_| {
-                    bits.decide(Interval::around(p, 0.5), || (UBig::from(n), UBig::from(d)))
-                })
+                .filter(|_| bits.decide(Interval::around(p, 0.5), || plain(n, d)))
                 .count() as f64;
             let sd = (p * (1.0 - p) / trials as f64).sqrt();
             assert!(
@@ -895,25 +1053,37 @@ mod tests {
         }
         // p = exp(-70) ≈ 2^-101 with U's first 64 bits all 0: the next
         // word decides. All zeros puts U below 2^-128 < p...
-        let seventy = UBig::from(70u8);
         let mut zeros = Counter(0);
-        assert!(below_exp_exact(
-            &mut zeros,
-            UBig::ZERO,
-            64,
-            &seventy,
-            &UBig::ONE
-        ));
+        let p = plain(70, 1);
+        assert!(below_exp_exact(&mut zeros, UBig::ZERO, 64, &p));
         assert_eq!(zeros.0, 1, "one more word was drawn");
         // ...and a word with its top bit set puts U above 2^-65 > p.
         let mut ones = Counter(1);
-        assert!(!below_exp_exact(
-            &mut ones,
-            UBig::ZERO,
-            64,
-            &seventy,
-            &UBig::ONE
-        ));
+        assert!(!below_exp_exact(&mut ones, UBig::ZERO, 64, &p));
+        // A scaled probability: exp(-1) · 3/4 against U = 1/2 exactly
+        // (a prefix of 1 then zeros): 0.2759 < 1/2, so no.
+        let scaled = Exact {
+            times: UBig::from(3u8),
+            over: UBig::from(4u8),
+            ..plain(1, 1)
+        };
+        assert!(!below_exp_exact(&mut Counter(0), UBig::ONE, 1, &scaled));
+        // exp(-1) · 2 = 0.7358 against U ∈ [1/2, 1/2 + 2^-65): yes.
+        let doubled = Exact {
+            times: UBig::from(2u8),
+            ..plain(1, 1)
+        };
+        assert!(below_exp_exact(&mut Counter(0), UBig::ONE, 1, &doubled));
+    }
+
+    /// `exp(-n/d)` as an [`Exact`].
+    fn plain(n: u128, d: u128) -> Exact {
+        Exact {
+            num: UBig::from(n),
+            den: UBig::from(d),
+            times: UBig::ONE,
+            over: UBig::ONE,
+        }
     }
 
     /// Word `i` of its stream is `i` times an odd constant: the first is 0.
@@ -936,34 +1106,203 @@ mod tests {
         }
     }
 
-    /// The fast sampler, with every cut wide enough to send a third of
-    /// the decisions to the exact comparison, has the right moments.
+    /// Chi-square z-score (Wilson–Hilferty) of (observed, expected)
+    /// counts, consecutive cells grouped to expected counts of 5.
+    fn grouped_z(cells: impl IntoIterator<Item = (f64, f64)>) -> f64 {
+        let mut grouped: Vec<(f64, f64)> = Vec::new();
+        let mut acc = (0.0, 0.0);
+        for (o, e) in cells {
+            acc = (acc.0 + o, acc.1 + e);
+            if acc.1 >= 5.0 {
+                grouped.push(acc);
+                acc = (0.0, 0.0);
+            }
+        }
+        let chi: f64 = grouped.iter().map(|(o, e)| (o - e) * (o - e) / e).sum();
+        let k = (grouped.len() - 1) as f64;
+        let a = 2.0 / (9.0 * k);
+        ((chi / k).cbrt() - (1.0 - a)) / a.sqrt()
+    }
+
+    /// [`grouped_z`] of samples against the exact pmf over `|x| ≤ bound`.
+    fn fit_z(g: &DiscreteGaussian, xs: &[i64], bound: i64) -> f64 {
+        let pmf = g.pmf_table(bound);
+        let mut counts = vec![0.0; pmf.len()];
+        for &x in xs {
+            assert!(x.abs() <= bound, "{x} beyond {bound}");
+            counts[(x + bound) as usize] += 1.0;
+        }
+        let n = xs.len() as f64;
+        grouped_z(counts.into_iter().zip(pmf.into_iter().map(|p| p * n)))
+    }
+
+    /// The envelope's pieces dominate `K ρ`, its squeezes are lower bounds
+    /// on the acceptance probability, and the intervals around its
+    /// estimates hold the true acceptance probabilities: all checked
+    /// exactly against [`exp_bounds`], from tiny to the largest `σ`.
     #[test]
-    fn the_sampler_through_the_fallback_keeps_its_distribution() {
-        let g = DiscreteGaussian::new(2.5).unwrap();
-        let fast = Fast::new(&g, 0.3).unwrap();
-        let mut rng = ChaCha20Rng::seed_from_u64(11);
+    fn the_envelope_dominates_and_its_intervals_hold() {
+        const P: usize = 192;
+        for sigma in [0.3, 0.75, 2.5, 10.0, 333.3, 1000.0, 12345.6, MAX_SIGMA] {
+            let g = DiscreteGaussian::new(sigma).unwrap();
+            let e = Envelope::new(&g, SPAN, REL_MARGIN).unwrap();
+            let k = UBig::from(e.scale);
+            let width = 1u64 << e.width_bits;
+            let exact = |x: u64| {
+                let x = UBig::from(x);
+                let num = (&x * &x) << VARIANCE_DENOMINATOR_BITS as usize;
+                exp_bounds(&num, &(UBig::from(g.var_num) << 1), P)
+            };
+            let mut pieces: Vec<(u64, u64, usize)> = (1..=e.strips)
+                .map(|c| (e.start[c], e.height[c], c))
+                .collect();
+            pieces.push((e.tail_start, e.tail_height, 0));
+            for (first, h, c) in pieces {
+                // K ρ(first) ≤ h: K hi ≤ h 2^P.
+                let (_, hi) = exact(first);
+                assert!(&k * hi <= UBig::from(h) << P, "σ={sigma}: piece at {first}");
+                if c == 0 {
+                    continue;
+                }
+                // Over the strip, the acceptance probability K ρ(x)/h is at
+                // least the squeeze (at the last point, where it is least)
+                // and within the interval around its estimate.
+                let last = first + width - 1;
+                let step = (width / 7).max(1);
+                for x in (first..=last).step_by(step as usize).chain([last]) {
+                    let (lo, hi) = exact(x);
+                    let floor = (&k * lo) / UBig::from(h);
+                    let ceil = (&k * hi + UBig::from(h - 1)) / UBig::from(h);
+                    assert!(
+                        compare(e.squeeze[c], P, &floor, false),
+                        "σ={sigma}: squeeze at {x}"
+                    );
+                    let xf = x as f64;
+                    let estimate = exp_estimate(xf * xf * e.gamma) * e.ratio[c];
+                    let near = Interval::around(estimate, REL_MARGIN);
+                    assert!(
+                        compare(near.lo, P, &floor, false),
+                        "σ={sigma}: low end at {x}"
+                    );
+                    assert!(
+                        compare(near.hi, P, &ceil, true),
+                        "σ={sigma}: high end at {x}"
+                    );
+                }
+            }
+            // The tail is geometric in v = 2^tail_bits: v X ≥ σ².
+            assert!(
+                (u128::from(e.tail_start) << e.tail_bits) << VARIANCE_DENOMINATOR_BITS >= g.var_num
+            );
+            assert!(e.tail_start as f64 >= SPAN * sigma);
+        }
+    }
+
+    /// The alias table gives every piece exactly its weight, and the
+    /// weights add up to 2^48.
+    #[test]
+    fn the_alias_table_is_exact() {
+        for sigma in [0.3, 3.0, 1000.0, MAX_SIGMA] {
+            let g = DiscreteGaussian::new(sigma).unwrap();
+            let e = Envelope::new(&g, SPAN, REL_MARGIN).unwrap();
+            let width = 1u128 << e.width_bits;
+            assert_eq!(e.piece_weight(0), u128::from(e.scale));
+            let mut total = e.piece_weight(0);
+            for c in 1..=e.strips {
+                assert_eq!(e.piece_weight(c), 2 * width * u128::from(e.height[c]));
+                total += e.piece_weight(c);
+            }
+            let tail = e.piece_weight(e.strips + 1);
+            assert_eq!(tail, 4 * (1u128 << e.tail_bits) * u128::from(e.tail_height));
+            total += tail;
+            let reject: u128 = (e.strips + 2..COLUMNS).map(|c| e.piece_weight(c)).sum();
+            assert_eq!(total + reject, 1 << WEIGHT_BITS);
+            // Rejections are rare.
+            assert!(reject < total / 1000, "σ={sigma}");
+        }
+    }
+
+    /// The sampler keeps its distribution when every interval is wide
+    /// enough to send a third of the decisions to the exact comparison;
+    /// when the strips stop at one σ, so that the tail, which is always
+    /// decided exactly, is drawn for about a third of the samples; and
+    /// when the strips are wide (16 points at σ = 40, where ρ falls by a
+    /// third across a strip at 2σ), so that acceptance matters.
+    #[test]
+    fn the_sampler_through_the_fallback_and_the_tail_keeps_its_distribution() {
+        for (sigma, span, relative, seed) in [
+            (2.5, SPAN, 0.3, 11),
+            (2.5, 1.0, REL_MARGIN, 12),
+            (40.0, 1.0, 0.3, 13),
+            (40.0, 100.0, REL_MARGIN, 14),
+        ] {
+            let g = DiscreteGaussian::new(sigma).unwrap();
+            let e = Envelope::new(&g, span, relative).unwrap();
+            let mut rng = ChaCha20Rng::seed_from_u64(seed);
+            let mut bits = Bits::new(&mut rng);
+            let xs: Vec<i64> = (0..40_000).map(|_| e.sample(&mut bits).unwrap()).collect();
+            let beyond = xs
+                .iter()
+                .filter(|&&x| x.unsigned_abs() >= e.tail_start)
+                .count();
+            if span == 1.0 {
+                assert!(beyond > 4_000, "σ={sigma}: the tail drew {beyond}");
+            }
+            let z = fit_z(&g, &xs, (12.0 * sigma) as i64 + 2);
+            assert!(
+                z.abs() < 4.5,
+                "σ={sigma}, span {span}, margin {relative}: z = {z}"
+            );
+        }
+    }
+
+    /// The tail's proposals, once accepted, follow `ρ` conditioned on the
+    /// tail, including several geometric levels (`v = 32` at `X = 81`).
+    #[test]
+    fn the_tail_draws_the_conditional_distribution() {
+        let sigma = 40.0;
+        let g = DiscreteGaussian::new(sigma).unwrap();
+        let e = Envelope::new(&g, 2.0, REL_MARGIN).unwrap();
+        assert_eq!((e.tail_start, e.tail_bits), (81, 5));
+        let mut rng = ChaCha20Rng::seed_from_u64(15);
         let mut bits = Bits::new(&mut rng);
         let n = 40_000;
-        let xs: Vec<i64> = (0..n).map(|_| fast.gaussian(&mut bits).unwrap()).collect();
-        let pmf = g.pmf_table(30);
-        let var: f64 = pmf
-            .iter()
-            .enumerate()
-            .map(|(i, p)| p * (i as f64 - 30.0).powi(2))
-            .sum();
-        let mean = xs.iter().sum::<i64>() as f64 / n as f64;
-        let m2 = xs.iter().map(|&x| (x * x) as f64).sum::<f64>() / n as f64;
-        assert!(mean.abs() < 5.0 * (var / n as f64).sqrt(), "{mean}");
-        assert!(
-            (m2 - var).abs() < 5.0 * var * (2.0 / n as f64).sqrt(),
-            "{m2} vs {var}"
+        let mut xs = Vec::with_capacity(n);
+        while xs.len() < n {
+            if let Some(x) = e.tail(&mut bits).unwrap() {
+                xs.push(x);
+            }
+        }
+        let (start, end) = (e.tail_start, e.tail_start + 400);
+        let weights: Vec<f64> = (start..end)
+            .map(|x| (-(x as f64).powi(2) / (2.0 * g.sigma_squared())).exp())
+            .collect();
+        let z: f64 = weights.iter().sum();
+        let mut counts = vec![0.0; weights.len()];
+        for &x in &xs {
+            counts[(x - start) as usize] += 1.0;
+        }
+        let score = grouped_z(
+            counts
+                .into_iter()
+                .zip(weights.iter().map(|w| w / z * n as f64)),
         );
-        let zeros = xs.iter().filter(|&&x| x == 0).count() as f64 / n as f64;
-        assert!(
-            (zeros - pmf[30]).abs() < 5.0 * (pmf[30] / n as f64).sqrt(),
-            "{zeros}"
-        );
+        assert!(score.abs() < 4.5, "z = {score}");
+        // Each geometric level (32 points) holds its exact share, within
+        // five standard errors; the third level on holds about 270 draws.
+        for (from, to) in [(0, 32), (32, 64), (64, 400)] {
+            let p: f64 = weights[from..to].iter().sum::<f64>() / z;
+            let expected = p * n as f64;
+            let seen = xs
+                .iter()
+                .filter(|&&x| (start + from as u64..start + to as u64).contains(&x))
+                .count() as f64;
+            let se = (expected * (1.0 - p)).sqrt();
+            assert!(
+                (seen - expected).abs() < 5.0 * se,
+                "[{from}, {to}): {seen} vs {expected}"
+            );
+        }
     }
 
     #[test]
