@@ -9,8 +9,10 @@ use dashu::integer::{IBig, UBig};
 use dashu::rational::RBig;
 use fedveil_dp::mechanism::{ClientPrivatizer, NoiseConfig, Placement, ServerDecoder};
 use fedveil_dp::sampler::DiscreteGaussian;
+use fedveil_secagg::crypto::prg::KeystreamRng;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
+use zeroize::Zeroizing;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -28,6 +30,11 @@ fn noise(c: &mut Criterion) {
         g.bench_function(
             format!("fedveil exact discrete Gaussian, sigma={sigma}, d=10^6"),
             |b| b.iter(|| s.fill(&mut rng, &mut out).unwrap()),
+        );
+        let mut keystream = KeystreamRng::from_key(&Zeroizing::new([4; 16])).unwrap();
+        g.bench_function(
+            format!("fedveil exact discrete Gaussian, AES-CTR generator, sigma={sigma}, d=10^6"),
+            |b| b.iter(|| s.fill(&mut keystream, &mut out).unwrap()),
         );
         g.bench_function(
             format!("fedveil exact discrete Gaussian, integer only, sigma={sigma}, d=10^6"),
@@ -80,6 +87,12 @@ fn pipeline(c: &mut Criterion) {
     g.bench_function(
         "client: clip, rotate, round, noise, wrap; distributed, d=10^6, b=20",
         |b| b.iter(|| client.privatize(&update, &mut rng).unwrap()),
+    );
+    // The runtime draws from the mask PRG's AES-CTR keystream instead.
+    let mut keystream = KeystreamRng::from_key(&Zeroizing::new([3; 16])).unwrap();
+    g.bench_function(
+        "client, with the runtime's AES-CTR generator; distributed, d=10^6, b=20",
+        |b| b.iter(|| client.privatize(&update, &mut keystream).unwrap()),
     );
     let ring = client.privatize(&update, &mut rng).unwrap().ring;
     let mut central = cfg.clone();

@@ -19,9 +19,9 @@ use fedveil_net::frame::{read_blob, read_frame, write_blob, write_frame};
 use fedveil_net::quinn;
 use fedveil_net::{ClientIdentity, Fingerprint, Limits, NetClient, NetError};
 use fedveil_secagg::crypto::identity::IdentityKeypair;
+use fedveil_secagg::crypto::prg::KeystreamRng;
 use fedveil_secagg::messages::{ClientMessage, ServerMessage};
 use fedveil_secagg::{Client as SecaggClient, ClientId, Stage};
-use rand_chacha::ChaCha20Rng;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::FedError;
@@ -145,7 +145,7 @@ enum Ended {
 struct Session {
     round: u64,
     client: SecaggClient,
-    rng: ChaCha20Rng,
+    rng: KeystreamRng,
 }
 
 struct Runner {

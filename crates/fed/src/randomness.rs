@@ -1,9 +1,11 @@
 //! Where every random choice of the runtime comes from.
 //!
-//! In operation, every generator is a ChaCha20 CSPRNG freshly keyed from
-//! the operating system ([`Randomness::os`]). Tests and reproducible
+//! In operation, every generator is an AES-128-CTR CSPRNG (the mask PRG's
+//! keystream, [`KeystreamRng`]) freshly keyed from the operating system
+//! ([`Randomness::os`]). Tests and reproducible
 //! experiments may instead derive every generator from one secret seed
 //! ([`Randomness::seeded`]): each draw is keyed by
+//! the first 16 bytes of
 //! `SHA-256(domain ‖ seed ‖ purpose ‖ round ‖ attempt ‖ party)`, so a round
 //! replays identically whatever happened before it (a restarted server
 //! repeats the interrupted round bit for bit). The seed then protects the
@@ -12,8 +14,8 @@
 
 use std::fmt;
 
-use rand_chacha::ChaCha20Rng;
-use rand_core::{OsRng, RngCore, SeedableRng};
+use fedveil_secagg::crypto::prg::{KeystreamRng, MASK_KEY_LEN};
+use rand_core::{OsRng, RngCore};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
@@ -78,25 +80,27 @@ impl Randomness {
 
     /// The generator for `purpose` in `round`, attempt `attempt`, of party
     /// `party` (0 for the server, the client id otherwise).
-    pub fn rng(&self, purpose: Purpose, round: u64, attempt: u32, party: u32) -> ChaCha20Rng {
+    pub fn rng(&self, purpose: Purpose, round: u64, attempt: u32, party: u32) -> KeystreamRng {
+        let mut key = Zeroizing::new([0u8; MASK_KEY_LEN]);
         match &self.0 {
-            None => {
-                let mut key = Zeroizing::new([0u8; 32]);
-                OsRng.fill_bytes(key.as_mut());
-                ChaCha20Rng::from_seed(*key)
-            }
+            None => OsRng.fill_bytes(key.as_mut()),
             Some(seed) => {
                 let mut h = Sha256::new();
-                h.update(b"fedveil/fed/v1/randomness\0");
+                h.update(b"fedveil/fed/v2/randomness\0");
                 h.update(seed.as_ref());
                 h.update(purpose.label());
                 h.update([0]);
                 h.update(round.to_be_bytes());
                 h.update(attempt.to_be_bytes());
                 h.update(party.to_be_bytes());
-                let key = Zeroizing::new(<[u8; 32]>::from(h.finalize()));
-                ChaCha20Rng::from_seed(*key)
+                let digest = Zeroizing::new(<[u8; 32]>::from(h.finalize()));
+                key.copy_from_slice(&digest[..MASK_KEY_LEN]);
             }
+        }
+        match KeystreamRng::from_key(&key) {
+            Ok(rng) => rng,
+            // aws-lc accepts every 16-byte AES key.
+            Err(e) => panic!("keying the generator failed: {e}"),
         }
     }
 }
