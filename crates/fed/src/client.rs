@@ -627,10 +627,14 @@ impl Runner {
         let training = spec.training.clone();
         let who = self.id.map_or(0, |c| c.0);
         let (trainer, result) = tokio::task::spawn_blocking(move || {
-            let mut trng = randomness.rng(Purpose::Training, round, attempt, who);
-            let r = trainer
-                .train(&params, &training, &mut trng)
-                .map_err(|e| e.to_string());
+            let r = randomness
+                .rng(Purpose::Training, round, attempt, who)
+                .map_err(|e| e.to_string())
+                .and_then(|mut trng| {
+                    trainer
+                        .train(&params, &training, &mut trng)
+                        .map_err(|e| e.to_string())
+                });
             (trainer, r)
         })
         .await
@@ -704,12 +708,18 @@ impl Runner {
         let who = id.0;
         let attempt = spec.attempt;
         let work = tokio::task::spawn_blocking(move || {
-            let mut trng = randomness.rng(Purpose::Training, round, attempt, who);
-            let result = trainer
-                .train(&params, &training, &mut trng)
+            let result = randomness
+                .rng(Purpose::Training, round, attempt, who)
                 .map_err(|e| e.to_string())
+                .and_then(|mut trng| {
+                    trainer
+                        .train(&params, &training, &mut trng)
+                        .map_err(|e| e.to_string())
+                })
                 .and_then(|u| {
-                    let mut prng = randomness.rng(Purpose::Privacy, round, attempt, who);
+                    let mut prng = randomness
+                        .rng(Purpose::Privacy, round, attempt, who)
+                        .map_err(|e| e.to_string())?;
                     let encoded = encoding::encode(&encoding_spec, &u, &mut prng)
                         .map_err(|e| e.to_string())?;
                     Ok((u.loss, u.samples, encoded, prng))

@@ -19,6 +19,8 @@ use rand_core::{OsRng, RngCore};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use crate::FedError;
+
 /// What a generator is for; part of its derivation.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Purpose {
@@ -80,7 +82,13 @@ impl Randomness {
 
     /// The generator for `purpose` in `round`, attempt `attempt`, of party
     /// `party` (0 for the server, the client id otherwise).
-    pub fn rng(&self, purpose: Purpose, round: u64, attempt: u32, party: u32) -> KeystreamRng {
+    pub fn rng(
+        &self,
+        purpose: Purpose,
+        round: u64,
+        attempt: u32,
+        party: u32,
+    ) -> Result<KeystreamRng, FedError> {
         let mut key = Zeroizing::new([0u8; MASK_KEY_LEN]);
         match &self.0 {
             None => OsRng.fill_bytes(key.as_mut()),
@@ -97,11 +105,8 @@ impl Randomness {
                 key.copy_from_slice(&digest[..MASK_KEY_LEN]);
             }
         }
-        match KeystreamRng::from_key(&key) {
-            Ok(rng) => rng,
-            // aws-lc accepts every 16-byte AES key.
-            Err(e) => panic!("keying the generator failed: {e}"),
-        }
+        KeystreamRng::from_key(&key)
+            .map_err(|e| FedError::Internal(format!("keying a generator: {e}")))
     }
 }
 
@@ -112,16 +117,16 @@ mod tests {
     #[test]
     fn seeded_generators_are_separated_and_reproducible() {
         let r = Randomness::seeded([9; 32]);
-        let a = r.rng(Purpose::Privacy, 3, 0, 7).next_u64();
-        assert_eq!(a, r.rng(Purpose::Privacy, 3, 0, 7).next_u64());
-        assert_ne!(a, r.rng(Purpose::Privacy, 3, 0, 8).next_u64());
-        assert_ne!(a, r.rng(Purpose::Privacy, 4, 0, 7).next_u64());
-        assert_ne!(a, r.rng(Purpose::Privacy, 3, 1, 7).next_u64());
-        assert_ne!(a, r.rng(Purpose::Training, 3, 0, 7).next_u64());
+        let a = r.rng(Purpose::Privacy, 3, 0, 7).unwrap().next_u64();
+        assert_eq!(a, r.rng(Purpose::Privacy, 3, 0, 7).unwrap().next_u64());
+        assert_ne!(a, r.rng(Purpose::Privacy, 3, 0, 8).unwrap().next_u64());
+        assert_ne!(a, r.rng(Purpose::Privacy, 4, 0, 7).unwrap().next_u64());
+        assert_ne!(a, r.rng(Purpose::Privacy, 3, 1, 7).unwrap().next_u64());
+        assert_ne!(a, r.rng(Purpose::Training, 3, 0, 7).unwrap().next_u64());
         let os = Randomness::os();
         assert_ne!(
-            os.rng(Purpose::Privacy, 3, 0, 7).next_u64(),
-            os.rng(Purpose::Privacy, 3, 0, 7).next_u64()
+            os.rng(Purpose::Privacy, 3, 0, 7).unwrap().next_u64(),
+            os.rng(Purpose::Privacy, 3, 0, 7).unwrap().next_u64()
         );
         assert!(!format!("{r:?}").contains('9'));
     }

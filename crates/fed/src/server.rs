@@ -370,7 +370,7 @@ impl Server {
                 }
                 let mut federation = [0u8; 32];
                 randomness
-                    .rng(Purpose::Federation, 0, 0, 0)
+                    .rng(Purpose::Federation, 0, 0, 0)?
                     .fill_bytes(&mut federation);
                 State {
                     federation,
@@ -554,7 +554,7 @@ impl Server {
     /// One session of a round: `Ok(Err(reason))` if it aborted.
     async fn attempt(&mut self, round: u64, attempt: u32) -> Result<Result<(), String>, FedError> {
         self.wait_for_clients().await?;
-        let cohort = self.select_cohort(round, attempt);
+        let cohort = self.select_cohort(round, attempt)?;
         let need = self.resolved.min_survivors.max(3) as usize;
         if cohort.len() < need {
             let reason = format!(
@@ -598,8 +598,8 @@ impl Server {
         Ok(())
     }
 
-    fn select_cohort(&self, round: u64, attempt: u32) -> Vec<ClientId> {
-        let mut rng = self.randomness.rng(Purpose::Cohort, round, attempt, 0);
+    fn select_cohort(&self, round: u64, attempt: u32) -> Result<Vec<ClientId>, FedError> {
+        let mut rng = self.randomness.rng(Purpose::Cohort, round, attempt, 0)?;
         let connected: Vec<ClientId> = self.conns.keys().copied().collect();
         let mut cohort = match self.resolved.cohort {
             CohortRule::Fixed(n) => {
@@ -629,7 +629,7 @@ impl Server {
             }
         };
         cohort.sort();
-        cohort
+        Ok(cohort)
     }
 
     fn send(&self, to: ClientId, out: Outbound) -> bool {
@@ -719,7 +719,7 @@ impl Server {
         let r = &self.resolved;
         let n = cohort.len() as u32;
         let dim = self.state.params.len();
-        let mut rng = self.randomness.rng(Purpose::Session, round, attempt, 0);
+        let mut rng = self.randomness.rng(Purpose::Session, round, attempt, 0)?;
         let encoding = match &r.dp {
             None if r.unprotected => Encoding::Unprotected,
             None => Encoding::Plain {
@@ -1044,7 +1044,9 @@ impl Server {
         });
 
         let t = Instant::now();
-        let mut noise_rng = self.randomness.rng(Purpose::ServerNoise, round, attempt, 0);
+        let mut noise_rng = self
+            .randomness
+            .rng(Purpose::ServerNoise, round, attempt, 0)?;
         let mean = encoding::decode(
             &spec.encoding,
             &sum,
