@@ -591,6 +591,23 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Local training from `params` with the round's training generator
+/// for (round, attempt, party).
+fn train_locally(
+    trainer: &mut dyn Trainer,
+    randomness: &Randomness,
+    params: &[f32],
+    training: &crate::trainer::TrainingConfig,
+    (round, attempt, who): (u64, u32, u32),
+) -> Result<crate::trainer::LocalUpdate, String> {
+    let mut rng = randomness
+        .rng(Purpose::Training, round, attempt, who)
+        .map_err(|e| e.to_string())?;
+    trainer
+        .train(params, training, &mut rng)
+        .map_err(|e| e.to_string())
+}
+
 /// Sends a SecAgg+ message; the masked input as a frame and a blob.
 async fn send_secagg(send: &mut quinn::SendStream, msg: ClientMessage) -> Result<(), NetError> {
     match msg {
@@ -627,14 +644,13 @@ impl Runner {
         let training = spec.training.clone();
         let who = self.id.map_or(0, |c| c.0);
         let (trainer, result) = tokio::task::spawn_blocking(move || {
-            let r = randomness
-                .rng(Purpose::Training, round, attempt, who)
-                .map_err(|e| e.to_string())
-                .and_then(|mut trng| {
-                    trainer
-                        .train(&params, &training, &mut trng)
-                        .map_err(|e| e.to_string())
-                });
+            let r = train_locally(
+                trainer.as_mut(),
+                &randomness,
+                &params,
+                &training,
+                (round, attempt, who),
+            );
             (trainer, r)
         })
         .await
@@ -708,22 +724,21 @@ impl Runner {
         let who = id.0;
         let attempt = spec.attempt;
         let work = tokio::task::spawn_blocking(move || {
-            let result = randomness
-                .rng(Purpose::Training, round, attempt, who)
-                .map_err(|e| e.to_string())
-                .and_then(|mut trng| {
-                    trainer
-                        .train(&params, &training, &mut trng)
-                        .map_err(|e| e.to_string())
-                })
-                .and_then(|u| {
-                    let mut prng = randomness
-                        .rng(Purpose::Privacy, round, attempt, who)
-                        .map_err(|e| e.to_string())?;
-                    let encoded = encoding::encode(&encoding_spec, &u, &mut prng)
-                        .map_err(|e| e.to_string())?;
-                    Ok((u.loss, u.samples, encoded, prng))
-                });
+            let result = train_locally(
+                trainer.as_mut(),
+                &randomness,
+                &params,
+                &training,
+                (round, attempt, who),
+            )
+            .and_then(|u| {
+                let mut prng = randomness
+                    .rng(Purpose::Privacy, round, attempt, who)
+                    .map_err(|e| e.to_string())?;
+                let encoded =
+                    encoding::encode(&encoding_spec, &u, &mut prng).map_err(|e| e.to_string())?;
+                Ok((u.loss, u.samples, encoded, prng))
+            });
             (trainer, result)
         })
         .await
