@@ -94,7 +94,7 @@ fn pipeline(c: &mut Criterion) {
         "client, with the runtime's AES-CTR generator; distributed, d=10^6, b=20",
         |b| b.iter(|| client.privatize(&update, &mut keystream).unwrap()),
     );
-    let ring = client.privatize(&update, &mut rng).unwrap().ring;
+    let ring = client.privatize(&update, &mut rng).unwrap().into_ring();
     let mut central = cfg.clone();
     central.placement = Placement::Central;
     let server = ServerDecoder::new(central, [9; 32]).unwrap();

@@ -195,7 +195,7 @@ fn main() {
             randomness: Randomness::os(),
             events: None,
             give_up_after: Duration::from_secs(120),
-            policy: Default::default(),
+            policy: fedveil_fed::config::Policy::trusting(),
             bundle_cache: None,
         })
         .unwrap();

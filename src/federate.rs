@@ -217,6 +217,14 @@ pub fn client(args: &ClientArgs) -> anyhow::Result<ExitCode> {
     display::init_logging("info", &bars);
     let identity_path = args.identity.as_ref().unwrap_or(&file.client.identity);
     let identity = ClientIdentity::load(identity_path)?;
+    // The client's own privacy ledger: beside its identity unless the file
+    // names a directory.
+    let ledger_dir = file.client.ledger_dir.clone().unwrap_or_else(|| {
+        identity_path
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join("privacy-ledger")
+    });
     let pin: Fingerprint = file.pin()?;
     let trainer = task::client_trainer(&file.task, &args.config)?;
     let bundle_cache = match &file.client.bundle_cache {
@@ -257,6 +265,7 @@ pub fn client(args: &ClientArgs) -> anyhow::Result<ExitCode> {
             bundle_cache,
             max_bundle_bytes,
             adversary: None,
+            ledger_dir: Some(ledger_dir),
         })
         .await
         .map_err(runtime_failure)?;

@@ -123,6 +123,11 @@ pub struct PassAtK {
     /// Address space per program.
     #[serde(default = "defaults::memory_mib")]
     pub memory_mib: u64,
+    /// Run generated code even where the system cannot isolate it (no user
+    /// namespaces): it can then read what this process can read. Off by
+    /// default, and pass@k refuses to run.
+    #[serde(default)]
+    pub allow_unsandboxed: bool,
 }
 
 impl PassAtK {
@@ -162,6 +167,7 @@ impl PassAtK {
             timeout: std::time::Duration::from_secs(self.timeout_s),
             memory_bytes: self.memory_mib << 20,
             cpu_seconds: self.timeout_s,
+            allow_unsandboxed: self.allow_unsandboxed,
             ..Limits::default()
         }
     }

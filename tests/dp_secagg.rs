@@ -65,7 +65,7 @@ fn round(placement: Placement, min_survivors: u32, seed: u64) -> Outcome {
     let mut rng = ChaCha20Rng::seed_from_u64(seed + 100);
     let ring: Vec<Vec<u32>> = xs
         .iter()
-        .map(|x| client.privatize(x, &mut rng).unwrap().ring)
+        .map(|x| client.privatize(x, &mut rng).unwrap().into_ring())
         .collect();
     let spec = CohortSpec {
         clients: N,

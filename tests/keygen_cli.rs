@@ -78,3 +78,46 @@ fn client_identities_land_in_the_allow_list() {
     assert!(err.contains("exists"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+// Issue 17, finding 8: `--force` over a world-readable key file leaves an
+// owner-only file (the secret never enters the old file), and a key file
+// that others can read is refused with the fix in the message.
+#[cfg(unix)]
+#[test]
+fn forced_keys_are_owner_only_and_exposed_keys_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("modes");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let key = dir.join("client.key");
+    std::fs::write(&key, "placeholder\n").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, _, err) = fedveil(&[
+        "keygen",
+        "client",
+        "--out",
+        key.to_str().unwrap(),
+        "--force",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(mode(&key), 0o600);
+    ClientIdentity::load(&key).unwrap();
+
+    let d = dir.join("server");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("key.pem"), "placeholder\n").unwrap();
+    std::fs::set_permissions(d.join("key.pem"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, _, err) = fedveil(&["keygen", "server", "--dir", d.to_str().unwrap(), "--force"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(mode(&d.join("key.pem")), 0o600);
+    ServerIdentity::load(&d.join("cert.pem"), &d.join("key.pem")).unwrap();
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let e = ClientIdentity::load(&key).unwrap_err().to_string();
+    assert!(e.contains("mode 640") && e.contains("chmod 600"), "{e}");
+    std::fs::set_permissions(d.join("key.pem"), std::fs::Permissions::from_mode(0o604)).unwrap();
+    let e = ServerIdentity::load(&d.join("cert.pem"), &d.join("key.pem"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("mode 604"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -27,6 +27,7 @@
 
 use rand_core::{CryptoRng, RngCore};
 use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::DpError;
 use crate::rotation::RandomRotation;
@@ -227,8 +228,10 @@ impl NoiseConfig {
     }
 }
 
-/// A client's privatised update, ready for secure aggregation.
-#[derive(Clone, Debug, PartialEq)]
+/// A client's privatised update, ready for secure aggregation. Its ring
+/// vector is the client's input to secure aggregation, secret until it is
+/// masked: it is wiped on drop and `Debug` shows only its length.
+#[derive(Clone, PartialEq)]
 pub struct Privatized {
     /// The ring vector, length `m`, elements in `Z_{2^b}`.
     pub ring: Vec<u32>,
@@ -236,6 +239,32 @@ pub struct Privatized {
     pub norm: f64,
     /// How many roundings were tried.
     pub rounding_tries: u32,
+}
+
+impl Privatized {
+    /// The ring vector, handed over (the caller then owns the secret).
+    pub fn into_ring(mut self) -> Vec<u32> {
+        std::mem::take(&mut self.ring)
+    }
+}
+
+impl Drop for Privatized {
+    fn drop(&mut self) {
+        self.ring.zeroize();
+        self.norm.zeroize();
+    }
+}
+
+impl std::fmt::Debug for Privatized {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Privatized")
+            .field(
+                "ring",
+                &format_args!("[{} elements, redacted]", self.ring.len()),
+            )
+            .field("rounding_tries", &self.rounding_tries)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The client side of a round.
@@ -302,10 +331,14 @@ impl ClientPrivatizer {
         } else {
             1.0
         };
-        let y = self
-            .rotation
-            .forward_scaled(update, clip_scale / cfg.granularity)?;
-        let (mut z, rounding_tries) = self.conditional_round(&y, rng)?;
+        // Every intermediate holds the update in some form: each is wiped
+        // when dropped, on the error paths too.
+        let y = Zeroizing::new(
+            self.rotation
+                .forward_scaled(update, clip_scale / cfg.granularity)?,
+        );
+        let (z, rounding_tries) = self.conditional_round(&y, rng)?;
+        let mut z = Zeroizing::new(z);
         drop(y);
         if let Some(noise) = &self.noise {
             noise.add_to(rng, &mut z)?;
@@ -330,7 +363,7 @@ impl ClientPrivatizer {
         y: &[f64],
         rng: &mut R,
     ) -> Result<(Vec<i64>, u32), DpError> {
-        let mut z = vec![0i64; y.len()];
+        let mut z = Zeroizing::new(vec![0i64; y.len()]);
         for tries in 1..=MAX_ROUNDING_TRIES {
             let mut sq: u128 = 0;
             for (o, &v) in z.iter_mut().zip(y) {
@@ -341,7 +374,7 @@ impl ClientPrivatizer {
                 sq = sq.saturating_add(u128::from(r.unsigned_abs()) * u128::from(r.unsigned_abs()));
             }
             if sq <= self.max_square_norm {
-                return Ok((z, tries));
+                return Ok((std::mem::take(&mut *z), tries));
             }
         }
         Err(DpError::RoundingFailed {

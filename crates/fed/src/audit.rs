@@ -244,7 +244,7 @@ async fn federate(cast: &Cast, plan: Plan, roles: Roles) -> Result<Outcome, FedE
             identity: ClientIdentity::from_seed(&identity.seed()),
             limits: limits(),
             trainer,
-            policy: Policy::default(),
+            policy: Policy::trusting(),
             randomness: roles.randomness.clone(),
             reconnect: Duration::from_millis(100),
             max_reconnect: Duration::from_millis(500),
@@ -256,6 +256,7 @@ async fn federate(cast: &Cast, plan: Plan, roles: Roles) -> Result<Outcome, FedE
             bundle_cache: None,
             max_bundle_bytes: client::MAX_BUNDLE_BYTES,
             adversary,
+            ledger_dir: None,
         };
         clients.push((tokio::spawn(client::run(setup)), rx));
     }

@@ -8,12 +8,11 @@
 //!            ‖ SHA-256 of everything before it
 //! ```
 //!
-//! It is written to `checkpoint.fvck.tmp`, flushed to disk, renamed over the
+//! It is written to a fresh temporary file beside it, flushed to disk, renamed over the
 //! old file and the directory is synced: a crash at any moment leaves either
 //! the previous checkpoint or the new one, never a mixture. Loading checks
 //! the magic, every length against the file size, and the hash.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -161,18 +160,8 @@ impl Checkpoint {
         std::fs::create_dir_all(dir).map_err(|e| err(dir, e))?;
         let bytes = self.to_bytes()?;
         let fin = path_in(dir);
-        let tmp = dir.join(format!("{FILE}.tmp"));
-        {
-            let mut f = std::fs::File::create(&tmp).map_err(|e| err(&tmp, e))?;
-            f.write_all(&bytes).map_err(|e| err(&tmp, e))?;
-            f.sync_all().map_err(|e| err(&tmp, e))?;
-        }
-        std::fs::rename(&tmp, &fin).map_err(|e| err(&fin, e))?;
-        // Make the rename itself durable.
-        #[cfg(unix)]
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
+        fedveil_net::files::write_atomically(&fin, &bytes, fedveil_net::files::Access::Default)
+            .map_err(|e| err(&fin, e))?;
         Ok(())
     }
 
@@ -224,7 +213,12 @@ mod tests {
         let c = sample();
         c.save(&dir).unwrap();
         assert_eq!(Checkpoint::load(&dir).unwrap(), Some(c.clone()));
-        assert!(!dir.join(format!("{FILE}.tmp")).exists());
+        // Only the checkpoint: no temporary file is left beside it.
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(FILE)]);
 
         let p = path_in(&dir);
         let good = std::fs::read(&p).unwrap();

@@ -27,6 +27,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::FedError;
 use crate::config::{PlacementName, Policy};
 use crate::encoding;
+use crate::ledger::ClientLedger;
 use crate::metrics::{ClientEvent, Emitter};
 use crate::randomness::{Purpose, Randomness};
 use crate::trainer::Trainer;
@@ -97,6 +98,9 @@ pub struct ClientSetup {
     /// A malicious client's behaviour (tests and `fedveil audit --quic`
     /// only; `fedveil client` never installs one).
     pub adversary: Option<Box<dyn ClientAdversary>>,
+    /// Where the client keeps its own privacy ledger, one file per
+    /// federation (none: in memory, lost when the process ends).
+    pub ledger_dir: Option<PathBuf>,
 }
 
 /// Lets a test or `fedveil audit --quic` play a malicious client: it sees
@@ -144,6 +148,10 @@ enum Ended {
 /// A round in progress.
 struct Session {
     round: u64,
+    attempt: u32,
+    /// What revealing this session's input costs (`ρ` at the survivor
+    /// floor); none without differential privacy.
+    rho: Option<f64>,
     client: SecaggClient,
     rng: KeystreamRng,
 }
@@ -156,6 +164,8 @@ struct Runner {
     trainer: Option<Box<dyn Trainer>>,
     /// The hash of the bundle the trainer was built on.
     bundle: Option<[u8; 32]>,
+    /// This client's privacy account of the current federation.
+    ledger: Option<ClientLedger>,
 }
 
 /// Runs the client until the federation finishes.
@@ -173,6 +183,7 @@ pub async fn run(mut setup: ClientSetup) -> Result<ClientSummary, FedError> {
         served: 0,
         trainer,
         bundle: None,
+        ledger: None,
     };
     let mut delay = runner.setup.reconnect;
     let mut last_contact = Instant::now();
@@ -297,6 +308,9 @@ impl Runner {
         let Some(id) = self.id else {
             return broken("no client id");
         };
+        if let Err(e) = self.open_ledger(&federation) {
+            return Ended::Refused(format!("this client's privacy ledger: {e}"));
+        }
         tracing::info!(client = %id, round, "connected");
         self.events
             .emit(ClientEvent::Connected { client: id, round });
@@ -403,6 +417,20 @@ impl Runner {
                     let unmask = matches!(msg, ServerMessage::UnmaskRequest { .. });
                     match s.client.handle(msg, &mut s.rng) {
                         Ok(Some(reply)) => {
+                            // The shares reveal the input: the ledger is
+                            // charged and saved before they leave.
+                            if unmask
+                                && let Some(rho) = s.rho
+                                && let Err(e) = self.charge(round, s.attempt, rho).await
+                            {
+                                tracing::warn!(round, "not unmasking: {e}");
+                                self.events.emit(ClientEvent::Refused {
+                                    round,
+                                    reason: e.clone(),
+                                });
+                                session = None;
+                                continue;
+                            }
                             if let Err(e) = self.send_secagg(&mut send, round, reply).await {
                                 return broken(e);
                             }
@@ -551,7 +579,11 @@ impl Runner {
         let (trainer, installed) = tokio::task::spawn_blocking(move || {
             if fetch
                 && let Some(path) = cached
-                && let Err(e) = write_atomically(&path, &data)
+                && let Err(e) = fedveil_net::files::write_atomically(
+                    &path,
+                    &data,
+                    fedveil_net::files::Access::Default,
+                )
             {
                 tracing::warn!("could not cache the bundle at {}: {e}", path.display());
             }
@@ -577,18 +609,6 @@ impl Runner {
 fn cache_path(dir: &Path, hash: &[u8; 32]) -> PathBuf {
     let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
     dir.join(format!("{hex}.bundle"))
-}
-
-/// Writes `bytes` to `path` through a temporary file and a rename.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
 }
 
 /// Local training from `params` with the round's training generator
@@ -638,7 +658,7 @@ impl Runner {
         blob: Vec<u8>,
     ) -> Result<(Up, Vec<u8>), String> {
         let (round, attempt) = (spec.round, spec.attempt);
-        let params = self.check_round(federation, &spec, &blob)?;
+        let (params, _) = self.check_round(federation, &spec, &blob)?;
         let mut trainer = self.trainer.take().ok_or("the trainer is busy")?;
         let randomness = self.setup.randomness.clone();
         let training = spec.training.clone();
@@ -672,13 +692,14 @@ impl Runner {
 
     /// The checks every round passes before training: the federation, the
     /// parameters' hash and size, the client's policy. Returns the
-    /// parameters.
+    /// parameters and what the round costs this client (`ρ`, with
+    /// differential privacy).
     fn check_round(
         &self,
         federation: [u8; 32],
         spec: &RoundSpec,
         blob: &[u8],
-    ) -> Result<Vec<f32>, String> {
+    ) -> Result<(Vec<f32>, Option<f64>), String> {
         if spec.federation != federation {
             return Err("the round belongs to another federation".into());
         }
@@ -700,8 +721,72 @@ impl Runner {
                     spec.dim
                 )
             })?;
-        check_policy(&self.setup.policy, spec)?;
-        Ok(params)
+        let rho = check_policy(&self.setup.policy, spec)?;
+        Ok((params, rho))
+    }
+
+    /// Opens this client's ledger of `federation` (from its directory, if
+    /// it has one), unless it is the one already open.
+    fn open_ledger(&mut self, federation: &[u8; 32]) -> Result<(), FedError> {
+        if self.ledger.as_ref().is_some_and(|l| l.is_for(federation)) {
+            return Ok(());
+        }
+        self.ledger = Some(match &self.setup.ledger_dir {
+            Some(dir) => ClientLedger::load(dir, federation)?,
+            None => ClientLedger::new(federation),
+        });
+        Ok(())
+    }
+
+    /// The client's own ledger against a round costing `rho`: a session it
+    /// already revealed its input in is not run again, and no session may
+    /// take it past its budget.
+    fn check_ledger(&self, spec: &RoundSpec, rho: f64) -> Result<(), String> {
+        let ledger = self.ledger.as_ref().ok_or("no privacy ledger is open")?;
+        if ledger.charged(spec.round, spec.attempt) {
+            return Err(format!(
+                "this client already revealed its input in session {} of round {}; \
+                 a repeated session would average away its noise",
+                spec.attempt + 1,
+                spec.round
+            ));
+        }
+        let policy = &self.setup.policy;
+        if let Some(budget) = policy.epsilon_budget {
+            let after = ledger
+                .epsilon_after(rho, policy.delta)
+                .map_err(|e| e.to_string())?;
+            if after > budget {
+                let spent = ledger.epsilon(policy.delta).map_err(|e| e.to_string())?;
+                return Err(format!(
+                    "this client has spent ε = {spent:.4} in this federation; the round could \
+                     take it to {after:.4}, past its budget of {budget}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Charges a revealed session to the ledger and saves it.
+    async fn charge(&mut self, round: u64, attempt: u32, rho: f64) -> Result<(), String> {
+        let mut ledger = self.ledger.take().ok_or("no privacy ledger is open")?;
+        ledger.charge(round, attempt, rho);
+        let dir = self.setup.ledger_dir.clone();
+        let (ledger, saved) = tokio::task::spawn_blocking(move || {
+            let r = dir.as_deref().map_or(Ok(()), |d| ledger.save(d));
+            (ledger, r)
+        })
+        .await
+        .map_err(|e| format!("saving the privacy ledger: {e}"))?;
+        let epsilon = ledger.epsilon(self.setup.policy.delta);
+        self.ledger = Some(ledger);
+        saved.map_err(|e| format!("saving the privacy ledger: {e}"))?;
+        self.events.emit(ClientEvent::Charged {
+            round,
+            attempt,
+            epsilon: epsilon.map_err(|e| e.to_string())?,
+        });
+        Ok(())
     }
 
     async fn join(
@@ -712,7 +797,10 @@ impl Runner {
         blob: Vec<u8>,
     ) -> Result<(Session, ClientMessage), String> {
         let round = spec.round;
-        let params = self.check_round(federation, &spec, &blob)?;
+        let (params, rho) = self.check_round(federation, &spec, &blob)?;
+        if let Some(rho) = rho {
+            self.check_ledger(&spec, rho)?;
+        }
         // The commitment is computed from what this client received.
         let hash = wire::params_hash(&blob);
         let context = spec.context(&hash).map_err(|e| e.to_string())?;
@@ -745,7 +833,7 @@ impl Runner {
         .map_err(|e| format!("the training task failed: {e}"))?;
         let (trainer, result) = work;
         self.trainer = Some(trainer);
-        let (loss, samples, encoded, mut rng) = result?;
+        let (loss, samples, mut encoded, mut rng) = result?;
         self.events.emit(ClientEvent::Trained {
             round,
             loss,
@@ -759,18 +847,32 @@ impl Runner {
             });
         }
         let identity = IdentityKeypair::from_secret_bytes(&self.setup.identity.seed());
-        let mut client = SecaggClient::new(id, identity, context, encoded.ring);
+        let mut client =
+            SecaggClient::new(id, identity, context, std::mem::take(&mut encoded.ring));
         let first = client
             .handle(ServerMessage::Setup(spec.session), &mut rng)
             .map_err(|e| e.to_string())?
             .ok_or("the session's Setup produced no keys")?;
-        Ok((Session { round, client, rng }, first))
+        Ok((
+            Session {
+                round,
+                attempt,
+                rho,
+                client,
+                rng,
+            },
+            first,
+        ))
     }
 }
 
 /// The client's policy against the round (protocols/federation.md §4.4).
-fn check_policy(policy: &Policy, spec: &RoundSpec) -> Result<(), String> {
-    match &spec.encoding {
+/// With differential privacy, returns what revealing this client's input in
+/// the round costs it: `ρ` computed from everything the server sent, at the
+/// session's survivor floor (the protocol never unmasks with fewer).
+fn check_policy(policy: &Policy, spec: &RoundSpec) -> Result<Option<f64>, String> {
+    let no_dp = "the round has no differential privacy, and this client's policy requires it";
+    let rho = match &spec.encoding {
         Encoding::Unprotected => {
             if !policy.allow_unprotected {
                 return Err(
@@ -780,38 +882,44 @@ fn check_policy(policy: &Policy, spec: &RoundSpec) -> Result<(), String> {
                 );
             }
             if policy.require_dp {
-                return Err(
-                    "the round has no differential privacy, and this client's policy requires it"
-                        .into(),
-                );
+                return Err(no_dp.into());
             }
-            return Ok(());
+            return Ok(None);
         }
         Encoding::Plain { .. } => {
             if policy.require_dp {
+                return Err(no_dp.into());
+            }
+            if policy.max_round_epsilon.is_some() || policy.epsilon_budget.is_some() {
                 return Err(
-                    "the round has no differential privacy, and this client's policy requires it"
+                    "the round has no differential privacy (ε = ∞), and this client's policy \
+                     limits ε"
                         .into(),
                 );
             }
+            None
         }
         Encoding::Private { noise, .. } => {
-            let placement = match noise.placement {
-                fedveil_dp::mechanism::Placement::Central => PlacementName::Central,
-                fedveil_dp::mechanism::Placement::Distributed => PlacementName::Distributed,
-                fedveil_dp::mechanism::Placement::Local => PlacementName::Local,
-            };
-            if policy.refuse_placements.contains(&placement) {
+            if policy
+                .refuse_placements
+                .contains(&PlacementName::from(noise.placement))
+            {
                 return Err(format!(
                     "the round uses {} noise, which this client's policy refuses",
                     noise.placement.name()
                 ));
             }
             if noise.noise_multiplier < policy.min_noise_multiplier {
-                return Err(format!(
-                    "the noise multiplier {} is below this client's minimum {}",
-                    noise.noise_multiplier, policy.min_noise_multiplier
-                ));
+                return Err(if noise.noise_multiplier == 0.0 {
+                    "the round adds no noise (noise multiplier 0), which this client's policy \
+                     refuses unless it sets min_noise_multiplier = 0"
+                        .to_string()
+                } else {
+                    format!(
+                        "the noise multiplier {} is below this client's minimum {}",
+                        noise.noise_multiplier, policy.min_noise_multiplier
+                    )
+                });
             }
             if let Some(c) = policy.max_clip
                 && noise.clip > c
@@ -827,13 +935,51 @@ fn check_policy(policy: &Policy, spec: &RoundSpec) -> Result<(), String> {
                     noise.min_survivors, spec.session.min_survivors
                 ));
             }
+            if noise.bits != spec.session.bits || noise.dim as u64 != spec.dim {
+                return Err(format!(
+                    "the noise is set for {} values in a {}-bit ring, the round has {} in {} bits",
+                    noise.dim, noise.bits, spec.dim, spec.session.bits
+                ));
+            }
+            let rho = fedveil_dp::zcdp::round_rho(noise, spec.session.min_survivors)
+                .map_err(|e| format!("the round's noise: {e}"))?;
+            if let Some(max) = policy.max_round_epsilon {
+                let eps = fedveil_dp::zcdp::epsilon(rho, policy.delta)
+                    .map_err(|e| format!("the round's ε: {e}"))?;
+                if eps > max {
+                    return Err(format!(
+                        "the round costs this client ε = {eps:.4} at δ = {} (noise multiplier {}, \
+                         clip {}, granularity {}, {} survivors), above its per-round limit of {max}",
+                        policy.delta,
+                        noise.noise_multiplier,
+                        noise.clip,
+                        noise.granularity,
+                        noise.min_survivors
+                    ));
+                }
+            }
+            Some(rho)
         }
-    }
-    if spec.session.min_survivors < policy.min_survivors {
+    };
+    let s = &spec.session;
+    if s.min_survivors < policy.min_survivors {
         return Err(format!(
             "the session's survivor floor {} is below this client's minimum {}",
-            spec.session.min_survivors, policy.min_survivors
+            s.min_survivors, policy.min_survivors
         ));
     }
-    Ok(())
+    let k = s.effective_degree();
+    if k < policy.min_degree {
+        return Err(format!(
+            "the session gives each client {k} neighbours, below this client's minimum {}",
+            policy.min_degree
+        ));
+    }
+    if s.threshold < policy.min_threshold {
+        return Err(format!(
+            "the session's threshold {} is below this client's minimum {}",
+            s.threshold, policy.min_threshold
+        ));
+    }
+    Ok(rho)
 }

@@ -117,6 +117,17 @@ pub enum PlacementName {
     Local,
 }
 
+impl From<fedveil_dp::mechanism::Placement> for PlacementName {
+    fn from(p: fedveil_dp::mechanism::Placement) -> Self {
+        use fedveil_dp::mechanism::Placement;
+        match p {
+            Placement::Central => PlacementName::Central,
+            Placement::Distributed => PlacementName::Distributed,
+            Placement::Local => PlacementName::Local,
+        }
+    }
+}
+
 /// `[dp]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -311,6 +322,17 @@ fn secs(path: &str, s: f64) -> Result<Duration, FedError> {
         ));
     }
     Ok(Duration::from_secs_f64(s))
+}
+
+fn positive<T: PartialOrd + Default + std::fmt::Display>(path: &str, v: T) -> Result<T, FedError> {
+    if v > T::default() {
+        Ok(v)
+    } else {
+        Err(FedError::config(
+            path,
+            format!("must be at least 1, got {v}"),
+        ))
+    }
 }
 
 /// The threshold for `k` neighbours when none is configured.
@@ -700,8 +722,22 @@ pub struct ServerSection {
     /// Seconds of silence after which a connection is closed.
     #[serde(default = "idle_s")]
     pub idle_timeout: f64,
+    /// Connection attempts authenticated at once; more are refused until
+    /// one ends.
+    #[serde(default = "max_handshakes")]
+    pub max_handshakes: usize,
+    /// Rejected messages a client's connection may send before the server
+    /// closes it.
+    #[serde(default = "max_violations")]
+    pub max_violations: u32,
 }
 
+fn max_handshakes() -> usize {
+    fedveil_net::Limits::default().max_handshakes
+}
+fn max_violations() -> u32 {
+    fedveil_net::Limits::default().max_violations
+}
 fn handshake_s() -> f64 {
     10.0
 }
@@ -767,25 +803,36 @@ pub struct ClientSection {
     /// The largest bundle accepted, in bytes (default 16 GiB).
     #[serde(default)]
     pub max_bundle_bytes: Option<u64>,
+    /// Where this client keeps its own privacy ledger, one file per
+    /// federation (default: `privacy-ledger/` beside the identity file).
+    #[serde(default)]
+    pub ledger_dir: Option<PathBuf>,
 }
 
 /// `[policy]`: what a client requires of every round before it takes part
-/// (a malicious or misconfigured server cannot talk it out of these).
+/// (a malicious or misconfigured server cannot talk it out of these;
+/// protocols/federation.md §4.4). A client file without `[policy]`, or
+/// without some of its keys, gets the safe defaults: differential privacy
+/// required, central noise refused, some noise required (z > 0). A client
+/// accepts less only where its file says so in so many words
+/// (`require_dp = false`, `refuse_placements = []`,
+/// `min_noise_multiplier = 0`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
-    /// Refuse rounds without differential privacy.
-    #[serde(default)]
+    /// Refuse rounds without differential privacy (default: true).
+    #[serde(default = "policy::require_dp")]
     pub require_dp: bool,
-    /// Refuse rounds whose noise multiplier is below this.
-    #[serde(default)]
+    /// Refuse rounds whose noise multiplier is below this (default: any
+    /// noise at all, z > 0).
+    #[serde(default = "policy::min_noise_multiplier")]
     pub min_noise_multiplier: f64,
     /// Refuse rounds whose clip norm is above this.
     #[serde(default)]
     pub max_clip: Option<f64>,
-    /// Refuse these placements (e.g. `["central"]` to never trust the
+    /// Refuse these placements (default: `["central"]`, never trusting the
     /// server with the noise).
-    #[serde(default)]
+    #[serde(default = "policy::refuse_placements")]
     pub refuse_placements: Vec<PlacementName>,
     /// Refuse sessions whose survivor floor is below this.
     #[serde(default)]
@@ -794,18 +841,140 @@ pub struct Policy {
     /// baseline of the privacy-overhead benchmark). Off by default.
     #[serde(default)]
     pub allow_unprotected: bool,
+    /// The δ at which this client computes ε (default 1e-5).
+    #[serde(default = "policy::delta")]
+    pub delta: f64,
+    /// Refuse a round whose own privacy loss, computed by this client from
+    /// everything the server sends (placement, noise multiplier, clip,
+    /// granularity, β, bits, survivor floor, dimension), exceeds this ε.
+    #[serde(default)]
+    pub max_round_epsilon: Option<f64>,
+    /// Refuse a round that would take this client's own ledger for the
+    /// federation past this ε.
+    #[serde(default)]
+    pub epsilon_budget: Option<f64>,
+    /// Refuse sessions in which this client has fewer SecAgg+ neighbours.
+    #[serde(default)]
+    pub min_degree: u32,
+    /// Refuse sessions whose Shamir threshold is below this.
+    #[serde(default)]
+    pub min_threshold: u32,
+}
+
+mod policy {
+    use super::PlacementName;
+    pub fn require_dp() -> bool {
+        true
+    }
+    pub fn min_noise_multiplier() -> f64 {
+        f64::MIN_POSITIVE
+    }
+    pub fn refuse_placements() -> Vec<PlacementName> {
+        vec![PlacementName::Central]
+    }
+    pub fn delta() -> f64 {
+        1e-5
+    }
 }
 
 impl Default for Policy {
+    /// The safe defaults of a client file without `[policy]`.
     fn default() -> Self {
+        Policy {
+            require_dp: policy::require_dp(),
+            min_noise_multiplier: policy::min_noise_multiplier(),
+            max_clip: None,
+            refuse_placements: policy::refuse_placements(),
+            min_survivors: 0,
+            allow_unprotected: false,
+            delta: policy::delta(),
+            max_round_epsilon: None,
+            epsilon_budget: None,
+            min_degree: 0,
+            min_threshold: 0,
+        }
+    }
+}
+
+impl Policy {
+    /// A policy that takes part in whatever protected round the server
+    /// asks for, with or without differential privacy: for a client whose
+    /// server is run by the same operator from the same file (tests, the
+    /// audit's honest parties). Unprotected rounds are still refused.
+    pub fn trusting() -> Policy {
         Policy {
             require_dp: false,
             min_noise_multiplier: 0.0,
-            max_clip: None,
             refuse_placements: Vec::new(),
-            min_survivors: 0,
-            allow_unprotected: false,
+            ..Policy::default()
         }
+    }
+
+    /// The policy `fedveil run` gives its own clients: exactly what the run
+    /// file asks of its server, so that a server built from a different
+    /// file (or a bug that weakens it) is refused. Each round may cost at
+    /// most one round of the file's noise at its survivor floor, at its δ.
+    /// The budget is left to the server the same file starts, which charges
+    /// each session with its actual survivors (a client's own account
+    /// charges the floor, so it would stop earlier than the file says).
+    pub fn for_run(r: &Resolved) -> Policy {
+        let mut p = Policy {
+            allow_unprotected: r.unprotected,
+            min_survivors: r.min_survivors,
+            min_threshold: r.threshold.unwrap_or(0),
+            ..Policy::trusting()
+        };
+        if let Some(dp) = &r.dp {
+            let n = &dp.noise;
+            p.require_dp = true;
+            p.min_noise_multiplier = n.noise_multiplier;
+            p.max_clip = Some(n.clip);
+            p.refuse_placements = [
+                PlacementName::Central,
+                PlacementName::Distributed,
+                PlacementName::Local,
+            ]
+            .into_iter()
+            .filter(|q| *q != PlacementName::from(n.placement))
+            .collect();
+            p.delta = dp.delta;
+            // One round of the run's own noise at its survivor floor.
+            p.max_round_epsilon = fedveil_dp::zcdp::round_rho(n, n.min_survivors)
+                .and_then(|rho| fedveil_dp::zcdp::epsilon(rho, dp.delta))
+                .ok()
+                .map(|e| e * (1.0 + 1e-9));
+        }
+        p
+    }
+
+    /// Checks the policy's own values.
+    pub fn validate(&self) -> Result<(), FedError> {
+        if !(self.delta > 0.0 && self.delta < 1.0) {
+            return Err(FedError::config(
+                "policy.delta",
+                format!("must be in (0, 1), got {}", self.delta),
+            ));
+        }
+        for (key, v) in [
+            ("policy.max_round_epsilon", self.max_round_epsilon),
+            ("policy.epsilon_budget", self.epsilon_budget),
+        ] {
+            if let Some(e) = v
+                && (e.is_nan() || e <= 0.0)
+            {
+                return Err(FedError::config(key, format!("must be positive, got {e}")));
+            }
+        }
+        if !(self.min_noise_multiplier >= 0.0 && self.min_noise_multiplier.is_finite()) {
+            return Err(FedError::config(
+                "policy.min_noise_multiplier",
+                format!(
+                    "must be a non-negative number, got {}",
+                    self.min_noise_multiplier
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -999,6 +1168,8 @@ impl ServerFile {
         Ok(fedveil_net::Limits {
             handshake_timeout: secs("server.handshake_timeout", self.server.handshake_timeout)?,
             idle_timeout: secs("server.idle_timeout", self.server.idle_timeout)?,
+            max_handshakes: positive("server.max_handshakes", self.server.max_handshakes)?,
+            max_violations: positive("server.max_violations", self.server.max_violations)?,
             ..fedveil_net::Limits::default()
         })
     }
@@ -1014,6 +1185,8 @@ impl ClientFile {
         let mut f: ClientFile = parse_with(path, &read(path)?, overrides)?;
         f.client.identity = relative_to(path, &f.client.identity);
         f.client.bundle_cache = f.client.bundle_cache.map(|p| relative_to(path, &p));
+        f.client.ledger_dir = f.client.ledger_dir.map(|p| relative_to(path, &p));
+        f.policy.validate()?;
         f.client.fingerprint_file = f.client.fingerprint_file.map(|p| relative_to(path, &p));
         match (&f.client.fingerprint, &f.client.fingerprint_file) {
             (Some(_), Some(_)) => {

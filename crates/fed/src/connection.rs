@@ -7,6 +7,13 @@
 //! the exact size of the current session's vectors. A frame that breaks the
 //! rules closes that client's connection with the reason; nothing else is
 //! affected.
+//!
+//! Nothing one client sends makes the server queue without bound: the hub
+//! takes messages through a bounded channel, and each client's writer
+//! through a bounded queue of [`OUTBOUND_QUEUE`] messages. A rejection that
+//! finds the queue full is dropped (the client is not reading, so it would
+//! never see it), and a connection that commits `max_violations` rejected
+//! messages in one session window is closed (§3.1).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,6 +36,9 @@ pub(crate) const CLOSE_PROTOCOL: u32 = 2;
 pub(crate) const CLOSE_FINISHED: u32 = 0;
 /// The largest frame the server writes.
 const MAX_DOWN_FRAME: usize = 64 << 20;
+/// Messages waiting for one client's writer. A session sends a member a
+/// handful; a queue that fills belongs to a client that does not read.
+pub(crate) const OUTBOUND_QUEUE: usize = 64;
 
 /// A message for one client's writer.
 #[derive(Debug)]
@@ -42,11 +52,13 @@ pub(crate) enum Outbound {
 /// What the connection tasks report to the server's hub.
 #[derive(Debug)]
 pub(crate) enum Inbound {
-    /// A client authenticated and said hello; `tx` reaches its writer.
+    /// A client authenticated and said hello; `tx` reaches its writer,
+    /// `conn` closes its connection.
     Hello {
         id: ClientId,
         generation: u64,
-        tx: mpsc::UnboundedSender<Outbound>,
+        tx: mpsc::Sender<Outbound>,
+        conn: quinn::Connection,
     },
     Up {
         id: ClientId,
@@ -218,11 +230,12 @@ async fn connection(pending: Pending, generation: u64, shared: Shared) {
         conn.close(CLOSE_PROTOCOL.into(), reason.as_bytes());
         return;
     }
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
     let hello = Inbound::Hello {
         id,
         generation,
         tx: tx.clone(),
+        conn: conn.clone(),
     };
     if shared.hub.send(hello).await.is_err() {
         return;
@@ -230,7 +243,7 @@ async fn connection(pending: Pending, generation: u64, shared: Shared) {
     // The reader reports the end; the hub then drops its sender, which ends
     // the writer.
     let reader = async {
-        let reason = read_loop(id, generation, recv, tx, &shared).await;
+        let reason = read_loop(id, generation, recv, tx, &conn, &shared).await;
         let _ = shared
             .hub
             .send(Inbound::Gone {
@@ -361,17 +374,22 @@ async fn read_loop(
     id: ClientId,
     generation: u64,
     mut recv: quinn::RecvStream,
-    tx: mpsc::UnboundedSender<Outbound>,
+    tx: mpsc::Sender<Outbound>,
+    conn: &quinn::Connection,
     shared: &Shared,
 ) -> String {
     let violation = |reason: String| {
-        let _ = tx.send(Outbound::Last(
+        let last = Outbound::Last(
             Down::Rejected {
                 reason: reason.clone(),
             },
             CLOSE_PROTOCOL,
             reason.clone(),
-        ));
+        );
+        if tx.try_send(last).is_err() {
+            // Its queue is full: it is not reading; close without a word.
+            conn.close(CLOSE_PROTOCOL.into(), reason.as_bytes());
+        }
         format!("protocol violation: {reason}")
     };
     loop {
@@ -440,7 +458,7 @@ async fn read_loop(
 async fn write_loop(
     conn: quinn::Connection,
     mut send: quinn::SendStream,
-    mut rx: mpsc::UnboundedReceiver<Outbound>,
+    mut rx: mpsc::Receiver<Outbound>,
     counters: &Counters,
 ) {
     while let Some(out) = rx.recv().await {

@@ -12,18 +12,40 @@
 use fedveil_dp::mechanism::{ClientPrivatizer, ServerDecoder};
 use fedveil_secagg::codec::FloatCodec;
 use rand_core::{CryptoRng, RngCore};
+use zeroize::Zeroize;
 
 use crate::FedError;
 use crate::trainer::LocalUpdate;
 use crate::wire::Encoding;
 
-/// What encoding a client's update produced.
-#[derive(Clone, Debug, PartialEq)]
+/// What encoding a client's update produced. The ring vector is the
+/// client's secret input to secure aggregation until it is masked
+/// (protocols/secagg-plus.md §5.7): it is wiped on drop, and `Debug` shows
+/// only its length.
+#[derive(Clone, PartialEq)]
 pub struct Encoded {
     /// The ring vector (the client's secret input to secure aggregation).
     pub ring: Vec<u32>,
     /// The update's L2 norm before clipping (DP only).
     pub norm: Option<f64>,
+}
+
+impl Drop for Encoded {
+    fn drop(&mut self) {
+        self.ring.zeroize();
+        self.norm.zeroize();
+    }
+}
+
+impl std::fmt::Debug for Encoded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoded")
+            .field(
+                "ring",
+                &format_args!("[{} elements, redacted]", self.ring.len()),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 /// Encodes `update` as `encoding` says. `rng` must be a CSPRNG: it draws
@@ -52,9 +74,9 @@ pub fn encode<R: RngCore + CryptoRng>(
             rotation_seed,
         } => {
             let p = ClientPrivatizer::new(noise.clone(), *rotation_seed)?;
-            let out = p.privatize(&update.delta, rng)?;
+            let mut out = p.privatize(&update.delta, rng)?;
             Ok(Encoded {
-                ring: out.ring,
+                ring: std::mem::take(&mut out.ring),
                 norm: Some(out.norm),
             })
         }

@@ -22,6 +22,10 @@ use crate::FedError;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
     pub round: u64,
+    /// The session of the round that was charged (0 in ledgers written
+    /// before attempts were recorded).
+    #[serde(default)]
+    pub attempt: u32,
     pub survivors: u32,
     pub rho: f64,
 }
@@ -53,21 +57,164 @@ impl PrivacyLedger {
         Ok(zcdp::epsilon(self.zcdp.rho + rho, delta)?)
     }
 
-    /// Records a released round.
+    /// Records a released session of a round.
     pub fn record(
         &mut self,
         round: u64,
+        attempt: u32,
         noise: &NoiseConfig,
         survivors: u32,
     ) -> Result<f64, FedError> {
         let rho = self.zcdp.record(noise, survivors)?;
         self.entries.push(Entry {
             round,
+            attempt,
             survivors,
             rho,
         });
         Ok(rho)
     }
+
+    /// The first session number of `round` that no charged session used:
+    /// a server restarted mid-round never reuses one (a client that
+    /// revealed its input in a session refuses the same session again).
+    pub fn next_attempt(&self, round: u64) -> u32 {
+        self.entries
+            .iter()
+            .filter(|e| e.round == round)
+            .map(|e| e.attempt + 1)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// A client's own account of the privacy it has spent in one federation
+/// (protocols/federation.md §4.4): every session in which it revealed its
+/// input (sent its unmasking shares), charged at the session's worst case
+/// (its survivor floor), whatever the server says about survivors. Saved
+/// atomically before the shares leave, so that it survives a restart and a
+/// crash can only overcount.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClientLedger {
+    /// The federation, in hex.
+    pub federation: String,
+    /// Total zCDP `ρ` of the charged sessions.
+    pub rho: f64,
+    /// The charged sessions.
+    pub sessions: Vec<ClientCharge>,
+}
+
+/// One session a client revealed its input in.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClientCharge {
+    pub round: u64,
+    pub attempt: u32,
+    pub rho: f64,
+}
+
+impl ClientLedger {
+    /// The largest ledger file read.
+    const MAX_BYTES: u64 = 64 << 20;
+
+    /// An empty ledger of `federation`.
+    pub fn new(federation: &[u8; 32]) -> Self {
+        ClientLedger {
+            federation: hex(federation),
+            ..ClientLedger::default()
+        }
+    }
+
+    /// Whether this is the ledger of `federation`.
+    pub fn is_for(&self, federation: &[u8; 32]) -> bool {
+        self.federation == hex(federation)
+    }
+
+    /// Where the ledger of `federation` lives in `dir`.
+    pub fn path(dir: &std::path::Path, federation: &[u8; 32]) -> std::path::PathBuf {
+        dir.join(format!("{}.json", hex(federation)))
+    }
+
+    /// Loads the ledger of `federation` from `dir` (an empty one if there
+    /// is none yet).
+    pub fn load(dir: &std::path::Path, federation: &[u8; 32]) -> Result<Self, FedError> {
+        let path = Self::path(dir, federation);
+        let bad = |reason: String| FedError::File {
+            path: path.display().to_string(),
+            reason,
+        };
+        let bytes = match std::fs::File::open(&path) {
+            Ok(f) => {
+                use std::io::Read;
+                let mut b = Vec::new();
+                f.take(Self::MAX_BYTES + 1)
+                    .read_to_end(&mut b)
+                    .map_err(|e| bad(e.to_string()))?;
+                if b.len() as u64 > Self::MAX_BYTES {
+                    return Err(bad("larger than a ledger can be".into()));
+                }
+                b
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Self::new(federation));
+            }
+            Err(e) => return Err(bad(e.to_string())),
+        };
+        let l: ClientLedger = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+        if l.federation != hex(federation) {
+            return Err(bad("the ledger is another federation's".into()));
+        }
+        let sum: f64 = l.sessions.iter().map(|c| c.rho).sum();
+        if !(l.rho.is_finite() && l.rho >= 0.0 && (sum - l.rho).abs() <= 1e-9 * l.rho.max(1.0)) {
+            return Err(bad("the ledger's total does not match its sessions".into()));
+        }
+        Ok(l)
+    }
+
+    /// Saves the ledger into `dir`, atomically and durably.
+    pub fn save(&self, dir: &std::path::Path) -> Result<(), FedError> {
+        let path = dir.join(format!("{}.json", self.federation));
+        let bytes = serde_json::to_vec_pretty(self)
+            .map_err(|e| FedError::Internal(format!("the client ledger: {e}")))?;
+        fedveil_net::files::write_atomically(&path, &bytes, fedveil_net::files::Access::Default)
+            .map_err(|e| FedError::File {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Whether the client already revealed its input in this session.
+    pub fn charged(&self, round: u64, attempt: u32) -> bool {
+        self.sessions
+            .iter()
+            .any(|c| c.round == round && c.attempt == attempt)
+    }
+
+    /// `ε` at `delta` for everything charged.
+    pub fn epsilon(&self, delta: f64) -> Result<f64, FedError> {
+        if self.sessions.is_empty() {
+            return Ok(0.0);
+        }
+        Ok(zcdp::epsilon(self.rho, delta)?)
+    }
+
+    /// `ε` at `delta` after one more session costing `rho`.
+    pub fn epsilon_after(&self, rho: f64, delta: f64) -> Result<f64, FedError> {
+        Ok(zcdp::epsilon(self.rho + rho, delta)?)
+    }
+
+    /// Charges a session.
+    pub fn charge(&mut self, round: u64, attempt: u32, rho: f64) {
+        self.rho += rho;
+        self.sessions.push(ClientCharge {
+            round,
+            attempt,
+            rho,
+        });
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -90,11 +237,39 @@ mod tests {
         let mut a = PrivacyLedger::default();
         assert_eq!(a.epsilon(1e-5).unwrap(), 0.0);
         let worst = a.epsilon_after_worst_round(&noise, 1e-5).unwrap();
-        a.record(0, &noise, 10).unwrap();
+        a.record(0, 0, &noise, 10).unwrap();
         let mut b = PrivacyLedger::default();
-        b.record(0, &noise, 8).unwrap();
+        b.record(0, 0, &noise, 8).unwrap();
         let (ea, eb) = (a.epsilon(1e-5).unwrap(), b.epsilon(1e-5).unwrap());
         assert!(ea <= eb && (eb - worst).abs() < 1e-9, "{ea} {eb} {worst}");
-        assert!(b.record(1, &noise, 7).is_err());
+        assert!(b.record(1, 0, &noise, 7).is_err());
+        assert_eq!(b.next_attempt(0), 1);
+        assert_eq!(b.next_attempt(1), 0);
+    }
+
+    #[test]
+    fn a_client_ledger_survives_a_restart_and_refuses_tampering() {
+        let dir = std::env::temp_dir().join(format!("fedveil-cledger-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let fed = [7u8; 32];
+        let mut l = ClientLedger::load(&dir, &fed).unwrap();
+        assert_eq!(l.epsilon(1e-5).unwrap(), 0.0);
+        l.charge(0, 0, 0.01);
+        l.charge(0, 1, 0.01);
+        l.save(&dir).unwrap();
+        let back = ClientLedger::load(&dir, &fed).unwrap();
+        assert_eq!(back, l);
+        assert!(back.charged(0, 1) && !back.charged(1, 0));
+        assert!(back.epsilon_after(0.01, 1e-5).unwrap() > back.epsilon(1e-5).unwrap());
+        // Another federation's ledger is another file.
+        assert_eq!(ClientLedger::load(&dir, &[8; 32]).unwrap().rho, 0.0);
+        // A total that does not match its sessions is refused.
+        let path = ClientLedger::path(&dir, &fed);
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("0.02", "0.0");
+        std::fs::write(&path, text).unwrap();
+        assert!(ClientLedger::load(&dir, &fed).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::FedError;
 use crate::client::{self, ClientSetup, ClientSummary};
-use crate::config::{AggregationName, Plan, Policy};
+use crate::config::{Plan, Policy};
 use crate::metrics::{ClientEvent, Event};
 use crate::randomness::Randomness;
 use crate::server::{Server, ServerSetup, Summary};
@@ -107,6 +107,7 @@ pub fn spawn_swarm(swarm: Swarm) -> Result<Vec<JoinHandle<ClientOutcome>>, FedEr
             bundle_cache: swarm.bundle_cache.clone(),
             max_bundle_bytes: client::MAX_BUNDLE_BYTES,
             adversary: None,
+            ledger_dir: None,
         };
         tasks.push(tokio::spawn(client::run(setup)));
     }
@@ -130,7 +131,6 @@ pub async fn run(local: LocalRun) -> Result<LocalOutcome, FedError> {
         client_events,
     } = local;
     let name = "localhost";
-    let unprotected = plan.federation.aggregation == AggregationName::Unprotected;
     let identity = ServerIdentity::generate(&[name.to_string()])?;
     let ids: Vec<ClientIdentity> = (0..clients)
         .map(|_| ClientIdentity::generate(&mut OsRng))
@@ -148,12 +148,10 @@ pub async fn run(local: LocalRun) -> Result<LocalOutcome, FedError> {
         adversary: None,
     })?;
     let addr = server.local_addr();
-    // One process, one operator: the clients take part in an unprotected
-    // run only because the same file that asked for it starts them.
-    let policy = Policy {
-        allow_unprotected: unprotected,
-        ..Policy::default()
-    };
+    // One process, one operator: the clients accept exactly what the run
+    // file asks of the server (an unprotected run only because the same
+    // file that asked for it starts them).
+    let policy = Policy::for_run(server.resolved());
     let tasks = spawn_swarm(Swarm {
         server: addr,
         server_name: name.into(),

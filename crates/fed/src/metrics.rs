@@ -203,6 +203,13 @@ pub enum ClientEvent {
         round: u64,
         reason: String,
     },
+    /// The client charged a session to its own privacy ledger (just before
+    /// its unmasking shares leave); `epsilon` is its total so far.
+    Charged {
+        round: u64,
+        attempt: u32,
+        epsilon: f64,
+    },
     /// The client sent its unmasking shares: its part of the round is done.
     RoundDone {
         round: u64,

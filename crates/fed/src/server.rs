@@ -39,7 +39,7 @@ use crate::FedError;
 use crate::checkpoint::{Checkpoint, Header, RoundRecord};
 use crate::config::{CohortRule, Plan, Resolved, default_threshold};
 use crate::connection::{
-    self, Bundle, CLOSE_FINISHED, Counters, Expect, Inbound, Outbound, Shared,
+    self, Bundle, CLOSE_FINISHED, CLOSE_PROTOCOL, Counters, Expect, Inbound, Outbound, Shared,
 };
 use crate::encoding;
 use crate::ledger::PrivacyLedger;
@@ -151,7 +151,10 @@ pub struct Summary {
 #[derive(Debug)]
 struct Conn {
     generation: u64,
-    tx: mpsc::UnboundedSender<Outbound>,
+    tx: mpsc::Sender<Outbound>,
+    conn: fedveil_net::quinn::Connection,
+    /// Messages rejected since the last session started.
+    violations: u32,
 }
 
 /// The state a checkpoint holds.
@@ -514,33 +517,27 @@ impl Server {
     async fn rounds(&mut self) -> Result<String, FedError> {
         while self.state.completed < self.resolved.rounds {
             let round = self.state.completed;
-            if let Some(dp) = &self.resolved.dp
-                && let Some(budget) = dp.budget
-            {
-                let worst = self
-                    .state
-                    .ledger
-                    .epsilon_after_worst_round(&dp.noise, dp.delta)?;
-                if worst > budget {
-                    let spent = self.state.ledger.epsilon(dp.delta)?;
-                    let reason = format!(
-                        "the privacy budget stops the federation before round {round}: ε = {spent:.4} \
-                         is spent, and the round could take it to {worst:.4}, past the budget of {budget}"
-                    );
+            // A server restarted mid-round goes on after the sessions it
+            // already charged: their numbers are never used twice.
+            let first = self.state.ledger.next_attempt(round);
+            let mut attempt = first;
+            loop {
+                // Every session may be charged (a session that aborts after
+                // the charge still cost its privacy), so the budget is
+                // checked before each one, retries included.
+                if let Some(reason) = self.over_budget(round, attempt)? {
                     tracing::warn!("{reason}");
                     return Ok(reason);
                 }
-            }
-            let mut attempt = 0;
-            loop {
                 let outcome = self.attempt(round, attempt).await?;
                 match outcome {
                     Ok(()) => break,
                     Err(reason) => {
                         attempt += 1;
-                        if attempt >= self.resolved.attempts {
+                        let tried = attempt - first;
+                        if tried >= self.resolved.attempts {
                             return Err(FedError::Stopped(format!(
-                                "round {round} failed in {attempt} sessions; the last: {reason}"
+                                "round {round} failed in {tried} sessions; the last: {reason}"
                             )));
                         }
                         tracing::warn!(round, attempt, "trying the round again: {reason}");
@@ -551,11 +548,46 @@ impl Server {
         Ok(format!("completed {} rounds", self.state.completed))
     }
 
+    /// Why the next session (`round`, `attempt`) may not run: the privacy
+    /// it could cost would take the ledger past `epsilon_budget`.
+    fn over_budget(&self, round: u64, attempt: u32) -> Result<Option<String>, FedError> {
+        let Some(dp) = &self.resolved.dp else {
+            return Ok(None);
+        };
+        let Some(budget) = dp.budget else {
+            return Ok(None);
+        };
+        let worst = self
+            .state
+            .ledger
+            .epsilon_after_worst_round(&dp.noise, dp.delta)?;
+        if worst <= budget {
+            return Ok(None);
+        }
+        let spent = self.state.ledger.epsilon(dp.delta)?;
+        let session = if attempt == 0 {
+            format!("round {round}")
+        } else {
+            format!("session {} of round {round}", attempt + 1)
+        };
+        Ok(Some(format!(
+            "the privacy budget stops the federation before {session}: ε = {spent:.4} is spent, \
+             and the session could take it to {worst:.4}, past the budget of {budget}"
+        )))
+    }
+
     /// One session of a round: `Ok(Err(reason))` if it aborted.
     async fn attempt(&mut self, round: u64, attempt: u32) -> Result<Result<(), String>, FedError> {
         self.wait_for_clients().await?;
+        for c in self.conns.values_mut() {
+            c.violations = 0;
+        }
         let cohort = self.select_cohort(round, attempt)?;
-        let need = self.resolved.min_survivors.max(3) as usize;
+        // A session needs 3 members, its survivor floor, and (on the
+        // complete graph) one more member than its threshold; a Poisson
+        // sample can fall short of any of them.
+        let r = &self.resolved;
+        let need = r.min_survivors.max(3).max(r.threshold.map_or(0, |t| t + 1)) as usize;
         if cohort.len() < need {
             let reason = format!(
                 "the cohort has {} connected clients, a session needs at least {need}",
@@ -632,32 +664,70 @@ impl Server {
         Ok(cohort)
     }
 
+    /// Queues a message for a client; false if it is not connected or its
+    /// queue is full (it does not read what it is sent).
     fn send(&self, to: ClientId, out: Outbound) -> bool {
-        self.conns.get(&to).is_some_and(|c| c.tx.send(out).is_ok())
+        self.conns
+            .get(&to)
+            .is_some_and(|c| c.tx.try_send(out).is_ok())
     }
 
-    fn reject(&self, to: ClientId, reason: String) {
+    /// Refuses a client's message. The refusal is dropped if the client's
+    /// queue is full; a client that reaches `max_violations` refusals in one
+    /// session window is disconnected.
+    fn reject(&mut self, to: ClientId, reason: String) {
+        let max = self.shared.limits.max_violations;
+        let Some(c) = self.conns.get_mut(&to) else {
+            return;
+        };
+        c.violations = c.violations.saturating_add(1);
+        if c.violations == max {
+            let why = format!("{max} rejected messages; the last: {reason}");
+            tracing::info!(client = %to, "disconnecting: {why}");
+            c.conn.close(CLOSE_PROTOCOL.into(), why.as_bytes());
+            self.events.emit(Event::Rejected {
+                client: to,
+                reason: why,
+            });
+            return;
+        }
+        if c.violations > max {
+            return;
+        }
         tracing::debug!(client = %to, "rejected: {reason}");
-        self.send(
-            to,
-            Outbound::Frame(Down::Rejected {
-                reason: reason.clone(),
-            }),
-        );
-        self.events.emit(Event::Rejected { client: to, reason });
+        let refusal = Outbound::Frame(Down::Rejected {
+            reason: reason.clone(),
+        });
+        if c.tx.try_send(refusal).is_ok() {
+            self.events.emit(Event::Rejected { client: to, reason });
+        }
     }
 
     /// Registers a client's connection and welcomes it.
-    fn hello(&mut self, id: ClientId, generation: u64, tx: mpsc::UnboundedSender<Outbound>) {
+    fn hello(
+        &mut self,
+        id: ClientId,
+        generation: u64,
+        tx: mpsc::Sender<Outbound>,
+        conn: fedveil_net::quinn::Connection,
+    ) {
         let welcome = Down::Welcome {
             federation: self.state.federation,
             client: id,
             round: self.state.completed,
         };
-        let _ = tx.send(Outbound::Frame(welcome));
+        let _ = tx.try_send(Outbound::Frame(welcome));
         // A newer connection replaces an older one, whose writer ends when
         // its sender is dropped here.
-        self.conns.insert(id, Conn { generation, tx });
+        self.conns.insert(
+            id,
+            Conn {
+                generation,
+                tx,
+                conn,
+                violations: 0,
+            },
+        );
         tracing::debug!(client = %id, "connected");
         self.events.emit(Event::Connected(id));
     }
@@ -681,7 +751,12 @@ impl Server {
     /// Handles a message while no session runs.
     fn between_sessions(&mut self, m: Inbound) {
         match m {
-            Inbound::Hello { id, generation, tx } => self.hello(id, generation, tx),
+            Inbound::Hello {
+                id,
+                generation,
+                tx,
+                conn,
+            } => self.hello(id, generation, tx, conn),
             Inbound::Gone {
                 id,
                 generation,
@@ -795,7 +870,18 @@ impl Server {
         // What the cohort sent, for an adversary that takes the session over.
         let mut log: Vec<(ClientId, ClientMessage)> = Vec::new();
         let r = &self.resolved;
-        let mut sa = fedveil_secagg::Server::new(spec.session.clone(), r.stage_deadlines)?;
+        let mut sa = match fedveil_secagg::Server::new(spec.session.clone(), r.stage_deadlines) {
+            Ok(sa) => sa,
+            // The session's parameters follow from the cohort; a Poisson
+            // sample can be too small for the configured threshold or
+            // degree. Nothing was sent yet: this session is aborted and the
+            // round tried again with a fresh sample.
+            Err(e) => {
+                let metrics = self.round_metrics(round, attempt, n, Vec::new(), (sent0, received0));
+                let reason = format!("a cohort of {n} cannot hold this session: {e}");
+                return self.aborted(metrics, started, reason);
+            }
+        };
         let session_id = sa.session_id();
         let bits = spec.encoding.bits();
         tracing::info!(round, attempt, cohort = n, "round started");
@@ -864,7 +950,7 @@ impl Server {
                     stage == Some(Stage::Unmasking) || matches!(sa.outcome(), Some(Ok(_)));
                 if unmasking && !charged {
                     charged = true;
-                    self.charge(round, sa.survivors().len()).await?;
+                    self.charge(round, attempt, sa.survivors().len()).await?;
                 }
                 if let Some(s) = stage {
                     self.events.emit(Event::StageStarted {
@@ -923,12 +1009,17 @@ impl Server {
                 s.conns.get(&id).is_some_and(|c| c.generation == generation)
             };
             match m {
-                Inbound::Hello { id, generation, tx } => {
+                Inbound::Hello {
+                    id,
+                    generation,
+                    tx,
+                    conn,
+                } => {
                     // A reconnecting member lost its session state.
                     if in_cohort(&id) {
                         sa.drop_client(self.now(), id);
                     }
-                    self.hello(id, generation, tx);
+                    self.hello(id, generation, tx, conn);
                 }
                 Inbound::Gone {
                     id,
@@ -1047,13 +1138,23 @@ impl Server {
         let mut noise_rng = self
             .randomness
             .rng(Purpose::ServerNoise, round, attempt, 0)?;
-        let mean = encoding::decode(
+        let mean = match encoding::decode(
             &spec.encoding,
             &sum,
             agg.survivors.len(),
             dim,
             &mut noise_rng,
-        )?;
+        ) {
+            Ok(mean) => mean,
+            // What the sum holds is the clients' doing (one of them may
+            // have forged its weight slot): this session ends, not the
+            // federation. Masking hides which client it was.
+            Err(FedError::Codec(e)) => {
+                let reason = format!("the unmasked sum cannot be decoded: {e}");
+                return self.aborted(metrics, started, reason);
+            }
+            Err(e) => return Err(e),
+        };
         self.state.optimizer.step(&mut self.state.params, &mean)?;
         if !charged && self.resolved.dp.is_some() {
             return Err(FedError::Internal(
@@ -1152,9 +1253,14 @@ impl Server {
                 break;
             };
             match m {
-                Inbound::Hello { id, generation, tx } => {
+                Inbound::Hello {
+                    id,
+                    generation,
+                    tx,
+                    conn,
+                } => {
                     pending.remove(&id);
-                    self.hello(id, generation, tx);
+                    self.hello(id, generation, tx, conn);
                 }
                 Inbound::Gone {
                     id,
@@ -1247,11 +1353,16 @@ impl Server {
                 s.conns.get(&id).is_some_and(|c| c.generation == generation)
             };
             match m {
-                Inbound::Hello { id, generation, tx } => {
+                Inbound::Hello {
+                    id,
+                    generation,
+                    tx,
+                    conn,
+                } => {
                     if waiting.remove(&id) {
                         dropouts.push(id);
                     }
-                    self.hello(id, generation, tx);
+                    self.hello(id, generation, tx, conn);
                 }
                 Inbound::Gone {
                     id,
@@ -1448,14 +1559,14 @@ impl Server {
 
     /// Charges the round to the ledger and persists the ledger before the
     /// server can learn the sum (§5.3).
-    async fn charge(&mut self, round: u64, survivors: usize) -> Result<(), FedError> {
+    async fn charge(&mut self, round: u64, attempt: u32, survivors: usize) -> Result<(), FedError> {
         let Some(dp) = &self.resolved.dp else {
             return Ok(());
         };
         let rho = self
             .state
             .ledger
-            .record(round, &dp.noise, survivors as u32)?;
+            .record(round, attempt, &dp.noise, survivors as u32)?;
         tracing::debug!(
             round,
             survivors,
@@ -1542,14 +1653,17 @@ impl Server {
     async fn finish(&mut self, reason: &str) {
         let rounds = self.state.completed;
         for (id, c) in &self.conns {
-            let _ = c.tx.send(Outbound::Last(
+            let last = Outbound::Last(
                 Down::Finished {
                     rounds,
                     reason: reason.to_string(),
                 },
                 CLOSE_FINISHED,
                 "federation finished".into(),
-            ));
+            );
+            if c.tx.try_send(last).is_err() {
+                c.conn.close(CLOSE_FINISHED.into(), b"federation finished");
+            }
             tracing::debug!(client = %id, "finished");
         }
         self.events.emit(Event::Finished {

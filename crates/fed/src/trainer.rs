@@ -91,8 +91,10 @@ impl TrainingConfig {
     }
 }
 
-/// A client's result of one round of local training.
-#[derive(Clone, Debug, PartialEq)]
+/// A client's result of one round of local training. The update is what
+/// secure aggregation protects: it is wiped on drop, and `Debug` shows only
+/// its length.
+#[derive(Clone, PartialEq)]
 pub struct LocalUpdate {
     /// Local parameters minus the global parameters, flattened.
     pub delta: Vec<f32>,
@@ -100,6 +102,25 @@ pub struct LocalUpdate {
     pub samples: u64,
     /// The client's mean training loss over the round.
     pub loss: f64,
+}
+
+impl Drop for LocalUpdate {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.delta);
+    }
+}
+
+impl std::fmt::Debug for LocalUpdate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalUpdate")
+            .field(
+                "delta",
+                &format_args!("[{} values, redacted]", self.delta.len()),
+            )
+            .field("samples", &self.samples)
+            .field("loss", &self.loss)
+            .finish()
+    }
 }
 
 /// Local training on a client's own data.

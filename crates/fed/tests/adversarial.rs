@@ -6,20 +6,16 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use fedveil_fed::client::ClientSummary;
 use fedveil_fed::config::{PlacementName, Policy};
 use fedveil_fed::metrics::{ClientEvent, Event};
-use fedveil_fed::net::frame::{read_blob, read_frame, write_frame};
-use fedveil_fed::net::quinn;
 use fedveil_fed::net::{ClientIdentity, NetClient, NetError, ServerIdentity};
 use fedveil_fed::secagg::crypto::identity::IdentityKeypair;
 use fedveil_fed::secagg::messages::{ClientMessage, ServerMessage};
 use fedveil_fed::secagg::{ClientId, SessionId};
 use fedveil_fed::server::Adversary;
-use fedveil_fed::wire::{self, Down, MAX_UP_FRAME, RoundSpec, Up, VERSION};
+use fedveil_fed::wire::{self, MAX_UP_FRAME, RoundSpec, Up};
 use fedveil_fed::{FedError, randomness::Randomness};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
@@ -93,80 +89,6 @@ async fn strangers_and_wrong_pins_are_refused_while_the_federation_runs() {
     let (summary, _) = server.finish().await;
     assert_eq!(summary.rounds, 3);
     all_finished(&join_clients(clients).await, 3);
-}
-
-/// An authenticated client that speaks the protocol by hand.
-struct Rogue {
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
-}
-
-impl Rogue {
-    async fn connect(addr: std::net::SocketAddr, cast: &Cast, i: usize) -> Rogue {
-        let endpoint = NetClient::new(addr, cast.server.fingerprint(), limits()).unwrap();
-        let conn = endpoint
-            .connect(addr, NAME, &cast.identity(i))
-            .await
-            .unwrap()
-            .connection;
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        write_frame(&mut send, &Up::Hello { version: VERSION }, 1024)
-            .await
-            .unwrap();
-        let welcome: Down = read_frame(&mut recv, 1 << 20).await.unwrap();
-        assert!(matches!(welcome, Down::Welcome { .. }), "{welcome:?}");
-        Rogue { conn, send, recv }
-    }
-
-    /// The next message, with a round's parameters.
-    async fn next(&mut self) -> (Down, Vec<u8>) {
-        let d: Down = tokio::time::timeout(
-            Duration::from_secs(30),
-            read_frame(&mut self.recv, 16 << 20),
-        )
-        .await
-        .expect("a message within 30 s")
-        .expect("a message");
-        let blob = match &d {
-            Down::Round(spec) => read_blob(&mut self.recv, spec.dim as usize * 4)
-                .await
-                .unwrap(),
-            _ => Vec::new(),
-        };
-        (d, blob)
-    }
-
-    async fn next_round(&mut self) -> (RoundSpec, Vec<u8>) {
-        loop {
-            if let (Down::Round(spec), blob) = self.next().await {
-                return (*spec, blob);
-            }
-        }
-    }
-
-    async fn next_rejection(&mut self) -> String {
-        loop {
-            if let (Down::Rejected { reason }, _) = self.next().await {
-                return reason;
-            }
-        }
-    }
-
-    async fn up(&mut self, up: &Up) {
-        write_frame(&mut self.send, up, MAX_UP_FRAME).await.unwrap();
-    }
-
-    /// Waits for the server to close the connection; returns its reason.
-    async fn closed(&self) -> String {
-        match tokio::time::timeout(Duration::from_secs(10), self.conn.closed()).await {
-            Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
-                String::from_utf8_lossy(&c.reason).into_owned()
-            }
-            Ok(other) => panic!("closed otherwise: {other}"),
-            Err(_) => panic!("the server did not close the connection"),
-        }
-    }
 }
 
 // §2.3, §3.2, secagg-plus.md §6.8: an authenticated member replays its own
@@ -401,16 +323,16 @@ async fn clients_decline_rounds_that_break_their_policy() {
     let policies = [
         Policy {
             refuse_placements: vec![PlacementName::Central],
-            ..Policy::default()
+            ..Policy::trusting()
         },
         Policy {
             min_noise_multiplier: 1.0,
-            ..Policy::default()
+            ..Policy::trusting()
         },
     ];
     let mut clients = Vec::new();
     for i in 0..7 {
-        let policy = policies.get(i).cloned().unwrap_or_default();
+        let policy = policies.get(i).cloned().unwrap_or_else(Policy::trusting);
         clients.push(start_client(
             &cast,
             i,

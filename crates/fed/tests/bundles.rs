@@ -142,7 +142,7 @@ fn client(
             installed,
             ready: false,
         }),
-        policy: Default::default(),
+        policy: fedveil_fed::config::Policy::trusting(),
         randomness: seeded(10 + i as u8),
         reconnect: Duration::from_millis(100),
         max_reconnect: Duration::from_millis(500),
@@ -154,6 +154,7 @@ fn client(
         bundle_cache: cache,
         max_bundle_bytes: MAX_BUNDLE_BYTES,
         adversary: None,
+        ledger_dir: None,
     }))
 }
 

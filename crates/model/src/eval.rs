@@ -196,6 +196,13 @@ pub struct Limits {
     pub file_bytes: u64,
     /// The Python interpreter.
     pub python: PathBuf,
+    /// Processes the program may have at once (`RLIMIT_NPROC`, counted
+    /// inside the sandbox's own user namespace).
+    pub processes: u64,
+    /// Run generated code even where the system cannot isolate it
+    /// ([`sandbox_status`]). Off by default: without isolation, generated
+    /// code can read what the process can read and start processes.
+    pub allow_unsandboxed: bool,
 }
 
 impl Default for Limits {
@@ -206,6 +213,8 @@ impl Default for Limits {
             cpu_seconds: 10,
             file_bytes: 1 << 20,
             python: PathBuf::from("python3"),
+            processes: 32,
+            allow_unsandboxed: false,
         }
     }
 }
@@ -219,11 +228,13 @@ const MAX_OUTPUT: usize = 64 << 10;
 /// exit status is the verdict.
 const GUARD: &str = r#"
 import os, resource, sys
-mem, cpu, fsize = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+mem, cpu, fsize, nproc = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
 resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
 resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+if nproc > 0:
+    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
 import socket
 def _no_network(*a, **k):
     raise OSError("network access is disabled in the sandbox")
@@ -245,40 +256,277 @@ sys.stdin = open(os.devnull)
 exec(compile(source, "<candidate>", "exec"), {"__name__": "__main__"})
 "#;
 
+/// Builds the sandbox inside fresh user, PID, mount, network, IPC and UTS
+/// namespaces (run by `/bin/sh` as the namespace's root, before the
+/// candidate exists): a new root on a size-limited tmpfs holding `/usr` and
+/// the interpreter's installation read-only, `/dev/{null,zero,urandom}`,
+/// its own `/proc` and a writable `/tmp`; the old root is detached, so
+/// nothing of the host's files is reachable; then every capability is
+/// dropped and `no_new_privs` set before the interpreter starts.
+/// Arguments: the mount point, the user to run as (`-`: stay the user
+/// namespace's root, without capabilities), the directories to expose
+/// read-only, `--`, then the command.
+const SANDBOX: &str = r#"
+set -eu
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+trap 'echo "fedveil-sandbox: setup failed" >&2; exit 125' EXIT
+root="$1"; shift
+uid="$1"; shift
+mount --make-rprivate /
+mount -t tmpfs -o size=64m,mode=755,nosuid,nodev tmpfs "$root"
+mkdir -p "$root/tmp" "$root/proc" "$root/dev" "$root/.old"
+chmod 1777 "$root/tmp"
+for l in bin lib lib32 lib64 sbin; do
+    if [ -L "/$l" ]; then
+        ln -s "$(readlink "/$l")" "$root/$l"
+    elif [ -d "/$l" ]; then
+        mkdir "$root/$l"
+        mount --rbind "/$l" "$root/$l"
+        mount -o remount,bind,ro,nosuid,nodev "$root/$l"
+    fi
+done
+while [ "$1" != "--" ]; do
+    mkdir -p "$root$1"
+    mount --rbind "$1" "$root$1"
+    mount -o remount,bind,ro,nosuid,nodev "$root$1"
+    shift
+done
+shift
+for d in null zero urandom; do
+    touch "$root/dev/$d"
+    mount --bind "/dev/$d" "$root/dev/$d"
+done
+mount -t proc -o nosuid,nodev,noexec proc "$root/proc"
+cd "$root"
+pivot_root . .old
+umount -l /.old
+rmdir /.old
+cd /tmp
+trap - EXIT
+if [ "$uid" = "-" ]; then
+    exec setpriv --no-new-privs --inh-caps=-all --ambient-caps=-all --bounding-set=-all -- "$@"
+fi
+exec setpriv --reuid="$uid" --regid="$uid" --clear-groups --no-new-privs \
+    --inh-caps=-all --ambient-caps=-all --bounding-set=-all -- "$@"
+"#;
+
+/// The exit status and the message of a sandbox that could not be set up.
+const SETUP_FAILED: (i32, &str) = (125, "fedveil-sandbox: setup failed");
+
+/// The namespaces the sandbox runs in. As root: PID, mount, network, IPC
+/// and UTS namespaces, and the program runs as [`SANDBOX_UID`] (the limit
+/// on processes does not bind root, whose user a mapped namespace root
+/// would still be). Otherwise a user namespace too, whose root (the caller,
+/// outside) sets everything up and then drops every capability.
+const NAMESPACES: &[&str] = &[
+    "--pid",
+    "--fork",
+    "--kill-child",
+    "--mount",
+    "--net",
+    "--ipc",
+    "--uts",
+];
+
+/// The user a program runs as when fedveil runs as root: one no account
+/// uses, so that `RLIMIT_NPROC` counts the sandbox's processes only.
+pub const SANDBOX_UID: u32 = 1_734_000_000;
+
+/// Whether this process runs as root.
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// An interpreter as the sandbox runs it: its real executable and the
+/// directories it needs, read-only.
+#[derive(Clone, Debug, PartialEq)]
+struct Interpreter {
+    exe: PathBuf,
+    dirs: Vec<PathBuf>,
+}
+
+/// Finds `python`'s real executable and installation (a pyenv shim or a
+/// virtual environment resolves to the interpreter behind it).
+fn interpreter(python: &std::path::Path) -> std::result::Result<Interpreter, String> {
+    static FOUND: std::sync::Mutex<Vec<(PathBuf, Interpreter)>> = std::sync::Mutex::new(Vec::new());
+    if let Ok(found) = FOUND.lock()
+        && let Some((_, i)) = found.iter().find(|(p, _)| p == python)
+    {
+        return Ok(i.clone());
+    }
+    let out = Command::new(python)
+        .args([
+            "-I",
+            "-S",
+            "-c",
+            "import os, sys; print(os.path.realpath(sys.executable)); print(os.path.realpath(sys.base_prefix))",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map_err(|e| format!("running {}: {e}", python.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines = text.lines();
+    let (Some(exe), Some(prefix)) = (lines.next(), lines.next()) else {
+        return Err(format!(
+            "{} did not say where it is installed",
+            python.display()
+        ));
+    };
+    let exe = PathBuf::from(exe);
+    let mut dirs = vec![PathBuf::from("/usr")];
+    for d in [
+        PathBuf::from(prefix),
+        exe.parent().map(PathBuf::from).unwrap_or_default(),
+    ] {
+        if !d.is_absolute() || d == std::path::Path::new("/") {
+            return Err(format!(
+                "{}: an installation at '{}'",
+                python.display(),
+                d.display()
+            ));
+        }
+        if !dirs.iter().any(|k| d.starts_with(k)) {
+            dirs.push(d);
+        }
+    }
+    let i = Interpreter { exe, dirs };
+    if let Ok(mut found) = FOUND.lock() {
+        found.push((python.to_path_buf(), i.clone()));
+    }
+    Ok(i)
+}
+
+/// Whether this system can build the sandbox for `python`: `Ok` with a
+/// description of the isolation, or `Err` with why not (the namespaces
+/// refused, `unshare` or `setpriv` missing, the interpreter not found).
+/// Probed once per interpreter.
+pub fn sandbox_status(python: &std::path::Path) -> std::result::Result<String, String> {
+    static PROBED: std::sync::Mutex<Vec<(PathBuf, std::result::Result<String, String>)>> =
+        std::sync::Mutex::new(Vec::new());
+    if let Ok(p) = PROBED.lock()
+        && let Some((_, r)) = p.iter().find(|(k, _)| k == python)
+    {
+        return r.clone();
+    }
+    let probe = || -> std::result::Result<String, String> {
+        let i = interpreter(python)?;
+        let dir = tempdir().map_err(|e| e.to_string())?;
+        let out = sandboxed(&i, &dir)
+            .args(["-I", "-S", "-c", "import os; print(len(os.listdir('/')))"])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .stdin(Stdio::null())
+            .output();
+        let _ = std::fs::remove_dir_all(&dir);
+        let out = out.map_err(|e| format!("running unshare: {e}"))?;
+        if out.status.success() {
+            Ok(
+                "user, PID, mount, network, IPC and UTS namespaces; a read-only root of /usr \
+                and the interpreter; no capabilities"
+                    .into(),
+            )
+        } else {
+            let err = String::from_utf8_lossy(&out.stderr);
+            Err(format!(
+                "the system refused the sandbox's namespaces: {}",
+                err.lines().last().unwrap_or("no reason given")
+            ))
+        }
+    };
+    let r = probe();
+    if let Ok(mut p) = PROBED.lock() {
+        p.push((python.to_path_buf(), r.clone()));
+    }
+    r
+}
+
+/// The command that runs `i` in the sandbox, mounted on the empty
+/// directory `root` (arguments follow).
+fn sandboxed(i: &Interpreter, root: &std::path::Path) -> Command {
+    let mut c = Command::new("unshare");
+    let uid = if is_root() {
+        SANDBOX_UID.to_string()
+    } else {
+        c.args(["--user", "--map-root-user"]);
+        "-".to_string()
+    };
+    c.args(NAMESPACES)
+        .args(["--", "/bin/sh", "-c", SANDBOX, "fedveil-sandbox"])
+        .arg(root)
+        .arg(uid);
+    c.args(&i.dirs).arg("--").arg(&i.exe);
+    c
+}
+
 /// Runs `program` (a candidate solution followed by its tests) in
-/// `python3` under `limits`, in a fresh temporary directory, with a clean
-/// environment, its own process group (killed as a whole at the end), and
-/// no network: its own network namespace where the system allows one
-/// ([`network_isolation`]), and sockets disabled in the interpreter.
+/// `python3` under `limits`, isolated by the operating system
+/// ([`sandbox_status`]): its own user, PID, mount, network, IPC and UTS
+/// namespaces, a root that holds only `/usr` and the interpreter
+/// (read-only) and a fresh `/tmp`, no capabilities, at most
+/// `limits.processes` processes, and a wall clock that kills the whole
+/// namespace. Where the system cannot isolate it, it refuses unless
+/// `limits.allow_unsandboxed`; then the program runs in a fresh temporary
+/// directory with a clean environment, its own process group and the
+/// interpreter-level guard, which generated code can get past.
 pub fn run_python(program: &str, limits: &Limits) -> Result<Outcome> {
+    let isolated = match sandbox_status(&limits.python) {
+        Ok(_) => true,
+        Err(_) if limits.allow_unsandboxed => false,
+        Err(why) => {
+            return Err(ModelError::Config(format!(
+                "pass@k runs generated code, and this system cannot isolate it ({why}); \
+                 set allow_unsandboxed = true in [task.pass_at_k] to run it without isolation \
+                 (it can then read what this process can read)"
+            )));
+        }
+    };
     let dir = tempdir()?;
-    let result = run_in(program, limits, &dir);
+    let result = run_in(program, limits, &dir, isolated);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn run_in(program: &str, limits: &Limits, dir: &std::path::Path) -> Result<Outcome> {
+fn run_in(
+    program: &str,
+    limits: &Limits,
+    dir: &std::path::Path,
+    isolated: bool,
+) -> Result<Outcome> {
     use std::io::Write;
     use std::os::unix::process::CommandExt;
     let io = |e: std::io::Error| ModelError::Config(format!("running python3: {e}"));
-    let mut cmd = match network_isolation() {
-        Some(prefix) => {
-            let mut c = Command::new(prefix[0]);
-            c.args(&prefix[1..]).arg(&limits.python);
-            c
-        }
-        None => Command::new(&limits.python),
+    let mut cmd = if isolated {
+        let i = interpreter(&limits.python).map_err(ModelError::Config)?;
+        sandboxed(&i, dir)
+    } else {
+        let mut c = match network_isolation() {
+            Some(prefix) => {
+                let mut c = Command::new(prefix[0]);
+                c.args(&prefix[1..]).arg(&limits.python);
+                c
+            }
+            None => Command::new(&limits.python),
+        };
+        c.current_dir(dir);
+        c
+    };
+    let home = if isolated {
+        std::path::Path::new("/tmp")
+    } else {
+        dir
     };
     let mut child = cmd
         .args(["-I", "-S", "-B", "-c", GUARD])
         .arg(limits.memory_bytes.to_string())
         .arg(limits.cpu_seconds.max(1).to_string())
         .arg(limits.file_bytes.to_string())
-        .current_dir(dir)
+        .arg(if isolated { limits.processes.max(1) } else { 0 }.to_string())
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
-        .env("HOME", dir)
-        .env("TMPDIR", dir)
+        .env("HOME", home)
+        .env("TMPDIR", home)
         .process_group(0)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -316,6 +564,15 @@ fn run_in(program: &str, limits: &Limits, dir: &std::path::Path) -> Result<Outco
     let _ = child.wait();
     let err = reader.join().unwrap_or_default();
     let tail = String::from_utf8_lossy(&err[err.len().saturating_sub(MAX_OUTPUT)..]).into_owned();
+    if isolated
+        && status.is_some_and(|s| s.code() == Some(SETUP_FAILED.0))
+        && tail.contains(SETUP_FAILED.1)
+    {
+        return Err(ModelError::Config(format!(
+            "pass@k's sandbox could not be set up: {}",
+            tail.lines().rev().take(4).collect::<Vec<_>>().join(" / ")
+        )));
+    }
     Ok(match status {
         None => Outcome::TimedOut,
         Some(s) if s.success() => Outcome::Passed,

@@ -60,8 +60,12 @@ fn correct_programs_pass_and_wrong_ones_fail() {
     }
 }
 
+// What this checks, and no more: the resource limits, and the
+// interpreter-level guard against `os.fork` and `socket`. The guard is not
+// isolation (issue 17: `posix`, `_socket` and `_posixsubprocess` get past
+// it); SECURITY.md says so until an OS-level sandbox replaces it.
 #[test]
-fn the_sandbox_stops_loops_bombs_forks_and_the_network() {
+fn the_sandbox_limits_time_and_memory_and_its_guard_refuses_os_fork_and_sockets() {
     let started = Instant::now();
     assert_eq!(
         run_python("while True:\n    pass\n", &limits()).unwrap(),

@@ -71,6 +71,8 @@ impl Harness {
             max_blob: 1 << 20,
             handshake_timeout: Duration::from_secs(3),
             idle_timeout: Duration::from_secs(10),
+            max_handshakes: 64,
+            max_violations: 64,
         };
         let net = std::sync::Arc::new(NetServer::bind(
             (Ipv4Addr::LOCALHOST, 0).into(),

@@ -19,6 +19,12 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// A connection silent for this long is closed.
     pub idle_timeout: Duration,
+    /// Connection attempts a server authenticates at once; further ones are
+    /// refused until one of them ends (protocols/federation.md §2.2).
+    pub max_handshakes: usize,
+    /// Rejected messages an authenticated connection may send before the
+    /// server closes it (protocols/federation.md §3.1).
+    pub max_violations: u32,
 }
 
 impl Default for Limits {
@@ -28,6 +34,8 @@ impl Default for Limits {
             max_blob: 1 << 30,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            max_handshakes: 64,
+            max_violations: 64,
         }
     }
 }
@@ -50,6 +58,10 @@ pub struct NetServer {
     endpoint: quinn::Endpoint,
     allow: Arc<RwLock<BTreeSet<ClientKey>>>,
     limits: Limits,
+    /// One permit per handshake in progress.
+    handshakes: Arc<tokio::sync::Semaphore>,
+    /// Attempts refused because `max_handshakes` were in progress.
+    refused: std::sync::atomic::AtomicU64,
 }
 
 impl NetServer {
@@ -76,6 +88,8 @@ impl NetServer {
         Ok(NetServer {
             endpoint,
             allow: Arc::new(RwLock::new(allow.into_iter().collect())),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes.max(1))),
+            refused: std::sync::atomic::AtomicU64::new(0),
             limits,
         })
     }
@@ -108,14 +122,35 @@ impl NetServer {
 
     /// The next connection attempt, not yet authenticated. Run
     /// [`Pending::authenticate`] in its own task so that a slow or hostile
-    /// client cannot hold up the others.
+    /// client cannot hold up the others. While `max_handshakes` attempts
+    /// are being authenticated, new ones are refused at once (the QUIC
+    /// handshake is not even started), so unauthenticated peers hold a
+    /// bounded amount of the server's memory.
     pub async fn accept(&self) -> Option<Pending> {
-        let incoming = self.endpoint.accept().await?;
-        Some(Pending {
-            incoming,
-            allow: Arc::clone(&self.allow),
-            limits: self.limits.clone(),
-        })
+        loop {
+            let incoming = self.endpoint.accept().await?;
+            match Arc::clone(&self.handshakes).try_acquire_owned() {
+                Ok(permit) => {
+                    return Some(Pending {
+                        incoming,
+                        allow: Arc::clone(&self.allow),
+                        limits: self.limits.clone(),
+                        _permit: permit,
+                    });
+                }
+                Err(_) => {
+                    self.refused
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    incoming.refuse();
+                }
+            }
+        }
+    }
+
+    /// Connection attempts refused so far because `max_handshakes` were
+    /// already in progress.
+    pub fn refused_handshakes(&self) -> u64 {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Stops accepting and closes every connection.
@@ -124,12 +159,14 @@ impl NetServer {
     }
 }
 
-/// A connection attempt.
+/// A connection attempt. It holds one of the server's handshake permits
+/// until it is authenticated, refused or dropped.
 #[derive(Debug)]
 pub struct Pending {
     incoming: quinn::Incoming,
     allow: Arc<RwLock<BTreeSet<ClientKey>>>,
     limits: Limits,
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Pending {

@@ -2,8 +2,10 @@
 //!
 //! A frame is a 4-byte big-endian length and that many bytes of a postcard
 //! message. A blob (for large vectors) is an 8-byte big-endian length and
-//! that many raw bytes, read in 64 KiB pieces. The reader checks the length
-//! against its limit before reading or allocating anything.
+//! that many raw bytes. The reader checks the length against its limit
+//! before reading anything, and then allocates only as the bytes arrive (at
+//! most 64 KiB ahead of them): a peer that declares a large frame and sends
+//! nothing costs the reader nothing.
 
 use quinn::{RecvStream, SendStream};
 use serde::Serialize;
@@ -68,8 +70,7 @@ pub async fn read_frame_counted<T: DeserializeOwned>(
             max: max as u64,
         });
     }
-    let mut bytes = vec![0u8; len];
-    read_exact(recv, &mut bytes).await?;
+    let bytes = read_growing(recv, len).await?;
     let (msg, rest) =
         postcard::take_from_bytes(&bytes).map_err(|e| NetError::Malformed(e.to_string()))?;
     if !rest.is_empty() {
@@ -109,13 +110,18 @@ pub async fn read_blob(recv: &mut RecvStream, max: usize) -> Result<Vec<u8>, Net
             max: max as u64,
         });
     }
-    let len = len as usize;
+    read_growing(recv, len as usize).await
+}
+
+/// Reads exactly `len` bytes into a vector that grows as they arrive, one
+/// piece of at most [`CHUNK`] bytes at a time.
+async fn read_growing(recv: &mut RecvStream, len: usize) -> Result<Vec<u8>, NetError> {
     let mut out = Vec::with_capacity(len.min(CHUNK));
-    let mut piece = vec![0u8; CHUNK];
     while out.len() < len {
-        let n = (len - out.len()).min(CHUNK);
-        read_exact(recv, &mut piece[..n]).await?;
-        out.extend_from_slice(&piece[..n]);
+        let start = out.len();
+        let n = (len - start).min(CHUNK);
+        out.resize(start + n, 0);
+        read_exact(recv, &mut out[start..]).await?;
     }
     Ok(out)
 }

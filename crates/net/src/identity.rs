@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use crate::NetError;
+use crate::files::{Access, check_private, write_atomically};
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -154,6 +155,7 @@ impl ServerIdentity {
         };
         let cert =
             CertificateDer::from_pem_file(cert_path).map_err(|e| bad(cert_path, e.to_string()))?;
+        private(key_path)?;
         let key = PrivatePkcs8KeyDer::from_pem_file(key_path)
             .map_err(|e| bad(key_path, e.to_string()))?;
         Ok(ServerIdentity {
@@ -253,6 +255,7 @@ impl ClientIdentity {
 
     /// Reads an identity written by [`ClientIdentity::save`].
     pub fn load(path: &Path) -> Result<Self, NetError> {
+        private(path)?;
         let text =
             Zeroizing::new(
                 std::fs::read_to_string(path).map_err(|e| NetError::BadFile {
@@ -306,21 +309,23 @@ fn pem_block(label: &str, der: &[u8]) -> String {
 }
 
 fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), NetError> {
-    use std::io::Write;
-    let bad = |e: std::io::Error| NetError::BadFile {
+    let access = if secret {
+        Access::OwnerOnly
+    } else {
+        Access::Default
+    };
+    write_atomically(path, bytes, access).map_err(|e| NetError::BadFile {
         path: path.display().to_string(),
         reason: e.to_string(),
-    };
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    if secret {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let _ = secret;
-    let mut f = opts.open(path).map_err(bad)?;
-    f.write_all(bytes).map_err(bad)
+    })
+}
+
+/// Refuses a key file that others may read (see [`check_private`]).
+fn private(path: &Path) -> Result<(), NetError> {
+    check_private(path).map_err(|reason| NetError::BadFile {
+        path: path.display().to_string(),
+        reason,
+    })
 }
 
 /// The message a client signs to prove its key (protocols/federation.md §2.2).

@@ -17,6 +17,7 @@
 pub mod audit;
 pub mod auth;
 pub mod endpoint;
+pub mod files;
 pub mod frame;
 pub mod identity;
 mod tls;

@@ -46,6 +46,8 @@ fn limits() -> Limits {
         max_blob: 32 << 20,
         handshake_timeout: Duration::from_millis(1500),
         idle_timeout: Duration::from_secs(10),
+        max_handshakes: 64,
+        max_violations: 64,
     }
 }
 

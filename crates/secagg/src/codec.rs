@@ -184,8 +184,10 @@ impl FloatCodec {
         let mask = modulus_mask(self.bits);
         let factor = f64::from(w) * self.scale;
         let (lo, hi) = (-self.clip, self.clip);
-        let mut out = vec![0u32; self.encoded_len(x.len())];
-        let mut words = vec![0u32; 2 * COIN_CHUNK];
+        // The output is the client's secret input until it is masked; a
+        // failed encoding wipes what it wrote, and the coins are wiped too.
+        let mut out = Zeroizing::new(vec![0u32; self.encoded_len(x.len())]);
+        let mut words = Zeroizing::new(vec![0u32; 2 * COIN_CHUNK]);
         for (i, (chunk, dst)) in x
             .chunks(COIN_CHUNK)
             .zip(out.chunks_mut(COIN_CHUNK))
@@ -209,7 +211,7 @@ impl FloatCodec {
         if let (Some(_), Some(last)) = (self.max_weight, out.last_mut()) {
             *last = w;
         }
-        Ok(out)
+        Ok(std::mem::take(&mut *out))
     }
 
     /// Lifts a ring element to the signed integer in `[-2^(b-1), 2^(b-1))`.

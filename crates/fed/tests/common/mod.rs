@@ -12,10 +12,13 @@ use fedveil_fed::FedError;
 use fedveil_fed::client::{self, ClientSetup, ClientSummary, Fault};
 use fedveil_fed::config::{Plan, Policy, RunFile};
 use fedveil_fed::metrics::{ClientEvent, Event};
+use fedveil_fed::net::frame::{read_blob, read_frame, write_frame};
+use fedveil_fed::net::quinn;
 use fedveil_fed::net::{ClientIdentity, Limits, NetClient, ServerIdentity};
 use fedveil_fed::randomness::Randomness;
 use fedveil_fed::server::{Adversary, Server, ServerSetup, Summary};
 use fedveil_fed::synthetic::{SyntheticConfig, SyntheticEvaluator, SyntheticTrainer};
+use fedveil_fed::wire::{Down, MAX_UP_FRAME, RoundSpec, Up, VERSION};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
@@ -120,6 +123,18 @@ pub async fn start_server(
     randomness: Randomness,
     adversary: Option<Box<dyn Adversary>>,
 ) -> RunningServer {
+    start_server_with(cast, plan, listen, randomness, adversary, limits()).await
+}
+
+/// [`start_server`] with the server's transport limits.
+pub async fn start_server_with(
+    cast: &Cast,
+    plan: Plan,
+    listen: SocketAddr,
+    randomness: Randomness,
+    adversary: Option<Box<dyn Adversary>>,
+    limits: Limits,
+) -> RunningServer {
     logs();
     let (tx, events) = unbounded_channel();
     let population = cast.clients.len() as u32;
@@ -132,7 +147,7 @@ pub async fn start_server(
             identity: cast.server.clone(),
             allow: cast.clients.iter().map(ClientIdentity::public).collect(),
             listen,
-            limits: limits(),
+            limits: limits.clone(),
             evaluator: Box::new(SyntheticEvaluator::new(&cfg, population).unwrap()),
             randomness: randomness.clone(),
             events: Some(tx.clone()),
@@ -160,12 +175,26 @@ pub fn loopback() -> SocketAddr {
     (Ipv4Addr::LOCALHOST, 0).into()
 }
 
-/// Options for one client.
-#[derive(Default)]
+/// Options for one client (by default: no faults, a policy that trusts
+/// the test's own server, nothing recorded).
 pub struct ClientOptions {
     pub faults: Vec<Fault>,
     pub policy: Policy,
     pub record_inputs: bool,
+    pub adversary: Option<Box<dyn client::ClientAdversary>>,
+    pub ledger_dir: Option<std::path::PathBuf>,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            faults: Vec::new(),
+            policy: Policy::trusting(),
+            record_inputs: false,
+            adversary: None,
+            ledger_dir: None,
+        }
+    }
 }
 
 /// Starts client `i` (shard `i` of the synthetic task).
@@ -199,7 +228,8 @@ pub fn start_client(
         faults: options.faults,
         bundle_cache: None,
         max_bundle_bytes: fedveil_fed::client::MAX_BUNDLE_BYTES,
-        adversary: None,
+        adversary: options.adversary,
+        ledger_dir: options.ledger_dir,
     };
     tokio::spawn(client::run(setup))
 }
@@ -253,4 +283,78 @@ pub fn scratch(name: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("fedveil-fed-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
+}
+
+/// An authenticated client that speaks the protocol by hand.
+pub struct Rogue {
+    pub conn: quinn::Connection,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+}
+
+impl Rogue {
+    pub async fn connect(addr: std::net::SocketAddr, cast: &Cast, i: usize) -> Rogue {
+        let endpoint = NetClient::new(addr, cast.server.fingerprint(), limits()).unwrap();
+        let conn = endpoint
+            .connect(addr, NAME, &cast.identity(i))
+            .await
+            .unwrap()
+            .connection;
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        write_frame(&mut send, &Up::Hello { version: VERSION }, 1024)
+            .await
+            .unwrap();
+        let welcome: Down = read_frame(&mut recv, 1 << 20).await.unwrap();
+        assert!(matches!(welcome, Down::Welcome { .. }), "{welcome:?}");
+        Rogue { conn, send, recv }
+    }
+
+    /// The next message, with a round's parameters.
+    pub async fn next(&mut self) -> (Down, Vec<u8>) {
+        let d: Down = tokio::time::timeout(
+            Duration::from_secs(30),
+            read_frame(&mut self.recv, 16 << 20),
+        )
+        .await
+        .expect("a message within 30 s")
+        .expect("a message");
+        let blob = match &d {
+            Down::Round(spec) => read_blob(&mut self.recv, spec.dim as usize * 4)
+                .await
+                .unwrap(),
+            _ => Vec::new(),
+        };
+        (d, blob)
+    }
+
+    pub async fn next_round(&mut self) -> (RoundSpec, Vec<u8>) {
+        loop {
+            if let (Down::Round(spec), blob) = self.next().await {
+                return (*spec, blob);
+            }
+        }
+    }
+
+    pub async fn next_rejection(&mut self) -> String {
+        loop {
+            if let (Down::Rejected { reason }, _) = self.next().await {
+                return reason;
+            }
+        }
+    }
+
+    pub async fn up(&mut self, up: &Up) {
+        write_frame(&mut self.send, up, MAX_UP_FRAME).await.unwrap();
+    }
+
+    /// Waits for the server to close the connection; returns its reason.
+    pub async fn closed(&self) -> String {
+        match tokio::time::timeout(Duration::from_secs(10), self.conn.closed()).await {
+            Ok(quinn::ConnectionError::ApplicationClosed(c)) => {
+                String::from_utf8_lossy(&c.reason).into_owned()
+            }
+            Ok(other) => panic!("closed otherwise: {other}"),
+            Err(_) => panic!("the server did not close the connection"),
+        }
+    }
 }
