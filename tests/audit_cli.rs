@@ -103,8 +103,10 @@ fn every_claim_holds_over_quic() {
 
 #[test]
 fn a_broken_mechanism_fails_the_audit_loudly() {
+    // A pinned seed: this test is about the broken mechanism, and the
+    // other claims' statistical tests must not make it flaky.
     for what in ["noise", "clip"] {
-        let (code, report, err) = audit(&["--break", what]);
+        let (code, report, err) = audit(&["--seed", "7", "--break", what]);
         assert_eq!(code, 1, "--break {what}: {report:#}");
         assert!(err.contains("claims failed"), "{err}");
         let failed: Vec<&str> = report["claims"]
