@@ -1,0 +1,72 @@
+//! fedveil's attacks on its own promises. Each audit claim lives beside
+//! the attack that tests it and the control that shows the measurement can
+//! see a failure; everything here goes through the other crates' public
+//! APIs, over real loopback QUIC where the promise involves the network.
+//!
+//! This crate holds the claims added for issue 17 ([`hardening`]); the
+//! protocol, transcript and DP claims still live in the crates they attack
+//! (`fedveil_secagg::audit`, `fedveil_fed::audit`, `fedveil_dp::audit`) and
+//! move here with issue 18.
+
+pub mod hardening;
+pub mod harness;
+
+use serde::Serialize;
+
+/// Why an attack could not be run at all (a failure of the audit's run,
+/// not of a claim).
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error(transparent)]
+    Fed(#[from] fedveil_fed::FedError),
+    #[error(transparent)]
+    Dp(#[from] fedveil_fed::dp::DpError),
+    #[error(transparent)]
+    Net(#[from] fedveil_fed::net::NetError),
+    #[error("{0}")]
+    Harness(String),
+}
+
+pub type Result<T> = std::result::Result<T, AuditError>;
+
+/// One claim of `fedveil audit`'s report (docs/audit.md; the JSON keys are
+/// the report's contract).
+#[derive(Clone, Debug, Serialize)]
+pub struct Claim {
+    /// A short stable name.
+    pub id: String,
+    /// Where the promise is made (a section of protocols/ or SECURITY.md).
+    pub section: String,
+    pub claim: String,
+    pub attack: String,
+    /// The attack failed and the control showed that the measurement sees
+    /// a success.
+    pub held: bool,
+    pub evidence: String,
+    /// The measurements behind the evidence, the control's included.
+    pub details: serde_json::Value,
+}
+
+impl Claim {
+    pub fn new(
+        id: impl Into<String>,
+        section: impl Into<String>,
+        claim: impl Into<String>,
+        attack: impl Into<String>,
+        held: bool,
+        evidence: String,
+        details: &impl Serialize,
+    ) -> Result<Claim> {
+        let id = id.into();
+        Ok(Claim {
+            details: serde_json::to_value(details)
+                .map_err(|e| AuditError::Harness(format!("serialising {id}'s details: {e}")))?,
+            id,
+            section: section.into(),
+            claim: claim.into(),
+            attack: attack.into(),
+            held,
+            evidence,
+        })
+    }
+}
