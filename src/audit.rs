@@ -1,13 +1,13 @@
 //! `fedveil audit`: real attacks on the real protocol and mechanism code,
 //! claim by claim (docs/audit.md). The attacks live in the crates
-//! (`fedveil_audit`, and still `fedveil_secagg::audit`, `fedveil_fed::audit`
+//! (`fedveil_audit`, and still `fedveil_secagg::audit`, `fedveil_net::audit`
 //! and `fedveil_dp::audit`); this file runs them and prints the report.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use fedveil_fed::audit::ClientAttackKind;
+use fedveil_audit::quic::ClientAttackKind;
 use fedveil_fed::dp::audit::{AuditConfig, AuditResult, Broken, audit_round};
 use fedveil_fed::dp::mechanism::{NoiseConfig, Placement};
 use fedveil_fed::secagg::audit::{self as attacks, ServerAttackKind};
@@ -152,7 +152,7 @@ struct Harness<'a> {
 impl Harness<'_> {
     fn server_attack(&self, kind: ServerAttackKind, i: u64) -> anyhow::Result<attacks::Finding> {
         Ok(match self.quic {
-            Some(rt) => rt.block_on(fedveil_fed::audit::server_attack(kind))?,
+            Some(rt) => rt.block_on(fedveil_audit::quic::server_attack(kind))?,
             None => attacks::run_server_attack(kind, self.seed.wrapping_add(i))?,
         })
     }
@@ -167,7 +167,10 @@ impl Harness<'_> {
                     .into_iter()
                     .find(|k| k.name() == *name)
                     .context("no such client attack over QUIC")?;
-                (*name, rt.block_on(fedveil_fed::audit::client_attack(kind))?)
+                (
+                    *name,
+                    rt.block_on(fedveil_audit::quic::client_attack(kind))?,
+                )
             }
             None => (*name, attack(self.seed.wrapping_add(100 + i as u64))?),
         })
@@ -363,7 +366,7 @@ fn hardening(runtime: &tokio::runtime::Runtime, claims: &mut Vec<Entry>) -> anyh
 fn transcript(h: &Harness, sessions: usize, claims: &mut Vec<Entry>) -> anyhow::Result<()> {
     let (t, inputs) = match h.quic {
         Some(rt) => (
-            rt.block_on(fedveil_fed::audit::transcript(sessions))
+            rt.block_on(fedveil_audit::quic::transcript(sessions))
                 .context("the transcript test")?,
             "client 1 sends +0.5 and client 2 −0.5 on every coordinate, then both 0, in two \
              federations over loopback QUIC, one round per session",

@@ -3,13 +3,16 @@
 //! see a failure; everything here goes through the other crates' public
 //! APIs, over real loopback QUIC where the promise involves the network.
 //!
-//! This crate holds the claims added for issue 17 ([`hardening`]); the
-//! protocol, transcript and DP claims still live in the crates they attack
-//! (`fedveil_secagg::audit`, `fedveil_fed::audit`, `fedveil_dp::audit`) and
-//! move here with issue 18.
+//! This crate holds the claims added for issue 17 ([`hardening`]) and the
+//! protocol attacks played over QUIC by the federation's own server and
+//! clients ([`quic`]); the in-memory protocol attacks, the transport's and
+//! the DP audit still live in the crates they attack
+//! (`fedveil_secagg::audit`, `fedveil_net::audit`, `fedveil_dp::audit`) and
+//! move here with the rest of issue 18.
 
 pub mod hardening;
 pub mod harness;
+pub mod quic;
 
 use serde::Serialize;
 

@@ -28,7 +28,6 @@
 #![forbid(unsafe_code)]
 #![deny(missing_debug_implementations)]
 
-pub mod audit;
 pub mod checkpoint;
 pub mod client;
 pub mod config;

@@ -8,7 +8,7 @@
 //! clients through a [`Link`], so the same code attacks the real client
 //! state machines in memory ([`run_server_attack`]: ten clients, k = 6
 //! neighbours, threshold t = 4, 64 coordinates in `Z_{2^32}`) and the real
-//! federation clients over QUIC (`fedveil_fed::audit`, which hands the
+//! federation clients over QUIC (`fedveil_audit::quic`, which hands the
 //! attack the fed server's session). Afterwards the server does its best:
 //! it reconstructs whatever secrets the shares it obtained allow (checked
 //! against the target's commitment and advertised key, exactly as a real

@@ -5,7 +5,7 @@
 //! clients are rejected while the honest ones finish, and the server's view
 //! depends on the inputs only through their sum.
 
-use fedveil_fed::audit::{self, ClientAttackKind};
+use fedveil_audit::quic::{self as audit, ClientAttackKind};
 use fedveil_fed::secagg::audit::ServerAttackKind;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,11 +1,11 @@
 //! `fedveil audit --quic`: the protocol attacks of
-//! [`fedveil_secagg::audit`], played over real QUIC on loopback by the
+//! [`fedveil_fed::secagg::audit`], played over real QUIC on loopback by the
 //! federation server against the federation's clients (and by malicious
 //! federation clients against the server).
 //!
 //! Each case runs a federation of ten clients (k = 6 neighbours, threshold
 //! t = 4, `Z_{2^32}`, the synthetic task with 64 coordinates) with
-//! [`crate::server::Server`] and [`crate::client::run`], every message
+//! [`fedveil_fed::server::Server`] and [`fedveil_fed::client::run`], every message
 //! through the wire encoding, TLS and the connection tasks:
 //!
 //! - a malicious server runs the honest protocol up to the attack's stage,
@@ -24,27 +24,27 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use fedveil_net::{ClientIdentity, Limits, ServerIdentity};
-use fedveil_secagg::audit::{
+use fedveil_fed::net::{ClientIdentity, Limits, ServerIdentity};
+use fedveil_fed::secagg::audit::{
     self as attacks, ATTACKER, ClientFinding, Finding, Link, ServerAttack, ServerAttackKind,
     TARGET, TranscriptFinding, View,
 };
-use fedveil_secagg::crypto::identity::SignatureBytes;
-use fedveil_secagg::messages::{ClientMessage, ConsistencySignature, ServerMessage};
-use fedveil_secagg::ring::PackedVec;
-use fedveil_secagg::{ClientId, SessionId, Stage};
+use fedveil_fed::secagg::crypto::identity::SignatureBytes;
+use fedveil_fed::secagg::messages::{ClientMessage, ConsistencySignature, ServerMessage};
+use fedveil_fed::secagg::ring::PackedVec;
+use fedveil_fed::secagg::{ClientId, SessionId, Stage};
 use rand_core::OsRng;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-use crate::FedError;
-use crate::client::{self, ClientAdversary, ClientSetup, ClientSummary};
-use crate::config::{Plan, Policy, RunFile};
-use crate::metrics::{ClientEvent, Event};
-use crate::randomness::Randomness;
-use crate::server::{Adversary, Server, ServerSetup, Summary};
-use crate::synthetic::{SyntheticConfig, SyntheticEvaluator, SyntheticTrainer};
-use crate::trainer::{LocalUpdate, TrainError, Trainer, TrainingConfig};
-use crate::wire::{self, RoundSpec};
+use fedveil_fed::FedError;
+use fedveil_fed::client::{self, ClientAdversary, ClientSetup, ClientSummary};
+use fedveil_fed::config::{Plan, Policy, RunFile};
+use fedveil_fed::metrics::{ClientEvent, Event};
+use fedveil_fed::randomness::Randomness;
+use fedveil_fed::server::{Adversary, Server, ServerSetup, Summary};
+use fedveil_fed::synthetic::{SyntheticConfig, SyntheticEvaluator, SyntheticTrainer};
+use fedveil_fed::trainer::{LocalUpdate, TrainError, Trainer, TrainingConfig};
+use fedveil_fed::wire::{self, RoundSpec};
 
 /// Clients of every audited federation.
 pub const CLIENTS: usize = attacks::CLIENTS as usize;
