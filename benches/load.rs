@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use fedveil_fed::local::{Swarm, spawn_swarm};
 use fedveil_fed::net::{ClientIdentity, Limits, ServerIdentity};
 use fedveil_fed::randomness::Randomness;
-use fedveil_fed::synthetic::{SyntheticConfig, SyntheticTrainer};
 use fedveil_fed::trainer::Trainer;
+use fedveil_task::synthetic::{SyntheticConfig, SyntheticTrainer};
 use rand_core::OsRng;
 
 #[global_allocator]

@@ -21,8 +21,8 @@ use fedveil_fed::local::{LocalRun, run};
 use fedveil_fed::metrics::Event;
 use fedveil_fed::net::Limits;
 use fedveil_fed::randomness::Randomness;
-use fedveil_fed::synthetic::{SyntheticConfig, SyntheticEvaluator, SyntheticTrainer};
 use fedveil_fed::trainer::Trainer;
+use fedveil_task::synthetic::{SyntheticConfig, SyntheticEvaluator, SyntheticTrainer};
 
 // As the fedveil binary does (src/tuning.rs).
 #[global_allocator]

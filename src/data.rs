@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args as ClapArgs, Subcommand, ValueEnum};
 use fedveil_data::{Record, Splitter};
 
-use crate::datasets;
+use fedveil_task::datasets;
 
 #[derive(ClapArgs)]
 pub struct Args {

@@ -69,6 +69,28 @@ pub fn phase(bars: &MultiProgress, len: u64, what: &str) -> ProgressBar {
     bar
 }
 
+/// A task's long preparations drawn as bars: one per phase, added on its
+/// first step and cleared after its last.
+pub fn task_progress(bars: &MultiProgress) -> impl FnMut(fedveil_task::Progress<'_>) + '_ {
+    let mut current: Option<(String, ProgressBar)> = None;
+    move |p| {
+        if current.as_ref().is_none_or(|(name, _)| name != p.phase) {
+            if let Some((_, bar)) = current.take() {
+                bar.finish_and_clear();
+            }
+            current = Some((p.phase.to_string(), phase(bars, p.total, p.phase)));
+        }
+        if let Some((_, bar)) = &current {
+            bar.set_position(p.done);
+            bar.set_message(p.message.to_string());
+            if p.done >= p.total {
+                bar.finish_and_clear();
+                current = None;
+            }
+        }
+    }
+}
+
 fn stage_name(stage: Stage) -> &'static str {
     match stage {
         Stage::AdvertiseKeys => "local training",

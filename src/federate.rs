@@ -16,10 +16,10 @@ use fedveil_fed::metrics::{ClientEvent, Event};
 use fedveil_fed::net::{ClientIdentity, Fingerprint, Limits, ServerIdentity, load_allow_list};
 use fedveil_fed::randomness::Randomness;
 use fedveil_fed::server::{Server, ServerSetup, Summary};
+use fedveil_task::TaskConfig;
 use tokio::sync::mpsc::unbounded_channel;
 
 use crate::display;
-use crate::task;
 
 /// A failure while the federation ran (exit status 1), as opposed to a
 /// configuration or usage error found before it started (exit status 2).
@@ -152,13 +152,8 @@ pub fn server(args: &ServerArgs) -> anyhow::Result<ExitCode> {
     let population = u32::try_from(allow.len()).context("the allow-list is too long")?;
     let plan = file.plan();
     plan.resolve(population, 1)?;
-    let evaluator = task::evaluator(
-        &bars,
-        &file.task,
-        file.offsite.as_ref(),
-        population,
-        &args.config,
-    )?;
+    let task = TaskConfig::parse(&file.task, file.offsite.as_ref(), &args.config)?;
+    let evaluator = task.evaluator(population, &mut display::task_progress(&bars))?;
     let rounds = plan.federation.rounds;
     let metrics = plan.federation.metrics.clone();
     let fingerprint = identity.fingerprint();
@@ -226,7 +221,7 @@ pub fn client(args: &ClientArgs) -> anyhow::Result<ExitCode> {
             .join("privacy-ledger")
     });
     let pin: Fingerprint = file.pin()?;
-    let trainer = task::client_trainer(&file.task, &args.config)?;
+    let trainer = TaskConfig::parse(&file.task, None, &args.config)?.client_trainer()?;
     let bundle_cache = match &file.client.bundle_cache {
         Some(dir) => Some(dir.clone()),
         None => fedveil_model::fetch::cache_dir()
@@ -328,8 +323,8 @@ pub fn run_local(
     // The plan's own rules first: the task may take minutes to build (a
     // model to fetch, an emulator to distil).
     plan.resolve(clients, 1)?;
-    let (evaluator, trainers) =
-        task::local(&bars, &file.task, file.offsite.as_ref(), clients, base)?;
+    let task = TaskConfig::parse(&file.task, file.offsite.as_ref(), base)?;
+    let (evaluator, trainers) = task.local(clients, &mut display::task_progress(&bars))?;
     // Every check that needs no socket, before any is opened.
     plan.resolve(clients, evaluator.dim())?;
     if fresh {

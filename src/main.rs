@@ -3,17 +3,14 @@
 
 mod audit;
 mod data;
-mod datasets;
 mod display;
 mod federate;
 mod keygen;
-mod llm;
 mod model;
 mod privacy;
 mod quickstart;
 mod simulate;
 mod sweep;
-mod task;
 mod tuning;
 
 use std::process::ExitCode;

@@ -42,9 +42,9 @@ use fedveil_fed::config::{Plan, Policy, RunFile};
 use fedveil_fed::metrics::{ClientEvent, Event};
 use fedveil_fed::randomness::Randomness;
 use fedveil_fed::server::{Adversary, Server, ServerSetup, Summary};
-use fedveil_fed::synthetic::{SyntheticConfig, SyntheticEvaluator, SyntheticTrainer};
 use fedveil_fed::trainer::{LocalUpdate, TrainError, Trainer, TrainingConfig};
 use fedveil_fed::wire::{self, RoundSpec};
+use fedveil_task::synthetic::{SyntheticConfig, SyntheticEvaluator, SyntheticTrainer};
 
 /// Clients of every audited federation.
 pub const CLIENTS: usize = attacks::CLIENTS as usize;

@@ -1230,18 +1230,6 @@ impl ClientFile {
     }
 }
 
-/// The `kind` of a `[task]` table.
-pub fn task_kind(task: &toml::Table) -> Result<&str, FedError> {
-    match task.get("kind") {
-        Some(toml::Value::String(s)) => Ok(s),
-        Some(_) => Err(FedError::config("task.kind", "must be a string")),
-        None => Err(FedError::config(
-            "task.kind",
-            "is required (e.g. kind = \"synthetic\")",
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,6 @@
 //! - [`config`]: TOML configuration and its validation;
 //! - [`wire`]: the federation messages and the model-hash commitment (§3);
 //! - [`trainer`]: the `Trainer` and `Evaluator` traits;
-//! - [`synthetic`]: the synthetic task;
 //! - [`encoding`]: turning updates into ring vectors and sums back into means;
 //! - [`optimizer`]: FedAvg, FedAdam and FedYogi;
 //! - [`ledger`]: the privacy ledger and budget;
@@ -38,7 +37,6 @@ pub mod metrics;
 pub mod optimizer;
 pub mod randomness;
 pub mod server;
-pub mod synthetic;
 pub mod trainer;
 pub mod wire;
 
@@ -80,7 +78,7 @@ pub enum FedError {
 }
 
 impl FedError {
-    pub(crate) fn config(path: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub fn config(path: impl Into<String>, reason: impl Into<String>) -> Self {
         FedError::Config {
             path: path.into(),
             reason: reason.into(),

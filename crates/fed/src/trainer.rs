@@ -4,8 +4,8 @@
 //! training configuration and returns a flat `f32` update (local minus
 //! global) with its sample count. The server's [`Evaluator`] supplies the
 //! initial parameters and scores the global parameters after each round.
-//! The runtime never looks inside either; the synthetic task
-//! ([`crate::synthetic`]) and the language-model trainer implement them.
+//! The runtime never looks inside either; `fedveil-task`'s synthetic and
+//! language-model tasks implement them.
 
 use std::collections::BTreeMap;
 

@@ -16,11 +16,11 @@ use fedveil_fed::net::frame::{read_frame, write_frame};
 use fedveil_fed::net::{ClientIdentity, NetClient};
 use fedveil_fed::secagg::Stage;
 use fedveil_fed::server::{Server, ServerSetup};
-use fedveil_fed::synthetic::{SyntheticConfig, SyntheticEvaluator, SyntheticTrainer};
 use fedveil_fed::trainer::{
     Evaluation, Evaluator, LocalUpdate, TrainError, Trainer, TrainingConfig,
 };
 use fedveil_fed::wire::{self, Down, Up, VERSION};
+use fedveil_task::synthetic::{SyntheticConfig, SyntheticEvaluator, SyntheticTrainer};
 use tokio::sync::mpsc::unbounded_channel;
 
 /// Three chunks and a bit: more than one 64 KiB blob read.

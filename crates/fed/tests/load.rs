@@ -8,8 +8,8 @@ use common::*;
 use fedveil_fed::local::{LocalRun, run};
 use fedveil_fed::metrics::Event;
 use fedveil_fed::randomness::Randomness;
-use fedveil_fed::synthetic::{SyntheticConfig, SyntheticEvaluator, SyntheticTrainer};
 use fedveil_fed::trainer::Trainer;
+use fedveil_task::synthetic::{SyntheticConfig, SyntheticEvaluator, SyntheticTrainer};
 
 const CLIENTS: u32 = 200;
 

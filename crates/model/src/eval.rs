@@ -613,7 +613,7 @@ pub fn network_isolation() -> Option<&'static [&'static str]> {
 fn tempdir() -> Result<PathBuf> {
     let mut bytes = [0u8; 12];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
-    let name: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let name = crate::files::hex(&bytes);
     let dir = std::env::temp_dir().join(format!("fedveil-sandbox-{name}"));
     std::fs::create_dir(&dir).map_err(|e| ModelError::file(&dir, e))?;
     Ok(dir)

@@ -239,11 +239,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(crate::files::hex(&hasher.finalize()))
 }
 
 #[cfg(test)]
@@ -271,10 +267,7 @@ mod tests {
         let member_sha = {
             let mut h = Sha256::new();
             h.update(b"weights");
-            h.finalize()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
+            crate::files::hex(&h.finalize())
         };
         let pinned = Pinned {
             package: "pkg",

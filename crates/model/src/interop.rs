@@ -18,6 +18,7 @@ use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 use serde_json::{Value, json};
 
+use crate::files::write_atomically;
 use crate::model::Llama;
 use crate::peft::{Adapter, LoraConfig, PeftConfig, lora_targets};
 use crate::{ModelError, Result};
@@ -94,7 +95,7 @@ fn peft_lora_config(c: &LoraConfig, base_model: &str) -> Result<Value> {
 /// must be there with the right shape, and nothing else.
 pub fn load_adapter(dir: &Path, model: &Llama) -> Result<Adapter> {
     let config_path = dir.join(CONFIG_FILE);
-    let config = crate::load::read_json(&config_path)?;
+    let config = crate::files::read_json(&config_path)?;
     let peft = parse_config(&config).map_err(|why| ModelError::file(&config_path, why))?;
     // The initial values are all overwritten below.
     let mut rng = ChaCha20Rng::from_seed([0; 32]);
@@ -227,12 +228,4 @@ fn parse_config(config: &Value) -> Result<PeftConfig, String> {
 fn layer_index(v: Option<u64>) -> Result<usize, String> {
     v.and_then(|v| usize::try_from(v).ok())
         .ok_or_else(|| "layers_to_transform holds something other than a layer index".into())
-}
-
-/// Writes through a temporary file and a rename, so a reader never sees a
-/// half-written file.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| ModelError::file(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| ModelError::file(path, e))
 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod eval;
 pub mod federated;
 pub mod fetch;
+mod files;
 mod fused;
 pub mod generate;
 pub mod interop;

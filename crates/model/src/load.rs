@@ -14,10 +14,6 @@ use crate::config::LlamaConfig;
 use crate::model::{Layer, Linear, Llama, Module, Weights};
 use crate::{ModelError, Result};
 
-/// The largest `config.json` or index read (weights are not bounded here:
-/// their sizes come from the config, checked shape by shape).
-const MAX_JSON_BYTES: u64 = 16 << 20;
-
 /// A model with the tokenizer that goes with it.
 #[derive(Clone, Debug)]
 pub struct Loaded {
@@ -25,6 +21,31 @@ pub struct Loaded {
     pub tokenizer: Tokenizer,
     /// Where it came from, for messages and adapter configs.
     pub source: String,
+}
+
+/// The name of the default model, [`crate::fetch::SMOLLM2_135M`].
+pub const DEFAULT_MODEL: &str = "smollm2";
+
+/// A task's model: `spec` is a GGUF file or a Hugging Face directory, or
+/// [`DEFAULT_MODEL`] (also what `None` means), fetched once into fedveil's
+/// cache ([`crate::fetch::cache_dir`]). It is loaded onto `device` in the
+/// dtype the device computes in ([`crate::compute_dtype`]). `progress`
+/// hears about a fetch.
+pub fn load_model(
+    spec: Option<&str>,
+    device: &Device,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Loaded> {
+    let path = match spec {
+        None | Some(DEFAULT_MODEL) => {
+            let cache = crate::fetch::cache_dir()?;
+            crate::fetch::ensure(&crate::fetch::SMOLLM2_135M, &cache, progress)?
+        }
+        Some(p) => PathBuf::from(p),
+    };
+    let mut loaded = load(&path, device)?;
+    loaded.model = loaded.model.to_dtype(crate::compute_dtype(device))?;
+    Ok(loaded)
 }
 
 /// Loads a GGUF file, or a Hugging Face model directory, onto `device`.
@@ -43,23 +64,10 @@ pub fn load(path: &Path, device: &Device) -> Result<Loaded> {
     }
 }
 
-/// A JSON file of at most `MAX_JSON_BYTES`, size checked before reading.
-pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let meta = std::fs::metadata(path).map_err(|e| ModelError::file(path, e))?;
-    if meta.len() > MAX_JSON_BYTES {
-        return Err(ModelError::file(
-            path,
-            format!("{} bytes is too large", meta.len()),
-        ));
-    }
-    let text = std::fs::read_to_string(path).map_err(|e| ModelError::file(path, e))?;
-    serde_json::from_str(&text).map_err(|e| ModelError::file(path, format!("not valid JSON: {e}")))
-}
-
 /// A Hugging Face `LlamaForCausalLM` or `Qwen2ForCausalLM` directory.
 pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<Loaded> {
     let config_path = dir.join("config.json");
-    let json = read_json(&config_path)?;
+    let json = crate::files::read_json(&config_path)?;
     let model_type = json
         .get("model_type")
         .and_then(|v| v.as_str())
@@ -200,7 +208,7 @@ pub fn save_hf_dir(loaded: &Loaded, dir: &Path) -> Result<()> {
     }
     .into();
     config["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
-    crate::interop::write_atomically(&dir.join("config.json"), config.to_string().as_bytes())?;
+    crate::files::write_atomically(&dir.join("config.json"), config.to_string().as_bytes())?;
     let tensors: HashMap<String, Tensor> = weights_to_map(model.weights())
         .into_iter()
         .map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?.contiguous()?)))
@@ -222,7 +230,7 @@ fn read_safetensors(dir: &Path, device: &Device) -> Result<HashMap<String, Tenso
     let files: Vec<PathBuf> = if single.exists() {
         vec![single]
     } else if index.exists() {
-        let json = read_json(&index)?;
+        let json = crate::files::read_json(&index)?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())

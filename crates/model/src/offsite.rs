@@ -526,6 +526,70 @@ pub fn distill(
     ))
 }
 
+/// [`distill`], once per teacher, layout, settings and training data: the
+/// result is kept in the directory `cache` under a SHA-256 of all four
+/// (the weights' digests, the layout, `config` and the encoded `train`
+/// examples) and read from there on later calls, so a server that restarts
+/// does not distil again. The report is `None` when the emulator came from
+/// the cache. A cache entry that does not read back, or holds another
+/// layout, is distilled afresh and replaced; failing to write the cache
+/// only warns.
+#[allow(clippy::too_many_arguments)]
+pub fn distill_cached(
+    cache: &std::path::Path,
+    full: &Llama,
+    emulator: &Llama,
+    layout: &Layout,
+    data: DistillData,
+    config: &DistillConfig,
+    source: &str,
+    rng: &mut dyn RngCore,
+    progress: &mut dyn FnMut(usize, f64),
+) -> Result<(Llama, Option<DistillReport>)> {
+    let mut key = Sha256::new();
+    key.update(b"fedveil/offsite/distill/v2\0");
+    for (name, digest) in weight_digests(full)? {
+        key.update(name.as_bytes());
+        key.update(digest);
+    }
+    let json = |e: serde_json::Error| ModelError::Input(format!("the distillation key: {e}"));
+    key.update(serde_json::to_vec(layout).map_err(json)?);
+    key.update(serde_json::to_vec(config).map_err(json)?);
+    for e in data.train {
+        key.update((e.prompt_len as u64).to_le_bytes());
+        key.update((e.ids.len() as u64).to_le_bytes());
+        for id in &e.ids {
+            key.update(id.to_le_bytes());
+        }
+    }
+    let path = cache.join(format!("{}.bundle", crate::files::hex(&key.finalize())));
+    if let Ok(bytes) = std::fs::read(&path) {
+        match Bundle::from_bytes(&bytes, full.device()) {
+            Ok(b) if b.layout == *layout => {
+                let model = b.model.to_dtype(emulator.dtype())?;
+                return Ok((model, None));
+            }
+            _ => tracing::warn!("ignoring an unreadable cached emulator {}", path.display()),
+        }
+    }
+    let (model, report) = distill(full, emulator, layout, data, config, rng, progress)?;
+    let bytes = Bundle {
+        model: model.clone(),
+        tokenizer: None,
+        layout: layout.clone(),
+        adapter: PeftConfig::Lora(LoraConfig::default()),
+        source: source.to_string(),
+    }
+    .to_bytes()?;
+    if let Err(e) = std::fs::create_dir_all(cache)
+        .map_err(|e| ModelError::file(cache, e))
+        .and_then(|()| crate::files::write_atomically(&path, &bytes))
+    {
+        tracing::warn!("could not cache the distilled emulator: {e}");
+    }
+    Ok((model, Some(report)))
+}
+
 // ------------------------------------------------------------ the bundle
 
 /// What a client receives once: the emulator model (with the adapter

@@ -302,3 +302,62 @@ fn distillation_lowers_the_emulators_gap_to_the_full_model() {
         }
     }
 }
+
+#[test]
+fn a_cached_distillation_runs_once_per_teacher_layout_settings_and_data() {
+    let (loaded, layout) = setup();
+    let emulator = offsite::emulator(&loaded.model, &layout).unwrap();
+    let train = text(8, 32, 8);
+    let held_out = text(4, 32, 9);
+    let config = DistillConfig {
+        steps: 3,
+        batch_size: 4,
+        max_len: 32,
+        ..DistillConfig::default()
+    };
+    let cache = std::env::temp_dir().join(format!("fedveil-distill-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let run = |train: &[_], steps: &mut usize| {
+        offsite::distill_cached(
+            &cache,
+            &loaded.model,
+            &emulator,
+            &layout,
+            DistillData {
+                train,
+                held_out: &held_out,
+            },
+            &config,
+            "tiny",
+            &mut rng(11),
+            &mut |_, _| *steps += 1,
+        )
+        .unwrap()
+    };
+    let mut steps = 0;
+    let (first, report) = run(&train, &mut steps);
+    assert_eq!((steps, report.map(|r| r.steps)), (3, Some(3)));
+    let digests = weight_digests(&first).unwrap();
+    // The same inputs: read back, not distilled again, the same weights.
+    let (second, report) = run(&train, &mut steps);
+    assert_eq!((steps, report.is_none()), (3, true));
+    assert_eq!(weight_digests(&second).unwrap(), digests);
+    // Other data: distilled afresh, into a second entry.
+    let (_, report) = run(&train[..6], &mut steps);
+    assert_eq!((steps, report.is_some()), (6, true));
+    let mut entries: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    // A damaged entry is distilled again and replaced, never trusted.
+    entries.sort();
+    for e in &entries {
+        std::fs::write(e, b"not a bundle").unwrap();
+    }
+    let (_, report) = run(&train, &mut steps);
+    assert_eq!((steps, report.is_some()), (9, true));
+    let (_, report) = run(&train, &mut steps);
+    assert!(report.is_none(), "the replaced entry reads back");
+    let _ = std::fs::remove_dir_all(&cache);
+}

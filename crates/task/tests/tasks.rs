@@ -1,0 +1,291 @@
+//! The tasks called directly, as the binary calls them but without it:
+//! configs are parsed once into a `TaskConfig`, which builds the server's
+//! evaluator and the clients' trainers; a tiny random llama and data the
+//! test writes itself stand in for a real model (no downloads).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use fedveil_data::Record;
+use fedveil_fed::FedError;
+use fedveil_fed::trainer::TrainingConfig;
+use fedveil_task::TaskConfig;
+use rand_chacha::ChaCha20Rng;
+use rand_core::SeedableRng;
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("fedveil-task-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A tiny llama (four layers, byte tokenizer) at `dir/model`.
+fn tiny_model(dir: &Path) -> PathBuf {
+    let loaded =
+        fedveil_model::tiny::tiny_model(4, &Device::Cpu, &mut ChaCha20Rng::from_seed([3; 32]))
+            .unwrap();
+    let path = dir.join("model");
+    fedveil_model::load::save_hf_dir(&loaded, &path).unwrap();
+    path
+}
+
+/// Question/answer records whose answer is a fixed word per category.
+fn records(n: usize) -> Vec<Record> {
+    const WORDS: [&str; 4] = ["red", "green", "blue", "amber"];
+    (0..n)
+        .map(|i| {
+            let c = i % WORDS.len();
+            Record {
+                instruction: format!("colour of item {c}?"),
+                input: String::new(),
+                output: WORDS[c].into(),
+                category: format!("c{c}"),
+                test: String::new(),
+            }
+        })
+        .collect()
+}
+
+fn table(text: &str) -> toml::Table {
+    text.parse().unwrap()
+}
+
+fn parse(task: &str, offsite: Option<&str>, base: &Path) -> Result<TaskConfig, FedError> {
+    let offsite = offsite.map(table);
+    TaskConfig::parse(&table(task), offsite.as_ref(), &base.join("run.toml"))
+}
+
+fn config_path(e: FedError) -> (String, String) {
+    match e {
+        FedError::Config { path, reason } => (path, reason),
+        other => panic!("expected a config error, got {other}"),
+    }
+}
+
+#[test]
+fn the_synthetic_tasks_trainer_moves_the_evaluators_loss_down() {
+    let dir = scratch("synthetic");
+    let task = parse("kind = \"synthetic\"\ndim = 6\nseed = 2", None, &dir).unwrap();
+    assert_eq!(task.kind(), "synthetic");
+    let (mut evaluator, trainers) = task.local(3, &mut |_| {}).unwrap();
+    let global = evaluator.initial_params().unwrap();
+    assert_eq!(global.len(), 6);
+    let before = evaluator.evaluate(&global).unwrap().loss;
+    let mut trainer = trainers(1).unwrap();
+    assert_eq!(trainer.dim(), 6);
+    let config = TrainingConfig::default();
+    let update = trainer
+        .train(&global, &config, &mut ChaCha20Rng::from_seed([1; 32]))
+        .unwrap();
+    let moved: Vec<f32> = global
+        .iter()
+        .zip(&update.delta)
+        .map(|(g, d)| g + d)
+        .collect();
+    let after = evaluator.evaluate(&moved).unwrap().loss;
+    assert!(after < before, "loss {before} -> {after}");
+    // A client needs its shard, a server must not name one.
+    let client = parse("kind = \"synthetic\"", None, &dir).unwrap();
+    let (path, _) = config_path(client.client_trainer().err().unwrap());
+    assert_eq!(path, "task.shard");
+    let server = parse("kind = \"synthetic\"\nshard = 1", None, &dir).unwrap();
+    let (path, _) = config_path(server.evaluator(3, &mut |_| {}).err().unwrap());
+    assert_eq!(path, "task.shard");
+    assert!(server.client_trainer().is_ok());
+}
+
+#[test]
+fn an_llm_task_trains_an_adapter_that_the_servers_evaluator_scores_lower() {
+    let dir = scratch("llm");
+    let model = tiny_model(&dir);
+    std::fs::write(
+        dir.join("data.jsonl"),
+        fedveil_data::records::to_jsonl(&records(48)),
+    )
+    .unwrap();
+    // The held-out records are the training records' questions: an adapter
+    // that learnt them scores lower there.
+    let task = parse(
+        &format!(
+            "kind = \"llm\"\nmodel = \"{}\"\ndata = \"data.jsonl\"\neval_data = \"data.jsonl\"\n\
+             template = \"plain\"\nmax_len = 32\neval_examples = 16\n\
+             [peft]\nmethod = \"lora\"\nr = 4\nalpha = 8\ntarget_modules = [\"all-linear\"]\n",
+            model.display()
+        ),
+        None,
+        &dir,
+    )
+    .unwrap();
+    assert_eq!(task.kind(), "llm");
+    let mut heard = 0;
+    let (mut evaluator, trainers) = task.local(2, &mut |_| heard += 1).unwrap();
+    assert_eq!(heard, 0, "nothing to distil, nothing to report");
+    let global = evaluator.initial_params().unwrap();
+    let before = evaluator.evaluate(&global).unwrap();
+    assert!(before.loss.is_finite() && before.metrics["perplexity"] > 1.0);
+    let mut trainer = trainers(0).unwrap();
+    assert_eq!(trainer.dim(), global.len());
+    assert!(!trainer.wants_bundle());
+    let config = TrainingConfig {
+        local_steps: 12,
+        batch_size: 8,
+        learning_rate: 0.01,
+        proximal_mu: 0.0,
+    };
+    let update = trainer
+        .train(&global, &config, &mut ChaCha20Rng::from_seed([2; 32]))
+        .unwrap();
+    assert_eq!(update.delta.len(), global.len());
+    assert!(update.samples > 0 && update.loss.is_finite());
+    let moved: Vec<f32> = global
+        .iter()
+        .zip(&update.delta)
+        .map(|(g, d)| g + d)
+        .collect();
+    let after = evaluator.evaluate(&moved).unwrap();
+    assert!(
+        after.loss < before.loss,
+        "held-out loss {} -> {}",
+        before.loss,
+        after.loss
+    );
+    // The factory has one part of the split per client, and no more.
+    assert!(trainers(1).is_ok());
+    assert!(trainers(2).is_err());
+}
+
+#[test]
+fn an_offsite_task_hands_clients_the_emulator_and_they_train_on_it() {
+    let dir = scratch("offsite");
+    let model = tiny_model(&dir);
+    std::fs::write(
+        dir.join("data.jsonl"),
+        fedveil_data::records::to_jsonl(&records(24)),
+    )
+    .unwrap();
+    let task = parse(
+        &format!(
+            "kind = \"llm\"\nmodel = \"{}\"\ndata = \"data.jsonl\"\ntemplate = \"plain\"\n\
+             max_len = 32\neval_fraction = 0.25\n",
+            model.display()
+        ),
+        Some("enabled = true\nadapter_bottom = 1\nadapter_top = 1\ndrop_ratio = 0.5\n"),
+        &dir,
+    )
+    .unwrap();
+    let (mut evaluator, trainers) = task.local(2, &mut |_| {}).unwrap();
+    let global = evaluator.initial_params().unwrap();
+    let first = evaluator.evaluate(&global).unwrap();
+    for key in ["plugin_loss", "emulator_loss"] {
+        assert!(first.metrics[key].is_finite(), "{key}: {:?}", first.metrics);
+    }
+    let bundle = evaluator
+        .client_bundle()
+        .unwrap()
+        .expect("an emulator bundle");
+    let mut trainer = trainers(0).unwrap();
+    assert!(trainer.wants_bundle());
+    let config = TrainingConfig {
+        local_steps: 2,
+        batch_size: 4,
+        ..TrainingConfig::default()
+    };
+    let mut rng = ChaCha20Rng::from_seed([4; 32]);
+    assert!(
+        trainer.train(&global, &config, &mut rng).is_err(),
+        "no model before the bundle"
+    );
+    trainer.install_bundle(&bundle).unwrap();
+    assert_eq!(trainer.dim(), global.len());
+    let update = trainer.train(&global, &config, &mut rng).unwrap();
+    assert_eq!(update.delta.len(), global.len());
+    assert!(update.delta.iter().all(|d| d.is_finite()));
+}
+
+#[test]
+fn bad_task_configs_are_refused_by_key() {
+    let dir = scratch("bad");
+    let model = tiny_model(&dir);
+    std::fs::write(
+        dir.join("data.jsonl"),
+        fedveil_data::records::to_jsonl(&records(8)),
+    )
+    .unwrap();
+    let llm = format!(
+        "kind = \"llm\"\nmodel = \"{}\"\ndata = \"data.jsonl\"\ntemplate = \"plain\"\nmax_len = 32\n",
+        model.display()
+    );
+    let cases: &[(&str, Option<&str>, &str, &str)] = &[
+        (
+            "kind = \"vision\"",
+            None,
+            "task.kind",
+            "unknown task \"vision\"",
+        ),
+        ("dim = 3", None, "task.kind", "is required"),
+        ("kind = 3", None, "task.kind", "must be a string"),
+        ("kind = \"synthetic\"\ncolour = 1", None, "task", "colour"),
+        (
+            "kind = \"synthetic\"",
+            Some("enabled = true"),
+            "offsite.enabled",
+            "needs task.kind = \"llm\"",
+        ),
+        (&format!("{llm}colour = 1"), None, "task", "colour"),
+        (
+            &format!("{llm}eval_fraction = 1.0"),
+            None,
+            "task.eval_fraction",
+            "[0, 1)",
+        ),
+        (
+            &llm,
+            Some("enabled = true\nwhatever = 1"),
+            "offsite",
+            "whatever",
+        ),
+    ];
+    for (task, offsite, key, needle) in cases {
+        let (path, reason) = config_path(parse(task, *offsite, &dir).err().unwrap());
+        assert_eq!(path, *key, "{task} / {offsite:?}: {reason}");
+        assert!(
+            reason.contains(needle),
+            "{task}: expected '{needle}' in: {reason}"
+        );
+    }
+    // Checks that need the data or the model come when the parts are built.
+    let built: &[(&str, Option<&str>, &str, &str)] = &[
+        (
+            &format!("{llm}split = {{ kind = \"iid\" }}\nshard = 2\nshards = 2"),
+            None,
+            "task.shard",
+            "not below",
+        ),
+        (
+            &llm,
+            Some("enabled = true\nadapter_bottom = 2\nadapter_top = 2"),
+            "offsite",
+            "leave none of the model's 4 layers",
+        ),
+        (
+            &llm,
+            Some("enabled = true\nadapter_bottom = 1\nadapter_top = 1\n[distill]\nsteps = 3"),
+            "offsite.distill.data",
+            "is required",
+        ),
+    ];
+    for (task, offsite, key, needle) in built {
+        let parsed = parse(task, *offsite, &dir).unwrap();
+        let e = match parsed.client_trainer() {
+            Err(e) => e,
+            Ok(_) => parsed.local(2, &mut |_| {}).err().unwrap(),
+        };
+        let (path, reason) = config_path(e);
+        assert_eq!(path, *key, "{task} / {offsite:?}: {reason}");
+        assert!(
+            reason.contains(needle),
+            "{task}: expected '{needle}' in: {reason}"
+        );
+    }
+}
