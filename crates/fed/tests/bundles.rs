@@ -308,21 +308,6 @@ async fn every_client_fetches_the_bundle_once_and_trains_on_it() {
 async fn a_wrong_answer_to_the_offer_closes_that_connection_only() {
     let cast = Cast::new(4, 2);
     let (addr, task, _events) = server(&cast, 2).await;
-    let (ctx, _crx) = unbounded_channel();
-    let installed = Arc::new(Mutex::new(Vec::new()));
-    let honest: Vec<_> = (0..3)
-        .map(|i| {
-            client(
-                &cast,
-                i,
-                addr,
-                None,
-                Vec::new(),
-                ctx.clone(),
-                Arc::clone(&installed),
-            )
-        })
-        .collect();
     let endpoint = NetClient::new(addr, cast.server.fingerprint(), limits()).unwrap();
     let answers = [
         Up::BundleReply {
@@ -361,6 +346,24 @@ async fn a_wrong_answer_to_the_offer_closes_that_connection_only() {
             "{why}"
         );
     }
+    // The honest clients start only once both wrong answers are handled:
+    // started earlier, they could finish both rounds (and the server shut
+    // its endpoint) before the second wrong answer's handshake.
+    let (ctx, _crx) = unbounded_channel();
+    let installed = Arc::new(Mutex::new(Vec::new()));
+    let honest: Vec<_> = (0..3)
+        .map(|i| {
+            client(
+                &cast,
+                i,
+                addr,
+                None,
+                Vec::new(),
+                ctx.clone(),
+                Arc::clone(&installed),
+            )
+        })
+        .collect();
     let summary = tokio::time::timeout(Duration::from_secs(60), task)
         .await
         .unwrap()
