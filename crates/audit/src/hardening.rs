@@ -6,7 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use fedveil_fed::client::{ClientAdversary, Fault};
+use fedveil_fed::adversary::ClientAdversary;
+use fedveil_fed::client::Fault;
 use fedveil_fed::config::{PlacementName, Plan, Policy};
 use fedveil_fed::dp::zcdp;
 use fedveil_fed::metrics::{ClientEvent, Event};
@@ -17,7 +18,7 @@ use fedveil_fed::secagg::ring::PackedVec;
 use fedveil_fed::wire::{Down, Up, VERSION};
 use serde::Serialize;
 
-use crate::harness::{self, Cast, ClientOptions, Outcome, Rogue};
+use crate::harness::{self, Cast, ClientOptions, Finished, Rogue};
 use crate::{AuditError, Claim, Result};
 
 /// Every claim of this module, in report order.
@@ -76,11 +77,11 @@ fn charges(events: &[ClientEvent]) -> Vec<(u64, u32)> {
         .collect()
 }
 
-fn rounds(o: &Outcome) -> u64 {
+fn rounds(o: &Finished) -> u64 {
     o.server.as_ref().map(|s| s.rounds).unwrap_or(0)
 }
 
-fn reason(o: &Outcome) -> String {
+fn reason(o: &Finished) -> String {
     match &o.server {
         Ok(s) => s.reason.clone(),
         Err(e) => e.to_string(),
@@ -340,7 +341,7 @@ async fn retry_budget() -> Result<Claim> {
         &format!("{dp}epsilon_budget = {budget}\n[secagg]\nthreshold = 4\n"),
     )?;
     let attack = harness::federate(&cast, &attack_plan, Randomness::os(), options).await?;
-    let summary_epsilon = |o: &Outcome| o.server.as_ref().ok().and_then(|s| s.epsilon);
+    let summary_epsilon = |o: &Finished| o.server.as_ref().ok().and_then(|s| s.epsilon);
     let d = RetryDetails {
         budget,
         one_session_epsilon: one,
@@ -845,7 +846,7 @@ fn run_unsandboxed(program: &str, tag: &str, dir: &std::path::Path) -> String {
 
 /// SECURITY.md, generated code: pass@k's sandbox (finding 1).
 fn sandbox() -> Result<Claim> {
-    use fedveil_model::eval::{Limits, Outcome, run_python, sandbox_status};
+    use fedveil_model::eval::{Limits, Verdict, run_python, sandbox_status};
     let host =
         |e: std::io::Error| AuditError::Harness(format!("setting up the sandbox claim: {e}"));
     let dir = harness::scratch("sandbox")?;
@@ -889,11 +890,11 @@ fn sandbox() -> Result<Claim> {
         Ok(outcome) => {
             std::thread::sleep(Duration::from_millis(300));
             let reported = match &outcome {
-                Outcome::Failed(why) => why.clone(),
+                Verdict::Failed(why) => why.clone(),
                 _ => String::new(),
             };
             d.escapes = escapes_seen(&out, &listener, &reported, survivors(&tag));
-            if let Ok(Outcome::Failed(why)) = run_python(&fork_bomb(100_000), &limits) {
+            if let Ok(Verdict::Failed(why)) = run_python(&fork_bomb(100_000), &limits) {
                 d.fork_bomb_processes = forked(&why);
             }
             std::thread::sleep(Duration::from_millis(300));

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fedveil_fed::FedError;
-use fedveil_fed::client::{self, ClientAdversary, ClientSetup, ClientSummary, Fault};
+use fedveil_fed::adversary::{ClientAdversary, ClientHooks, ServerHooks};
+use fedveil_fed::client::{self, ClientSetup, ClientSummary, Fault};
 use fedveil_fed::config::{Plan, Policy, RunFile};
 use fedveil_fed::metrics::{ClientEvent, Event};
 use fedveil_fed::net::frame::{read_frame, write_frame};
@@ -151,7 +152,7 @@ pub async fn start_server(
         evaluator: Box::new(SyntheticEvaluator::new(&cfg, population)?),
         randomness,
         events: Some(tx),
-        adversary: None,
+        hooks: ServerHooks::default(),
     };
     let server = Server::bind(setup)?;
     Ok(RunningServer {
@@ -207,12 +208,14 @@ pub fn start_client(
         max_reconnect: Duration::from_millis(500),
         give_up_after: Some(Duration::from_secs(30)),
         events: options.events,
-        record_inputs: false,
         endpoint: None,
         faults: options.faults,
         bundle_cache: None,
         max_bundle_bytes: client::MAX_BUNDLE_BYTES,
-        adversary: options.adversary,
+        hooks: ClientHooks {
+            adversary: options.adversary,
+            record_inputs: false,
+        },
         ledger_dir: options.ledger_dir,
     };
     Ok(tokio::spawn(client::run(setup)))
@@ -250,7 +253,7 @@ pub fn drain(events: &mut UnboundedReceiver<ClientEvent>) -> Vec<ClientEvent> {
 }
 
 /// The result of [`federate`].
-pub struct Outcome {
+pub struct Finished {
     pub server: std::result::Result<Summary, FedError>,
     pub server_events: Vec<Event>,
     pub client_events: Vec<ClientEvent>,
@@ -264,7 +267,7 @@ pub async fn federate(
     plan: &Plan,
     randomness: Randomness,
     mut options: impl FnMut(usize) -> ClientOptions,
-) -> Result<Outcome> {
+) -> Result<Finished> {
     let server = start_server(cast, plan, randomness.clone(), limits()).await?;
     let (tx, mut events) = unbounded_channel();
     let mut clients = Vec::new();
@@ -282,7 +285,7 @@ pub async fn federate(
     }
     let (result, server_events) = server.end().await?;
     let clients = join_clients(clients).await;
-    Ok(Outcome {
+    Ok(Finished {
         server: result,
         server_events,
         client_events: drain(&mut events),

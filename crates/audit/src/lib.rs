@@ -3,16 +3,25 @@
 //! see a failure; everything here goes through the other crates' public
 //! APIs, over real loopback QUIC where the promise involves the network.
 //!
-//! This crate holds the claims added for issue 17 ([`hardening`]) and the
-//! protocol attacks played over QUIC by the federation's own server and
-//! clients ([`quic`]); the in-memory protocol attacks, the transport's and
-//! the DP audit still live in the crates they attack
-//! (`fedveil_secagg::audit`, `fedveil_net::audit`, `fedveil_dp::audit`) and
-//! move here with the rest of issue 18.
+//! - [`secagg`]: a malicious server's and malicious clients' attacks on
+//!   the SecAgg+ state machines, in memory (protocols/secagg-plus.md §8);
+//! - [`quic`]: the same attacks played over QUIC by the federation's own
+//!   server and clients, through fed's adversary hooks;
+//! - [`transport`]: hostile peers against the QUIC transport
+//!   (protocols/federation.md §2);
+//! - [`mechanism`]: the empirical privacy audit of the DP mechanism
+//!   (protocols/dp.md §7);
+//! - [`hardening`]: the claims about resource bounds, ledgers, retries,
+//!   weights and the pass@k sandbox (issue 17), with their [`harness`];
+//! - [`report`]: every claim in order, and the report `fedveil audit` prints.
 
 pub mod hardening;
 pub mod harness;
+pub mod mechanism;
 pub mod quic;
+pub mod report;
+pub mod secagg;
+pub mod transport;
 
 use serde::Serialize;
 
@@ -26,6 +35,8 @@ pub enum AuditError {
     Dp(#[from] fedveil_fed::dp::DpError),
     #[error(transparent)]
     Net(#[from] fedveil_fed::net::NetError),
+    #[error("privacy audit: {0}")]
+    BadAudit(String),
     #[error("{0}")]
     Harness(String),
 }

@@ -1,5 +1,5 @@
-//! `fedveil audit --quic`: the protocol attacks of
-//! [`fedveil_fed::secagg::audit`], played over real QUIC on loopback by the
+//! `fedveil audit --quic`: the protocol attacks of [`crate::secagg`],
+//! played over real QUIC on loopback by the
 //! federation server against the federation's clients (and by malicious
 //! federation clients against the server).
 //!
@@ -24,11 +24,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use fedveil_fed::net::{ClientIdentity, Limits, ServerIdentity};
-use fedveil_fed::secagg::audit::{
-    self as attacks, ATTACKER, ClientFinding, Finding, Link, ServerAttack, ServerAttackKind,
-    TARGET, TranscriptFinding, View,
+use crate::secagg::{
+    self as attacks, ATTACKER, ClientFinding, Finding, ServerAttack, ServerAttackKind, TARGET,
+    TranscriptFinding,
 };
+use fedveil_fed::adversary::{Adversary, ClientAdversary, ClientHooks, Link, ServerHooks, View};
+use fedveil_fed::net::{ClientIdentity, Limits, ServerIdentity};
 use fedveil_fed::secagg::crypto::identity::SignatureBytes;
 use fedveil_fed::secagg::messages::{ClientMessage, ConsistencySignature, ServerMessage};
 use fedveil_fed::secagg::ring::PackedVec;
@@ -37,11 +38,11 @@ use rand_core::OsRng;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
 use fedveil_fed::FedError;
-use fedveil_fed::client::{self, ClientAdversary, ClientSetup, ClientSummary};
+use fedveil_fed::client::{self, ClientSetup, ClientSummary};
 use fedveil_fed::config::{Plan, Policy, RunFile};
 use fedveil_fed::metrics::{ClientEvent, Event};
 use fedveil_fed::randomness::Randomness;
-use fedveil_fed::server::{Adversary, Server, ServerSetup, Summary};
+use fedveil_fed::server::{Server, ServerSetup, Summary};
 use fedveil_fed::trainer::{LocalUpdate, TrainError, Trainer, TrainingConfig};
 use fedveil_fed::wire::{self, RoundSpec};
 use fedveil_task::synthetic::{SyntheticConfig, SyntheticEvaluator, SyntheticTrainer};
@@ -120,14 +121,14 @@ struct Roles {
 }
 
 /// What a federation showed.
-struct Outcome {
+struct Played {
     server: Result<Summary, FedError>,
     events: Vec<Event>,
     /// Each client's events, client `i + 1` at index `i`.
     clients: Vec<Vec<ClientEvent>>,
 }
 
-impl Outcome {
+impl Played {
     /// The last input client `c` encoded.
     fn input(&self, c: ClientId) -> Option<Vec<u32>> {
         let events = self.clients.get((c.0 as usize).checked_sub(1)?)?;
@@ -207,7 +208,7 @@ fn drain<T>(rx: &mut UnboundedReceiver<T>) -> Vec<T> {
 }
 
 /// Runs one federation over loopback QUIC to its end.
-async fn federate(cast: &Cast, plan: Plan, roles: Roles) -> Result<Outcome, FedError> {
+async fn federate(cast: &Cast, plan: Plan, roles: Roles) -> Result<Played, FedError> {
     let task = SyntheticConfig::from_table(&plan.task)?;
     let (tx, mut server_events) = unbounded_channel();
     let server = Server::bind(ServerSetup {
@@ -219,7 +220,9 @@ async fn federate(cast: &Cast, plan: Plan, roles: Roles) -> Result<Outcome, FedE
         evaluator: Box::new(SyntheticEvaluator::new(&task, CLIENTS as u32)?),
         randomness: roles.randomness.clone(),
         events: Some(tx),
-        adversary: roles.server,
+        hooks: ServerHooks {
+            adversary: roles.server,
+        },
     })?;
     let addr: SocketAddr = server.local_addr();
     let server = tokio::spawn(server.run());
@@ -250,12 +253,14 @@ async fn federate(cast: &Cast, plan: Plan, roles: Roles) -> Result<Outcome, FedE
             max_reconnect: Duration::from_millis(500),
             give_up_after: Some(Duration::from_secs(20)),
             events: Some(tx),
-            record_inputs: true,
             endpoint: None,
             faults: Vec::new(),
             bundle_cache: None,
             max_bundle_bytes: client::MAX_BUNDLE_BYTES,
-            adversary,
+            hooks: ClientHooks {
+                adversary,
+                record_inputs: true,
+            },
             ledger_dir: None,
         };
         clients.push((tokio::spawn(client::run(setup)), rx));
@@ -282,7 +287,7 @@ async fn federate(cast: &Cast, plan: Plan, roles: Roles) -> Result<Outcome, FedE
         }
         client_events.push(drain(&mut rx));
     }
-    Ok(Outcome {
+    Ok(Played {
         server,
         events: drain(&mut server_events),
         clients: client_events,

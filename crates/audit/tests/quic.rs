@@ -6,7 +6,7 @@
 //! depends on the inputs only through their sum.
 
 use fedveil_audit::quic::{self as audit, ClientAttackKind};
-use fedveil_fed::secagg::audit::ServerAttackKind;
+use fedveil_audit::secagg::ServerAttackKind;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malicious_server_learns_nothing_of_its_target_over_quic() {

@@ -4,7 +4,8 @@
 //! multiplier that reaches the target, within `tolerance` (relative) of the
 //! smallest one.
 
-use crate::{Accountant, DpError, SubsampledGaussian, check_delta};
+use crate::mechanism::NoiseConfig;
+use crate::{Accountant, DpError, SubsampledGaussian, check_delta, zcdp};
 
 /// The largest noise multiplier calibration will consider.
 pub const MAX_NOISE_MULTIPLIER: f64 = 1e4;
@@ -66,6 +67,50 @@ pub fn smallest_reaching(
         }
     }
     Ok(hi)
+}
+
+/// The mechanism `base` (protocols/dp.md §3) at noise multiplier `z`:
+/// with `granularity` if one is configured, else the default one for a
+/// cohort of at most `max_cohort` clients with `headroom_sigmas` of
+/// headroom in the ring ([`NoiseConfig::default_granularity`]).
+pub fn at_multiplier(
+    base: &NoiseConfig,
+    z: f64,
+    granularity: Option<f64>,
+    max_cohort: u32,
+    headroom_sigmas: f64,
+) -> Result<NoiseConfig, DpError> {
+    let mut c = base.clone();
+    c.noise_multiplier = z;
+    c.granularity = match granularity {
+        Some(g) => g,
+        None => c.default_granularity(max_cohort, headroom_sigmas)?,
+    };
+    Ok(c)
+}
+
+/// The smallest noise multiplier (within relative `tolerance`) at which
+/// `rounds` rounds of the mechanism `base`, each with at least
+/// `survivors` survivors, stay within `(target_epsilon, delta)` by the
+/// zCDP accountant (§4.3); the granularity follows the multiplier as in
+/// [`at_multiplier`].
+#[allow(clippy::too_many_arguments)]
+pub fn mechanism_multiplier(
+    base: &NoiseConfig,
+    granularity: Option<f64>,
+    max_cohort: u32,
+    headroom_sigmas: f64,
+    survivors: u32,
+    rounds: u64,
+    target_epsilon: f64,
+    delta: f64,
+    tolerance: f64,
+) -> Result<f64, DpError> {
+    smallest_reaching(target_epsilon, tolerance, |z| {
+        let c = at_multiplier(base, z, granularity, max_cohort, headroom_sigmas)?;
+        let rho = zcdp::round_rho(&c, survivors)?;
+        zcdp::epsilon(rounds as f64 * rho, delta)
+    })
 }
 
 #[cfg(test)]

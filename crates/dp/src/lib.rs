@@ -16,7 +16,6 @@
 #![forbid(unsafe_code)]
 #![deny(missing_debug_implementations)]
 
-pub mod audit;
 pub mod calibrate;
 pub mod clip;
 pub mod mechanism;
@@ -76,8 +75,6 @@ pub enum DpError {
     BadBeta(f64),
     #[error("the ring must have 2 to 32 bits, got {0}")]
     BadBits(u8),
-    #[error("privacy audit: {0}")]
-    BadAudit(String),
     #[error("the minimum number of survivors must be at least 1")]
     BadMinSurvivors,
     #[error("conditional rounding failed {tries} times; beta is too small for this vector")]

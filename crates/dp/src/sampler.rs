@@ -39,7 +39,7 @@ use crate::DpError;
 
 /// A uniform value in [0, 1) with 53 random bits.
 #[inline]
-pub(crate) fn uniform_unit<R: RngCore + ?Sized>(rng: &mut R) -> f64 {
+pub fn uniform_unit<R: RngCore + ?Sized>(rng: &mut R) -> f64 {
     (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
 }
 

@@ -25,6 +25,7 @@ use fedveil_secagg::{Client as SecaggClient, ClientId, Stage};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::FedError;
+use crate::adversary::ClientHooks;
 use crate::config::{PlacementName, Policy};
 use crate::encoding;
 use crate::ledger::ClientLedger;
@@ -82,9 +83,6 @@ pub struct ClientSetup {
     /// Give up after this long without a connection.
     pub give_up_after: Option<Duration>,
     pub events: Option<UnboundedSender<ClientEvent>>,
-    /// Report the encoded input in [`ClientEvent::Input`] (tests only: it
-    /// is the client's secret).
-    pub record_inputs: bool,
     /// Share this UDP endpoint (many clients in one process).
     pub endpoint: Option<NetClient>,
     /// Faults to inject (none in operation).
@@ -95,19 +93,11 @@ pub struct ClientSetup {
     pub bundle_cache: Option<PathBuf>,
     /// The largest bundle this client accepts, in bytes.
     pub max_bundle_bytes: u64,
-    /// A malicious client's behaviour (tests and `fedveil audit --quic`
-    /// only; `fedveil client` never installs one).
-    pub adversary: Option<Box<dyn ClientAdversary>>,
+    /// Test and audit hooks (`ClientHooks::default()` in operation).
+    pub hooks: ClientHooks,
     /// Where the client keeps its own privacy ledger, one file per
     /// federation (none: in memory, lost when the process ends).
     pub ledger_dir: Option<PathBuf>,
-}
-
-/// Lets a test or `fedveil audit --quic` play a malicious client: it sees
-/// every SecAgg+ message this client is about to send, and the client
-/// sends what it returns instead, in order.
-pub trait ClientAdversary: Send + 'static {
-    fn outgoing(&mut self, round: u64, msg: ClientMessage) -> Vec<ClientMessage>;
 }
 
 /// The default [`ClientSetup::max_bundle_bytes`]: 16 GiB.
@@ -483,11 +473,7 @@ impl Runner {
         round: u64,
         msg: ClientMessage,
     ) -> Result<(), NetError> {
-        let msgs = match self.setup.adversary.as_mut() {
-            Some(a) => a.outgoing(round, msg),
-            None => vec![msg],
-        };
-        for m in msgs {
+        for m in self.setup.hooks.outgoing(round, msg) {
             send_secagg(send, m).await?;
         }
         Ok(())
@@ -607,8 +593,7 @@ impl Runner {
 
 /// Where a bundle with `hash` is cached in `dir`.
 fn cache_path(dir: &Path, hash: &[u8; 32]) -> PathBuf {
-    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
-    dir.join(format!("{hex}.bundle"))
+    dir.join(format!("{}.bundle", hex::encode(hash)))
 }
 
 /// Local training from `params` with the round's training generator
@@ -839,7 +824,7 @@ impl Runner {
             loss,
             samples,
         });
-        if self.setup.record_inputs && self.events.active() {
+        if self.setup.hooks.record_inputs() && self.events.active() {
             self.events.emit(ClientEvent::Input {
                 client: id,
                 round,

@@ -335,11 +335,6 @@ fn positive<T: PartialOrd + Default + std::fmt::Display>(path: &str, v: T) -> Re
     }
 }
 
-/// The threshold for `k` neighbours when none is configured.
-pub fn default_threshold(k: u32) -> u32 {
-    k / 2 + 1
-}
-
 impl Plan {
     /// Validates the plan for `population` clients and a task of `dim`
     /// parameters, filling in defaults and calibrating the noise.
@@ -409,9 +404,7 @@ impl Plan {
                 ));
             }
             if let CohortRule::Fixed(n) = cohort
-                && k < n - 1
-                && k % 2 == 1
-                && n % 2 == 1
+                && !fedveil_secagg::params::degree_fits(k, n)
             {
                 return Err(FedError::config(
                     "secagg.degree",
@@ -431,7 +424,7 @@ impl Plan {
                     format!("threshold {t} exceeds the number of neighbours ({k_max})"),
                 ));
             }
-            if t < 2 || 2 * t <= k_max {
+            if !fedveil_secagg::params::threshold_fits(t, k_max) {
                 return Err(FedError::config(
                     "secagg.threshold",
                     format!(
@@ -600,18 +593,6 @@ impl Plan {
             bits,
             min_survivors,
         };
-        // The granularity for a noise multiplier: configured, or the finest
-        // that keeps the largest cohort's sum inside the ring.
-        let granularity_for = |z: f64| -> Result<f64, fedveil_dp::DpError> {
-            match p.granularity {
-                Some(g) => Ok(g),
-                None => {
-                    let mut c = base.clone();
-                    c.noise_multiplier = z;
-                    c.default_granularity(max_cohort, HEADROOM_SIGMAS)
-                }
-            }
-        };
         fn dp_err(key: &'static str) -> impl Fn(fedveil_dp::DpError) -> FedError {
             move |e| FedError::config(format!("dp.{key}"), e.to_string())
         }
@@ -631,20 +612,31 @@ impl Plan {
             }
             (Some(z), None) => (z, false),
             (None, Some(eps)) => {
-                let z = fedveil_dp::calibrate::smallest_reaching(eps, 1e-4, |z| {
-                    let mut c = base.clone();
-                    c.noise_multiplier = z;
-                    c.granularity = granularity_for(z)?;
-                    let rho = fedveil_dp::zcdp::round_rho(&c, min_survivors)?;
-                    fedveil_dp::zcdp::epsilon(rounds as f64 * rho, p.delta)
-                })
+                let z = fedveil_dp::calibrate::mechanism_multiplier(
+                    &base,
+                    p.granularity,
+                    max_cohort,
+                    HEADROOM_SIGMAS,
+                    min_survivors,
+                    rounds,
+                    eps,
+                    p.delta,
+                    1e-4,
+                )
                 .map_err(dp_err("target_epsilon"))?;
                 (z, true)
             }
         };
-        let mut noise = base.clone();
-        noise.noise_multiplier = z;
-        noise.granularity = granularity_for(z).map_err(dp_err("granularity"))?;
+        // The granularity: configured, or the finest that keeps the
+        // largest cohort's sum inside the ring.
+        let noise = fedveil_dp::calibrate::at_multiplier(
+            &base,
+            z,
+            p.granularity,
+            max_cohort,
+            HEADROOM_SIGMAS,
+        )
+        .map_err(dp_err("granularity"))?;
         noise.validate().map_err(dp_err("noise_multiplier"))?;
         if let Some(b) = p.epsilon_budget {
             if !(b.is_finite() && b > 0.0) {
@@ -682,27 +674,68 @@ pub struct RunSection {
     pub listen: String,
 }
 
-/// A `fedveil run` file.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RunFile {
-    pub run: RunSection,
-    pub federation: FederationSection,
-    #[serde(default)]
-    pub training: TrainingConfig,
-    #[serde(default)]
-    pub optimizer: OptimizerConfig,
-    #[serde(default)]
-    pub secagg: SecaggSection,
-    #[serde(default)]
-    pub dp: DpSection,
-    #[serde(default)]
-    pub deadlines: DeadlinesSection,
-    pub task: toml::Table,
-    /// `[offsite]`, read by the task (protocols/offsite-tuning.md).
-    #[serde(default)]
-    pub offsite: Option<toml::Table>,
+/// A federation file: its role's section (`[run]` or `[server]`) and the
+/// sections of a [`Plan`], declared once for both files.
+macro_rules! federation_file {
+    ($(#[$doc:meta])* $name:ident, $role:ident: $Role:ty) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            pub $role: $Role,
+            pub federation: FederationSection,
+            #[serde(default)]
+            pub training: TrainingConfig,
+            #[serde(default)]
+            pub optimizer: OptimizerConfig,
+            #[serde(default)]
+            pub secagg: SecaggSection,
+            #[serde(default)]
+            pub dp: DpSection,
+            #[serde(default)]
+            pub deadlines: DeadlinesSection,
+            pub task: toml::Table,
+            /// `[offsite]`, read by the task (protocols/offsite-tuning.md).
+            #[serde(default)]
+            pub offsite: Option<toml::Table>,
+        }
+
+        impl $name {
+            /// The tables the server runs the federation by.
+            pub fn plan(&self) -> Plan {
+                Plan {
+                    federation: self.federation.clone(),
+                    training: self.training.clone(),
+                    optimizer: self.optimizer.clone(),
+                    secagg: self.secagg.clone(),
+                    dp: self.dp.clone(),
+                    deadlines: self.deadlines.clone(),
+                    task: self.task.clone(),
+                    offsite: self.offsite.clone(),
+                }
+            }
+
+            /// Resolves the plan's paths against the file's directory.
+            fn resolve_plan_paths(&mut self, path: &Path) {
+                let f = &mut self.federation;
+                f.checkpoint_dir = f.checkpoint_dir.as_ref().map(|p| relative_to(path, p));
+                f.metrics = f.metrics.as_ref().map(|p| relative_to(path, p));
+            }
+        }
+    };
 }
+
+federation_file!(
+    /// A `fedveil run` file.
+    RunFile,
+    run: RunSection
+);
+
+federation_file!(
+    /// A `fedveil server` file.
+    ServerFile,
+    server: ServerSection
+);
 
 /// `[server]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -743,28 +776,6 @@ fn handshake_s() -> f64 {
 }
 fn idle_s() -> f64 {
     60.0
-}
-
-/// A `fedveil server` file.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServerFile {
-    pub server: ServerSection,
-    pub federation: FederationSection,
-    #[serde(default)]
-    pub training: TrainingConfig,
-    #[serde(default)]
-    pub optimizer: OptimizerConfig,
-    #[serde(default)]
-    pub secagg: SecaggSection,
-    #[serde(default)]
-    pub dp: DpSection,
-    #[serde(default)]
-    pub deadlines: DeadlinesSection,
-    pub task: toml::Table,
-    /// `[offsite]`, read by the task (protocols/offsite-tuning.md).
-    #[serde(default)]
-    pub offsite: Option<toml::Table>,
 }
 
 /// `[client]`.
@@ -1100,8 +1111,7 @@ impl RunFile {
 
     pub fn parse_with(path: &Path, text: &str, overrides: &[String]) -> Result<Self, FedError> {
         let mut f: RunFile = parse_with(path, text, overrides)?;
-        f.federation.checkpoint_dir = f.federation.checkpoint_dir.map(|p| relative_to(path, &p));
-        f.federation.metrics = f.federation.metrics.map(|p| relative_to(path, &p));
+        f.resolve_plan_paths(path);
         Ok(f)
     }
 
@@ -1111,19 +1121,6 @@ impl RunFile {
             .listen
             .parse()
             .map_err(|e| FedError::config("run.listen", format!("'{}': {e}", self.run.listen)))
-    }
-
-    pub fn plan(&self) -> Plan {
-        Plan {
-            federation: self.federation.clone(),
-            training: self.training.clone(),
-            optimizer: self.optimizer.clone(),
-            secagg: self.secagg.clone(),
-            dp: self.dp.clone(),
-            deadlines: self.deadlines.clone(),
-            task: self.task.clone(),
-            offsite: self.offsite.clone(),
-        }
     }
 }
 
@@ -1139,8 +1136,7 @@ impl ServerFile {
         s.certificate = relative_to(path, &s.certificate);
         s.key = relative_to(path, &s.key);
         s.allow_list = relative_to(path, &s.allow_list);
-        f.federation.checkpoint_dir = f.federation.checkpoint_dir.map(|p| relative_to(path, &p));
-        f.federation.metrics = f.federation.metrics.map(|p| relative_to(path, &p));
+        f.resolve_plan_paths(path);
         Ok(f)
     }
 
@@ -1148,19 +1144,6 @@ impl ServerFile {
         self.server.listen.parse().map_err(|e| {
             FedError::config("server.listen", format!("'{}': {e}", self.server.listen))
         })
-    }
-
-    pub fn plan(&self) -> Plan {
-        Plan {
-            federation: self.federation.clone(),
-            training: self.training.clone(),
-            optimizer: self.optimizer.clone(),
-            secagg: self.secagg.clone(),
-            dp: self.dp.clone(),
-            deadlines: self.deadlines.clone(),
-            task: self.task.clone(),
-            offsite: self.offsite.clone(),
-        }
     }
 
     /// The transport limits.

@@ -23,6 +23,8 @@ use std::time::Duration;
 use fedveil_net::frame::{read_blob, read_frame_counted, write_blob, write_frame};
 use fedveil_net::quinn;
 use fedveil_net::{ClientKey, Limits, NetError, NetServer, Pending};
+use fedveil_secagg::messages::MaskedInput;
+use fedveil_secagg::ring::PackedVec;
 use fedveil_secagg::{ClientId, SessionId};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -65,14 +67,12 @@ pub(crate) enum Inbound {
         generation: u64,
         up: Up,
     },
+    /// A masked input, whole: the header frame and its vector, in the
+    /// form the SecAgg+ session takes.
     Masked {
         id: ClientId,
         generation: u64,
-        session: SessionId,
-        bits: u8,
-        len: u32,
-        bad_envelopes: Vec<ClientId>,
-        data: Vec<u8>,
+        input: MaskedInput,
     },
     /// An unprotected round's raw update.
     Update {
@@ -129,7 +129,7 @@ impl std::fmt::Debug for Bundle {
 
 /// Everything the accept loop shares with its connection tasks.
 #[derive(Clone, Debug)]
-pub(crate) struct Shared {
+pub(crate) struct ConnectionContext {
     pub ids: Arc<HashMap<ClientKey, ClientId>>,
     pub bundle: Option<Arc<Bundle>>,
     pub hub: mpsc::Sender<Inbound>,
@@ -141,7 +141,7 @@ pub(crate) struct Shared {
 
 /// Accepts connections until the endpoint closes. Dropping the future (or
 /// aborting its task) drops every connection task with it.
-pub(crate) async fn accept_loop(net: Arc<NetServer>, shared: Shared) {
+pub(crate) async fn accept_loop(net: Arc<NetServer>, shared: ConnectionContext) {
     let mut tasks = JoinSet::new();
     let mut generation = 0u64;
     loop {
@@ -156,7 +156,7 @@ pub(crate) async fn accept_loop(net: Arc<NetServer>, shared: Shared) {
     }
 }
 
-async fn connection(pending: Pending, generation: u64, shared: Shared) {
+async fn connection(pending: Pending, generation: u64, shared: ConnectionContext) {
     let remote = pending.remote_address();
     let auth = match pending.authenticate().await {
         Ok(a) => a,
@@ -265,7 +265,7 @@ async fn offer_bundle(
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     bundle: &Bundle,
-    shared: &Shared,
+    shared: &ConnectionContext,
 ) -> Result<(), String> {
     let offer = Down::Bundle {
         hash: bundle.hash,
@@ -336,7 +336,7 @@ fn up_name(up: &Up) -> &'static str {
 }
 
 /// Why reading from a client stopped.
-enum Broken {
+enum Stopped {
     /// It broke a rule; it is told why.
     Violation(String),
     /// The stream failed.
@@ -347,19 +347,19 @@ enum Broken {
 /// size the running session or round expects (nothing when none runs).
 async fn read_expected(
     recv: &mut quinn::RecvStream,
-    shared: &Shared,
+    shared: &ConnectionContext,
     what: &str,
-) -> Result<Vec<u8>, Broken> {
+) -> Result<Vec<u8>, Stopped> {
     let max = shared.expect.borrow().map_or(0, |e| e.bytes);
     let data = match read_blob(recv, max).await {
         Ok(d) => d,
         Err(NetError::FrameTooLarge { len, max }) => {
-            return Err(Broken::Violation(format!(
+            return Err(Stopped::Violation(format!(
                 "{what} of {len} bytes; the running round's have {max}"
             )));
         }
-        Err(e @ NetError::Malformed(_)) => return Err(Broken::Violation(e.to_string())),
-        Err(e) => return Err(Broken::Stream(e.to_string())),
+        Err(e @ NetError::Malformed(_)) => return Err(Stopped::Violation(e.to_string())),
+        Err(e) => return Err(Stopped::Stream(e.to_string())),
     };
     shared
         .counters
@@ -376,7 +376,7 @@ async fn read_loop(
     mut recv: quinn::RecvStream,
     tx: mpsc::Sender<Outbound>,
     conn: &quinn::Connection,
-    shared: &Shared,
+    shared: &ConnectionContext,
 ) -> String {
     let violation = |reason: String| {
         let last = Outbound::Last(
@@ -414,17 +414,17 @@ async fn read_loop(
             } => {
                 let data = match read_expected(&mut recv, shared, "a masked vector").await {
                     Ok(d) => d,
-                    Err(Broken::Violation(why)) => return violation(why),
-                    Err(Broken::Stream(why)) => return why,
+                    Err(Stopped::Violation(why)) => return violation(why),
+                    Err(Stopped::Stream(why)) => return why,
                 };
                 Inbound::Masked {
                     id,
                     generation,
-                    session,
-                    bits,
-                    len,
-                    bad_envelopes,
-                    data,
+                    input: MaskedInput {
+                        session,
+                        masked: PackedVec { bits, len, data },
+                        bad_envelopes,
+                    },
                 }
             }
             Up::Update {
@@ -434,8 +434,8 @@ async fn read_loop(
             } => {
                 let data = match read_expected(&mut recv, shared, "an update").await {
                     Ok(d) => d,
-                    Err(Broken::Violation(why)) => return violation(why),
-                    Err(Broken::Stream(why)) => return why,
+                    Err(Stopped::Violation(why)) => return violation(why),
+                    Err(Stopped::Stream(why)) => return why,
                 };
                 Inbound::Update {
                     id,

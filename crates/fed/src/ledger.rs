@@ -20,7 +20,7 @@ use crate::FedError;
 
 /// One released round's entry.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Entry {
+pub struct ReleasedRound {
     pub round: u64,
     /// The session of the round that was charged (0 in ledgers written
     /// before attempts were recorded).
@@ -34,7 +34,7 @@ pub struct Entry {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PrivacyLedger {
     pub zcdp: ZcdpLedger,
-    pub entries: Vec<Entry>,
+    pub entries: Vec<ReleasedRound>,
 }
 
 impl PrivacyLedger {
@@ -66,7 +66,7 @@ impl PrivacyLedger {
         survivors: u32,
     ) -> Result<f64, FedError> {
         let rho = self.zcdp.record(noise, survivors)?;
-        self.entries.push(Entry {
+        self.entries.push(ReleasedRound {
             round,
             attempt,
             survivors,
@@ -119,19 +119,19 @@ impl ClientLedger {
     /// An empty ledger of `federation`.
     pub fn new(federation: &[u8; 32]) -> Self {
         ClientLedger {
-            federation: hex(federation),
+            federation: hex::encode(federation),
             ..ClientLedger::default()
         }
     }
 
     /// Whether this is the ledger of `federation`.
     pub fn is_for(&self, federation: &[u8; 32]) -> bool {
-        self.federation == hex(federation)
+        self.federation == hex::encode(federation)
     }
 
     /// Where the ledger of `federation` lives in `dir`.
     pub fn path(dir: &std::path::Path, federation: &[u8; 32]) -> std::path::PathBuf {
-        dir.join(format!("{}.json", hex(federation)))
+        dir.join(format!("{}.json", hex::encode(federation)))
     }
 
     /// Loads the ledger of `federation` from `dir` (an empty one if there
@@ -160,7 +160,7 @@ impl ClientLedger {
             Err(e) => return Err(bad(e.to_string())),
         };
         let l: ClientLedger = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
-        if l.federation != hex(federation) {
+        if l.federation != hex::encode(federation) {
             return Err(bad("the ledger is another federation's".into()));
         }
         let sum: f64 = l.sessions.iter().map(|c| c.rho).sum();
@@ -211,10 +211,6 @@ impl ClientLedger {
             rho,
         });
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[cfg(test)]

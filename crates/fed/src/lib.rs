@@ -8,9 +8,8 @@
 //! only the sum. It then applies a server optimiser ([`optimizer`]),
 //! evaluates, records the privacy spent ([`ledger`]) and checkpoints
 //! atomically ([`checkpoint`]); a restarted server resumes from the last
-//! completed round. [`client::run`] is the client's side, [`local`] runs a
-//! server and many clients in one process over loopback sockets, and
-//! [`synthetic`] is a federated linear regression with a known optimum.
+//! completed round. [`client::run`] is the client's side and [`in_process`]
+//! runs a server and many clients in one process over loopback sockets.
 //!
 //! Module map:
 //! - [`config`]: TOML configuration and its validation;
@@ -22,17 +21,19 @@
 //! - [`checkpoint`]: atomic checkpoints;
 //! - [`metrics`]: per-round metrics (JSONL);
 //! - [`randomness`]: where every random choice comes from;
-//! - [`server`], [`client`], [`local`]: the runtimes.
+//! - [`server`], [`client`], [`in_process`]: the runtimes;
+//! - [`adversary`]: the hooks `fedveil audit` plays a malicious server through.
 
 #![forbid(unsafe_code)]
 #![deny(missing_debug_implementations)]
 
+pub mod adversary;
 pub mod checkpoint;
 pub mod client;
 pub mod config;
 pub mod encoding;
+pub mod in_process;
 pub mod ledger;
-pub mod local;
 pub mod metrics;
 pub mod optimizer;
 pub mod randomness;

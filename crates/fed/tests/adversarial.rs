@@ -7,6 +7,7 @@
 mod common;
 
 use common::*;
+use fedveil_fed::adversary::Adversary;
 use fedveil_fed::client::ClientSummary;
 use fedveil_fed::config::{PlacementName, Policy};
 use fedveil_fed::metrics::{ClientEvent, Event};
@@ -14,7 +15,6 @@ use fedveil_fed::net::{ClientIdentity, NetClient, NetError, ServerIdentity};
 use fedveil_fed::secagg::crypto::identity::IdentityKeypair;
 use fedveil_fed::secagg::messages::{ClientMessage, ServerMessage};
 use fedveil_fed::secagg::{ClientId, SessionId};
-use fedveil_fed::server::Adversary;
 use fedveil_fed::wire::{self, MAX_UP_FRAME, RoundSpec, Up};
 use fedveil_fed::{FedError, randomness::Randomness};
 use rand_chacha::ChaCha20Rng;

@@ -112,7 +112,7 @@ async fn server(
         )),
         randomness: seeded(1),
         events: Some(tx),
-        adversary: None,
+        hooks: Default::default(),
     })
     .unwrap();
     let addr = s.local_addr();
@@ -148,12 +148,11 @@ fn client(
         max_reconnect: Duration::from_millis(500),
         give_up_after: Some(Duration::from_secs(30)),
         events: Some(events),
-        record_inputs: false,
         endpoint: None,
         faults,
         bundle_cache: cache,
         max_bundle_bytes: MAX_BUNDLE_BYTES,
-        adversary: None,
+        hooks: Default::default(),
         ledger_dir: None,
     }))
 }

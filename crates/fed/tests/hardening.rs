@@ -8,7 +8,8 @@
 mod common;
 
 use common::*;
-use fedveil_fed::client::{ClientAdversary, Fault};
+use fedveil_fed::adversary::ClientAdversary;
+use fedveil_fed::client::Fault;
 use fedveil_fed::config::{PlacementName, Policy};
 use fedveil_fed::metrics::{ClientEvent, Event};
 use fedveil_fed::randomness::Randomness;

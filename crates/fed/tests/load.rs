@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use fedveil_fed::local::{LocalRun, run};
+use fedveil_fed::in_process::{InProcessRun, run};
 use fedveil_fed::metrics::Event;
 use fedveil_fed::randomness::Randomness;
 use fedveil_fed::trainer::Trainer;
@@ -53,7 +53,7 @@ seed = 2
     let task = SyntheticConfig::from_table(&plan.task).unwrap();
     let evaluator = SyntheticEvaluator::new(&task, CLIENTS).unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let outcome = run(LocalRun {
+    let outcome = run(InProcessRun {
         plan,
         clients: CLIENTS,
         listen: loopback(),

@@ -173,7 +173,7 @@ pub fn test_program(instruction: &str, answer: &str, test: &str) -> String {
 
 /// How a program ran against its tests.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub enum Verdict {
     /// Every test passed (the program exited with status 0).
     Passed,
     /// It raised, failed an assertion, or ran out of memory; the tail of
@@ -470,7 +470,7 @@ fn sandboxed(i: &Interpreter, root: &std::path::Path) -> Command {
 /// `limits.allow_unsandboxed`; then the program runs in a fresh temporary
 /// directory with a clean environment, its own process group and the
 /// interpreter-level guard, which generated code can get past.
-pub fn run_python(program: &str, limits: &Limits) -> Result<Outcome> {
+pub fn run_python(program: &str, limits: &Limits) -> Result<Verdict> {
     let isolated = match sandbox_status(&limits.python) {
         Ok(_) => true,
         Err(_) if limits.allow_unsandboxed => false,
@@ -493,7 +493,7 @@ fn run_in(
     limits: &Limits,
     dir: &std::path::Path,
     isolated: bool,
-) -> Result<Outcome> {
+) -> Result<Verdict> {
     use std::io::Write;
     use std::os::unix::process::CommandExt;
     let io = |e: std::io::Error| ModelError::Config(format!("running python3: {e}"));
@@ -574,15 +574,15 @@ fn run_in(
         )));
     }
     Ok(match status {
-        None => Outcome::TimedOut,
-        Some(s) if s.success() => Outcome::Passed,
+        None => Verdict::TimedOut,
+        Some(s) if s.success() => Verdict::Passed,
         Some(s) => {
             use std::os::unix::process::ExitStatusExt;
             // SIGXCPU or SIGKILL from the CPU limit: it ran out of time.
             if matches!(s.signal(), Some(24) | Some(9)) {
-                Outcome::TimedOut
+                Verdict::TimedOut
             } else {
-                Outcome::Failed(tail.lines().rev().take(8).collect::<Vec<_>>().join("\n"))
+                Verdict::Failed(tail.lines().rev().take(8).collect::<Vec<_>>().join("\n"))
             }
         }
     })
@@ -613,7 +613,7 @@ pub fn network_isolation() -> Option<&'static [&'static str]> {
 fn tempdir() -> Result<PathBuf> {
     let mut bytes = [0u8; 12];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
-    let name = crate::files::hex(&bytes);
+    let name = hex::encode(bytes);
     let dir = std::env::temp_dir().join(format!("fedveil-sandbox-{name}"));
     std::fs::create_dir(&dir).map_err(|e| ModelError::file(&dir, e))?;
     Ok(dir)

@@ -239,7 +239,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(crate::files::hex(&hasher.finalize()))
+    Ok(hex::encode(hasher.finalize()))
 }
 
 #[cfg(test)]
@@ -267,7 +267,7 @@ mod tests {
         let member_sha = {
             let mut h = Sha256::new();
             h.update(b"weights");
-            crate::files::hex(&h.finalize())
+            hex::encode(h.finalize())
         };
         let pinned = Pinned {
             package: "pkg",

@@ -1,5 +1,5 @@
 //! Small file helpers shared by the loaders and writers: bounded JSON
-//! reads, atomic writes, hex names.
+//! reads and atomic writes.
 
 use std::path::Path;
 
@@ -28,15 +28,4 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).map_err(|e| ModelError::file(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| ModelError::file(path, e))
-}
-
-/// Lower-case hex of `bytes`.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(2 * bytes.len()), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }

@@ -562,7 +562,7 @@ pub fn distill_cached(
             key.update(id.to_le_bytes());
         }
     }
-    let path = cache.join(format!("{}.bundle", crate::files::hex(&key.finalize())));
+    let path = cache.join(format!("{}.bundle", hex::encode(key.finalize())));
     if let Ok(bytes) = std::fs::read(&path) {
         match Bundle::from_bytes(&bytes, full.device()) {
             Ok(b) if b.layout == *layout => {

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use fedveil_model::eval::{
-    Limits, Outcome, extract_code, gsm8k_answer, gsm8k_exact_match, is_code_prompt, pass_at_k,
+    Limits, Verdict, extract_code, gsm8k_answer, gsm8k_exact_match, is_code_prompt, pass_at_k,
     run_python, test_program,
 };
 
@@ -47,15 +47,15 @@ fn limits() -> Limits {
 fn correct_programs_pass_and_wrong_ones_fail() {
     let good =
         "def add(a, b):\n    return a + b\n\nassert add(2, 3) == 5\nassert add(-1, 1) == 0\n";
-    assert_eq!(run_python(good, &limits()).unwrap(), Outcome::Passed);
+    assert_eq!(run_python(good, &limits()).unwrap(), Verdict::Passed);
     let wrong = "def add(a, b):\n    return a - b\n\nassert add(2, 3) == 5\n";
     match run_python(wrong, &limits()).unwrap() {
-        Outcome::Failed(why) => assert!(why.contains("AssertionError"), "{why}"),
+        Verdict::Failed(why) => assert!(why.contains("AssertionError"), "{why}"),
         other => panic!("{other:?}"),
     }
     let broken = "def add(a, b)\n    return a + b\n";
     match run_python(broken, &limits()).unwrap() {
-        Outcome::Failed(why) => assert!(why.contains("SyntaxError"), "{why}"),
+        Verdict::Failed(why) => assert!(why.contains("SyntaxError"), "{why}"),
         other => panic!("{other:?}"),
     }
 }
@@ -69,29 +69,29 @@ fn the_sandbox_limits_time_and_memory_and_its_guard_refuses_os_fork_and_sockets(
     let started = Instant::now();
     assert_eq!(
         run_python("while True:\n    pass\n", &limits()).unwrap(),
-        Outcome::TimedOut
+        Verdict::TimedOut
     );
     // Sleeping uses no CPU: the wall clock stops it.
     assert_eq!(
         run_python("import time\ntime.sleep(60)\n", &limits()).unwrap(),
-        Outcome::TimedOut
+        Verdict::TimedOut
     );
     assert!(started.elapsed() < Duration::from_secs(10));
     match run_python("x = bytearray(8 << 30)\nassert False\n", &limits()).unwrap() {
-        Outcome::Failed(why) => assert!(why.contains("MemoryError"), "{why}"),
+        Verdict::Failed(why) => assert!(why.contains("MemoryError"), "{why}"),
         other => panic!("a memory bomb: {other:?}"),
     }
     match run_python("x = [0] * (1 << 40)\n", &limits()).unwrap() {
-        Outcome::Failed(why) => assert!(why.contains("MemoryError"), "{why}"),
+        Verdict::Failed(why) => assert!(why.contains("MemoryError"), "{why}"),
         other => panic!("a list bomb: {other:?}"),
     }
     match run_python("import os\nos.fork()\n", &limits()).unwrap() {
-        Outcome::Failed(why) => assert!(why.contains("disabled in the sandbox"), "{why}"),
+        Verdict::Failed(why) => assert!(why.contains("disabled in the sandbox"), "{why}"),
         other => panic!("a fork: {other:?}"),
     }
     let net = "import socket\ns = socket.create_connection(('1.1.1.1', 80), timeout=2)\n";
     match run_python(net, &limits()).unwrap() {
-        Outcome::Failed(why) => assert!(why.contains("network access is disabled"), "{why}"),
+        Verdict::Failed(why) => assert!(why.contains("network access is disabled"), "{why}"),
         other => panic!("a connection: {other:?}"),
     }
     // Even below the interpreter's guard, the namespace has no route out.
@@ -99,14 +99,14 @@ fn the_sandbox_limits_time_and_memory_and_its_guard_refuses_os_fork_and_sockets(
         let raw =
             "import _socket\ns = _socket.socket()\ns.settimeout(2)\ns.connect(('1.1.1.1', 80))\n";
         match run_python(raw, &limits()).unwrap() {
-            Outcome::Failed(why) => assert!(why.contains("Network is unreachable"), "{why}"),
+            Verdict::Failed(why) => assert!(why.contains("Network is unreachable"), "{why}"),
             other => panic!("a raw connection: {other:?}"),
         }
     }
     // Files go to a fresh directory that is removed afterwards.
     let write =
         "open('out.txt', 'w').write('x')\nimport os\nassert os.listdir('.') == ['out.txt']\n";
-    assert_eq!(run_python(write, &limits()).unwrap(), Outcome::Passed);
+    assert_eq!(run_python(write, &limits()).unwrap(), Verdict::Passed);
 }
 
 /// HumanEval/0 as the dataset ships it (MIT): the prompt is the start of
@@ -125,34 +125,34 @@ fn code_answers_become_programs_that_pass_or_fail_on_their_tests() {
     let judge = |answer: &str, prompt: &str, test: &str| {
         run_python(&test_program(prompt, answer, test), &limits()).unwrap()
     };
-    assert_eq!(judge(body, HE_PROMPT, HE_TEST), Outcome::Passed);
+    assert_eq!(judge(body, HE_PROMPT, HE_TEST), Verdict::Passed);
     // A chat model's answer: the whole function in a fence, with prose.
     let fenced = format!(
         "Here is the function:\n```python\nfrom typing import List\n\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n{body}```\nIt compares every pair."
     );
-    assert_eq!(judge(&fenced, HE_PROMPT, HE_TEST), Outcome::Passed);
+    assert_eq!(judge(&fenced, HE_PROMPT, HE_TEST), Verdict::Passed);
     // A body that ends with a stray closing fence.
     assert_eq!(
         judge(&format!("{body}```\nDone."), HE_PROMPT, HE_TEST),
-        Outcome::Passed
+        Verdict::Passed
     );
     // Wrong answers fail: an off-by-one comparison, and prose.
     let wrong = body.replace("< threshold", "< threshold / 10");
     assert!(matches!(
         judge(&wrong, HE_PROMPT, HE_TEST),
-        Outcome::Failed(_)
+        Verdict::Failed(_)
     ));
     assert!(matches!(
         judge("I would compare every pair of numbers.", HE_PROMPT, HE_TEST),
-        Outcome::Failed(_)
+        Verdict::Failed(_)
     ));
 
     // MBPP: the prompt is prose, so the answer must define the function.
     let test = "assert add(2, 3) == 5\nassert add(-1, 1) == 0";
     let good = "```python\ndef add(a, b):\n    return a + b\n```";
-    assert_eq!(judge(good, mbpp, test), Outcome::Passed);
+    assert_eq!(judge(good, mbpp, test), Verdict::Passed);
     let looping = "def add(a, b):\n    while True:\n        pass\n";
-    assert_eq!(judge(looping, mbpp, test), Outcome::TimedOut);
+    assert_eq!(judge(looping, mbpp, test), Verdict::TimedOut);
 
     assert_eq!(extract_code("no fences"), "no fences");
     assert_eq!(extract_code("```\nx = 1\n```"), "x = 1\n");
@@ -172,7 +172,7 @@ fn pass_at_k_over_judged_samples() {
         .iter()
         .filter(|s| {
             run_python(&test_program("Add two numbers.", s, test), &limits()).unwrap()
-                == Outcome::Passed
+                == Verdict::Passed
         })
         .count();
     assert_eq!(passed, 2);

@@ -19,8 +19,7 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 fn tempdir(tag: &str) -> PathBuf {
     let mut bytes = [0u8; 8];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let dir = std::env::temp_dir().join(format!("fedveil-load-{tag}-{hex}"));
+    let dir = std::env::temp_dir().join(format!("fedveil-load-{tag}-{}", hex::encode(bytes)));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }

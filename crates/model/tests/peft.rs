@@ -525,10 +525,7 @@ fn prompt_tokens_carry_no_loss() {
 fn tempdir() -> std::path::PathBuf {
     let mut bytes = [0u8; 8];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
-    let dir = std::env::temp_dir().join(format!(
-        "fedveil-model-{}",
-        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    ));
+    let dir = std::env::temp_dir().join(format!("fedveil-model-{}", hex::encode(bytes)));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }

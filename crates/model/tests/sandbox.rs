@@ -12,7 +12,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fedveil_model::eval::{Limits, Outcome, run_python, sandbox_status};
+use fedveil_model::eval::{Limits, Verdict, run_python, sandbox_status};
 
 /// Limits whose memory figure is unique to this test, so that the
 /// program's processes can be found on the host by their command line.
@@ -118,7 +118,7 @@ if esc:
     );
     let l = limits(101);
     let outcome = run_python(&program, &l).unwrap();
-    assert_eq!(outcome, Outcome::Passed, "{outcome:?}");
+    assert_eq!(outcome, Verdict::Passed, "{outcome:?}");
     std::thread::sleep(Duration::from_millis(300));
     for suffix in ["", ".system", ".id", ".spawn", ".late"] {
         let p = PathBuf::from(format!("{}{suffix}", out.display()));
@@ -150,7 +150,7 @@ raise SystemExit("forked %d" % n)
 "#;
     let l = limits(202);
     let outcome = run_python(program, &l).unwrap();
-    let Outcome::Failed(why) = &outcome else {
+    let Verdict::Failed(why) = &outcome else {
         panic!("{outcome:?}")
     };
     let n: u64 = why
@@ -184,5 +184,5 @@ try:
 except OSError:
     pass
 "#;
-    assert_eq!(run_python(program, &limits(303)).unwrap(), Outcome::Passed);
+    assert_eq!(run_python(program, &limits(303)).unwrap(), Verdict::Passed);
 }

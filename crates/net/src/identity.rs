@@ -15,18 +15,9 @@ use zeroize::Zeroizing;
 use crate::NetError;
 use crate::files::{Access, check_private, write_atomically};
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
-    if s.len() != 2 * N {
-        return None;
-    }
     let mut out = [0u8; N];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
+    hex::decode_to_slice(s, &mut out).ok()?;
     Some(out)
 }
 
@@ -43,7 +34,7 @@ impl Fingerprint {
 
 impl fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sha256:{}", hex(&self.0))
+        write!(f, "sha256:{}", hex::encode(self.0))
     }
 }
 
@@ -172,7 +163,7 @@ pub struct ClientKey(pub [u8; 32]);
 
 impl fmt::Display for ClientKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ed25519:{}", hex(&self.0))
+        write!(f, "ed25519:{}", hex::encode(self.0))
     }
 }
 
@@ -249,8 +240,17 @@ impl ClientIdentity {
 
     /// Writes the seed as hex to `path` (mode 0600).
     pub fn save(&self, path: &Path) -> Result<(), NetError> {
-        let text = Zeroizing::new(format!("{}\n", hex(self.seed().as_ref())));
-        write_file(path, text.as_bytes(), true)
+        // Hex straight into a buffer that is wiped: no copy of the seed
+        // is left on the heap.
+        let mut text = Zeroizing::new([0u8; 65]);
+        hex::encode_to_slice(self.seed().as_ref(), &mut text[..64]).map_err(|e| {
+            NetError::BadFile {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            }
+        })?;
+        text[64] = b'\n';
+        write_file(path, &text[..], true)
     }
 
     /// Reads an identity written by [`ClientIdentity::save`].

@@ -14,7 +14,6 @@
 #![forbid(unsafe_code)]
 #![deny(missing_debug_implementations)]
 
-pub mod audit;
 pub mod auth;
 pub mod endpoint;
 pub mod files;

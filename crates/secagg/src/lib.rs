@@ -20,14 +20,12 @@
 //! - [`codec`]: the float codec with stochastic rounding and weights (§4.2);
 //! - [`crypto`]: KDF, AES-CTR mask PRG, Shamir, AEAD envelopes, identities (§5);
 //! - [`client`], [`server`]: the protocol rounds (§6);
-//! - [`audit`]: a malicious server's attacks, for `fedveil audit` (§8);
 //! - [`sim`]: the in-memory federation harness used by tests, benches and
 //!   `fedveil simulate`.
 
 #![forbid(unsafe_code)]
 #![deny(missing_debug_implementations)]
 
-pub mod audit;
 pub mod client;
 pub mod codec;
 pub mod crypto;

@@ -238,7 +238,7 @@ fn threshold_for(
         AdversaryModel::SemiHonest => t1,
         AdversaryModel::SemiMalicious => (t1 + k) / 2,
     };
-    let t = (t1 + 1).max(k / 2 + 1).max(2);
+    let t = (t1 + 1).max(crate::params::majority(k)).max(2);
     (t <= t2).then_some(t)
 }
 
@@ -254,7 +254,7 @@ fn complete_graph(
         AdversaryModel::SemiHonest => corrupt,
         AdversaryModel::SemiMalicious => (corrupt + k) / 2,
     };
-    let t = (t1 + 1).max(k / 2 + 1).max(2);
+    let t = (t1 + 1).max(crate::params::majority(k)).max(2);
     let t2 = k.saturating_sub(dropped);
     if t <= t2 {
         Ok(GraphParams {

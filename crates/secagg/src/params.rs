@@ -80,7 +80,9 @@ impl SessionParams {
             .map(|e| &e.identity)
     }
 
-    /// Checks every rule of §2.3.
+    /// Checks every rule of §2.3 (the graph's and the threshold's through
+    /// [`degree_fits`] and [`threshold_fits`], which configurations use
+    /// too).
     pub fn validate(&self) -> Result<(), ParamsError> {
         if self.version != PROTOCOL_VERSION {
             return Err(ParamsError::UnsupportedVersion {
@@ -120,7 +122,7 @@ impl SessionParams {
                 reason: "each client needs at least 2 neighbours",
             });
         }
-        if !self.is_complete() && k % 2 == 1 && n % 2 == 1 {
+        if !degree_fits(k, u32::try_from(n).unwrap_or(u32::MAX)) {
             return Err(ParamsError::InvalidDegree {
                 degree: self.degree,
                 n,
@@ -138,7 +140,7 @@ impl SessionParams {
                 degree: k,
             });
         }
-        if 2 * self.threshold <= k {
+        if !threshold_fits(self.threshold, k) {
             return Err(ParamsError::ThresholdNotMajority {
                 threshold: self.threshold,
                 degree: k,
@@ -181,6 +183,33 @@ impl SessionParams {
         h.update(self.canonical_bytes());
         SessionId(h.finalize().into())
     }
+}
+
+/// Whether `k` neighbours each among `n` clients make a Harary graph
+/// (§3): short of the complete graph, an odd degree needs an even number
+/// of clients.
+pub fn degree_fits(k: u32, n: u32) -> bool {
+    k + 1 >= n || k.is_multiple_of(2) || n.is_multiple_of(2)
+}
+
+/// The degree to use for `n` clients when `k` is wanted: `k` capped at
+/// the complete graph, and raised to the next even degree where an odd
+/// one does not fit (a Poisson cohort of odd size).
+pub fn fitting_degree(k: u32, n: u32) -> u32 {
+    let k = k.min(n.saturating_sub(1));
+    if degree_fits(k, n) { k } else { k + 1 }
+}
+
+/// The smallest majority of `k` neighbours, the default threshold (§2.3).
+pub fn majority(k: u32) -> u32 {
+    k / 2 + 1
+}
+
+/// Whether `t` is a threshold §2.3 allows for `k` neighbours: at least 2,
+/// at most `k`, and more than half of them (or a malicious server could
+/// collect both kinds of a client's shares).
+pub fn threshold_fits(t: u32, k: u32) -> bool {
+    t >= 2 && t <= k && 2 * t > k
 }
 
 #[cfg(test)]

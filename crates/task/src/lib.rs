@@ -17,7 +17,7 @@
 use std::path::Path;
 
 use fedveil_fed::FedError;
-use fedveil_fed::local::TrainerFactory;
+use fedveil_fed::in_process::TrainerFactory;
 use fedveil_fed::trainer::{Evaluator, Trainer};
 
 pub mod datasets;
@@ -146,7 +146,7 @@ impl TaskConfig {
 
     /// The evaluator and trainers of an in-process federation of `clients`
     /// clients: client `i` gets shard `i`.
-    pub fn local(
+    pub fn in_process(
         &self,
         clients: u32,
         progress: OnProgress<'_>,
@@ -167,7 +167,7 @@ impl TaskConfig {
                 Ok((evaluator, factory))
             }
             TaskConfig::Llm { task, offsite } => {
-                llm::local(task, offsite.clone(), clients, progress)
+                llm::in_process(task, offsite.clone(), clients, progress)
             }
         }
     }

@@ -17,7 +17,7 @@ use fedveil_fed::trainer::{
     Evaluation, Evaluator, LocalUpdate, TrainError, Trainer, TrainingConfig,
 };
 use fedveil_model::eval::{
-    Limits, Outcome, gsm8k_exact_match, pass_at_k, run_python, test_program,
+    Limits, Verdict, gsm8k_exact_match, pass_at_k, run_python, test_program,
 };
 use fedveil_model::federated::{LocalTraining, RoundSettings};
 use fedveil_model::generate::{GenerateOptions, Sampling, generate};
@@ -812,7 +812,7 @@ impl Evaluator for LlmEvaluator {
                     let program = test_program(&record.instruction, &text, &record.test);
                     let outcome = run_python(&program, &limits).map_err(train_error)?;
                     tracing::debug!(%program, ?outcome, "pass@k sample");
-                    correct += usize::from(outcome == Outcome::Passed);
+                    correct += usize::from(outcome == Verdict::Passed);
                 }
                 passed += correct;
                 for (sum, &k) in sums.iter_mut().zip(&cfg.k) {
@@ -1151,12 +1151,12 @@ pub(crate) fn client_trainer(task: &LlmTask) -> Result<Box<dyn Trainer>, FedErro
 /// `fedveil run`: the evaluator and the trainers of `clients` clients,
 /// client `i` holding part `i` of the split data. The model is loaded
 /// once and shared by everyone in the process.
-pub(crate) fn local(
+pub(crate) fn in_process(
     task: &LlmTask,
     offsite: Option<OffsiteSection>,
     clients: u32,
     progress: OnProgress<'_>,
-) -> Result<(Box<dyn Evaluator>, fedveil_fed::local::TrainerFactory), FedError> {
+) -> Result<(Box<dyn Evaluator>, fedveil_fed::in_process::TrainerFactory), FedError> {
     if task.shard.is_some() || task.shards.is_some() {
         return Err(config_error(
             "task.shard",
@@ -1214,7 +1214,7 @@ pub(crate) fn local(
             offsite,
         },
     )?;
-    let factory: fedveil_fed::local::TrainerFactory = Box::new(move |i| {
+    let factory: fedveil_fed::in_process::TrainerFactory = Box::new(move |i| {
         let (task, parts, loaded, peft) = &*shared;
         let records = parts
             .get(i as usize)

@@ -68,7 +68,7 @@ fn the_synthetic_tasks_trainer_moves_the_evaluators_loss_down() {
     let dir = scratch("synthetic");
     let task = parse("kind = \"synthetic\"\ndim = 6\nseed = 2", None, &dir).unwrap();
     assert_eq!(task.kind(), "synthetic");
-    let (mut evaluator, trainers) = task.local(3, &mut |_| {}).unwrap();
+    let (mut evaluator, trainers) = task.in_process(3, &mut |_| {}).unwrap();
     let global = evaluator.initial_params().unwrap();
     assert_eq!(global.len(), 6);
     let before = evaluator.evaluate(&global).unwrap().loss;
@@ -119,7 +119,7 @@ fn an_llm_task_trains_an_adapter_that_the_servers_evaluator_scores_lower() {
     .unwrap();
     assert_eq!(task.kind(), "llm");
     let mut heard = 0;
-    let (mut evaluator, trainers) = task.local(2, &mut |_| heard += 1).unwrap();
+    let (mut evaluator, trainers) = task.in_process(2, &mut |_| heard += 1).unwrap();
     assert_eq!(heard, 0, "nothing to distil, nothing to report");
     let global = evaluator.initial_params().unwrap();
     let before = evaluator.evaluate(&global).unwrap();
@@ -174,7 +174,7 @@ fn an_offsite_task_hands_clients_the_emulator_and_they_train_on_it() {
         &dir,
     )
     .unwrap();
-    let (mut evaluator, trainers) = task.local(2, &mut |_| {}).unwrap();
+    let (mut evaluator, trainers) = task.in_process(2, &mut |_| {}).unwrap();
     let global = evaluator.initial_params().unwrap();
     let first = evaluator.evaluate(&global).unwrap();
     for key in ["plugin_loss", "emulator_loss"] {
@@ -279,7 +279,7 @@ fn bad_task_configs_are_refused_by_key() {
         let parsed = parse(task, *offsite, &dir).unwrap();
         let e = match parsed.client_trainer() {
             Err(e) => e,
-            Ok(_) => parsed.local(2, &mut |_| {}).err().unwrap(),
+            Ok(_) => parsed.in_process(2, &mut |_| {}).err().unwrap(),
         };
         let (path, reason) = config_path(e);
         assert_eq!(path, *key, "{task} / {offsite:?}: {reason}");

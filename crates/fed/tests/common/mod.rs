@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use fedveil_fed::FedError;
+use fedveil_fed::adversary::{Adversary, ClientAdversary, ClientHooks, ServerHooks};
 use fedveil_fed::client::{self, ClientSetup, ClientSummary, Fault};
 use fedveil_fed::config::{Plan, Policy, RunFile};
 use fedveil_fed::metrics::{ClientEvent, Event};
@@ -16,7 +17,7 @@ use fedveil_fed::net::frame::{read_blob, read_frame, write_frame};
 use fedveil_fed::net::quinn;
 use fedveil_fed::net::{ClientIdentity, Limits, NetClient, ServerIdentity};
 use fedveil_fed::randomness::Randomness;
-use fedveil_fed::server::{Adversary, Server, ServerSetup, Summary};
+use fedveil_fed::server::{Server, ServerSetup, Summary};
 use fedveil_fed::wire::{Down, MAX_UP_FRAME, RoundSpec, Up, VERSION};
 use fedveil_task::synthetic::{SyntheticConfig, SyntheticEvaluator, SyntheticTrainer};
 use rand_chacha::ChaCha20Rng;
@@ -151,7 +152,9 @@ pub async fn start_server_with(
             evaluator: Box::new(SyntheticEvaluator::new(&cfg, population).unwrap()),
             randomness: randomness.clone(),
             events: Some(tx.clone()),
-            adversary: adversary.take(),
+            hooks: ServerHooks {
+                adversary: adversary.take(),
+            },
         };
         match Server::bind(setup) {
             Ok(s) => break s,
@@ -181,7 +184,7 @@ pub struct ClientOptions {
     pub faults: Vec<Fault>,
     pub policy: Policy,
     pub record_inputs: bool,
-    pub adversary: Option<Box<dyn client::ClientAdversary>>,
+    pub adversary: Option<Box<dyn ClientAdversary>>,
     pub ledger_dir: Option<std::path::PathBuf>,
 }
 
@@ -223,12 +226,14 @@ pub fn start_client(
         max_reconnect: Duration::from_millis(500),
         give_up_after: Some(Duration::from_secs(30)),
         events,
-        record_inputs: options.record_inputs,
         endpoint,
         faults: options.faults,
         bundle_cache: None,
         max_bundle_bytes: fedveil_fed::client::MAX_BUNDLE_BYTES,
-        adversary: options.adversary,
+        hooks: ClientHooks {
+            adversary: options.adversary,
+            record_inputs: options.record_inputs,
+        },
         ledger_dir: options.ledger_dir,
     };
     tokio::spawn(client::run(setup))

@@ -12,8 +12,8 @@ use rand_core::OsRng;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::frame::{read_frame, write_frame};
-use crate::{ClientIdentity, Limits, NetClient, NetError, NetServer, ServerIdentity};
+use fedveil_fed::net::frame::{read_frame, write_frame};
+use fedveil_fed::net::{ClientIdentity, Limits, NetClient, NetError, NetServer, ServerIdentity};
 
 const NAME: &str = "localhost";
 
@@ -50,7 +50,7 @@ impl NetFinding {
 
 /// A server that echoes one frame per stream for authenticated clients
 /// and reports every refusal and stream error.
-struct Harness {
+struct EchoServer {
     addr: SocketAddr,
     server: ServerIdentity,
     honest: ClientIdentity,
@@ -61,8 +61,8 @@ struct Harness {
     net: std::sync::Arc<NetServer>,
 }
 
-impl Harness {
-    fn start() -> Result<Harness, NetError> {
+impl EchoServer {
+    fn start() -> Result<EchoServer, NetError> {
         let server = ServerIdentity::generate(&[NAME.to_string()])?;
         let honest = ClientIdentity::generate(&mut OsRng);
         let insider = ClientIdentity::generate(&mut OsRng);
@@ -112,7 +112,7 @@ impl Harness {
                 });
             }
         });
-        Ok(Harness {
+        Ok(EchoServer {
             addr,
             server,
             honest,
@@ -161,7 +161,7 @@ impl Harness {
     }
 }
 
-impl Drop for Harness {
+impl Drop for EchoServer {
     fn drop(&mut self) {
         self.net.close();
     }
@@ -171,7 +171,7 @@ impl Drop for Harness {
 /// handshake succeeds, its certificate pin is right) and proves its own
 /// key. It must be refused before any protocol state is created.
 pub async fn unauthenticated_client() -> Result<NetFinding, NetError> {
-    let mut h = Harness::start()?;
+    let mut h = EchoServer::start()?;
     let stranger = ClientIdentity::generate(&mut OsRng);
     let attacker_served = h.echo(&stranger).await;
     let refused = h.drain(Duration::from_secs(2)).await;
@@ -187,7 +187,7 @@ pub async fn unauthenticated_client() -> Result<NetFinding, NetError> {
 /// §2.3: an authenticated client announces a 4 GiB frame. The server must
 /// refuse it from the header alone, without allocating, and keep serving.
 pub async fn oversized_frame() -> Result<NetFinding, NetError> {
-    let mut h = Harness::start()?;
+    let mut h = EchoServer::start()?;
     let insider = ClientIdentity::from_seed(&h.insider.seed());
     let conn = h.client()?.connect(h.addr, NAME, &insider).await?;
     let (mut send, mut recv) = conn
@@ -209,6 +209,45 @@ pub async fn oversized_frame() -> Result<NetFinding, NetError> {
         attacker_served,
         honest_served,
     })
+}
+
+/// The transport's claims, each against its attack.
+pub async fn claims() -> crate::Result<Vec<crate::Claim>> {
+    let cases = [
+        (
+            "network.unauthenticated_client",
+            "federation.md §2.2",
+            "A client whose key is not on the server's allow-list is refused before any \
+             protocol state exists, and the server keeps serving.",
+            "A client with the right certificate pin but an unknown key connects over QUIC, \
+             proves its own key and sends a frame; an allowed client connects afterwards.",
+            unauthenticated_client().await,
+        ),
+        (
+            "network.oversized_frame",
+            "federation.md §2.3",
+            "A frame over the size limit is refused from its header, before anything is \
+             allocated, and the server keeps serving.",
+            "An authenticated client opens a stream and announces a 4 GiB frame; another \
+             client connects afterwards.",
+            oversized_frame().await,
+        ),
+    ];
+    let mut claims = Vec::new();
+    for (id, section, claim, attack, finding) in cases {
+        let finding =
+            finding.map_err(|e| crate::AuditError::Harness(format!("the {id} case: {e}")))?;
+        claims.push(crate::Claim::new(
+            id,
+            section,
+            claim,
+            attack,
+            finding.held(),
+            finding.evidence(),
+            &finding,
+        )?);
+    }
+    Ok(claims)
 }
 
 #[cfg(test)]

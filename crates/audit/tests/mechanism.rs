@@ -4,12 +4,12 @@
 //! mechanism (no noise, or no clipping) the attack proves more than the
 //! claim, so the audit fails loudly.
 
-use fedveil_dp::audit::{AuditConfig, Broken, audit_round};
-use fedveil_dp::mechanism::{NoiseConfig, Placement};
+use fedveil_audit::mechanism::{AuditConfig, Sabotage, audit_round};
+use fedveil_fed::dp::mechanism::{NoiseConfig, Placement};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 
-fn config(noise_multiplier: f64, broken: Option<Broken>) -> AuditConfig {
+fn config(noise_multiplier: f64, broken: Option<Sabotage>) -> AuditConfig {
     let mut noise = NoiseConfig {
         placement: Placement::Distributed,
         dim: 64,
@@ -49,7 +49,7 @@ fn the_attack_proves_less_than_the_accountant_claims() {
 
 #[test]
 fn a_mechanism_without_noise_or_clipping_is_caught() {
-    for broken in [Broken::NoNoise, Broken::NoClip] {
+    for broken in [Sabotage::NoNoise, Sabotage::NoClip] {
         let r = audit_round(
             &config(1.0, Some(broken)),
             &mut ChaCha20Rng::seed_from_u64(7),

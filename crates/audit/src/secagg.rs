@@ -8,8 +8,8 @@
 //! clients through a [`Link`], so the same code attacks the real client
 //! state machines in memory ([`run_server_attack`]: ten clients, k = 6
 //! neighbours, threshold t = 4, 64 coordinates in `Z_{2^32}`) and the real
-//! federation clients over QUIC (`fedveil_audit::quic`, which hands the
-//! attack the fed server's session). Afterwards the server does its best:
+//! federation clients over QUIC ([`crate::quic`], which hands the attack
+//! the fed server's session through fed's adversary hooks). Afterwards the server does its best:
 //! it reconstructs whatever secrets the shares it obtained allow (checked
 //! against the target's commitment and advertised key, exactly as a real
 //! attacker would check them), strips every mask it can from the target's
@@ -23,14 +23,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use curve25519_dalek::scalar::Scalar;
 use serde::Serialize;
 
-use crate::crypto::identity::SignatureBytes;
-use crate::crypto::prg::{self, MaskStream};
-use crate::crypto::shamir::{self, Share};
-use crate::crypto::{kdf, keys};
-use crate::messages::{AdvertisedKeys, ClientMessage, ServerMessage, SurvivorSignature};
-use crate::ring::PackedVec;
-use crate::sim::{Cohort, CohortSpec, SimError};
-use crate::{ClientId, SessionId, ShareKind, Stage};
+use fedveil_fed::adversary::{Link, View};
+use fedveil_fed::secagg::crypto::identity::SignatureBytes;
+use fedveil_fed::secagg::crypto::prg::{self, MaskStream};
+use fedveil_fed::secagg::crypto::shamir::{self, Share};
+use fedveil_fed::secagg::crypto::{kdf, keys};
+use fedveil_fed::secagg::messages::{
+    AdvertisedKeys, ClientMessage, ServerMessage, SurvivorSignature,
+};
+use fedveil_fed::secagg::ring::PackedVec;
+use fedveil_fed::secagg::sim::{Cohort, CohortSpec, SimError};
+use fedveil_fed::secagg::{ClientId, SessionId, ShareKind, Stage};
 
 /// Clients in an attacked session.
 pub const CLIENTS: u32 = 10;
@@ -100,46 +103,29 @@ impl Finding {
     }
 }
 
-/// How an attacking server reaches the clients of a session.
-pub trait Link {
-    /// Sends every message, in order, and returns the answers that came
-    /// back (a client that refuses a message answers nothing; the link
-    /// keeps the refusals where it can see them).
-    fn ask_all(&mut self, msgs: Vec<(ClientId, ServerMessage)>) -> Vec<(ClientId, ClientMessage)>;
-}
-
-/// What the server knows of a session when an attack takes it over.
-#[derive(Clone, Debug)]
-pub struct View {
-    pub session: SessionId,
-    pub bits: u8,
-    pub threshold: u32,
-    /// The session's roster.
-    pub members: Vec<ClientId>,
-    /// Each member's neighbours.
-    pub neighbours: BTreeMap<ClientId, Vec<ClientId>>,
-    /// Every message a member sent so far, in order (also those the honest
-    /// server refused).
-    pub log: Vec<(ClientId, ClientMessage)>,
-}
-
-impl View {
-    /// The view of an in-memory session (its log must be enabled).
-    fn of(cohort: &Cohort) -> View {
-        let members: Vec<ClientId> = cohort.params.roster.iter().map(|r| r.id).collect();
-        View {
-            session: cohort.server.session_id(),
-            bits: cohort.params.bits,
-            threshold: cohort.params.threshold,
-            neighbours: members
-                .iter()
-                .map(|c| (*c, cohort.server.neighbours_of(*c).unwrap_or_default()))
-                .collect(),
-            members,
-            log: cohort.log.clone(),
-        }
+/// The view of an in-memory session (its log must be enabled).
+fn view_of(cohort: &Cohort) -> View {
+    let members: Vec<ClientId> = cohort.params.roster.iter().map(|r| r.id).collect();
+    View {
+        session: cohort.server.session_id(),
+        bits: cohort.params.bits,
+        threshold: cohort.params.threshold,
+        neighbours: members
+            .iter()
+            .map(|c| (*c, cohort.server.neighbours_of(*c).unwrap_or_default()))
+            .collect(),
+        members,
+        log: cohort.log.clone(),
     }
 }
+
+/// The control's claim: the measurement can see a leak.
+pub const CONTROL_CLAIM: &str = "The measurement above can see a leak: with both secrets of \
+     the target the server's estimate is its input.";
+/// What the control does.
+pub const CONTROL_ATTACK: &str = "The same deterministic session run twice, the target alive \
+     in one and dropped in the other (what fresh per-session keys prevent), pooling the shares \
+     of both.";
 
 /// The malicious server's attacks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -190,6 +176,49 @@ impl ServerAttackKind {
             ServerAttackKind::TooFewSurvivors => "§6.7 rule 6, §2.1",
             ServerAttackKind::DifferentModel => "§6.1, §8.4",
             ServerAttackKind::Control => "§5.1, §6.7",
+        }
+    }
+
+    /// The claim the attack tests and what the attack does, for the
+    /// report (the control's own lines are [`CONTROL_CLAIM`] and
+    /// [`CONTROL_ATTACK`]).
+    pub fn claim_and_attack(self) -> (&'static str, &'static str) {
+        match self {
+            ServerAttackKind::AliveAndDropped => (
+                "A client never reveals both shares of one neighbour, so a server cannot \
+                 unmask a client it calls both alive and dropped.",
+                "The server lists the target as alive and dropped in the unmask requests to \
+                 every neighbour (Flower 1.42's flaw), then asks honestly.",
+            ),
+            ServerAttackKind::Equivocation => (
+                "Signed survivor sets stop a server that tells different clients different \
+                 dropped sets: with 2t > k no two quorums fit among k neighbours.",
+                "The server shows t of the target's neighbours a survivor set with the target \
+                 and the other k − t one without it, to collect self-mask shares from the first \
+                 group and mask-key shares from the second.",
+            ),
+            ServerAttackKind::NonNeighbour => (
+                "A client reveals shares only of its own neighbours.",
+                "The server asks clients that are not the target's neighbours for the target's \
+                 shares.",
+            ),
+            ServerAttackKind::Replay => (
+                "Messages are bound to their session: a request from another round is refused.",
+                "The server replays an earlier round's requests (which named the target as \
+                 dropped) in the current round, after collecting its self-mask shares.",
+            ),
+            ServerAttackKind::TooFewSurvivors => (
+                "No sum is unmasked over fewer than t of a client's neighbours.",
+                "The server fixes a survivor set of the target and t − 1 neighbours, so that \
+                 the sum is nearly the target alone, and asks for shares under it.",
+            ),
+            ServerAttackKind::DifferentModel => (
+                "A client's session commits to its model, so a server cannot isolate one \
+                 client with a different model (Pasquini et al. 2022).",
+                "The server sends the target a different model than its peers, then relabels \
+                 the target's keys with the common session.",
+            ),
+            ServerAttackKind::Control => (CONTROL_CLAIM, CONTROL_ATTACK),
         }
     }
 
@@ -776,7 +805,7 @@ pub fn run_server_attack(kind: ServerAttackKind, seed: u64) -> Result<Finding, S
             break;
         };
         let requests = s.cohort.run_until(stage)?;
-        let view = View::of(&s.cohort);
+        let view = view_of(&s.cohort);
         let mut link = CohortLink {
             cohort: &mut s.cohort,
             refusals: &mut refusals,
@@ -1036,7 +1065,7 @@ pub fn out_of_round(seed: u64) -> Result<ClientFinding, SimError> {
     let now = s.cohort.now;
     let session = s.session_id();
     s.inject(ClientMessage::Consistency(
-        crate::messages::ConsistencySignature {
+        fedveil_fed::secagg::messages::ConsistencySignature {
             session,
             signature: SignatureBytes([0; 64]),
         },
@@ -1067,6 +1096,37 @@ pub fn out_of_round(seed: u64) -> Result<ClientFinding, SimError> {
 pub type ClientAttack = fn(u64) -> Result<ClientFinding, SimError>;
 
 /// The malicious-client attacks: (name, spec section, attack).
+/// The claim a client attack tests and what it does, by the attack's
+/// name in [`CLIENT_ATTACKS`].
+pub fn client_claim_and_attack(name: &str) -> Option<(&'static str, &'static str)> {
+    Some(match name {
+        "forged_signature" => (
+            "A client cannot enter a session with keys it did not sign, nor under another \
+             client's name; the others finish without it.",
+            "The attacker advertises keys changed after signing, then another client's \
+             signed keys under its own name, and nothing valid.",
+        ),
+        "tampered_ciphertext" => (
+            "A tampered share envelope is detected by its recipient and reported; the round \
+             still completes exactly.",
+            "One bit of a relayed share envelope is flipped in transit.",
+        ),
+        "wrong_length" => (
+            "Vectors of the wrong length, width or encoding are rejected; the sender counts \
+             as dropped and the others' sum is exact.",
+            "The attacker sends a 3-element vector, a 16-bit one and a truncated encoding \
+             as its masked input, and no valid one.",
+        ),
+        "out_of_round" => (
+            "Out-of-round, other-session and duplicate messages are rejected without \
+             harming the sender's genuine messages or anyone else's.",
+            "The attacker sends a consistency signature during key advertisement, its keys \
+             under another session, and its genuine advertisement twice.",
+        ),
+        _ => return None,
+    })
+}
+
 pub const CLIENT_ATTACKS: &[(&str, &str, ClientAttack)] = &[
     ("forged_signature", "§6.2, §6.8", forged_signature),
     ("tampered_ciphertext", "§5.4, §6.3", tampered_ciphertext),

@@ -26,7 +26,7 @@ const CLIENT_GRACE: Duration = Duration::from_secs(3);
 pub type TrainerFactory = Box<dyn Fn(u32) -> Result<Box<dyn Trainer>, FedError> + Send + Sync>;
 
 /// A local federation.
-pub struct LocalRun {
+pub struct InProcessRun {
     pub plan: Plan,
     pub clients: u32,
     pub listen: SocketAddr,
@@ -38,9 +38,9 @@ pub struct LocalRun {
     pub client_events: Option<UnboundedSender<ClientEvent>>,
 }
 
-impl std::fmt::Debug for LocalRun {
+impl std::fmt::Debug for InProcessRun {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalRun")
+        f.debug_struct("InProcessRun")
             .field("clients", &self.clients)
             .field("listen", &self.listen)
             .finish_non_exhaustive()
@@ -49,7 +49,7 @@ impl std::fmt::Debug for LocalRun {
 
 /// What a local federation produced.
 #[derive(Debug)]
-pub struct LocalOutcome {
+pub struct InProcessResult {
     pub server: Summary,
     pub clients: Vec<Result<ClientSummary, FedError>>,
 }
@@ -101,12 +101,11 @@ pub fn spawn_swarm(swarm: Swarm) -> Result<Vec<JoinHandle<ClientOutcome>>, FedEr
             max_reconnect: Duration::from_secs(2),
             give_up_after: Some(swarm.give_up_after),
             events: swarm.events.clone(),
-            record_inputs: false,
             endpoint: Some(endpoint.clone()),
             faults: Vec::new(),
             bundle_cache: swarm.bundle_cache.clone(),
             max_bundle_bytes: client::MAX_BUNDLE_BYTES,
-            adversary: None,
+            hooks: Default::default(),
             ledger_dir: None,
         };
         tasks.push(tokio::spawn(client::run(setup)));
@@ -118,8 +117,8 @@ pub fn spawn_swarm(swarm: Swarm) -> Result<Vec<JoinHandle<ClientOutcome>>, FedEr
 pub type ClientOutcome = Result<ClientSummary, FedError>;
 
 /// Runs the federation to its end.
-pub async fn run(local: LocalRun) -> Result<LocalOutcome, FedError> {
-    let LocalRun {
+pub async fn run(local: InProcessRun) -> Result<InProcessResult, FedError> {
+    let InProcessRun {
         plan,
         clients,
         listen,
@@ -145,7 +144,7 @@ pub async fn run(local: LocalRun) -> Result<LocalOutcome, FedError> {
         evaluator,
         randomness: randomness.clone(),
         events,
-        adversary: None,
+        hooks: Default::default(),
     })?;
     let addr = server.local_addr();
     // One process, one operator: the clients accept exactly what the run
@@ -186,7 +185,7 @@ pub async fn run(local: LocalRun) -> Result<LocalOutcome, FedError> {
         };
         outcomes.push(outcome);
     }
-    Ok(LocalOutcome {
+    Ok(InProcessResult {
         server: summary?,
         clients: outcomes,
     })
