@@ -2,6 +2,7 @@
 //! happens in the workspace crates.
 
 mod audit;
+mod client;
 mod data;
 mod display;
 mod federate;
@@ -9,6 +10,8 @@ mod keygen;
 mod model;
 mod privacy;
 mod quickstart;
+mod run;
+mod server;
 mod simulate;
 mod sweep;
 mod tuning;
@@ -45,12 +48,12 @@ enum Command {
     /// Make a server certificate or a client identity.
     Keygen(keygen::Args),
     /// Run a federation's server (protocols/federation.md).
-    Server(federate::ServerArgs),
+    Server(server::Args),
     /// Run a federation client: connect, train on local data, take part in
     /// secure aggregation, until the server ends the federation.
-    Client(federate::ClientArgs),
+    Client(client::Args),
     /// Run a server and its clients in one process over loopback QUIC.
-    Run(federate::RunArgs),
+    Run(run::Args),
     /// Language models: check that one loads and works.
     Model(model::Args),
     /// Datasets: prepare one as JSONL records, or split one among clients.
@@ -71,9 +74,9 @@ fn main() -> ExitCode {
         Command::Simulate(args) => simulate::run(&args),
         Command::Privacy(args) => privacy::run(&args),
         Command::Keygen(args) => keygen::run(&args),
-        Command::Server(args) => federate::server(&args),
-        Command::Client(args) => federate::client(&args),
-        Command::Run(args) => federate::run(&args),
+        Command::Server(args) => server::run(&args),
+        Command::Client(args) => client::run(&args),
+        Command::Run(args) => run::run(&args),
         Command::Model(args) => model::run(&args),
         Command::Data(args) => data::run(&args),
         Command::Sweep(args) => sweep::run(&args),

@@ -13,7 +13,7 @@ use clap::Args as ClapArgs;
 use fedveil_fed::config::RunFile;
 
 use crate::display;
-use crate::federate::{LocalDone, run_local};
+use crate::run::{LocalDone, run_local};
 
 /// The built-in configuration (the same file ships as
 /// `configs/quickstart.toml`).

@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::display;
-use crate::federate::run_local;
+use crate::run::run_local;
 
 #[derive(ClapArgs)]
 pub struct Args {
