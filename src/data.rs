@@ -59,14 +59,13 @@ enum SplitterName {
     Meta,
 }
 
+/// Writes the records whole or not at all (the workspace's one atomic
+/// write: a fresh temporary file, flushed, renamed, the directory flushed).
 fn write_jsonl(path: &Path, records: &[Record]) -> anyhow::Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let tmp = path.with_extension("jsonl.tmp");
-    std::fs::write(&tmp, fedveil_data::records::to_jsonl(records))
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+    use fedveil_fed::net::files::{Access, write_atomically};
+    let text = fedveil_data::records::to_jsonl(records);
+    write_atomically(path, text.as_bytes(), Access::Default)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
