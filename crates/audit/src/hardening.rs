@@ -393,7 +393,9 @@ async fn retry_budget() -> Result<Claim> {
 
 /// Shifts the weight slot of this client's masked input by half the ring
 /// in round 0's first session: the unmasked total weight is out of range.
-struct ForgedWeight {
+/// fed's own tests install it too.
+#[derive(Debug, Default)]
+pub struct ForgedWeight {
     done: bool,
 }
 
@@ -433,8 +435,7 @@ async fn forged_weight() -> Result<Claim> {
     let plan = harness::plan(2, "")?;
     let cast = Cast::new(4)?;
     let o = harness::federate(&cast, &plan, Randomness::os(), |i| ClientOptions {
-        adversary: (i == 0)
-            .then(|| Box::new(ForgedWeight { done: false }) as Box<dyn ClientAdversary>),
+        adversary: (i == 0).then(|| Box::new(ForgedWeight::default()) as Box<dyn ClientAdversary>),
         ..ClientOptions::default()
     })
     .await?;

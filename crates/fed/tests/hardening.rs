@@ -8,14 +8,12 @@
 mod common;
 
 use common::*;
-use fedveil_fed::adversary::ClientAdversary;
+use fedveil_audit::hardening::ForgedWeight;
 use fedveil_fed::client::Fault;
 use fedveil_fed::config::{PlacementName, Policy};
 use fedveil_fed::metrics::{ClientEvent, Event};
 use fedveil_fed::randomness::Randomness;
 use fedveil_fed::secagg::Stage;
-use fedveil_fed::secagg::messages::ClientMessage;
-use fedveil_fed::secagg::ring::PackedVec;
 use fedveil_fed::wire::{Up, VERSION};
 
 fn short_rounds(rounds: u64, extra: &str) -> fedveil_fed::config::Plan {
@@ -167,29 +165,6 @@ async fn a_retried_session_cannot_take_the_ledger_past_the_budget() {
     let _ = join_clients(clients).await;
 }
 
-/// Shifts the weight slot of this client's masked input by half the ring
-/// in round 0's first session: the unmasked total weight becomes negative.
-struct ForgedWeight {
-    done: bool,
-}
-
-impl ClientAdversary for ForgedWeight {
-    fn outgoing(&mut self, round: u64, msg: ClientMessage) -> Vec<ClientMessage> {
-        match msg {
-            ClientMessage::MaskedInput(mut m) if round == 0 && !self.done => {
-                self.done = true;
-                let bits = m.masked.bits;
-                let mut v = m.masked.unpack().unwrap();
-                let last = v.len() - 1;
-                v[last] = v[last].wrapping_add(1 << (bits - 1));
-                m.masked = PackedVec::pack(&v, bits).unwrap();
-                vec![ClientMessage::MaskedInput(m)]
-            }
-            other => vec![other],
-        }
-    }
-}
-
 // federation.md §4.5: a sum that cannot be decoded (one member forged its
 // weight) aborts that session; the round is tried again and the
 // federation goes on.
@@ -223,7 +198,7 @@ async fn a_forged_weight_aborts_the_session_not_the_federation() {
         None,
         None,
         ClientOptions {
-            adversary: Some(Box::new(ForgedWeight { done: false })),
+            adversary: Some(Box::new(ForgedWeight::default())),
             ..ClientOptions::default()
         },
     ));
