@@ -2,11 +2,12 @@
 //! `--set` overrides, how a failure of the run is told from bad input,
 //! the async runtime, `--fresh` and the summary.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
 use fedveil_fed::FedError;
+use fedveil_fed::config::FederationSection;
 use fedveil_fed::server::Summary;
 
 use crate::display;
@@ -46,6 +47,30 @@ pub struct Overrides {
     /// `--set task.shard=3` (repeatable; checked like the file's own lines).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+}
+
+/// How a federation's server reports: shared by `fedveil server` and
+/// `fedveil run`.
+#[derive(Args)]
+pub struct Output {
+    /// Append one JSON line per round here (overrides federation.metrics).
+    #[arg(long)]
+    pub metrics: Option<PathBuf>,
+    /// Print the summary as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bars (logs only).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl Output {
+    /// `--metrics` in place of the file's `federation.metrics`.
+    pub fn redirect_metrics(&self, federation: &mut FederationSection) {
+        if let Some(m) = &self.metrics {
+            federation.metrics = Some(m.clone());
+        }
+    }
 }
 
 /// Removes what a previous run left, for `--fresh`.

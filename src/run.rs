@@ -14,7 +14,7 @@ use fedveil_task::TaskConfig;
 use tokio::sync::mpsc::unbounded_channel;
 
 use crate::display;
-use crate::federate::{Overrides, print_summary, runtime_failure, start_afresh, tokio};
+use crate::federate::{Output, Overrides, print_summary, runtime_failure, start_afresh, tokio};
 
 #[derive(ClapArgs)]
 pub struct Args {
@@ -22,15 +22,8 @@ pub struct Args {
     file: PathBuf,
     #[command(flatten)]
     overrides: Overrides,
-    /// Append one JSON line per round here (overrides federation.metrics).
-    #[arg(long)]
-    metrics: Option<PathBuf>,
-    /// Print the summary as JSON instead of a table.
-    #[arg(long)]
-    json: bool,
-    /// No progress bars (logs only).
-    #[arg(long)]
-    quiet: bool,
+    #[command(flatten)]
+    output: Output,
     /// Start a new federation: remove the checkpoint and the metrics file
     /// a previous run left (without it, a run resumes from its checkpoint).
     #[arg(long)]
@@ -39,17 +32,15 @@ pub struct Args {
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let mut file = RunFile::load_with(&args.file, &args.overrides.set)?;
-    if let Some(m) = &args.metrics {
-        file.federation.metrics = Some(m.clone());
-    }
-    let bars = display::bars(!args.quiet);
+    args.output.redirect_metrics(&mut file.federation);
+    let bars = display::bars(!args.output.quiet);
     display::init_logging("warn", &bars);
     let done = run_local(file, &args.file, bars, args.fresh)?;
     print_summary(
         &done.rounds,
         &done.outcome.server,
         done.metrics.as_deref(),
-        args.json,
+        args.output.json,
         serde_json::json!({ "clients": done.clients, "clients_failed": done.failed }),
     );
     Ok(ExitCode::SUCCESS)

@@ -14,7 +14,7 @@ use fedveil_task::TaskConfig;
 use tokio::sync::mpsc::unbounded_channel;
 
 use crate::display;
-use crate::federate::{Overrides, print_summary, runtime_failure, tokio};
+use crate::federate::{Output, Overrides, print_summary, runtime_failure, tokio};
 
 #[derive(ClapArgs)]
 pub struct Args {
@@ -23,23 +23,14 @@ pub struct Args {
     config: PathBuf,
     #[command(flatten)]
     overrides: Overrides,
-    /// Append one JSON line per round here (overrides federation.metrics).
-    #[arg(long)]
-    metrics: Option<PathBuf>,
-    /// Print the summary as JSON instead of a table.
-    #[arg(long)]
-    json: bool,
-    /// No progress bars (logs only).
-    #[arg(long)]
-    quiet: bool,
+    #[command(flatten)]
+    output: Output,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let mut file = ServerFile::load_with(&args.config, &args.overrides.set)?;
-    if let Some(m) = &args.metrics {
-        file.federation.metrics = Some(m.clone());
-    }
-    let bars = display::bars(!args.quiet);
+    args.output.redirect_metrics(&mut file.federation);
+    let bars = display::bars(!args.output.quiet);
     display::init_logging("info", &bars);
     let listen = file.listen()?;
     let limits = file.limits()?;
@@ -80,7 +71,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             &done,
             &summary,
             metrics.as_deref(),
-            args.json,
+            args.output.json,
             serde_json::json!({}),
         );
         Ok(ExitCode::SUCCESS)

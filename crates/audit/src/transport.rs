@@ -150,6 +150,19 @@ impl EchoServer {
             .is_some_and(|s| s == "ping")
     }
 
+    /// What the attack achieved: the server's errors within `wait`, and
+    /// whether an honest client connecting afterwards is still served.
+    async fn finding(&mut self, attacker_served: bool, wait: Duration) -> NetFinding {
+        let refused = self.drain(wait).await;
+        let honest = ClientIdentity::from_seed(&self.honest.seed());
+        let honest_served = self.echo(&honest).await;
+        NetFinding {
+            refused,
+            attacker_served,
+            honest_served,
+        }
+    }
+
     /// The errors the server reported within `wait`.
     async fn drain(&mut self, wait: Duration) -> Vec<String> {
         let mut out = Vec::new();
@@ -174,14 +187,7 @@ pub async fn unauthenticated_client() -> Result<NetFinding, NetError> {
     let mut h = EchoServer::start()?;
     let stranger = ClientIdentity::generate(&mut OsRng);
     let attacker_served = h.echo(&stranger).await;
-    let refused = h.drain(Duration::from_secs(2)).await;
-    let honest = ClientIdentity::from_seed(&h.honest.seed());
-    let honest_served = h.echo(&honest).await;
-    Ok(NetFinding {
-        refused,
-        attacker_served,
-        honest_served,
-    })
+    Ok(h.finding(attacker_served, Duration::from_secs(2)).await)
 }
 
 /// §2.3: an authenticated client announces a 4 GiB frame. The server must
@@ -201,14 +207,7 @@ pub async fn oversized_frame() -> Result<NetFinding, NetError> {
     let _ = send.finish();
     let answer = tokio::time::timeout(Duration::from_secs(3), recv.read_to_end(1 << 20)).await;
     let attacker_served = matches!(answer, Ok(Ok(ref b)) if !b.is_empty());
-    let refused = h.drain(Duration::from_secs(1)).await;
-    let honest = ClientIdentity::from_seed(&h.honest.seed());
-    let honest_served = h.echo(&honest).await;
-    Ok(NetFinding {
-        refused,
-        attacker_served,
-        honest_served,
-    })
+    Ok(h.finding(attacker_served, Duration::from_secs(1)).await)
 }
 
 /// The transport's claims, each against its attack.
