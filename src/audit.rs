@@ -75,9 +75,8 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         print!("{}", report.text());
     }
     if let Some(path) = &args.report {
-        std::fs::write(path, report.markdown()).map_err(|e| {
-            RuntimeFailure(format!("writing the report to {}: {e}", path.display()))
-        })?;
+        crate::write_file(path, report.markdown().as_bytes())
+            .map_err(|e| RuntimeFailure(format!("the report: {e}")))?;
     }
     if report.failed > 0 {
         let failed: Vec<&str> = report

@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context;
 use clap::{Args as ClapArgs, Subcommand, ValueEnum};
 use fedveil_data::{Record, Splitter};
 
@@ -62,10 +61,7 @@ enum SplitterName {
 /// Writes the records whole or not at all (the workspace's one atomic
 /// write: a fresh temporary file, flushed, renamed, the directory flushed).
 fn write_jsonl(path: &Path, records: &[Record]) -> anyhow::Result<()> {
-    use fedveil_fed::net::files::{Access, write_atomically};
-    let text = fedveil_data::records::to_jsonl(records);
-    write_atomically(path, text.as_bytes(), Access::Default)
-        .with_context(|| format!("writing {}", path.display()))
+    crate::write_file(path, fedveil_data::records::to_jsonl(records).as_bytes())
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {

@@ -58,8 +58,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             let id = ServerIdentity::generate(names)?;
             id.save(dir)?;
             let fingerprint = dir.join("fingerprint.txt");
-            std::fs::write(&fingerprint, format!("{}\n", id.fingerprint()))
-                .with_context(|| format!("writing {}", fingerprint.display()))?;
+            crate::write_file(&fingerprint, format!("{}\n", id.fingerprint()).as_bytes())?;
             println!("{}", id.fingerprint());
             eprintln!(
                 "wrote {}, {} and {}; clients pin the fingerprint above \

@@ -66,6 +66,14 @@ enum Command {
     Sweep(sweep::Args),
 }
 
+/// Writes a file whole or not at all, through the workspace's one atomic
+/// write (a fresh temporary file, flushed, renamed, the directory flushed).
+pub(crate) fn write_file(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use fedveil_fed::net::files::{Access, write_atomically};
+    write_atomically(path, bytes, Access::Default)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+}
+
 fn main() -> ExitCode {
     tuning::tune();
     let cli = Cli::parse();

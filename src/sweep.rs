@@ -153,8 +153,7 @@ fn point_file(
     file.federation.metrics = Some(dir.join("metrics.jsonl"));
     let text = toml::to_string(&file).context("writing the point's config")?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::write(dir.join("run.toml"), &text)
-        .with_context(|| format!("writing {}", dir.join("run.toml").display()))?;
+    crate::write_file(&dir.join("run.toml"), text.as_bytes())?;
     Ok(file)
 }
 
@@ -347,12 +346,13 @@ fn write_results(out: &Path, metric: &str, points: &[Point]) -> anyhow::Result<(
             p.seconds
         ));
     }
-    std::fs::write(out.join("results.csv"), csv)?;
-    std::fs::write(
-        out.join("results.json"),
-        serde_json::to_string_pretty(&serde_json::json!({ "metric": metric, "points": points }))?,
+    crate::write_file(&out.join("results.csv"), csv.as_bytes())?;
+    let json = serde_json::json!({ "metric": metric, "points": points });
+    crate::write_file(
+        &out.join("results.json"),
+        serde_json::to_string_pretty(&json)?.as_bytes(),
     )?;
-    std::fs::write(out.join("results.md"), markdown(metric, points))?;
+    crate::write_file(&out.join("results.md"), markdown(metric, points).as_bytes())?;
     plot(&out.join("utility.svg"), metric, points)
 }
 

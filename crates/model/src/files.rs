@@ -22,10 +22,9 @@ pub(crate) fn read_json(path: &Path) -> Result<serde_json::Value> {
     serde_json::from_str(&text).map_err(|e| ModelError::file(path, format!("not valid JSON: {e}")))
 }
 
-/// Writes through a temporary file and a rename, so a reader never sees a
-/// half-written file.
+/// Writes through [`fedveil_files::write_atomically`]: a reader never sees
+/// a half-written file, and a crash leaves none in its place.
 pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| ModelError::file(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| ModelError::file(path, e))
+    fedveil_files::write_atomically(path, bytes, fedveil_files::Access::Default)
+        .map_err(|e| ModelError::file(path, e))
 }

@@ -16,7 +16,7 @@
 
 pub mod auth;
 pub mod endpoint;
-pub mod files;
+pub use fedveil_files as files;
 pub mod frame;
 pub mod identity;
 mod tls;

@@ -1,5 +1,7 @@
 //! Files written whole or not at all, and secret files that nobody else
-//! can read.
+//! can read. Every file fedveil writes goes through here (net re-exports
+//! this crate as `fedveil_net::files`; the model crate writes its exports
+//! and caches with it).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -20,6 +22,25 @@ pub enum Access {
 /// renamed over `path`, and the directory flushed so that the rename is
 /// durable. Every step's error is returned.
 pub fn write_atomically(path: &Path, bytes: &[u8], access: Access) -> std::io::Result<()> {
+    write_atomically_with(path, access, |f| f.write_all(bytes))
+}
+
+/// [`write_atomically`] for contents that are streamed rather than held in
+/// memory: everything `reader` yields, to its end.
+pub fn copy_atomically(
+    path: &Path,
+    reader: &mut dyn std::io::Read,
+    access: Access,
+) -> std::io::Result<()> {
+    write_atomically_with(path, access, |f| std::io::copy(reader, f).map(drop))
+}
+
+/// The one atomic write: `fill` writes the temporary file's contents.
+fn write_atomically_with(
+    path: &Path,
+    access: Access,
+    fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -35,7 +56,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8], access: Access) -> std::io::R
             opts.mode(0o600);
         }
         let mut f = opts.open(&tmp)?;
-        f.write_all(bytes)?;
+        fill(&mut f)?;
         f.sync_all()?;
         drop(f);
         std::fs::rename(&tmp, path)
@@ -128,6 +149,33 @@ mod tests {
         std::fs::create_dir_all(path.join("x")).unwrap();
         assert!(write_atomically(&path, b"new", Access::Default).is_err());
         assert!(path.join("x").is_dir());
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 1);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_stream_is_copied_whole_and_a_failing_stream_leaves_nothing() {
+        let d = dir("copy");
+        let path = d.join("weights");
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        copy_atomically(&path, &mut data.as_slice(), Access::Default).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), data);
+
+        struct Failing(usize);
+        impl std::io::Read for Failing {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(std::io::Error::other("the archive is truncated"));
+                }
+                self.0 -= 1;
+                buf[0] = 7;
+                Ok(1)
+            }
+        }
+        let err = copy_atomically(&path, &mut Failing(10), Access::Default).unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
+        // The old file is intact and no temporary is left beside it.
+        assert_eq!(std::fs::read(&path).unwrap(), data);
         assert_eq!(std::fs::read_dir(&d).unwrap().count(), 1);
         std::fs::remove_dir_all(&d).unwrap();
     }
