@@ -100,22 +100,18 @@ fn explain(e: DpError) -> anyhow::Error {
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     match &args.command {
         Command::Epsilon(a) => {
-            let mechanism = SubsampledGaussian {
-                noise_multiplier: a.noise_multiplier,
-                sampling_rate: a.sampling_rate,
-                steps: a.steps,
-            };
             let accountant = Accountant::from(a.accountant);
-            let epsilon = mechanism.epsilon(a.delta, accountant).map_err(explain)?;
+            let epsilon = epsilon(
+                a.noise_multiplier,
+                a.sampling_rate,
+                a.steps,
+                a.delta,
+                accountant,
+            )?;
+            let mut out = schedule(a.delta, a.sampling_rate, a.steps, accountant);
+            out.insert("epsilon".into(), json!(epsilon));
+            out.insert("noise_multiplier".into(), json!(a.noise_multiplier));
             if a.json {
-                let out = json!({
-                    "epsilon": epsilon,
-                    "delta": a.delta,
-                    "noise_multiplier": a.noise_multiplier,
-                    "sampling_rate": a.sampling_rate,
-                    "steps": a.steps,
-                    "accountant": accountant.name(),
-                });
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 println!(
@@ -146,23 +142,12 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
                 1e-6,
             )
             .map_err(explain)?;
-            let achieved = SubsampledGaussian {
-                noise_multiplier: sigma,
-                sampling_rate: a.sampling_rate,
-                steps: a.steps,
-            }
-            .epsilon(a.delta, accountant)
-            .map_err(explain)?;
+            let achieved = epsilon(sigma, a.sampling_rate, a.steps, a.delta, accountant)?;
+            let mut out = schedule(a.delta, a.sampling_rate, a.steps, accountant);
+            out.insert("noise_multiplier".into(), json!(sigma));
+            out.insert("epsilon".into(), json!(achieved));
+            out.insert("target_epsilon".into(), json!(a.epsilon));
             if a.json {
-                let out = json!({
-                    "noise_multiplier": sigma,
-                    "epsilon": achieved,
-                    "target_epsilon": a.epsilon,
-                    "delta": a.delta,
-                    "sampling_rate": a.sampling_rate,
-                    "steps": a.steps,
-                    "accountant": accountant.name(),
-                });
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 println!(
@@ -178,4 +163,36 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The ε of `steps` Poisson-subsampled Gaussian steps.
+fn epsilon(
+    noise_multiplier: f64,
+    sampling_rate: f64,
+    steps: u64,
+    delta: f64,
+    accountant: Accountant,
+) -> anyhow::Result<f64> {
+    SubsampledGaussian {
+        noise_multiplier,
+        sampling_rate,
+        steps,
+    }
+    .epsilon(delta, accountant)
+    .map_err(explain)
+}
+
+/// The JSON keys both commands print about the schedule.
+fn schedule(
+    delta: f64,
+    sampling_rate: f64,
+    steps: u64,
+    accountant: Accountant,
+) -> serde_json::Map<String, serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    out.insert("delta".into(), json!(delta));
+    out.insert("sampling_rate".into(), json!(sampling_rate));
+    out.insert("steps".into(), json!(steps));
+    out.insert("accountant".into(), json!(accountant.name()));
+    out
 }

@@ -349,14 +349,7 @@ impl Runner {
                                 self.events.emit(ClientEvent::RoundDone { round });
                             }
                             Err(reason) => {
-                                tracing::warn!(round, "declined the round: {reason}");
-                                self.events.emit(ClientEvent::Refused {
-                                    round,
-                                    reason: reason.clone(),
-                                });
-                                let decline = Up::Decline { round, reason };
-                                if let Err(e) = write_frame(&mut send, &decline, MAX_UP_FRAME).await
-                                {
+                                if let Err(e) = self.decline(&mut send, round, reason).await {
                                     return broken(e);
                                 }
                             }
@@ -371,13 +364,7 @@ impl Runner {
                             session = Some(s);
                         }
                         Err(reason) => {
-                            tracing::warn!(round, "declined the round: {reason}");
-                            self.events.emit(ClientEvent::Refused {
-                                round,
-                                reason: reason.clone(),
-                            });
-                            let decline = Up::Decline { round, reason };
-                            if let Err(e) = write_frame(&mut send, &decline, MAX_UP_FRAME).await {
+                            if let Err(e) = self.decline(&mut send, round, reason).await {
                                 return broken(e);
                             }
                         }
@@ -477,6 +464,23 @@ impl Runner {
             send_secagg(send, m).await?;
         }
         Ok(())
+    }
+
+    /// Tells the server this client sits `round` out, and why.
+    async fn decline(
+        &mut self,
+        send: &mut quinn::SendStream,
+        round: u64,
+        reason: String,
+    ) -> Result<(), NetError> {
+        tracing::warn!(round, "declined the round: {reason}");
+        self.events.emit(ClientEvent::Refused {
+            round,
+            reason: reason.clone(),
+        });
+        write_frame(send, &Up::Decline { round, reason }, MAX_UP_FRAME)
+            .await
+            .map(drop)
     }
 
     /// The fault to inject at `stage` of `round`. Each fires once: a

@@ -48,6 +48,26 @@ impl std::fmt::Debug for Encoded {
     }
 }
 
+/// The ring codec of a plain (fixed-point, noiseless) encoding.
+fn plain_codec(encoding: &Encoding) -> Result<FloatCodec, FedError> {
+    match encoding {
+        Encoding::Plain {
+            bits,
+            clamp,
+            max_clients,
+            max_weight,
+        } => Ok(FloatCodec::new(
+            *bits,
+            *clamp,
+            *max_clients,
+            Some(*max_weight),
+        )?),
+        _ => Err(FedError::Internal(
+            "only a plain encoding has a fixed-point codec".into(),
+        )),
+    }
+}
+
 /// Encodes `update` as `encoding` says. `rng` must be a CSPRNG: it draws
 /// the rounding and the noise.
 pub fn encode<R: RngCore + CryptoRng>(
@@ -56,13 +76,8 @@ pub fn encode<R: RngCore + CryptoRng>(
     rng: &mut R,
 ) -> Result<Encoded, FedError> {
     match encoding {
-        Encoding::Plain {
-            bits,
-            clamp,
-            max_clients,
-            max_weight,
-        } => {
-            let codec = FloatCodec::new(*bits, *clamp, *max_clients, Some(*max_weight))?;
+        Encoding::Plain { max_weight, .. } => {
+            let codec = plain_codec(encoding)?;
             let weight = update.samples.clamp(1, u64::from(*max_weight)) as u32;
             Ok(Encoded {
                 ring: codec.encode(&update.delta, Some(weight), rng)?,
@@ -99,15 +114,7 @@ pub fn decode<R: RngCore + CryptoRng>(
         return Err(FedError::Internal("no survivors to decode".into()));
     }
     let mean = match encoding {
-        Encoding::Plain {
-            bits,
-            clamp,
-            max_clients,
-            max_weight,
-        } => {
-            let codec = FloatCodec::new(*bits, *clamp, *max_clients, Some(*max_weight))?;
-            codec.decode_mean(sum, survivors)?
-        }
+        Encoding::Plain { .. } => plain_codec(encoding)?.decode_mean(sum, survivors)?,
         Encoding::Private {
             noise,
             rotation_seed,

@@ -36,6 +36,22 @@ fn slice<'a>(
     Ok((&data[start..end], width))
 }
 
+/// A new storage of `a`'s shape whose rows are `f(out_row, a_row, b_row)`,
+/// the rows taken in parallel from two same-shaped contiguous f32 storages.
+fn map_row_pairs(
+    (a, al): (&CpuStorage, &Layout),
+    (b, bl): (&CpuStorage, &Layout),
+    what: &str,
+    f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (a, b, w) = pair(a, al, b, bl, what)?;
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(w)
+        .zip(a.par_chunks(w).zip(b.par_chunks(w)))
+        .for_each(|(y, (a, b))| f(y, a, b));
+    Ok((CpuStorage::F32(out), al.shape().clone()))
+}
+
 /// Two contiguous f32 storages of the same shape, as slices, and the
 /// width of their last dimension.
 fn pair<'a>(
@@ -127,26 +143,22 @@ impl CustomOp2 for RmsNormGrad<'_> {
         dys: &CpuStorage,
         dyl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, dy, h) = pair(xs, xl, dys, dyl, "rms-norm-grad")?;
         let w = &self.0.weight;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(h)
-            .zip(x.par_chunks(h).zip(dy.par_chunks(h)))
-            .for_each(|(dx, (x, dy))| {
-                let r = inv_rms(x, self.0.eps);
-                let dot = x
-                    .iter()
-                    .zip(dy)
-                    .zip(w)
-                    .map(|((x, dy), w)| x * dy * w)
-                    .sum::<f32>()
-                    / h as f32;
-                let c = r * r * r * dot;
-                for (((dx, &x), &dy), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
-                    *dx = r * w * dy - x * c;
-                }
-            });
-        Ok((CpuStorage::F32(out), xl.shape().clone()))
+        map_row_pairs((xs, xl), (dys, dyl), "rms-norm-grad", |dx, x, dy| {
+            let h = x.len();
+            let r = inv_rms(x, self.0.eps);
+            let dot = x
+                .iter()
+                .zip(dy)
+                .zip(w)
+                .map(|((x, dy), w)| x * dy * w)
+                .sum::<f32>()
+                / h as f32;
+            let c = r * r * r * dot;
+            for (((dx, &x), &dy), &w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
+                *dx = r * w * dy - x * c;
+            }
+        })
     }
 }
 
@@ -272,16 +284,11 @@ impl CustomOp2 for SwiGlu {
         us: &CpuStorage,
         ul: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (g, u, w) = pair(gs, gl, us, ul, "swiglu")?;
-        let mut out = vec![0f32; g.len()];
-        out.par_chunks_mut(w)
-            .zip(g.par_chunks(w).zip(u.par_chunks(w)))
-            .for_each(|(y, (g, u))| {
-                for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
-                    *y = g * sigmoid(g) * u;
-                }
-            });
-        Ok((CpuStorage::F32(out), gl.shape().clone()))
+        map_row_pairs((gs, gl), (us, ul), "swiglu", |y, g, u| {
+            for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
+                *y = g * sigmoid(g) * u;
+            }
+        })
     }
 
     fn bwd(
@@ -440,17 +447,12 @@ impl CustomOp2 for SoftmaxGrad {
         dys: &CpuStorage,
         dyl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (y, dy, w) = pair(ys, yl, dys, dyl, "softmax-grad")?;
-        let mut out = vec![0f32; y.len()];
-        out.par_chunks_mut(w)
-            .zip(y.par_chunks(w).zip(dy.par_chunks(w)))
-            .for_each(|(dx, (y, dy))| {
-                let dot: f32 = y.iter().zip(dy).map(|(y, dy)| y * dy).sum();
-                for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
-                    *dx = self.0 * y * (dy - dot);
-                }
-            });
-        Ok((CpuStorage::F32(out), yl.shape().clone()))
+        map_row_pairs((ys, yl), (dys, dyl), "softmax-grad", |dx, y, dy| {
+            let dot: f32 = y.iter().zip(dy).map(|(y, dy)| y * dy).sum();
+            for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
+                *dx = self.0 * y * (dy - dot);
+            }
+        })
     }
 }
 
