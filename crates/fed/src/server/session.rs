@@ -5,6 +5,35 @@
 use super::*;
 use fedveil_secagg::params;
 
+/// A secure session in progress: what its loop keeps between messages.
+struct Live {
+    round: u64,
+    attempt: u32,
+    /// Sorted, so membership is a binary search.
+    cohort: Vec<ClientId>,
+    sa: fedveil_secagg::Server,
+    started: Instant,
+    /// The traffic counters when the session began.
+    counters: (u64, u64),
+    /// The stage being timed, since when, and the finished stages' seconds.
+    stage: Option<Stage>,
+    stage_started: Instant,
+    seconds: BTreeMap<String, f64>,
+    declined: Vec<u32>,
+    /// Whether the privacy charge for this session has been made.
+    charged: bool,
+    /// The stage an adversary takes the session over at, if any, and what
+    /// the cohort sent until then.
+    takeover: Option<Stage>,
+    log: Vec<(ClientId, ClientMessage)>,
+}
+
+impl Live {
+    fn in_cohort(&self, id: &ClientId) -> bool {
+        self.cohort.binary_search(id).is_ok()
+    }
+}
+
 impl Server {
     /// Runs one SecAgg+ session of `round` with `cohort`.
     pub(super) async fn session(
@@ -14,215 +43,276 @@ impl Server {
         cohort: Vec<ClientId>,
     ) -> Result<Ended, FedError> {
         let started = Instant::now();
-        let (sent0, received0) = self.counters.snapshot();
+        let counters = self.counters.snapshot();
         let n = cohort.len() as u32;
         let (spec, blob) = self.round_spec(round, attempt, &cohort)?;
         if self.resolved.unprotected {
-            let counters = (sent0, received0);
             return self
                 .unprotected_session(round, attempt, cohort, spec, blob, started, counters)
                 .await;
         }
-        let takeover = self.hooks.takeover(round, attempt);
-        // What the cohort sent, for an adversary that takes the session over.
-        let mut log: Vec<(ClientId, ClientMessage)> = Vec::new();
-        let r = &self.resolved;
-        let mut sa = match fedveil_secagg::Server::new(spec.session.clone(), r.stage_deadlines) {
+        let sa = match fedveil_secagg::Server::new(
+            spec.session.clone(),
+            self.resolved.stage_deadlines,
+        ) {
             Ok(sa) => sa,
             // The session's parameters follow from the cohort; a Poisson
             // sample can be too small for the configured threshold or
             // degree. Nothing was sent yet: this session is aborted and the
             // round tried again with a fresh sample.
             Err(e) => {
-                let metrics = self.round_metrics(round, attempt, n, Vec::new(), (sent0, received0));
+                let metrics = self.round_metrics(round, attempt, n, Vec::new(), counters);
                 let reason = Abort::Unworkable { cohort: n, why: e };
                 return self.aborted(metrics, started, reason);
             }
         };
-        let session_id = sa.session_id();
-        let bits = spec.encoding.bits();
-        tracing::info!(round, attempt, cohort = n, "round started");
+        let mut live = Live {
+            round,
+            attempt,
+            takeover: self.hooks.takeover(round, attempt),
+            cohort,
+            sa,
+            started,
+            counters,
+            stage: None,
+            stage_started: Instant::now(),
+            seconds: BTreeMap::new(),
+            declined: Vec::new(),
+            charged: false,
+            log: Vec::new(),
+        };
+        self.send_setup(&mut live, &spec, &blob);
+        loop {
+            self.on_stage(&mut live).await?;
+            if let Some(ended) = self.taken_over(&mut live).await? {
+                return Ok(ended);
+            }
+            for (to, msg) in live.sa.drain_transmits() {
+                if !self.send(to, Outbound::Frame(Down::Secagg(msg))) {
+                    live.sa.drop_client(self.now(), to);
+                }
+            }
+            if live.sa.outcome().is_some() {
+                break;
+            }
+            if let Some(m) = self.next_inbound(&mut live).await? {
+                self.route(&mut live, m);
+            }
+        }
+        self.conclude(live, &spec).await
+    }
+
+    /// Announces the session and sends each member the round's
+    /// specification with its parameters (the setup request).
+    fn send_setup(&mut self, live: &mut Live, spec: &RoundSpec, blob: &Arc<Vec<u8>>) {
+        let (round, attempt) = (live.round, live.attempt);
+        tracing::info!(round, attempt, cohort = live.cohort.len(), "round started");
         self.events.emit(Event::RoundStarted {
             round,
             attempt,
-            cohort: cohort.clone(),
+            cohort: live.cohort.clone(),
         });
         let _ = self.expect.send(Some(Expect {
-            session: session_id,
-            bytes: packed_len(spec.session.dim as usize, bits),
+            session: live.sa.session_id(),
+            bytes: packed_len(spec.session.dim as usize, spec.encoding.bits()),
         }));
-        sa.start(self.now());
-        for (to, msg) in sa.drain_transmits() {
+        live.sa.start(self.now());
+        for (to, msg) in live.sa.drain_transmits() {
             let delivered = match msg {
-                ServerMessage::Setup(_) => match self.hooks.tampered(to, &spec, &blob) {
+                ServerMessage::Setup(_) => match self.hooks.tampered(to, spec, blob) {
                     Some((s, b)) => self.send(
                         to,
                         Outbound::WithBlob(Down::Round(Box::new(s)), Arc::new(b)),
                     ),
                     None => self.send(
                         to,
-                        Outbound::WithBlob(Down::Round(Box::new(spec.clone())), Arc::clone(&blob)),
+                        Outbound::WithBlob(Down::Round(Box::new(spec.clone())), Arc::clone(blob)),
                     ),
                 },
                 other => self.send(to, Outbound::Frame(Down::Secagg(other))),
             };
             if !delivered {
-                sa.drop_client(self.now(), to);
+                live.sa.drop_client(self.now(), to);
             }
         }
-
-        let mut stage = sa.stage();
-        let mut stage_started = Instant::now();
-        let mut seconds = BTreeMap::new();
-        let mut declined = Vec::new();
-        let mut charged = false;
-        if let Some(s) = stage {
+        live.stage = live.sa.stage();
+        live.stage_started = Instant::now();
+        if let Some(stage) = live.stage {
             self.events.emit(Event::StageStarted {
                 round,
                 attempt,
-                stage: s,
+                stage,
             });
         }
-        loop {
-            // Stage bookkeeping and the privacy charge come before the
-            // stage's requests go out.
-            if sa.stage() != stage {
-                if let Some(s) = stage {
-                    seconds.insert(
-                        stage_key(s).to_string(),
-                        stage_started.elapsed().as_secs_f64(),
-                    );
+    }
+
+    /// Stage bookkeeping when the state machine has moved on: the finished
+    /// stage's time, the new stage's event, and the privacy charge, which
+    /// comes before anything can be unmasked (when the unmasking requests
+    /// are about to go out or, if none was needed, when a sum exists).
+    async fn on_stage(&mut self, live: &mut Live) -> Result<(), FedError> {
+        let now = live.sa.stage();
+        if now == live.stage {
+            return Ok(());
+        }
+        if let Some(s) = live.stage {
+            live.seconds.insert(
+                stage_key(s).to_string(),
+                live.stage_started.elapsed().as_secs_f64(),
+            );
+        }
+        live.stage = now;
+        live.stage_started = Instant::now();
+        let unmasking = now == Some(Stage::Unmasking) || matches!(live.sa.outcome(), Some(Ok(_)));
+        if unmasking && !live.charged {
+            live.charged = true;
+            self.charge(live.round, live.attempt, live.sa.survivors().len())
+                .await?;
+        }
+        if let Some(stage) = now {
+            self.events.emit(Event::StageStarted {
+                round: live.round,
+                attempt: live.attempt,
+                stage,
+            });
+        }
+        Ok(())
+    }
+
+    /// An adversary's takeover at this stage (the `adversary` feature):
+    /// it plays the server from here, and the session is aborted.
+    async fn taken_over(&mut self, live: &mut Live) -> Result<Option<Ended>, FedError> {
+        #[cfg(feature = "adversary")]
+        if let Some(s) = live.takeover
+            && live.stage == Some(s)
+        {
+            let requests = live.sa.drain_transmits();
+            let log = std::mem::take(&mut live.log);
+            self.take_over(&live.sa, s, &live.cohort, requests, log)
+                .await?;
+            let _ = self.expect.send(None);
+            let reason = Abort::TakenOver(s);
+            for to in &live.cohort {
+                let abort = ServerMessage::Abort {
+                    session: live.sa.session_id(),
+                    reason: reason.to_string(),
+                };
+                self.send(*to, Outbound::Frame(Down::Secagg(abort)));
+            }
+            let n = live.cohort.len() as u32;
+            let declined = std::mem::take(&mut live.declined);
+            let mut metrics =
+                self.round_metrics(live.round, live.attempt, n, declined, live.counters);
+            metrics.stage_seconds = std::mem::take(&mut live.seconds);
+            return self.aborted(metrics, live.started, reason).map(Some);
+        }
+        let _ = live;
+        Ok(None)
+    }
+
+    /// The next message from the hub, or `None` when the state machine's
+    /// deadline passed first (it has handled the timeout).
+    async fn next_inbound(&mut self, live: &mut Live) -> Result<Option<Inbound>, FedError> {
+        let deadline = live
+            .sa
+            .poll_timeout()
+            .map(|d| tokio::time::Instant::from_std(self.clock + d));
+        let inbound = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, self.hub.recv()).await {
+                Ok(m) => m,
+                Err(_) => {
+                    live.sa.handle_timeout(self.now());
+                    return Ok(None);
                 }
-                stage = sa.stage();
-                stage_started = Instant::now();
-                // Charge before anything can be unmasked: when the
-                // unmasking requests are about to go out, or (if no request
-                // was needed) when a sum exists.
-                let unmasking =
-                    stage == Some(Stage::Unmasking) || matches!(sa.outcome(), Some(Ok(_)));
-                if unmasking && !charged {
-                    charged = true;
-                    self.charge(round, attempt, sa.survivors().len()).await?;
-                }
-                if let Some(s) = stage {
-                    self.events.emit(Event::StageStarted {
-                        round,
-                        attempt,
-                        stage: s,
-                    });
+            },
+            None => self.hub.recv().await,
+        };
+        inbound
+            .map(Some)
+            .ok_or_else(|| FedError::Internal("the connection hub closed".into()))
+    }
+
+    /// Takes one message into the session: a member's SecAgg+ message or
+    /// masked input to the state machine, a decline or a departure as a
+    /// dropout; anything else is rejected with the rule it broke.
+    fn route(&mut self, live: &mut Live, m: Inbound) {
+        let round = live.round;
+        match self.hear(m) {
+            // A reconnecting member lost its session state; a member that
+            // left answers nothing more.
+            Heard::Joined(id) | Heard::Left(id) => {
+                if live.in_cohort(&id) {
+                    live.sa.drop_client(self.now(), id);
                 }
             }
-            #[cfg(feature = "adversary")]
-            if let Some(s) = takeover
-                && stage == Some(s)
-            {
-                let requests = sa.drain_transmits();
-                self.take_over(&sa, s, &cohort, requests, std::mem::take(&mut log))
-                    .await?;
-                let _ = self.expect.send(None);
-                let reason = Abort::TakenOver(s);
-                for to in &cohort {
-                    let abort = ServerMessage::Abort {
-                        session: session_id,
-                        reason: reason.to_string(),
-                    };
-                    self.send(*to, Outbound::Frame(Down::Secagg(abort)));
-                }
-                let mut metrics =
-                    self.round_metrics(round, attempt, n, declined, (sent0, received0));
-                metrics.stage_seconds = seconds;
-                return self.aborted(metrics, started, reason);
-            }
-            for (to, msg) in sa.drain_transmits() {
-                if !self.send(to, Outbound::Frame(Down::Secagg(msg))) {
-                    sa.drop_client(self.now(), to);
-                }
-            }
-            if sa.outcome().is_some() {
-                break;
-            }
-            let deadline = sa
-                .poll_timeout()
-                .map(|d| tokio::time::Instant::from_std(self.clock + d));
-            let inbound = match deadline {
-                Some(d) => match tokio::time::timeout_at(d, self.hub.recv()).await {
-                    Ok(m) => m,
-                    Err(_) => {
-                        sa.handle_timeout(self.now());
-                        continue;
-                    }
-                },
-                None => self.hub.recv().await,
-            };
-            let Some(m) = inbound else {
-                return Err(FedError::Internal("the connection hub closed".into()));
-            };
-            let in_cohort = |id: &ClientId| cohort.binary_search(id).is_ok();
-            match self.hear(m) {
-                // A reconnecting member lost its session state; a member
-                // that left answers nothing more.
-                Heard::Joined(id) | Heard::Left(id) => {
-                    if in_cohort(&id) {
-                        sa.drop_client(self.now(), id);
+            Heard::Up(id, up) => match up {
+                Up::Secagg(msg) if live.in_cohort(&id) => {
+                    if matches!(msg, ClientMessage::MaskedInput(_)) {
+                        self.reject(id, "masked inputs travel as Masked with a blob".into());
+                    } else {
+                        self.hand_over(live, id, msg);
                     }
                 }
-                Heard::Up(id, up) => match up {
-                    Up::Secagg(msg) if in_cohort(&id) => {
-                        if matches!(msg, ClientMessage::MaskedInput(_)) {
-                            self.reject(id, "masked inputs travel as Masked with a blob".into());
-                        } else {
-                            let log = takeover.is_some().then_some(&mut log);
-                            self.hand_over(&mut sa, id, msg, log);
-                        }
-                    }
-                    Up::Secagg(_) => {
-                        self.reject(id, format!("{id} is not in round {round}'s cohort"))
-                    }
-                    Up::Decline { round: r, reason } if r == round && in_cohort(&id) => {
-                        tracing::info!(client = %id, round, "declined the round: {reason}");
-                        declined.push(id.0);
-                        sa.drop_client(self.now(), id);
-                    }
-                    Up::Decline { .. } => {}
-                    Up::Hello { .. } => self.reject(id, "Hello was already received".into()),
-                    Up::BundleReply { .. } => {
-                        self.reject(id, "the bundle was offered before Welcome".into())
-                    }
-                    Up::Masked { .. } => {
-                        self.reject(id, "internal: masked input without its vector".into())
-                    }
-                    Up::Update { .. } => self.reject(
-                        id,
-                        "raw updates are only accepted in unprotected rounds".into(),
-                    ),
-                },
-                Heard::Update { id, .. } => self.reject(
+                Up::Secagg(_) => self.reject(id, format!("{id} is not in round {round}'s cohort")),
+                Up::Decline { round: r, reason } if r == round && live.in_cohort(&id) => {
+                    tracing::info!(client = %id, round, "declined the round: {reason}");
+                    live.declined.push(id.0);
+                    live.sa.drop_client(self.now(), id);
+                }
+                Up::Decline { .. } => {}
+                Up::Hello { .. } => self.reject(id, "Hello was already received".into()),
+                Up::BundleReply { .. } => {
+                    self.reject(id, "the bundle was offered before Welcome".into())
+                }
+                Up::Masked { .. } => {
+                    self.reject(id, "internal: masked input without its vector".into())
+                }
+                Up::Update { .. } => self.reject(
                     id,
                     "raw updates are only accepted in unprotected rounds".into(),
                 ),
-                Heard::Masked(id, input) => {
-                    if !in_cohort(&id) {
-                        self.reject(id, format!("{id} is not in round {round}'s cohort"));
-                        continue;
-                    }
-                    let log = takeover.is_some().then_some(&mut log);
-                    self.hand_over(&mut sa, id, ClientMessage::MaskedInput(input), log);
-                }
-                Heard::Nothing => {}
+            },
+            Heard::Update { id, .. } => self.reject(
+                id,
+                "raw updates are only accepted in unprotected rounds".into(),
+            ),
+            Heard::Masked(id, input) if live.in_cohort(&id) => {
+                self.hand_over(live, id, ClientMessage::MaskedInput(input));
             }
+            Heard::Masked(id, _) => {
+                self.reject(id, format!("{id} is not in round {round}'s cohort"))
+            }
+            Heard::Nothing => {}
         }
+    }
+
+    /// The session's outcome: aborted with its reason, or the aggregate
+    /// applied.
+    async fn conclude(&mut self, mut live: Live, spec: &RoundSpec) -> Result<Ended, FedError> {
         let _ = self.expect.send(None);
-        let outcome = sa
+        let outcome = live
+            .sa
             .take_outcome()
             .ok_or_else(|| FedError::Internal("the session ended without an outcome".into()))?;
-        let mut metrics = self.round_metrics(round, attempt, n, declined, (sent0, received0));
-        metrics.stage_seconds = seconds;
+        let n = live.cohort.len() as u32;
+        let mut metrics =
+            self.round_metrics(live.round, live.attempt, n, live.declined, live.counters);
+        metrics.stage_seconds = live.seconds;
         let agg = match outcome {
-            Err(reason) => return self.aborted(metrics, started, reason.into()),
+            Err(reason) => return self.aborted(metrics, live.started, reason.into()),
             Ok(agg) => agg,
         };
-        self.apply_aggregate(round, attempt, n, &spec, agg, metrics, started, charged)
-            .await
+        self.apply_aggregate(
+            live.round,
+            live.attempt,
+            n,
+            spec,
+            agg,
+            metrics,
+            live.started,
+            live.charged,
+        )
+        .await
     }
 
     /// The round specification of session `attempt` of `round` for
@@ -371,18 +461,14 @@ impl Server {
     /// Hands a member's SecAgg+ message to the session; an installed
     /// adversary sees it first, and `log` keeps it for one that takes the
     /// session over.
-    pub(super) fn hand_over(
-        &mut self,
-        sa: &mut fedveil_secagg::Server,
-        id: ClientId,
-        msg: ClientMessage,
-        log: Option<&mut Vec<(ClientId, ClientMessage)>>,
-    ) {
+    /// Gives a member's message to the state machine (an adversary's hooks
+    /// see it first); a message it refuses is rejected with the rule broken.
+    fn hand_over(&mut self, live: &mut Live, id: ClientId, msg: ClientMessage) {
         self.hooks.observe(id, &msg);
-        if let Some(log) = log {
-            log.push((id, msg.clone()));
+        if live.takeover.is_some() {
+            live.log.push((id, msg.clone()));
         }
-        if let Err(e) = sa.handle_message(self.now(), id, msg) {
+        if let Err(e) = live.sa.handle_message(self.now(), id, msg) {
             self.reject(id, e.to_string());
         }
     }
