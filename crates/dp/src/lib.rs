@@ -7,7 +7,9 @@
 //! - [`clip`], [`rotation`], [`mechanism`]: clipping (fixed and adaptive),
 //!   the randomized Hadamard rotation, and the central, distributed and
 //!   local discrete Gaussian placements;
-//! - [`zcdp`]: their zCDP, composed over rounds and converted through opendp.
+//! - [`zcdp`]: their zCDP, composed over rounds and converted through opendp;
+//! - [`dpsgd`]: record-level DP-SGD's exact noise: clipped per-example
+//!   gradients rounded onto a grid, summed exactly, discrete Gaussian noise.
 //!
 //! Every figure is computed through code that tests compare with an
 //! independent reference (Google's dp-accounting 0.6.0, exact formulas);
@@ -18,6 +20,7 @@
 
 pub mod calibrate;
 pub mod clip;
+pub mod dpsgd;
 pub mod mechanism;
 pub mod pld;
 pub mod rdp;
