@@ -20,6 +20,7 @@ mod loss;
 pub mod model;
 pub mod offsite;
 pub mod peft;
+pub mod per_example;
 mod pool;
 mod random;
 pub mod tiny;
@@ -32,7 +33,7 @@ pub use model::{KvCache, Llama, Mode, Module, Weights};
 pub use peft::{
     Adapter, FullConfig, LoraConfig, PTuningConfig, PeftConfig, PrefixConfig, PromptConfig,
 };
-pub use train::{AdapterTrainer, Batch, EvalResult, Example, OptimConfig, StepStats};
+pub use train::{AdapterTrainer, Batch, EvalResult, Example, OptimConfig, PerExample, StepStats};
 
 /// Everything that can go wrong in this crate.
 #[derive(Debug, Error)]
@@ -49,6 +50,9 @@ pub enum ModelError {
     /// Training produced a non-finite value.
     #[error("numerical failure: {0}")]
     Numerical(String),
+    /// The privacy mechanism a caller supplied refused (record-level DP).
+    #[error("differential privacy: {0}")]
+    Privacy(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

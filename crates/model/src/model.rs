@@ -19,6 +19,7 @@ use rand_core::RngCore;
 
 use crate::config::LlamaConfig;
 use crate::peft::Adapter;
+use crate::per_example::Tape;
 use crate::{ModelError, Result};
 
 /// A linear layer `y = x Wᵀ + b` with `W` stored `(out, in)`, as in PyTorch.
@@ -170,13 +171,29 @@ impl KvCache {
 pub enum Mode<'a> {
     Eval,
     Train(&'a mut dyn RngCore),
+    /// Training that records, on the tape, what per-example gradients need
+    /// (crate::per_example): the adapter's parameters enter as constants,
+    /// and a zero probe joins each place they act on the batch.
+    Record(&'a mut dyn RngCore, &'a Tape),
 }
 
 impl Mode<'_> {
     fn rng(&mut self) -> Option<&mut dyn RngCore> {
         match self {
             Mode::Eval => None,
-            Mode::Train(rng) => Some(&mut **rng),
+            Mode::Train(rng) | Mode::Record(rng, _) => Some(&mut **rng),
+        }
+    }
+
+    /// `shared` (the same for every example, without a batch dimension)
+    /// broadcast to a batch of `b`; when recording, detached from the
+    /// adapter and with a probe whose gradient is each example's own.
+    fn per_batch(&mut self, shared: &Tensor, b: usize) -> Result<Tensor> {
+        let mut dims = vec![b];
+        dims.extend_from_slice(shared.dims());
+        match self {
+            Mode::Record(_, tape) => tape.shared(&shared.detach(), &dims),
+            _ => Ok(shared.unsqueeze(0)?.broadcast_as(dims)?.contiguous()?),
         }
     }
 }
@@ -413,9 +430,9 @@ impl Llama {
             && let Some(adapter) = adapter
             && let Some(soft) = adapter.soft_prompt(mode.rng())?
         {
-            let soft = soft.to_dtype(self.dtype)?.unsqueeze(0)?;
-            let p = soft.dim(1)?;
-            x = Tensor::cat(&[soft.broadcast_as((b, p, h))?, x], 1)?;
+            let soft = mode.per_batch(&soft.to_dtype(self.dtype)?, b)?;
+            debug_assert_eq!(soft.dim(2)?, h);
+            x = Tensor::cat(&[soft, x], 1)?;
         }
         let t = x.dim(1)?;
         let prefix = match (first, adapter) {
@@ -588,7 +605,14 @@ impl Llama {
             Some(lora) => {
                 let (b, s, input) = x.dims3()?;
                 let flat = x.reshape((b * s, input))?;
-                let delta = lora.forward(&flat, self.dtype, mode.rng())?;
+                let delta = match mode {
+                    Mode::Record(rng, tape) => {
+                        let (branch, used) =
+                            lora.forward_traced(&flat, self.dtype, Some(&mut **rng))?;
+                        tape.lora(layer, module, &used, &branch)?
+                    }
+                    _ => lora.forward(&flat, self.dtype, mode.rng())?,
+                };
                 let delta = delta.reshape(y.shape())?;
                 Ok((y + delta)?)
             }
@@ -638,15 +662,15 @@ impl Llama {
                     k = Tensor::cat(&[past_k, &k], 2)?;
                     v = Tensor::cat(&[past_v, &v], 2)?;
                 } else if let Some((pk, pv)) = prefix {
-                    k = Tensor::cat(&[&self.batch_prefix(pk, b)?, &k], 2)?;
-                    v = Tensor::cat(&[&self.batch_prefix(pv, b)?, &v], 2)?;
+                    k = Tensor::cat(&[&self.batch_prefix(pk, b, mode)?, &k], 2)?;
+                    v = Tensor::cat(&[&self.batch_prefix(pv, b, mode)?, &v], 2)?;
                 }
                 *slot = Some((k.clone(), v.clone()));
             }
             None => {
                 if let Some((pk, pv)) = prefix {
-                    k = Tensor::cat(&[&self.batch_prefix(pk, b)?, &k], 2)?;
-                    v = Tensor::cat(&[&self.batch_prefix(pv, b)?, &v], 2)?;
+                    k = Tensor::cat(&[&self.batch_prefix(pk, b, mode)?, &k], 2)?;
+                    v = Tensor::cat(&[&self.batch_prefix(pv, b, mode)?, &v], 2)?;
                 }
             }
         }
@@ -678,13 +702,9 @@ impl Llama {
     }
 
     /// A `(kv_heads, p, head_dim)` prefix as `(batch, kv_heads, p, head_dim)`.
-    fn batch_prefix(&self, prefix: &Tensor, b: usize) -> Result<Tensor> {
-        let (n, p, hd) = prefix.dims3()?;
-        Ok(prefix
-            .to_dtype(self.dtype)?
-            .unsqueeze(0)?
-            .broadcast_as((b, n, p, hd))?
-            .contiguous()?)
+    fn batch_prefix(&self, prefix: &Tensor, b: usize, mode: &mut Mode) -> Result<Tensor> {
+        prefix.dims3()?;
+        mode.per_batch(&prefix.to_dtype(self.dtype)?, b)
     }
 
     fn mlp(

@@ -269,7 +269,38 @@ impl LoraPair {
         dtype: DType,
         rng: Option<&mut dyn RngCore>,
     ) -> Result<Tensor> {
-        let x = match rng {
+        let x = self.apply_dropout(x, dtype, rng)?;
+        // The scale applies to A (r × in), not to the (n, out) product.
+        let a = (self.a.as_tensor() * self.scale)?.to_dtype(dtype)?;
+        let b = self.b.as_tensor().to_dtype(dtype)?;
+        Ok(x.matmul(&a.t()?)?.matmul(&b.t()?)?)
+    }
+
+    /// [`LoraPair::forward`] with `A` and `B` as constants (no gradient
+    /// reaches them; crate::per_example computes theirs from the branch's
+    /// input and output gradient). Returns the branch and its input after
+    /// dropout.
+    pub(crate) fn forward_traced(
+        &self,
+        x: &Tensor,
+        dtype: DType,
+        rng: Option<&mut dyn RngCore>,
+    ) -> Result<(Tensor, Tensor)> {
+        let x = self.apply_dropout(x, dtype, rng)?;
+        let a = (self.a.as_tensor().detach() * self.scale)?.to_dtype(dtype)?;
+        let b = self.b.as_tensor().detach().to_dtype(dtype)?;
+        let branch = x.matmul(&a.t()?)?.matmul(&b.t()?)?;
+        Ok((branch, x))
+    }
+
+    /// `x` with LoRA's dropout applied when training (`rng` given).
+    fn apply_dropout(
+        &self,
+        x: &Tensor,
+        dtype: DType,
+        rng: Option<&mut dyn RngCore>,
+    ) -> Result<Tensor> {
+        Ok(match rng {
             Some(rng) if self.dropout > 0.0 => {
                 let mask = random::dropout_mask(rng, x.elem_count(), self.dropout);
                 let mask = Tensor::from_vec(mask, x.shape(), &candle_core::Device::Cpu)?
@@ -278,17 +309,18 @@ impl LoraPair {
                 (x * mask)?
             }
             _ => x.clone(),
-        };
-        // The scale applies to A (r × in), not to the (n, out) product.
-        let a = (self.a.as_tensor() * self.scale)?.to_dtype(dtype)?;
-        let b = self.b.as_tensor().to_dtype(dtype)?;
-        Ok(x.matmul(&a.t()?)?.matmul(&b.t()?)?)
+        })
+    }
+
+    /// `α/r`.
+    pub(crate) fn scale(&self) -> f64 {
+        self.scale
     }
 }
 
 #[derive(Clone, Debug)]
-struct Mlp {
-    layers: Vec<(Var, Var)>,
+pub(crate) struct Mlp {
+    pub(crate) layers: Vec<(Var, Var)>,
 }
 
 impl Mlp {
@@ -329,7 +361,7 @@ impl Mlp {
 }
 
 #[derive(Clone, Debug)]
-enum Kind {
+pub(crate) enum Kind {
     /// Per layer id, the pairs on its target modules.
     Lora(Vec<(usize, Vec<(Module, LoraPair)>)>),
     Prefix {
@@ -361,7 +393,7 @@ enum Kind {
 pub struct Adapter {
     config: PeftConfig,
     params: Vec<(String, Var)>,
-    kind: Kind,
+    pub(crate) kind: Kind,
 }
 
 const LORA_PREFIX: &str = "base_model.model.model.layers";

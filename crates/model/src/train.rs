@@ -5,9 +5,11 @@
 use candle_core::{D, DType, Device, Tensor, backprop::GradStore};
 use rand_core::RngCore;
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroize;
 
 use crate::model::{Llama, Mode};
-use crate::peft::Adapter;
+use crate::peft::{Adapter, PeftConfig};
+use crate::per_example::Tape;
 use crate::{ModelError, Result};
 
 /// One tokenised example: the loss covers `ids[prompt_len..]`, the
@@ -116,6 +118,29 @@ impl Batch {
             host_targets: targets,
             host_weights: weights,
             tokens,
+        })
+    }
+
+    /// The same batch with each example's weights divided by its number
+    /// of targets, so that the summed loss is the sum of the examples' mean
+    /// losses per target token (DP-SGD's per-example loss).
+    fn per_example_means(&self) -> Result<Batch> {
+        let (b, seq) = self.ids.dims2()?;
+        let mut weights = self.host_weights.clone();
+        for row in weights.chunks_mut(seq) {
+            let n: f32 = row.iter().sum();
+            if n > 0.0 {
+                row.iter_mut().for_each(|w| *w /= n);
+            }
+        }
+        Ok(Batch {
+            ids: self.ids.clone(),
+            targets: self.targets.clone(),
+            weights: Tensor::from_slice(&weights, (b, seq), self.ids.device())?,
+            valid: self.valid.clone(),
+            host_targets: self.host_targets.clone(),
+            host_weights: weights,
+            tokens: self.tokens,
         })
     }
 
@@ -380,26 +405,33 @@ impl AdapterTrainer {
             self.proximal = None;
             return Ok(());
         }
-        if anchor.len() != self.adapter.num_parameters() {
+        let tensors = self.per_parameter(anchor, "the proximal anchor")?;
+        self.proximal = Some((mu, tensors));
+        Ok(())
+    }
+
+    /// A flat vector in the canonical order, cut into one tensor per
+    /// adapter parameter; `what` names it in the error for a wrong length.
+    fn per_parameter(&self, values: &[f32], what: &str) -> Result<Vec<Tensor>> {
+        if values.len() != self.adapter.num_parameters() {
             return Err(ModelError::Input(format!(
-                "the proximal anchor has {} values, the adapter {}",
-                anchor.len(),
+                "{what} has {} values, the adapter {}",
+                values.len(),
                 self.adapter.num_parameters()
             )));
         }
         let mut at = 0;
-        let mut tensors = Vec::new();
+        let mut out = Vec::with_capacity(self.adapter.params().len());
         for (_, var) in self.adapter.params() {
             let n = var.elem_count();
-            tensors.push(Tensor::from_slice(
-                &anchor[at..at + n],
+            out.push(Tensor::from_slice(
+                &values[at..at + n],
                 var.shape(),
                 var.device(),
             )?);
             at += n;
         }
-        self.proximal = Some((mu, tensors));
-        Ok(())
+        Ok(out)
     }
 
     pub fn model(&self) -> &Llama {
@@ -529,6 +561,165 @@ impl AdapterTrainer {
             .iter()
             .map(|(name, v)| (name.clone(), grads.get(v.as_tensor()).cloned()))
             .collect())
+    }
+}
+
+/// Each example's gradient of its own mean loss per target token, for
+/// record-level DP-SGD: row `i` belongs to example `i`, in the adapter's
+/// canonical parameter order. Per-example gradients can reveal their
+/// records, so they are wiped when dropped and never printed.
+pub struct PerExample {
+    dim: usize,
+    rows: Vec<f32>,
+    /// The mean over the examples with targets of their mean loss.
+    pub loss: f64,
+}
+
+impl PerExample {
+    /// How many examples.
+    pub fn len(&self) -> usize {
+        self.rows.len().checked_div(self.dim).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The length of each gradient.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Example `i`'s gradient.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.rows[i * self.dim..(i + 1) * self.dim]
+    }
+}
+
+impl Drop for PerExample {
+    fn drop(&mut self) {
+        self.rows.zeroize();
+    }
+}
+
+impl std::fmt::Debug for PerExample {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PerExample")
+            .field("examples", &self.len())
+            .field("dim", &self.dim)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdapterTrainer {
+    /// Each example's gradient (see [`PerExample`]) from one batched
+    /// forward and backward pass (crate::per_example); full-layer adapters,
+    /// which have no batched path, one example at a time. Sequences are
+    /// cut at `max_len` and padded with `pad`.
+    pub fn per_example_gradients(
+        &self,
+        examples: &[&Example],
+        max_len: usize,
+        pad: u32,
+        rng: &mut dyn RngCore,
+    ) -> Result<PerExample> {
+        if matches!(self.adapter.config(), PeftConfig::Full(_)) {
+            return self.per_example_gradients_one_by_one(examples, max_len, pad, rng);
+        }
+        if examples.is_empty() {
+            return Ok(self.no_examples());
+        }
+        crate::pool::on_pool_seeded(rng, |local| {
+            let batch =
+                Batch::new(examples, max_len, pad, self.model.device())?.per_example_means()?;
+            let tape = Tape::new();
+            let logits =
+                self.model
+                    .forward(&batch.ids, Some(&self.adapter), Mode::Record(local, &tape))?;
+            let nll = batch_nll(&logits, &batch, self.adapter.virtual_tokens())?;
+            let grads = nll.backward()?;
+            let rows = tape
+                .gradients(&self.adapter, &grads, examples.len())?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let with_targets = examples.iter().filter(|e| e.targets(max_len) > 0).count();
+            Ok(PerExample {
+                dim: self.adapter.num_parameters(),
+                rows,
+                loss: f64::from(nll.to_scalar::<f32>()?) / with_targets.max(1) as f64,
+            })
+        })
+    }
+
+    /// [`AdapterTrainer::per_example_gradients`] the plain way, each
+    /// example in a pass of its own: the reference the batched path is
+    /// tested against, and the path for full-layer adapters.
+    pub fn per_example_gradients_one_by_one(
+        &self,
+        examples: &[&Example],
+        max_len: usize,
+        pad: u32,
+        rng: &mut dyn RngCore,
+    ) -> Result<PerExample> {
+        let dim = self.adapter.num_parameters();
+        let mut rows = Vec::with_capacity(examples.len() * dim);
+        let mut loss = 0.0;
+        let mut with_targets = 0;
+        crate::pool::on_pool_seeded(rng, |local| {
+            for e in examples {
+                let tokens = e.targets(max_len);
+                if tokens == 0 {
+                    rows.resize(rows.len() + dim, 0.0);
+                    continue;
+                }
+                let batch = Batch::new(&[*e], max_len, pad, self.model.device())?;
+                let (l, grads) = self.gradients(&batch, tokens as f64, local)?;
+                loss += l / tokens as f64;
+                with_targets += 1;
+                for (_, var) in self.adapter.params() {
+                    match grads.get(var.as_tensor()) {
+                        Some(g) => {
+                            rows.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+                        }
+                        None => rows.resize(rows.len() + var.elem_count(), 0.0),
+                    }
+                }
+            }
+            Ok::<_, ModelError>(())
+        })?;
+        Ok(PerExample {
+            dim,
+            rows,
+            loss: loss / f64::from(with_targets.max(1)),
+        })
+    }
+
+    fn no_examples(&self) -> PerExample {
+        PerExample {
+            dim: self.adapter.num_parameters(),
+            rows: Vec::new(),
+            loss: 0.0,
+        }
+    }
+
+    /// One optimiser step with a gradient computed elsewhere, flat in the
+    /// canonical order: DP-SGD's privatised mean. FedProx's proximal term,
+    /// `max_grad_norm` and AdamW act on it as they do on any gradient;
+    /// none of them looks at the data again, so the step is
+    /// post-processing of the privatised gradient. Returns the gradient's
+    /// norm (after the proximal term) and the learning rate.
+    pub fn apply_gradient(&mut self, gradient: &[f32]) -> Result<(f64, f64)> {
+        let mut grads = self.per_parameter(gradient, "the gradient")?;
+        if let Some((mu, anchor)) = &self.proximal {
+            for ((g, (_, var)), a) in grads.iter_mut().zip(self.adapter.params()).zip(anchor) {
+                *g = (&*g + ((var.as_tensor() - a)? * *mu)?)?;
+            }
+        }
+        let (norm, clip) = norm_and_clip(&grads, self.config.max_grad_norm)?;
+        let lr = self
+            .state
+            .update(&self.adapter, &grads, &self.config, clip)?;
+        Ok((norm, lr))
     }
 }
 
