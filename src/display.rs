@@ -276,6 +276,18 @@ pub fn summary_table(rounds: &[RoundMetrics], summary: &Summary, metrics: Option
         _ => {}
     }
     match (summary.epsilon, summary.delta) {
+        (Some(e), Some(d)) if !summary.client_epsilon.is_empty() => {
+            let least = summary
+                .client_epsilon
+                .values()
+                .copied()
+                .fold(f64::INFINITY, f64::min);
+            out.push_str(&format!(
+                "privacy spent     ε = {e:.4} at δ = {d:e} per record (the largest of {} \
+                 clients' own accounts; the least {least:.4})\n",
+                summary.client_epsilon.len()
+            ))
+        }
         (Some(e), Some(d)) => out.push_str(&format!("privacy spent     ε = {e:.4} at δ = {d:e}\n")),
         _ => out.push_str("privacy spent     no differential privacy configured\n"),
     }
@@ -311,6 +323,7 @@ pub fn summary_json(summary: &Summary, extra: serde_json::Value) -> serde_json::
             .unwrap_or_default(),
         "epsilon": summary.epsilon,
         "delta": summary.delta,
+        "client_epsilon": summary.client_epsilon,
         "server_peak_rss_bytes": summary.server_peak_rss_bytes,
     });
     if let (Some(obj), serde_json::Value::Object(more)) = (v.as_object_mut(), extra) {

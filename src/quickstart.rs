@@ -69,6 +69,8 @@ struct Report {
     after: Option<fedveil_fed::trainer::Evaluation>,
     epsilon: Option<f64>,
     delta: Option<f64>,
+    /// Whether ε is record-level (each client's DP-SGD).
+    record_level: bool,
     exact_match_n: usize,
     bundle_per_client: u64,
     round_bytes_per_client: u64,
@@ -96,6 +98,7 @@ impl Report {
             after: s.evaluation.clone(),
             epsilon: s.epsilon,
             delta: s.delta,
+            record_level: !s.client_epsilon.is_empty(),
             exact_match_n,
             bundle_per_client: done.bundle_bytes / u64::from(clients),
             round_bytes_per_client: sent / u64::from(clients) / (done.rounds.len() as u64).max(1),
@@ -143,6 +146,10 @@ impl Report {
         ));
         out.push('\n');
         match (self.epsilon, self.delta) {
+            (Some(e), Some(d)) if self.record_level => out.push_str(&format!(
+                "privacy spent       ε = {e:.2} at δ = {d:e} per record (DP-SGD on each client, \
+                 the largest client's own account)\n"
+            )),
             (Some(e), Some(d)) => out.push_str(&format!(
                 "privacy spent       ε = {e:.1} at δ = {d:e} (distributed discrete Gaussian; three \
                  clients buy little privacy, see configs/quickstart.toml)\n"
@@ -174,6 +181,7 @@ impl Report {
             "after": self.after,
             "epsilon": self.epsilon,
             "delta": self.delta,
+            "dp_unit": self.epsilon.map(|_| if self.record_level { "record" } else { "client" }),
             "exact_match_problems": self.exact_match_n,
             "bundle_bytes_per_client": self.bundle_per_client,
             "round_bytes_per_client": self.round_bytes_per_client,

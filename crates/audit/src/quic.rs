@@ -534,6 +534,7 @@ impl Trainer for Fixed {
             delta: self.0.clone(),
             samples: 1,
             loss: 0.0,
+            record_steps: None,
         })
     }
 }

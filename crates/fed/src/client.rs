@@ -31,7 +31,7 @@ use crate::encoding;
 use crate::ledger::ClientLedger;
 use crate::metrics::{ClientEvent, Emitter};
 use crate::randomness::{Purpose, Randomness};
-use crate::trainer::Trainer;
+use crate::trainer::{RecordSteps, Trainer};
 use crate::wire::{self, Down, Encoding, MAX_UP_FRAME, RoundSpec, Up, VERSION};
 
 /// A fault to inject, for tests and failure drills: in `round`, when the
@@ -135,13 +135,22 @@ enum Ended {
     Broken(String),
 }
 
+/// What revealing one session's input costs this client.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Cost {
+    /// Client-level noise: zCDP `ρ` at the session's survivor floor.
+    Zcdp(f64),
+    /// Record-level DP-SGD: the round's steps (protocols/dp.md §8).
+    Record(RecordSteps),
+}
+
 /// A round in progress.
 struct Session {
     round: u64,
     attempt: u32,
-    /// What revealing this session's input costs (`ρ` at the survivor
-    /// floor); none without differential privacy.
-    rho: Option<f64>,
+    /// What revealing this session's input costs; none without
+    /// differential privacy.
+    cost: Option<Cost>,
     client: SecaggClient,
     rng: KeystreamRng,
 }
@@ -397,8 +406,8 @@ impl Runner {
                             // The shares reveal the input: the ledger is
                             // charged and saved before they leave.
                             if unmask
-                                && let Some(rho) = s.rho
-                                && let Err(e) = self.charge(round, s.attempt, rho).await
+                                && let Some(cost) = s.cost
+                                && let Err(e) = self.charge(round, s.attempt, cost, &mut send).await
                             {
                                 tracing::warn!(round, "not unmasking: {e}");
                                 self.events.emit(ClientEvent::Refused {
@@ -688,7 +697,7 @@ impl Runner {
         federation: [u8; 32],
         spec: &RoundSpec,
         blob: &[u8],
-    ) -> Result<(Vec<f32>, Option<f64>), String> {
+    ) -> Result<(Vec<f32>, Option<Cost>), String> {
         if spec.federation != federation {
             return Err("the round belongs to another federation".into());
         }
@@ -710,8 +719,8 @@ impl Runner {
                     spec.dim
                 )
             })?;
-        let rho = check_policy(&self.setup.policy, spec)?;
-        Ok((params, rho))
+        let cost = check_policy(&self.setup.policy, spec)?;
+        Ok((params, cost))
     }
 
     /// Opens this client's ledger of `federation` (from its directory, if
@@ -727,10 +736,10 @@ impl Runner {
         Ok(())
     }
 
-    /// The client's own ledger against a round costing `rho`: a session it
+    /// The client's own ledger against a round costing `cost`: a session it
     /// already revealed its input in is not run again, and no session may
     /// take it past its budget.
-    fn check_ledger(&self, spec: &RoundSpec, rho: f64) -> Result<(), String> {
+    fn check_ledger(&self, spec: &RoundSpec, cost: Cost) -> Result<(), String> {
         let ledger = self.ledger.as_ref().ok_or("no privacy ledger is open")?;
         if ledger.charged(spec.round, spec.attempt) {
             return Err(format!(
@@ -742,11 +751,8 @@ impl Runner {
         }
         let policy = &self.setup.policy;
         if let Some(budget) = policy.epsilon_budget {
-            let after = ledger
-                .epsilon_after(rho, policy.delta)
-                .map_err(|e| e.to_string())?;
+            let (spent, after) = self.spent(Some(cost)).map_err(|e| e.to_string())?;
             if after > budget {
-                let spent = ledger.epsilon(policy.delta).map_err(|e| e.to_string())?;
                 return Err(format!(
                     "this client has spent ε = {spent:.4} in this federation; the round could \
                      take it to {after:.4}, past its budget of {budget}"
@@ -756,10 +762,49 @@ impl Runner {
         Ok(())
     }
 
-    /// Charges a revealed session to the ledger and saves it.
-    async fn charge(&mut self, round: u64, attempt: u32, rho: f64) -> Result<(), String> {
+    /// This client's ε so far and after `cost` more, at its policy's δ
+    /// (record-level by its policy's accountant).
+    fn spent(&self, cost: Option<Cost>) -> Result<(f64, f64), FedError> {
+        let ledger = self
+            .ledger
+            .as_ref()
+            .ok_or_else(|| FedError::Internal("no privacy ledger is open".into()))?;
+        let policy = &self.setup.policy;
+        let record = |extra: Option<&RecordSteps>| {
+            ledger.record_epsilon(extra, policy.delta, policy.accountant)
+        };
+        match cost {
+            Some(Cost::Record(steps)) => Ok((record(None)?, record(Some(&steps))?)),
+            Some(Cost::Zcdp(rho)) => Ok((
+                ledger.epsilon(policy.delta)?,
+                ledger.epsilon_after(rho, policy.delta)?,
+            )),
+            None if !ledger.record.is_empty() => {
+                let e = record(None)?;
+                Ok((e, e))
+            }
+            None => {
+                let e = ledger.epsilon(policy.delta)?;
+                Ok((e, e))
+            }
+        }
+    }
+
+    /// Charges a revealed session to the ledger and saves it; with
+    /// record-level DP, reports the ε this client has now spent to the
+    /// server (protocols/federation.md §5.3).
+    async fn charge(
+        &mut self,
+        round: u64,
+        attempt: u32,
+        cost: Cost,
+        send: &mut quinn::SendStream,
+    ) -> Result<(), String> {
         let mut ledger = self.ledger.take().ok_or("no privacy ledger is open")?;
-        ledger.charge(round, attempt, rho);
+        match &cost {
+            Cost::Zcdp(rho) => ledger.charge(round, attempt, *rho),
+            Cost::Record(steps) => ledger.charge_record(round, attempt, steps),
+        }
         let dir = self.setup.ledger_dir.clone();
         let (ledger, saved) = tokio::task::spawn_blocking(move || {
             let r = dir.as_deref().map_or(Ok(()), |d| ledger.save(d));
@@ -767,14 +812,24 @@ impl Runner {
         })
         .await
         .map_err(|e| format!("saving the privacy ledger: {e}"))?;
-        let epsilon = ledger.epsilon(self.setup.policy.delta);
         self.ledger = Some(ledger);
         saved.map_err(|e| format!("saving the privacy ledger: {e}"))?;
+        let (epsilon, _) = self.spent(None).map_err(|e| e.to_string())?;
         self.events.emit(ClientEvent::Charged {
             round,
             attempt,
-            epsilon: epsilon.map_err(|e| e.to_string())?,
+            epsilon,
         });
+        if matches!(cost, Cost::Record(_)) {
+            let spent = Up::Spent {
+                round,
+                attempt,
+                epsilon,
+            };
+            write_frame(send, &spent, MAX_UP_FRAME)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         Ok(())
     }
 
@@ -786,9 +841,9 @@ impl Runner {
         blob: Vec<u8>,
     ) -> Result<(Session, ClientMessage), String> {
         let round = spec.round;
-        let (params, rho) = self.check_round(federation, &spec, &blob)?;
-        if let Some(rho) = rho {
-            self.check_ledger(&spec, rho)?;
+        let (params, cost) = self.check_round(federation, &spec, &blob)?;
+        if let Some(cost) = cost {
+            self.check_ledger(&spec, cost)?;
         }
         // The commitment is computed from what this client received.
         let hash = wire::params_hash(&blob);
@@ -809,6 +864,17 @@ impl Runner {
                 (round, attempt, who),
             )
             .and_then(|u| {
+                // The task must have trained exactly as the round's
+                // record-level DP says, or nothing leaves this client.
+                if let Some(Cost::Record(expected)) = cost
+                    && u.record_steps != Some(expected)
+                {
+                    return Err(format!(
+                        "the round asks for record-level DP-SGD ({expected:?}), and the task \
+                         trained with {:?}; nothing is sent",
+                        u.record_steps
+                    ));
+                }
                 let mut prng = randomness
                     .rng(Purpose::Privacy, round, attempt, who)
                     .map_err(|e| e.to_string())?;
@@ -846,7 +912,7 @@ impl Runner {
             Session {
                 round,
                 attempt,
-                rho,
+                cost,
                 client,
                 rng,
             },
@@ -859,8 +925,18 @@ impl Runner {
 /// With differential privacy, returns what revealing this client's input in
 /// the round costs it: `ρ` computed from everything the server sent, at the
 /// session's survivor floor (the protocol never unmasks with fewer).
-fn check_policy(policy: &Policy, spec: &RoundSpec) -> Result<Option<f64>, String> {
+fn check_policy(policy: &Policy, spec: &RoundSpec) -> Result<Option<Cost>, String> {
     let no_dp = "the round has no differential privacy, and this client's policy requires it";
+    if let Some(dp) = &spec.training.record_dp {
+        if !matches!(spec.encoding, Encoding::Plain { .. }) {
+            return Err(
+                "the round asks for record-level DP-SGD together with another encoding than \
+                 secure aggregation's plain sum, which fedveil does not run"
+                    .into(),
+            );
+        }
+        return check_record_policy(policy, spec, dp).map(|steps| Some(Cost::Record(steps)));
+    }
     let rho = match &spec.encoding {
         Encoding::Unprotected => {
             if !policy.allow_unprotected {
@@ -898,26 +974,7 @@ fn check_policy(policy: &Policy, spec: &RoundSpec) -> Result<Option<f64>, String
                     noise.placement.name()
                 ));
             }
-            if noise.noise_multiplier < policy.min_noise_multiplier {
-                return Err(if noise.noise_multiplier == 0.0 {
-                    "the round adds no noise (noise multiplier 0), which this client's policy \
-                     refuses unless it sets min_noise_multiplier = 0"
-                        .to_string()
-                } else {
-                    format!(
-                        "the noise multiplier {} is below this client's minimum {}",
-                        noise.noise_multiplier, policy.min_noise_multiplier
-                    )
-                });
-            }
-            if let Some(c) = policy.max_clip
-                && noise.clip > c
-            {
-                return Err(format!(
-                    "the clip norm {} exceeds this client's maximum {c}",
-                    noise.clip
-                ));
-            }
+            check_knobs(policy, noise.noise_multiplier, noise.clip)?;
             if noise.min_survivors != spec.session.min_survivors {
                 return Err(format!(
                     "the noise assumes {} survivors, the session's floor is {}",
@@ -950,6 +1007,71 @@ fn check_policy(policy: &Policy, spec: &RoundSpec) -> Result<Option<f64>, String
             Some(rho)
         }
     };
+    check_session_policy(policy, spec)?;
+    Ok(rho.map(Cost::Zcdp))
+}
+
+/// The policy against a round with record-level DP-SGD: its noise
+/// multiplier, clip norm and one round's ε (`local_steps` steps at its
+/// sampling rate, by the policy's accountant). Returns the steps to charge.
+fn check_record_policy(
+    policy: &Policy,
+    spec: &RoundSpec,
+    dp: &crate::trainer::RecordDp,
+) -> Result<RecordSteps, String> {
+    check_knobs(policy, dp.noise_multiplier, dp.clip)?;
+    let steps = RecordSteps {
+        noise_multiplier: dp.noise_multiplier,
+        sampling_rate: dp.sampling_rate,
+        steps: u64::from(spec.training.local_steps),
+    };
+    if let Some(max) = policy.max_round_epsilon {
+        let eps = fedveil_dp::SubsampledGaussian {
+            noise_multiplier: steps.noise_multiplier,
+            sampling_rate: steps.sampling_rate,
+            steps: steps.steps,
+        }
+        .epsilon(policy.delta, policy.accountant)
+        .map_err(|e| format!("the round's ε: {e}"))?;
+        if eps > max {
+            return Err(format!(
+                "the round costs each of this client's records ε = {eps:.4} at δ = {} ({} DP-SGD \
+                 steps, noise multiplier {}, sampling rate {}), above its per-round limit of {max}",
+                policy.delta, steps.steps, steps.noise_multiplier, steps.sampling_rate
+            ));
+        }
+    }
+    check_session_policy(policy, spec)?;
+    Ok(steps)
+}
+
+/// The policy's floor on the noise multiplier and ceiling on the clip norm
+/// (of the update, or with record-level DP of each record).
+fn check_knobs(policy: &Policy, noise_multiplier: f64, clip: f64) -> Result<(), String> {
+    if noise_multiplier < policy.min_noise_multiplier {
+        return Err(if noise_multiplier == 0.0 {
+            "the round adds no noise (noise multiplier 0), which this client's policy \
+             refuses unless it sets min_noise_multiplier = 0"
+                .to_string()
+        } else {
+            format!(
+                "the noise multiplier {noise_multiplier} is below this client's minimum {}",
+                policy.min_noise_multiplier
+            )
+        });
+    }
+    if let Some(c) = policy.max_clip
+        && clip > c
+    {
+        return Err(format!(
+            "the clip norm {clip} exceeds this client's maximum {c}"
+        ));
+    }
+    Ok(())
+}
+
+/// The policy's limits on the secure-aggregation session itself.
+fn check_session_policy(policy: &Policy, spec: &RoundSpec) -> Result<(), String> {
     let s = &spec.session;
     if s.min_survivors < policy.min_survivors {
         return Err(format!(
@@ -970,5 +1092,5 @@ fn check_policy(policy: &Policy, spec: &RoundSpec) -> Result<Option<f64>, String
             s.threshold, policy.min_threshold
         ));
     }
-    Ok(rho)
+    Ok(())
 }

@@ -128,10 +128,25 @@ impl From<fedveil_dp::mechanism::Placement> for PlacementName {
     }
 }
 
+/// `[dp] unit`: what one neighbouring change is.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DpUnit {
+    /// A client's whole update (the noise placements, protocols/dp.md §3).
+    #[default]
+    Client,
+    /// Each record of each client: DP-SGD on the clients, each its own
+    /// accountant (protocols/dp.md §8).
+    Record,
+}
+
 /// `[dp]`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DpSection {
+    /// What is protected: `"client"` (default) or `"record"`.
+    #[serde(default)]
+    pub unit: DpUnit,
     #[serde(default = "defaults::placement")]
     pub placement: PlacementName,
     /// L2 clip norm of a client's update.
@@ -159,6 +174,12 @@ pub struct DpSection {
     /// Conditional rounding's `β` (default `e^{-1/2}`).
     #[serde(default)]
     pub beta: Option<f64>,
+    /// Record level: the probability that a step includes each record.
+    #[serde(default)]
+    pub sampling_rate: Option<f64>,
+    /// Record level: the clients' accountant (default `"pld"`).
+    #[serde(default)]
+    pub accountant: Option<fedveil_dp::Accountant>,
 }
 
 impl Default for DpSection {
@@ -173,6 +194,9 @@ impl Default for DpSection {
             min_survivors: None,
             granularity: None,
             beta: None,
+            unit: DpUnit::Client,
+            sampling_rate: None,
+            accountant: None,
         }
     }
 }
@@ -284,6 +308,22 @@ pub struct ResolvedDp {
     pub calibrated: bool,
 }
 
+/// Record-level DP-SGD, resolved (protocols/dp.md §8): the parameters the
+/// server broadcasts ([`crate::trainer::RecordDp`]) and what each client
+/// accounts with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResolvedRecordDp {
+    pub mechanism: crate::trainer::RecordDp,
+    pub delta: f64,
+    pub accountant: fedveil_dp::Accountant,
+    /// Each client's budget.
+    pub budget: Option<f64>,
+    /// Whether the noise multiplier was calibrated from a target ε.
+    pub calibrated: bool,
+    /// The ε a client that trains in every round spends.
+    pub planned_epsilon: f64,
+}
+
 /// A validated plan with every default and derived value filled in.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Resolved {
@@ -305,6 +345,8 @@ pub struct Resolved {
     /// The survivor floor of every session (1 without DP).
     pub min_survivors: u32,
     pub dp: Option<ResolvedDp>,
+    /// Record-level DP (then `dp` is `None`).
+    pub record: Option<ResolvedRecordDp>,
     /// Deadline of the training-and-advertise stage.
     pub train_deadline: Duration,
     pub stage_deadlines: StageDeadlines,
@@ -333,6 +375,35 @@ fn positive<T: PartialOrd + Default + std::fmt::Display>(path: &str, v: T) -> Re
             format!("must be at least 1, got {v}"),
         ))
     }
+}
+
+/// Refuses the first `[dp]` key of `keys` that is set, saying `why`.
+fn refuse_set(keys: &[(&str, bool)], why: &str) -> Result<(), FedError> {
+    match keys.iter().find(|(_, set)| *set) {
+        Some((key, _)) => Err(FedError::config(format!("dp.{key}"), why)),
+        None => Ok(()),
+    }
+}
+
+/// `dp.epsilon_budget`: positive, and not below a target ε.
+fn check_budget(p: &DpSection) -> Result<(), FedError> {
+    if let Some(b) = p.epsilon_budget {
+        if !(b.is_finite() && b > 0.0) {
+            return Err(FedError::config(
+                "dp.epsilon_budget",
+                format!("must be positive, got {b}"),
+            ));
+        }
+        if let Some(t) = p.target_epsilon
+            && t > b
+        {
+            return Err(FedError::config(
+                "dp.epsilon_budget",
+                format!("{b} is below dp.target_epsilon ({t}): the run could not finish"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl Plan {
@@ -454,7 +525,25 @@ impl Plan {
             unmask: secs("deadlines.unmask", d.unmask)?,
         };
 
-        let dp = self.resolve_dp(max_cohort, dim, s.bits)?;
+        if self.training.record_dp.is_some() {
+            return Err(FedError::config(
+                "training.record_dp",
+                "is set by the server from [dp] unit = \"record\", not in [training]",
+            ));
+        }
+        let record = self.resolve_record_dp()?;
+        if f.aggregation == AggregationName::Unprotected && record.is_some() {
+            return Err(FedError::config(
+                "federation.aggregation",
+                "record-level DP runs with secure aggregation, so that the server sees only \
+                 the sum; use \"secagg\"",
+            ));
+        }
+        let dp = if record.is_some() {
+            None
+        } else {
+            self.resolve_dp(max_cohort, dim, s.bits)?
+        };
         if f.aggregation == AggregationName::Unprotected && dp.is_some() {
             return Err(FedError::config(
                 "federation.aggregation",
@@ -499,7 +588,10 @@ impl Plan {
             min_clients,
             wait: secs("federation.wait_s", f.wait_s)?,
             attempts: f.attempts,
-            training: self.training.clone(),
+            training: TrainingConfig {
+                record_dp: record.as_ref().map(|r| r.mechanism),
+                ..self.training.clone()
+            },
             optimizer,
             degree: s.degree,
             threshold: s.threshold,
@@ -508,12 +600,115 @@ impl Plan {
             max_weight: s.max_weight,
             min_survivors,
             dp,
+            record,
             train_deadline,
             stage_deadlines,
             checkpoint_dir: f.checkpoint_dir.clone(),
             metrics: f.metrics.clone(),
             unprotected: f.aggregation == AggregationName::Unprotected,
         })
+    }
+
+    /// `[dp]` with `unit = "record"`: the clip norm and sampling rate, the
+    /// noise multiplier (given, or calibrated so that a client training in
+    /// every round spends `target_epsilon`), δ, the accountant, the
+    /// clients' budget. Keys of the client-level placements are refused.
+    fn resolve_record_dp(&self) -> Result<Option<ResolvedRecordDp>, FedError> {
+        let p = &self.dp;
+        if p.unit != DpUnit::Record {
+            refuse_set(
+                &[
+                    ("sampling_rate", p.sampling_rate.is_some()),
+                    ("accountant", p.accountant.is_some()),
+                ],
+                "applies to record-level DP only (dp.unit = \"record\")",
+            )?;
+            return Ok(None);
+        }
+        refuse_set(
+            &[
+                ("placement", p.placement != PlacementName::None),
+                ("min_survivors", p.min_survivors.is_some()),
+                ("granularity", p.granularity.is_some()),
+                ("beta", p.beta.is_some()),
+            ],
+            "applies to client-level DP only: record-level DP adds its noise to each \
+                     client's training steps (protocols/dp.md §8)",
+        )?;
+        let need = |key: &str, v: Option<f64>| -> Result<f64, FedError> {
+            match v {
+                Some(x) if x.is_finite() && x > 0.0 => Ok(x),
+                Some(x) => Err(FedError::config(
+                    format!("dp.{key}"),
+                    format!("must be positive and finite, got {x}"),
+                )),
+                None => Err(FedError::config(
+                    format!("dp.{key}"),
+                    "is required with dp.unit = \"record\"",
+                )),
+            }
+        };
+        let clip = need("clip", p.clip)?;
+        let q = need("sampling_rate", p.sampling_rate)?;
+        if q > 1.0 {
+            return Err(FedError::config(
+                "dp.sampling_rate",
+                format!("must be in (0, 1], got {q}"),
+            ));
+        }
+        fedveil_dp::check_delta(p.delta)
+            .map_err(|e| FedError::config("dp.delta", e.to_string()))?;
+        let accountant = p.accountant.unwrap_or(fedveil_dp::Accountant::Pld);
+        let steps = self
+            .federation
+            .rounds
+            .saturating_mul(u64::from(self.training.local_steps));
+        let (sigma, calibrated) = match (p.noise_multiplier, p.target_epsilon) {
+            (Some(_), Some(_)) => {
+                return Err(FedError::config(
+                    "dp.target_epsilon",
+                    "choose noise_multiplier or target_epsilon, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(FedError::config(
+                    "dp",
+                    "record-level DP needs noise_multiplier or target_epsilon",
+                ));
+            }
+            (Some(z), None) => (need("noise_multiplier", Some(z))?, false),
+            (None, Some(eps)) => {
+                let eps = need("target_epsilon", Some(eps))?;
+                let z = fedveil_dp::calibrate::noise_multiplier(
+                    eps, p.delta, q, steps, accountant, 1e-4,
+                )
+                .map_err(|e| FedError::config("dp.target_epsilon", e.to_string()))?;
+                (z, true)
+            }
+        };
+        let planned_epsilon = fedveil_dp::SubsampledGaussian {
+            noise_multiplier: sigma,
+            sampling_rate: q,
+            steps,
+        }
+        .epsilon(p.delta, accountant)
+        .map_err(|e| FedError::config("dp", e.to_string()))?;
+        check_budget(p)?;
+        // The grid mechanism's own range (protocols/dp.md §8.2).
+        fedveil_dp::dpsgd::GridGaussian::new(clip, sigma)
+            .map_err(|e| FedError::config("dp.noise_multiplier", e.to_string()))?;
+        Ok(Some(ResolvedRecordDp {
+            mechanism: crate::trainer::RecordDp {
+                clip,
+                noise_multiplier: sigma,
+                sampling_rate: q,
+            },
+            delta: p.delta,
+            accountant,
+            budget: p.epsilon_budget,
+            calibrated,
+            planned_epsilon,
+        }))
     }
 
     fn resolve_dp(
@@ -525,22 +720,18 @@ impl Plan {
         let p = &self.dp;
         let placement = match p.placement {
             PlacementName::None => {
-                for (key, set) in [
-                    ("clip", p.clip.is_some()),
-                    ("noise_multiplier", p.noise_multiplier.is_some()),
-                    ("target_epsilon", p.target_epsilon.is_some()),
-                    ("epsilon_budget", p.epsilon_budget.is_some()),
-                    ("min_survivors", p.min_survivors.is_some()),
-                    ("granularity", p.granularity.is_some()),
-                    ("beta", p.beta.is_some()),
-                ] {
-                    if set {
-                        return Err(FedError::config(
-                            format!("dp.{key}"),
-                            "needs a noise placement (dp.placement = \"central\", \"distributed\" or \"local\")",
-                        ));
-                    }
-                }
+                refuse_set(
+                    &[
+                        ("clip", p.clip.is_some()),
+                        ("noise_multiplier", p.noise_multiplier.is_some()),
+                        ("target_epsilon", p.target_epsilon.is_some()),
+                        ("epsilon_budget", p.epsilon_budget.is_some()),
+                        ("min_survivors", p.min_survivors.is_some()),
+                        ("granularity", p.granularity.is_some()),
+                        ("beta", p.beta.is_some()),
+                    ],
+                    "needs a noise placement (dp.placement = \"central\", \"distributed\" or \"local\")",
+                )?;
                 return Ok(None);
             }
             PlacementName::Central => Placement::Central,
@@ -638,22 +829,7 @@ impl Plan {
         )
         .map_err(dp_err("granularity"))?;
         noise.validate().map_err(dp_err("noise_multiplier"))?;
-        if let Some(b) = p.epsilon_budget {
-            if !(b.is_finite() && b > 0.0) {
-                return Err(FedError::config(
-                    "dp.epsilon_budget",
-                    format!("must be positive, got {b}"),
-                ));
-            }
-            if let Some(t) = p.target_epsilon
-                && t > b
-            {
-                return Err(FedError::config(
-                    "dp.epsilon_budget",
-                    format!("{b} is below dp.target_epsilon ({t}): the run could not finish"),
-                ));
-            }
-        }
+        check_budget(p)?;
         Ok(Some(ResolvedDp {
             noise,
             delta: p.delta,
@@ -870,6 +1046,10 @@ pub struct Policy {
     /// Refuse sessions whose Shamir threshold is below this.
     #[serde(default)]
     pub min_threshold: u32,
+    /// With record-level DP, the accountant this client composes its own
+    /// steps with (default `"pld"`).
+    #[serde(default = "policy::accountant")]
+    pub accountant: fedveil_dp::Accountant,
 }
 
 mod policy {
@@ -885,6 +1065,9 @@ mod policy {
     }
     pub fn delta() -> f64 {
         1e-5
+    }
+    pub fn accountant() -> fedveil_dp::Accountant {
+        fedveil_dp::Accountant::Pld
     }
 }
 
@@ -903,6 +1086,7 @@ impl Default for Policy {
             epsilon_budget: None,
             min_degree: 0,
             min_threshold: 0,
+            accountant: policy::accountant(),
         }
     }
 }
@@ -954,6 +1138,15 @@ impl Policy {
                 .and_then(|rho| fedveil_dp::zcdp::epsilon(rho, dp.delta))
                 .ok()
                 .map(|e| e * (1.0 + 1e-9));
+        }
+        if let Some(rec) = &r.record {
+            p.require_dp = true;
+            p.min_noise_multiplier = rec.mechanism.noise_multiplier;
+            p.max_clip = Some(rec.mechanism.clip);
+            p.delta = rec.delta;
+            p.accountant = rec.accountant;
+            // Each client is its own accountant: the file's budget is theirs.
+            p.epsilon_budget = rec.budget;
         }
         p
     }
@@ -1270,6 +1463,76 @@ kind = "synthetic"
         );
         let e = run(&format!("{BASE}[extra]\n")).unwrap_err().to_string();
         assert!(e.contains("unknown field `extra`"), "{e}");
+    }
+
+    #[test]
+    fn record_level_dp_resolves_to_the_broadcast_mechanism_and_refuses_client_level_keys() {
+        let r = resolve(
+            "[training]\nlocal_steps = 4\n[dp]\nunit = \"record\"\nclip = 0.5\n\
+             sampling_rate = 0.1\ntarget_epsilon = 3.0\n",
+        )
+        .unwrap();
+        assert!(r.dp.is_none());
+        let rec = r.record.as_ref().unwrap();
+        let m = r.training.record_dp.unwrap();
+        assert_eq!(m, rec.mechanism);
+        assert_eq!((m.clip, m.sampling_rate), (0.5, 0.1));
+        assert!(rec.calibrated);
+        assert_eq!(rec.accountant, fedveil_dp::Accountant::Pld);
+        // Calibrated for 3 rounds of 4 steps: it spends the target, no more.
+        let spent = fedveil_dp::SubsampledGaussian {
+            noise_multiplier: m.noise_multiplier,
+            sampling_rate: 0.1,
+            steps: 12,
+        }
+        .epsilon(1e-5, fedveil_dp::Accountant::Pld)
+        .unwrap();
+        assert!(spent <= 3.0 && spent > 2.99, "{spent}");
+        assert_eq!(rec.planned_epsilon, spent);
+        assert_eq!(Policy::for_run(&r).min_noise_multiplier, m.noise_multiplier);
+
+        let record = "[dp]\nunit = \"record\"\nclip = 1.0\nsampling_rate = 0.1\n";
+        let cases = [
+            (format!("{record}noise_multiplier = 1.0\nplacement = \"local\"\n"), "dp.placement"),
+            (format!("{record}noise_multiplier = 1.0\nmin_survivors = 3\n"), "dp.min_survivors"),
+            (format!("{record}noise_multiplier = 1.0\ngranularity = 0.1\n"), "dp.granularity"),
+            (record.to_string(), "noise_multiplier or target_epsilon"),
+            (
+                "[dp]\nunit = \"record\"\nclip = 1.0\nnoise_multiplier = 1.0\n".into(),
+                "dp.sampling_rate",
+            ),
+            (
+                "[dp]\nunit = \"record\"\nsampling_rate = 1.5\nclip = 1.0\nnoise_multiplier = 1.0\n"
+                    .into(),
+                "dp.sampling_rate",
+            ),
+            (
+                "[dp]\nplacement = \"local\"\nclip = 1.0\nnoise_multiplier = 1.0\nsampling_rate = 0.1\n"
+                    .into(),
+                "dp.sampling_rate",
+            ),
+            (
+                format!("{record}noise_multiplier = 1.0\n[federation.x]\n"),
+                "unknown field",
+            ),
+            (
+                "[training.record_dp]\nclip = 1.0\nnoise_multiplier = 1.0\nsampling_rate = 0.5\n"
+                    .into(),
+                "training.record_dp",
+            ),
+        ];
+        for (extra, want) in cases {
+            let e = match resolve(&extra) {
+                Ok(r) => panic!("{extra:?} resolved to {r:?}"),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains(want), "{extra:?}: {e}");
+        }
+        let f = run(&format!("{BASE}{record}noise_multiplier = 1.0\n")).unwrap();
+        let mut p = f.plan();
+        p.federation.aggregation = AggregationName::Unprotected;
+        let e = p.resolve(10, 5).unwrap_err().to_string();
+        assert!(e.contains("federation.aggregation"), "{e}");
     }
 
     #[test]

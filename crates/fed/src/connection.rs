@@ -332,6 +332,7 @@ fn up_name(up: &Up) -> &'static str {
         Up::Decline { .. } => "Decline",
         Up::Update { .. } => "Update",
         Up::BundleReply { .. } => "BundleReply",
+        Up::Spent { .. } => "Spent",
     }
 }
 

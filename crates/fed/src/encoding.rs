@@ -152,6 +152,7 @@ mod tests {
             delta,
             samples,
             loss: 0.0,
+            record_steps: None,
         }
     }
 

@@ -14,9 +14,11 @@
 
 use fedveil_dp::mechanism::NoiseConfig;
 use fedveil_dp::zcdp::{self, ZcdpLedger};
+use fedveil_dp::{Accountant, SubsampledGaussian, rdp};
 use serde::{Deserialize, Serialize};
 
 use crate::FedError;
+use crate::trainer::RecordSteps;
 
 /// One released round's entry.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -35,9 +37,32 @@ pub struct ReleasedRound {
 pub struct PrivacyLedger {
     pub zcdp: ZcdpLedger,
     pub entries: Vec<ReleasedRound>,
+    /// With record-level DP: the largest ε each client has reported
+    /// (`Up::Spent`), by client id. Each client is its own accountant; the
+    /// server only keeps their word.
+    #[serde(default)]
+    pub clients: std::collections::BTreeMap<u32, f64>,
+    /// With record-level DP: how many sessions each client has reported
+    /// spending in.
+    #[serde(default)]
+    pub client_sessions: std::collections::BTreeMap<u32, u64>,
 }
 
 impl PrivacyLedger {
+    /// Takes clients' record-level reports into account.
+    pub fn hear_clients(&mut self, reports: &std::collections::BTreeMap<u32, f64>) {
+        for (&client, &epsilon) in reports {
+            let e = self.clients.entry(client).or_insert(0.0);
+            *e = e.max(epsilon);
+            *self.client_sessions.entry(client).or_insert(0) += 1;
+        }
+    }
+
+    /// The largest record-level ε any client has reported (0 before any).
+    pub fn max_client_epsilon(&self) -> f64 {
+        self.clients.values().copied().fold(0.0, f64::max)
+    }
+
     /// `ε` at `delta` for everything released.
     pub fn epsilon(&self, delta: f64) -> Result<f64, FedError> {
         if self.entries.is_empty() {
@@ -102,6 +127,20 @@ pub struct ClientLedger {
     pub rho: f64,
     /// The charged sessions.
     pub sessions: Vec<ClientCharge>,
+    /// With record-level DP (protocols/dp.md §8): the DP-SGD steps of each
+    /// revealed session.
+    #[serde(default)]
+    pub record: Vec<RecordCharge>,
+}
+
+/// One session's record-level DP-SGD steps.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecordCharge {
+    pub round: u64,
+    pub attempt: u32,
+    pub noise_multiplier: f64,
+    pub sampling_rate: f64,
+    pub steps: u64,
 }
 
 /// One session a client revealed its input in.
@@ -167,6 +206,15 @@ impl ClientLedger {
         if !(l.rho.is_finite() && l.rho >= 0.0 && (sum - l.rho).abs() <= 1e-9 * l.rho.max(1.0)) {
             return Err(bad("the ledger's total does not match its sessions".into()));
         }
+        let sane = |c: &RecordCharge| {
+            c.noise_multiplier.is_finite()
+                && c.noise_multiplier > 0.0
+                && c.sampling_rate > 0.0
+                && c.sampling_rate <= 1.0
+        };
+        if !l.record.iter().all(sane) {
+            return Err(bad("a record-level charge is out of range".into()));
+        }
         Ok(l)
     }
 
@@ -187,6 +235,64 @@ impl ClientLedger {
         self.sessions
             .iter()
             .any(|c| c.round == round && c.attempt == attempt)
+            || self
+                .record
+                .iter()
+                .any(|c| c.round == round && c.attempt == attempt)
+    }
+
+    /// Charges a session's record-level DP-SGD steps.
+    pub fn charge_record(&mut self, round: u64, attempt: u32, steps: &RecordSteps) {
+        self.record.push(RecordCharge {
+            round,
+            attempt,
+            noise_multiplier: steps.noise_multiplier,
+            sampling_rate: steps.sampling_rate,
+            steps: steps.steps,
+        });
+    }
+
+    /// Record-level `ε` at `delta` of every charged DP-SGD step, and of
+    /// `extra` more: with one noise multiplier and sampling rate throughout
+    /// (a federation's), all steps compose as one Poisson-subsampled
+    /// Gaussian under `accountant`; mixed ones compose their RDP curves.
+    pub fn record_epsilon(
+        &self,
+        extra: Option<&RecordSteps>,
+        delta: f64,
+        accountant: Accountant,
+    ) -> Result<f64, FedError> {
+        let mut groups: Vec<(f64, f64, u64)> = Vec::new();
+        let all = self
+            .record
+            .iter()
+            .map(|c| (c.noise_multiplier, c.sampling_rate, c.steps))
+            .chain(extra.map(|e| (e.noise_multiplier, e.sampling_rate, e.steps)));
+        for (z, q, t) in all {
+            match groups.iter_mut().find(|g| g.0 == z && g.1 == q) {
+                Some(g) => g.2 = g.2.saturating_add(t),
+                None => groups.push((z, q, t)),
+            }
+        }
+        Ok(match groups.as_slice() {
+            [] => 0.0,
+            [(z, q, t)] if *t > 0 => SubsampledGaussian {
+                noise_multiplier: *z,
+                sampling_rate: *q,
+                steps: *t,
+            }
+            .epsilon(delta, accountant)?,
+            _ => {
+                let orders = rdp::default_orders();
+                let mut curve = vec![0.0; orders.len()];
+                for (z, q, t) in &groups {
+                    for (c, r) in curve.iter_mut().zip(rdp::compose(*q, *z, *t, &orders)) {
+                        *c += r;
+                    }
+                }
+                rdp::epsilon(&orders, &curve, delta)?.0
+            }
+        })
     }
 
     /// `ε` at `delta` for everything charged.

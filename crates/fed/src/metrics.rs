@@ -34,9 +34,14 @@ pub struct RoundMetrics {
     pub loss: Option<f64>,
     /// The task's other evaluation metrics.
     pub eval: BTreeMap<String, f64>,
-    /// ε spent so far (at `delta`), with differential privacy.
+    /// ε spent so far (at `delta`), with differential privacy; with
+    /// record-level DP, the largest any client has reported.
     pub epsilon: Option<f64>,
     pub delta: Option<f64>,
+    /// With record-level DP: the ε each client of this session reported
+    /// having spent in the federation (its own account), by client id.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub client_epsilon: BTreeMap<u32, f64>,
     pub cohort: u32,
     pub survivors: u32,
     pub dropouts: Vec<Dropout>,

@@ -35,6 +35,23 @@ pub struct TrainingConfig {
     /// (0 turns it off).
     #[serde(default)]
     pub proximal_mu: f32,
+    /// Record-level DP-SGD, set by the server from `[dp] unit = "record"`
+    /// (a `[training]` table may not set it): a trainer that receives it
+    /// must train with it, or refuse the round.
+    #[serde(default)]
+    pub record_dp: Option<RecordDp>,
+}
+
+/// Record-level DP-SGD's parameters (protocols/dp.md §8): every local step
+/// includes each record with probability `sampling_rate`, clips each
+/// record's gradient to L2 norm `clip`, and adds noise of standard
+/// deviation `noise_multiplier · clip` to their sum.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordDp {
+    pub clip: f64,
+    pub noise_multiplier: f64,
+    pub sampling_rate: f64,
 }
 
 mod defaults {
@@ -56,6 +73,7 @@ impl Default for TrainingConfig {
             batch_size: defaults::batch_size(),
             learning_rate: defaults::learning_rate(),
             proximal_mu: 0.0,
+            record_dp: None,
         }
     }
 }
@@ -87,6 +105,23 @@ impl TrainingConfig {
                 format!("must be non-negative, got {}", self.proximal_mu),
             ));
         }
+        if let Some(r) = &self.record_dp {
+            let ok = r.clip.is_finite()
+                && r.clip > 0.0
+                && r.noise_multiplier.is_finite()
+                && r.noise_multiplier > 0.0
+                && r.sampling_rate > 0.0
+                && r.sampling_rate <= 1.0;
+            if !ok {
+                return Err((
+                    "record_dp",
+                    format!(
+                        "needs a positive clip and noise multiplier and a sampling rate in \
+                         (0, 1], got {r:?}"
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -102,6 +137,18 @@ pub struct LocalUpdate {
     pub samples: u64,
     /// The client's mean training loss over the round.
     pub loss: f64,
+    /// With record-level DP: the DP-SGD steps the update took, which the
+    /// client's accountant charges (`None` without it).
+    pub record_steps: Option<RecordSteps>,
+}
+
+/// What a record-level DP-SGD round spent: `steps` Poisson-subsampled
+/// Gaussian steps at rate `sampling_rate` and the round's noise multiplier.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecordSteps {
+    pub noise_multiplier: f64,
+    pub sampling_rate: f64,
+    pub steps: u64,
 }
 
 impl Drop for LocalUpdate {
@@ -119,6 +166,7 @@ impl std::fmt::Debug for LocalUpdate {
             )
             .field("samples", &self.samples)
             .field("loss", &self.loss)
+            .field("record_steps", &self.record_steps)
             .finish()
     }
 }

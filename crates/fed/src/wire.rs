@@ -174,6 +174,14 @@ pub enum Up {
     /// The answer to [`Down::Bundle`]: `fetch` asks for the bundle (the
     /// client does not hold one with this hash).
     BundleReply { hash: [u8; 32], fetch: bool },
+    /// With record-level DP: the ε this client has spent in the federation
+    /// (its own account, protocols/dp.md §8), sent when it charges a
+    /// session, before its unmasking shares.
+    Spent {
+        round: u64,
+        attempt: u32,
+        epsilon: f64,
+    },
 }
 
 /// Server → client.

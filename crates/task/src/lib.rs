@@ -11,6 +11,9 @@
 //! - `llm` ([`llm`]): adapter fine-tuning of a language model on
 //!   instruction data, with offsite-tuning when `[offsite]` enables it.
 //!
+//! [`record`] supplies record-level DP-SGD's exact noise to the model
+//! crate's private round.
+//!
 //! [`datasets`] names the built-in datasets (fetched once, pinned by
 //! sha256) that `task.data` may name instead of a file.
 
@@ -22,6 +25,7 @@ use fedveil_fed::trainer::{Evaluator, Trainer};
 
 pub mod datasets;
 pub mod llm;
+pub mod record;
 pub mod synthetic;
 
 pub use llm::{LlmTask, OffsiteSection};

@@ -14,7 +14,7 @@ use candle_core::Device;
 use fedveil_data::{Record, Splitter, Template};
 use fedveil_fed::FedError;
 use fedveil_fed::trainer::{
-    Evaluation, Evaluator, LocalUpdate, TrainError, Trainer, TrainingConfig,
+    Evaluation, Evaluator, LocalUpdate, RecordSteps, TrainError, Trainer, TrainingConfig,
 };
 use fedveil_model::eval::{
     Limits, Verdict, gsm8k_exact_match, pass_at_k, run_python, test_program,
@@ -675,11 +675,30 @@ impl Trainer for LlmTrainer {
             learning_rate: f64::from(config.learning_rate),
             proximal_mu: f64::from(config.proximal_mu),
         };
-        let u = local.round(global, &settings, rng).map_err(train_error)?;
+        let Some(dp) = &config.record_dp else {
+            let u = local.round(global, &settings, rng).map_err(train_error)?;
+            return Ok(LocalUpdate {
+                delta: u.delta,
+                samples: u.samples,
+                loss: u.loss,
+                record_steps: None,
+            });
+        };
+        let mut mechanism =
+            crate::record::GridNoise::new(local.dim(), dp, crate::record::csprng(rng))
+                .map_err(train_error)?;
+        let (u, spent) = local
+            .private_round(global, &settings, &mut mechanism, rng)
+            .map_err(train_error)?;
         Ok(LocalUpdate {
             delta: u.delta,
             samples: u.samples,
             loss: u.loss,
+            record_steps: Some(RecordSteps {
+                noise_multiplier: dp.noise_multiplier,
+                sampling_rate: spent.sampling_rate,
+                steps: spent.steps,
+            }),
         })
     }
 

@@ -21,7 +21,7 @@ use rand_core::{RngCore, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use fedveil_fed::trainer::{
-    Evaluation, Evaluator, LocalUpdate, TrainError, Trainer, TrainingConfig,
+    Evaluation, Evaluator, LocalUpdate, RecordDp, RecordSteps, TrainError, Trainer, TrainingConfig,
 };
 
 /// The `[task]` table of a synthetic federation (`kind = "synthetic"`).
@@ -206,6 +206,9 @@ impl Trainer for SyntheticTrainer {
                 global.len()
             )));
         }
+        if let Some(dp) = &config.record_dp {
+            return self.train_private(global, config, dp, rng);
+        }
         let n = self.data.y.len();
         let b = config.batch_size as usize;
         let lr = config.learning_rate;
@@ -239,6 +242,68 @@ impl Trainer for SyntheticTrainer {
             delta: w.iter().zip(global).map(|(a, g)| a - g).collect(),
             samples: n as u64,
             loss: loss_sum / f64::from(config.local_steps),
+            record_steps: None,
+        })
+    }
+}
+
+impl SyntheticTrainer {
+    /// Record-level DP-SGD (protocols/dp.md §8) on the same loss: each step
+    /// Poisson-samples the records, clips each record's gradient
+    /// `(x·w − y) x`, adds the exact grid noise to their sum, divides by the
+    /// expected sample and takes the SGD step (with the proximal term,
+    /// which looks at no record).
+    fn train_private(
+        &self,
+        global: &[f32],
+        config: &TrainingConfig,
+        dp: &RecordDp,
+        rng: &mut dyn RngCore,
+    ) -> Result<LocalUpdate, TrainError> {
+        let d = self.dim;
+        let n = self.data.y.len();
+        let err = |e: fedveil_fed::dp::DpError| TrainError(e.to_string());
+        let mut mechanism =
+            crate::record::GridNoise::new(d, dp, crate::record::csprng(rng)).map_err(err)?;
+        let expected = dp.sampling_rate * n as f64;
+        let (lr, mu) = (config.learning_rate, config.proximal_mu);
+        let mut w = global.to_vec();
+        let mut grad = vec![0f32; d];
+        let mut loss_sum = 0.0;
+        let mut losses = 0usize;
+        for _ in 0..config.local_steps {
+            for i in mechanism.sample_records(n).map_err(err)? {
+                let xi = &self.data.x[i * d..(i + 1) * d];
+                let r = dot(xi, &w) - f64::from(self.data.y[i]);
+                loss_sum += 0.5 * r * r;
+                losses += 1;
+                grad.iter_mut().zip(xi).for_each(|(g, x)| *g = r as f32 * x);
+                mechanism.add(&grad).map_err(err)?;
+            }
+            let noised = mechanism.release_sum().map_err(err)?;
+            for ((wj, g), gj) in w.iter_mut().zip(&noised).zip(global) {
+                *wj -= lr * ((g / expected) as f32 + mu * (*wj - gj));
+            }
+        }
+        if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+            return Err(TrainError(format!(
+                "parameter {i} diverged; lower the learning rate"
+            )));
+        }
+        grad.iter_mut().for_each(|g| *g = 0.0);
+        Ok(LocalUpdate {
+            delta: w.iter().zip(global).map(|(a, g)| a - g).collect(),
+            samples: n as u64,
+            loss: if losses == 0 {
+                0.0
+            } else {
+                loss_sum / losses as f64
+            },
+            record_steps: Some(RecordSteps {
+                noise_multiplier: dp.noise_multiplier,
+                sampling_rate: dp.sampling_rate,
+                steps: u64::from(config.local_steps),
+            }),
         })
     }
 }

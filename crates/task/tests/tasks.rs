@@ -132,6 +132,7 @@ fn an_llm_task_trains_an_adapter_that_the_servers_evaluator_scores_lower() {
         batch_size: 8,
         learning_rate: 0.01,
         proximal_mu: 0.0,
+        record_dp: None,
     };
     let update = trainer
         .train(&global, &config, &mut ChaCha20Rng::from_seed([2; 32]))

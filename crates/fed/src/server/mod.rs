@@ -133,8 +133,12 @@ pub struct Summary {
     pub initial_evaluation: Option<Evaluation>,
     /// The evaluation of the final model.
     pub evaluation: Option<Evaluation>,
+    /// ε: the server's account with client-level DP; with record-level
+    /// DP the largest any client reported (`client_epsilon` has each).
     pub epsilon: Option<f64>,
     pub delta: Option<f64>,
+    /// With record-level DP: each client's reported ε, by client id.
+    pub client_epsilon: BTreeMap<u32, f64>,
     pub history: Vec<RoundRecord>,
     pub reason: String,
     pub server_peak_rss_bytes: Option<u64>,
@@ -489,14 +493,14 @@ impl Server {
         self.net.close();
         drop(accept);
         let reason = result?;
-        let dp = self.resolved.dp.as_ref();
         Ok(Summary {
             rounds: self.state.completed,
             params: self.state.params.clone(),
             initial_evaluation: initial,
             evaluation: self.state.evaluation.clone(),
-            epsilon: dp.map(|d| self.state.ledger.epsilon(d.delta)).transpose()?,
-            delta: dp.map(|d| d.delta),
+            epsilon: self.epsilon()?,
+            delta: self.delta(),
+            client_epsilon: self.state.ledger.clients.clone(),
             history: self.state.history.clone(),
             reason,
             server_peak_rss_bytes: peak_rss_bytes(),

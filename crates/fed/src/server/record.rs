@@ -7,6 +7,9 @@ impl Server {
     /// Why the next session (`round`, `attempt`) may not run: the privacy
     /// it could cost would take the ledger past `epsilon_budget`.
     pub(super) fn over_budget(&self, round: u64, attempt: u32) -> Result<Option<String>, FedError> {
+        if let Some(rec) = &self.resolved.record {
+            return self.over_record_budget(rec, round, attempt);
+        }
         let Some(dp) = &self.resolved.dp else {
             return Ok(None);
         };
@@ -32,6 +35,44 @@ impl Server {
         )))
     }
 
+    /// With record-level DP: whether one more session would take the client
+    /// that has trained in the most sessions past the clients' budget (each
+    /// client refuses it on its own; stopping here ends the federation
+    /// cleanly instead of with sessions nobody joins).
+    fn over_record_budget(
+        &self,
+        rec: &crate::config::ResolvedRecordDp,
+        round: u64,
+        attempt: u32,
+    ) -> Result<Option<String>, FedError> {
+        let Some(budget) = rec.budget else {
+            return Ok(None);
+        };
+        let ledger = &self.state.ledger;
+        let most = ledger.client_sessions.values().copied().max().unwrap_or(0);
+        let steps = (most + 1).saturating_mul(u64::from(self.resolved.training.local_steps));
+        let worst = fedveil_dp::SubsampledGaussian {
+            noise_multiplier: rec.mechanism.noise_multiplier,
+            sampling_rate: rec.mechanism.sampling_rate,
+            steps,
+        }
+        .epsilon(rec.delta, rec.accountant)?;
+        if worst <= budget {
+            return Ok(None);
+        }
+        let session = if attempt == 0 {
+            format!("round {round}")
+        } else {
+            format!("session {} of round {round}", attempt + 1)
+        };
+        Ok(Some(format!(
+            "the privacy budget stops the federation before {session}: a client has spent \
+             ε = {:.4} on its records, and the session could take it to {worst:.4}, past the \
+             budget of {budget}",
+            ledger.max_client_epsilon()
+        )))
+    }
+
     /// A session's metrics so far: its traffic since `(sent0, received0)`,
     /// no survivors, no evaluation.
     pub(super) fn round_metrics(
@@ -51,7 +92,8 @@ impl Server {
             loss: None,
             eval: BTreeMap::new(),
             epsilon: None,
-            delta: self.resolved.dp.as_ref().map(|d| d.delta),
+            delta: self.delta(),
+            client_epsilon: BTreeMap::new(),
             cohort,
             survivors: 0,
             dropouts: Vec::new(),
@@ -128,12 +170,26 @@ impl Server {
         Ok(Ended::Completed)
     }
 
+    /// ε so far: the server's own account with client-level DP; the
+    /// largest client report with record-level DP; none without DP.
     pub(super) fn epsilon(&self) -> Result<Option<f64>, FedError> {
+        if self.resolved.record.is_some() {
+            return Ok(Some(self.state.ledger.max_client_epsilon()));
+        }
         self.resolved
             .dp
             .as_ref()
             .map(|d| self.state.ledger.epsilon(d.delta))
             .transpose()
+    }
+
+    /// The δ that ε is reported at.
+    pub(super) fn delta(&self) -> Option<f64> {
+        match (&self.resolved.dp, &self.resolved.record) {
+            (Some(d), _) => Some(d.delta),
+            (None, Some(r)) => Some(r.delta),
+            (None, None) => None,
+        }
     }
 
     /// Charges the round to the ledger and persists the ledger before the

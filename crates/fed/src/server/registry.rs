@@ -239,7 +239,8 @@ impl Server {
     /// Handles a message while no session runs.
     pub(super) fn between_sessions(&mut self, m: Inbound) {
         match self.hear(m) {
-            Heard::Up(_, Up::Decline { .. })
+            // A late report of a session that concluded without it.
+            Heard::Up(_, Up::Decline { .. } | Up::Spent { .. })
             | Heard::Joined(_)
             | Heard::Left(_)
             | Heard::Nothing => {}

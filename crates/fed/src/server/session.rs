@@ -20,6 +20,8 @@ struct Live {
     stage_started: Instant,
     seconds: BTreeMap<String, f64>,
     declined: Vec<u32>,
+    /// With record-level DP: the ε each member reported (`Up::Spent`).
+    spent: BTreeMap<u32, f64>,
     /// Whether the privacy charge for this session has been made.
     charged: bool,
     /// The stage an adversary takes the session over at, if any, and what
@@ -78,6 +80,7 @@ impl Server {
             stage_started: Instant::now(),
             seconds: BTreeMap::new(),
             declined: Vec::new(),
+            spent: BTreeMap::new(),
             charged: false,
             log: Vec::new(),
         };
@@ -260,6 +263,28 @@ impl Server {
                     live.sa.drop_client(self.now(), id);
                 }
                 Up::Decline { .. } => {}
+                Up::Spent {
+                    round: r,
+                    attempt,
+                    epsilon,
+                } if r == round
+                    && attempt == live.attempt
+                    && live.in_cohort(&id)
+                    && self.resolved.record.is_some() =>
+                {
+                    if epsilon.is_finite() && epsilon >= 0.0 {
+                        live.spent.insert(id.0, epsilon);
+                    } else {
+                        self.reject(id, format!("a reported ε of {epsilon} is not an ε"));
+                    }
+                }
+                Up::Spent { .. } => self.reject(
+                    id,
+                    format!(
+                        "a privacy report that is not for session {} of round {round}",
+                        live.attempt + 1
+                    ),
+                ),
                 Up::Hello { .. } => self.reject(id, "Hello was already received".into()),
                 Up::BundleReply { .. } => {
                     self.reject(id, "the bundle was offered before Welcome".into())
@@ -298,6 +323,10 @@ impl Server {
         let mut metrics =
             self.round_metrics(live.round, live.attempt, n, live.declined, live.counters);
         metrics.stage_seconds = live.seconds;
+        // A client reports when it reveals its shares: spent, whether or not
+        // the session then completes.
+        self.state.ledger.hear_clients(&live.spent);
+        metrics.client_epsilon = live.spent;
         let agg = match outcome {
             Err(reason) => return self.aborted(metrics, live.started, reason.into()),
             Ok(agg) => agg,

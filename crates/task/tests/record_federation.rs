@@ -1,0 +1,137 @@
+//! Record-level DP in a whole federation over loopback QUIC with SecAgg+
+//! (protocols/dp.md §8): each client trains with DP-SGD, is its own
+//! accountant and reports its ε; the server stops before the budget would
+//! be passed; the model still learns.
+
+use std::path::{Path, PathBuf};
+
+use fedveil_fed::config::RunFile;
+use fedveil_fed::dp::{Accountant, SubsampledGaussian};
+use fedveil_fed::in_process::{self, InProcessRun};
+use fedveil_fed::net::Limits;
+use fedveil_fed::randomness::Randomness;
+use fedveil_task::TaskConfig;
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("fedveil-record-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Four clients, three rounds of five DP-SGD steps each, at noise
+/// multiplier 1 and sampling rate 1/4, with `extra` appended to `[dp]`.
+fn run_file(dir: &Path, extra: &str) -> RunFile {
+    let text = format!(
+        r#"
+[run]
+clients = 4
+
+[federation]
+rounds = 3
+cohort_size = 4
+
+[training]
+local_steps = 5
+batch_size = 64
+learning_rate = 0.2
+
+[optimizer]
+kind = "fedavg"
+server_lr = 1.0
+
+[dp]
+unit = "record"
+clip = 1.0
+noise_multiplier = 1.0
+sampling_rate = 0.25
+delta = 1e-5
+{extra}
+
+[deadlines]
+train = 60
+share = 20
+masked = 20
+consistency = 20
+unmask = 20
+
+[task]
+kind = "synthetic"
+dim = 8
+samples_per_client = 256
+noise = 0.1
+heterogeneity = 0.2
+seed = 5
+"#
+    );
+    RunFile::parse(&dir.join("run.toml"), &text).unwrap()
+}
+
+fn run(file: RunFile, dir: &Path) -> in_process::InProcessResult {
+    let task = TaskConfig::parse(&file.task, file.offsite.as_ref(), &dir.join("run.toml")).unwrap();
+    let (evaluator, trainers) = task.in_process(file.run.clients, &mut |_| {}).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(in_process::run(InProcessRun {
+        plan: file.plan(),
+        clients: file.run.clients,
+        listen: "127.0.0.1:0".parse().unwrap(),
+        limits: Limits::default(),
+        randomness: Randomness::os(),
+        trainers,
+        evaluator,
+        events: None,
+        client_events: None,
+    }))
+    .unwrap()
+}
+
+fn epsilon(steps: u64) -> f64 {
+    SubsampledGaussian {
+        noise_multiplier: 1.0,
+        sampling_rate: 0.25,
+        steps,
+    }
+    .epsilon(1e-5, Accountant::Pld)
+    .unwrap()
+}
+
+#[test]
+fn every_client_accounts_its_own_records_and_the_model_learns() {
+    let dir = scratch("learns");
+    let out = run(run_file(&dir, ""), &dir);
+    let s = &out.server;
+    assert_eq!(s.rounds, 3, "{}", s.reason);
+    // Every client trained in every round: 15 steps each.
+    let want = epsilon(15);
+    assert_eq!(s.client_epsilon.len(), 4, "{:?}", s.client_epsilon);
+    for (client, e) in &s.client_epsilon {
+        assert!(
+            (e - want).abs() <= 1e-9 * want,
+            "client {client}: ε {e}, want {want}"
+        );
+    }
+    assert_eq!(s.epsilon, Some(want));
+    assert_eq!(s.delta, Some(1e-5));
+    let before = s.initial_evaluation.as_ref().unwrap().loss;
+    let after = s.evaluation.as_ref().unwrap().loss;
+    assert!(after < 0.5 * before, "loss {before} -> {after}");
+    for c in &out.clients {
+        assert!(c.is_ok(), "{c:?}");
+    }
+}
+
+#[test]
+fn the_budget_stops_the_federation_before_any_client_would_pass_it() {
+    let dir = scratch("budget");
+    // Two rounds fit, the third would not.
+    let budget = 0.5 * (epsilon(10) + epsilon(15));
+    let out = run(run_file(&dir, &format!("epsilon_budget = {budget}")), &dir);
+    let s = &out.server;
+    assert_eq!(s.rounds, 2, "{}", s.reason);
+    assert!(s.reason.contains("privacy budget"), "{}", s.reason);
+    let spent = epsilon(10);
+    for (client, e) in &s.client_epsilon {
+        assert!((e - spent).abs() <= 1e-9 * spent, "client {client}: ε {e}");
+        assert!(*e <= budget);
+    }
+}
