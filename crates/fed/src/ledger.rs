@@ -374,4 +374,59 @@ mod tests {
         assert!(ClientLedger::load(&dir, &fed).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn a_client_composes_its_record_level_steps_across_sessions_and_keeps_them() {
+        let dir = std::env::temp_dir().join(format!("fedveil-rledger-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let fed = [9u8; 32];
+        let steps = RecordSteps {
+            noise_multiplier: 1.1,
+            sampling_rate: 0.01,
+            steps: 250,
+        };
+        let eps = |steps: u64, accountant| {
+            SubsampledGaussian {
+                noise_multiplier: 1.1,
+                sampling_rate: 0.01,
+                steps,
+            }
+            .epsilon(1e-5, accountant)
+            .unwrap()
+        };
+        let mut l = ClientLedger::load(&dir, &fed).unwrap();
+        assert_eq!(l.record_epsilon(None, 1e-5, Accountant::Pld).unwrap(), 0.0);
+        for round in 0..4 {
+            l.charge_record(round, 0, &steps);
+        }
+        l.save(&dir).unwrap();
+        let back = ClientLedger::load(&dir, &fed).unwrap();
+        assert_eq!(back, l);
+        assert!(back.charged(3, 0) && !back.charged(4, 0));
+        // Four sessions of 250 steps compose as 1,000 steps (the design
+        // note's sanity point: about 1.52 by PLD, 1.71 by RDP).
+        for accountant in [Accountant::Pld, Accountant::Rdp] {
+            let got = back.record_epsilon(None, 1e-5, accountant).unwrap();
+            assert_eq!(got, eps(1000, accountant));
+            let after = back.record_epsilon(Some(&steps), 1e-5, accountant).unwrap();
+            assert_eq!(after, eps(1250, accountant));
+        }
+        // A session at other parameters composes by RDP, above either part.
+        let other = RecordSteps {
+            noise_multiplier: 2.0,
+            ..steps
+        };
+        let mixed = back
+            .record_epsilon(Some(&other), 1e-5, Accountant::Pld)
+            .unwrap();
+        assert!(mixed > eps(1000, Accountant::Rdp), "{mixed}");
+        // A charge out of range is refused when the ledger is read.
+        let path = ClientLedger::path(&dir, &fed);
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replacen("0.01", "1.5", 1);
+        std::fs::write(&path, text).unwrap();
+        assert!(ClientLedger::load(&dir, &fed).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
