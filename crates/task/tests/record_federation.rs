@@ -5,12 +5,16 @@
 
 use std::path::{Path, PathBuf};
 
+use fedveil_fed::FedError;
 use fedveil_fed::config::RunFile;
 use fedveil_fed::dp::{Accountant, SubsampledGaussian};
 use fedveil_fed::in_process::{self, InProcessRun};
+use fedveil_fed::metrics::ClientEvent;
 use fedveil_fed::net::Limits;
 use fedveil_fed::randomness::Randomness;
+use fedveil_fed::trainer::{LocalUpdate, TrainError, Trainer, TrainingConfig};
 use fedveil_task::TaskConfig;
+use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("fedveil-record-{name}-{}", std::process::id()));
@@ -68,6 +72,16 @@ seed = 5
 }
 
 fn run(file: RunFile, dir: &Path) -> in_process::InProcessResult {
+    run_with(file, dir, |t| t, None).unwrap()
+}
+
+/// The federation of `file`, each client's trainer passed through `wrap`.
+fn run_with(
+    file: RunFile,
+    dir: &Path,
+    wrap: fn(Box<dyn Trainer>) -> Box<dyn Trainer>,
+    client_events: Option<UnboundedSender<ClientEvent>>,
+) -> Result<in_process::InProcessResult, FedError> {
     let task = TaskConfig::parse(&file.task, file.offsite.as_ref(), &dir.join("run.toml")).unwrap();
     let (evaluator, trainers) = task.in_process(file.run.clients, &mut |_| {}).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -77,12 +91,34 @@ fn run(file: RunFile, dir: &Path) -> in_process::InProcessResult {
         listen: "127.0.0.1:0".parse().unwrap(),
         limits: Limits::default(),
         randomness: Randomness::os(),
-        trainers,
+        trainers: Box::new(move |i| trainers(i).map(wrap)),
         evaluator,
         events: None,
-        client_events: None,
+        client_events,
     }))
-    .unwrap()
+}
+
+/// A task that trains without the round's record-level DP: what a buggy or
+/// outdated task would do.
+struct IgnoresRecordDp(Box<dyn Trainer>);
+
+impl Trainer for IgnoresRecordDp {
+    fn dim(&self) -> usize {
+        self.0.dim()
+    }
+
+    fn train(
+        &mut self,
+        global: &[f32],
+        config: &TrainingConfig,
+        rng: &mut dyn rand_core::RngCore,
+    ) -> Result<LocalUpdate, TrainError> {
+        let plain = TrainingConfig {
+            record_dp: None,
+            ..config.clone()
+        };
+        self.0.train(global, &plain, rng)
+    }
 }
 
 fn epsilon(steps: u64) -> f64 {
@@ -134,4 +170,28 @@ fn the_budget_stops_the_federation_before_any_client_would_pass_it() {
         assert!((e - spent).abs() <= 1e-9 * spent, "client {client}: ε {e}");
         assert!(*e <= budget);
     }
+}
+
+#[test]
+fn an_update_trained_without_the_rounds_record_level_dp_never_leaves_the_client() {
+    let dir = scratch("ignored");
+    let mut file = run_file(&dir, "");
+    file.federation.rounds = 1;
+    let (tx, mut rx) = unbounded_channel();
+    let out = run_with(file, &dir, |t| Box::new(IgnoresRecordDp(t)), Some(tx));
+    // Every client declines every session: the round fails.
+    let err = out.unwrap_err().to_string();
+    assert!(err.contains("round 0 failed"), "{err}");
+    let mut refusals = 0;
+    while let Ok(e) = rx.try_recv() {
+        match e {
+            ClientEvent::Refused { reason, .. } => {
+                assert!(reason.contains("nothing is sent"), "{reason}");
+                refusals += 1;
+            }
+            ClientEvent::Charged { .. } => panic!("a client charged a session it refused"),
+            _ => {}
+        }
+    }
+    assert!(refusals >= 4, "{refusals} refusals");
 }
