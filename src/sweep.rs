@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args as ClapArgs;
-use fedveil_fed::config::{DpSection, PlacementName, RunFile, relative_to};
+use fedveil_fed::config::{DpSection, DpUnit, PlacementName, RunFile, relative_to};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
@@ -136,8 +136,9 @@ fn point_file(
         Privacy::None => file.dp = DpSection::default(),
         Privacy::NoiseMultiplier(z) | Privacy::TargetEpsilon(z) => {
             anyhow::ensure!(
-                file.dp.placement != PlacementName::None,
-                "the base file needs a [dp] table with a placement and a clip to sweep noise"
+                file.dp.placement != PlacementName::None || file.dp.unit == DpUnit::Record,
+                "the base file needs a [dp] table with a placement (or unit = \"record\") and a \
+                 clip to sweep noise"
             );
             let dp = &mut file.dp;
             dp.epsilon_budget = None;

@@ -659,3 +659,40 @@ fn a_sweep_writes_its_table_and_plot() {
     assert_eq!(code, 2);
     assert!(err.contains("x.toml"), "{err}");
 }
+
+// A sweep whose base file has record-level DP sweeps each client's DP-SGD
+// noise (protocols/dp.md §8): more noise spends less ε per record.
+#[test]
+fn a_sweep_over_record_level_noise_spends_less_with_more_noise() {
+    let dir = scratch("sweep-record");
+    let base = dir.join("record.toml");
+    std::fs::write(
+        &base,
+        "[run]\nclients = 4\n[federation]\nrounds = 2\ncohort_size = 4\n\
+         [training]\nlocal_steps = 3\nbatch_size = 32\nlearning_rate = 0.1\n\
+         [dp]\nunit = \"record\"\nclip = 1.0\nsampling_rate = 0.2\nnoise_multiplier = 1.0\n\
+         [task]\nkind = \"synthetic\"\ndim = 4\nsamples_per_client = 64\n",
+    )
+    .unwrap();
+    let file = dir.join("sweep.toml");
+    std::fs::write(
+        &file,
+        "[sweep]\nbase = \"record.toml\"\nout = \"out\"\nnoise_multiplier = [0.0, 0.8, 3.0]\n",
+    )
+    .unwrap();
+    let (code, out, err) = fedveil(&["sweep", "--quiet", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let csv = std::fs::read_to_string(dir.join("out/results.csv")).unwrap();
+    let eps = |z: &str| -> Option<f64> {
+        let row = csv
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').collect::<Vec<_>>())
+            .find(|r| r[1] == z || (z.is_empty() && r[0] == "no DP"))
+            .unwrap_or_else(|| panic!("{z}: {csv}"));
+        row[5].parse().ok()
+    };
+    let (low, high) = (eps("0.8").unwrap(), eps("3").unwrap());
+    assert!(low > high && high > 0.0, "{out}\n{csv}");
+    assert_eq!(eps(""), None, "no ε without DP: {csv}");
+}
