@@ -377,6 +377,28 @@ fn positive<T: PartialOrd + Default + std::fmt::Display>(path: &str, v: T) -> Re
     }
 }
 
+/// How `[dp]` gives the noise: exactly one of a multiplier and a target ε.
+enum NoiseGiven {
+    Multiplier(f64),
+    Target(f64),
+}
+
+/// `[dp]`'s noise for `what` (named in the error when neither is given).
+fn noise_given(p: &DpSection, what: &str) -> Result<NoiseGiven, FedError> {
+    match (p.noise_multiplier, p.target_epsilon) {
+        (Some(_), Some(_)) => Err(FedError::config(
+            "dp.target_epsilon",
+            "choose noise_multiplier or target_epsilon, not both",
+        )),
+        (None, None) => Err(FedError::config(
+            "dp",
+            format!("{what} needs noise_multiplier or target_epsilon"),
+        )),
+        (Some(z), None) => Ok(NoiseGiven::Multiplier(z)),
+        (None, Some(eps)) => Ok(NoiseGiven::Target(eps)),
+    }
+}
+
 /// Refuses the first `[dp]` key of `keys` that is set, saying `why`.
 fn refuse_set(keys: &[(&str, bool)], why: &str) -> Result<(), FedError> {
     match keys.iter().find(|(_, set)| *set) {
@@ -663,21 +685,9 @@ impl Plan {
             .federation
             .rounds
             .saturating_mul(u64::from(self.training.local_steps));
-        let (sigma, calibrated) = match (p.noise_multiplier, p.target_epsilon) {
-            (Some(_), Some(_)) => {
-                return Err(FedError::config(
-                    "dp.target_epsilon",
-                    "choose noise_multiplier or target_epsilon, not both",
-                ));
-            }
-            (None, None) => {
-                return Err(FedError::config(
-                    "dp",
-                    "record-level DP needs noise_multiplier or target_epsilon",
-                ));
-            }
-            (Some(z), None) => (need("noise_multiplier", Some(z))?, false),
-            (None, Some(eps)) => {
+        let (sigma, calibrated) = match noise_given(p, "record-level DP")? {
+            NoiseGiven::Multiplier(z) => (need("noise_multiplier", Some(z))?, false),
+            NoiseGiven::Target(eps) => {
                 let eps = need("target_epsilon", Some(eps))?;
                 let z = fedveil_dp::calibrate::noise_multiplier(
                     eps, p.delta, q, steps, accountant, 1e-4,
@@ -788,21 +798,9 @@ impl Plan {
             move |e| FedError::config(format!("dp.{key}"), e.to_string())
         }
         let rounds = self.federation.rounds;
-        let (z, calibrated) = match (p.noise_multiplier, p.target_epsilon) {
-            (Some(_), Some(_)) => {
-                return Err(FedError::config(
-                    "dp.target_epsilon",
-                    "choose noise_multiplier or target_epsilon, not both",
-                ));
-            }
-            (None, None) => {
-                return Err(FedError::config(
-                    "dp",
-                    "a noise placement needs noise_multiplier or target_epsilon",
-                ));
-            }
-            (Some(z), None) => (z, false),
-            (None, Some(eps)) => {
+        let (z, calibrated) = match noise_given(p, "a noise placement")? {
+            NoiseGiven::Multiplier(z) => (z, false),
+            NoiseGiven::Target(eps) => {
                 let z = fedveil_dp::calibrate::mechanism_multiplier(
                     &base,
                     p.granularity,
