@@ -20,24 +20,27 @@ pub struct Args {
     /// Also write the report as Markdown to this file.
     #[arg(long, value_name = "FILE.md")]
     report: Option<PathBuf>,
-    /// Trials with the canary in the DP audit (and as many without).
+    /// Trials with the canary in the DP audits (and as many without; the
+    /// record-level audit, a real private round per trial, runs at most
+    /// 1,000).
     #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(200..=1_000_000))]
     trials: u32,
     /// Sessions per input set in the transcript test.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(4..=10_000))]
     sessions: u64,
     /// Seed of the in-memory protocol sessions (default: drawn from the OS),
-    /// to replay a report exactly. The DP audit always draws from the OS.
+    /// to replay a report exactly. The DP audits always draw from the OS.
     #[arg(long)]
     seed: Option<u64>,
-    /// Break the mechanism under audit on purpose: `noise` (clients add
-    /// none while the accountant counts it) or `clip` (updates unclipped).
+    /// Break the mechanisms under audit on purpose: `noise` (clients add
+    /// none while the accountant counts it) or `clip` (updates, or each
+    /// record's gradient in DP-SGD, unclipped).
     /// The audit must then fail; this never touches a real federation.
     #[arg(long = "break", value_enum, value_name = "WHAT")]
     broken: Option<BreakArg>,
     /// Run the protocol attacks over real QUIC on loopback, with the
     /// federation's server and clients, instead of the in-memory harness
-    /// (the DP audit, which attacks the mechanism, is the same either way).
+    /// (the DP audits, which attack the mechanisms, are the same either way).
     #[arg(long)]
     quic: bool,
 }

@@ -11,6 +11,8 @@
 //!   (protocols/federation.md §2);
 //! - [`mechanism`]: the empirical privacy audit of the DP mechanism
 //!   (protocols/dp.md §7);
+//! - [`record`]: the empirical audit of record-level DP-SGD, a canary
+//!   record in a client's real private round (protocols/dp.md §8.5);
 //! - [`hardening`]: the claims about resource bounds, ledgers, retries,
 //!   weights and the pass@k sandbox (issue 17), with their [`harness`];
 //! - [`report`]: every claim in order, and the report `fedveil audit` prints.
@@ -19,6 +21,7 @@ pub mod hardening;
 pub mod harness;
 pub mod mechanism;
 pub mod quic;
+pub mod record;
 pub mod report;
 pub mod secagg;
 pub mod transport;
@@ -33,6 +36,8 @@ pub enum AuditError {
     Fed(#[from] fedveil_fed::FedError),
     #[error(transparent)]
     Dp(#[from] fedveil_fed::dp::DpError),
+    #[error(transparent)]
+    Model(#[from] fedveil_model::ModelError),
     #[error(transparent)]
     Net(#[from] fedveil_fed::net::NetError),
     #[error("privacy audit: {0}")]

@@ -128,6 +128,97 @@ impl TestOutcome {
             false_positives: without.iter().filter(|&&s| s >= threshold).count() as u64,
         }
     }
+
+    /// The true-positive and false-positive rates.
+    pub fn rates(&self) -> (f64, f64) {
+        (
+            1.0 - self.false_negatives as f64 / self.positives.max(1) as f64,
+            self.false_positives as f64 / self.negatives.max(1) as f64,
+        )
+    }
+}
+
+/// An audit's verdict: the ε the attack proves beside the ε claimed,
+/// with the test behind it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// Trials with the canary, and as many without.
+    pub trials: u32,
+    pub delta: f64,
+    /// The confidence of the lower bound.
+    pub confidence: f64,
+    /// The ε the accountant claims.
+    pub claimed_epsilon: f64,
+    /// The ε the attack proves, at `confidence`.
+    pub epsilon_lower_bound: f64,
+    /// The largest ε this many trials can prove (a perfect test's bound):
+    /// a claim above it cannot be refuted by this audit.
+    pub ceiling: f64,
+    /// The test, chosen on the first half of the trials and measured on
+    /// the other.
+    pub threshold: f64,
+    pub outcome: TestOutcome,
+}
+
+impl Verdict {
+    /// Picks the threshold on the first half of the scores, measures it on
+    /// the second, and bounds ε at confidence `1 − alpha`.
+    pub(crate) fn of(
+        with: &[f64],
+        without: &[f64],
+        claimed_epsilon: f64,
+        delta: f64,
+        alpha: f64,
+    ) -> Result<Verdict> {
+        let half = with.len().min(without.len()) / 2;
+        let threshold = best_threshold(&with[..half], &without[..half], delta, alpha);
+        let outcome = TestOutcome::at(threshold, &with[half..], &without[half..]);
+        let perfect = TestOutcome {
+            positives: outcome.positives,
+            false_negatives: 0,
+            negatives: outcome.positives,
+            false_positives: 0,
+        };
+        Ok(Verdict {
+            trials: with.len() as u32,
+            delta,
+            confidence: 1.0 - alpha,
+            claimed_epsilon,
+            epsilon_lower_bound: epsilon_lower_bound(&outcome, delta, alpha)?,
+            ceiling: epsilon_lower_bound(&perfect, delta, alpha)?,
+            threshold,
+            outcome,
+        })
+    }
+
+    /// Whether the claim survived: the proven ε is at most the claimed one.
+    pub fn held(&self) -> bool {
+        self.epsilon_lower_bound <= self.claimed_epsilon
+    }
+
+    /// The true-positive and false-positive rates on the held-out half.
+    pub fn rates(&self) -> (f64, f64) {
+        self.outcome.rates()
+    }
+
+    /// The one-line evidence of a claim; `claimed_by` names who claims.
+    pub(crate) fn evidence(&self, claimed_by: &str) -> String {
+        let (tpr, fpr) = self.rates();
+        format!(
+            "ε lower bound {:.2} ({:.0} % confidence) against {claimed_by} {:.2} at δ = {:e} \
+             (this many trials can prove at most {:.2}); TPR {:.3}, FPR {:.3} on {} held-out \
+             trials each way (threshold chosen on {} more)",
+            self.epsilon_lower_bound,
+            100.0 * self.confidence,
+            self.claimed_epsilon,
+            self.delta,
+            self.ceiling,
+            tpr,
+            fpr,
+            self.outcome.positives,
+            u64::from(self.trials) - self.outcome.positives
+        )
+    }
 }
 
 /// A mechanism broken on purpose, to show that the audit catches it.
@@ -172,37 +263,10 @@ pub struct AuditConfig {
 pub struct AuditResult {
     pub noise_multiplier: f64,
     pub clients: u32,
-    pub trials: u32,
-    pub delta: f64,
-    /// The confidence of the lower bound.
-    pub confidence: f64,
-    /// The ε the accountant claims for the round.
-    pub claimed_epsilon: f64,
-    /// The ε the attack proves, at `confidence`.
-    pub epsilon_lower_bound: f64,
-    /// The largest ε this many trials can prove (a perfect test's bound):
-    /// a claim above it cannot be refuted by this audit.
-    pub ceiling: f64,
-    /// The test, on the held-out half of the trials.
-    pub threshold: f64,
-    pub outcome: TestOutcome,
+    /// The claim (the zCDP accountant's ε for the round) and the bound.
+    #[serde(flatten)]
+    pub verdict: Verdict,
     pub broken: Option<Sabotage>,
-}
-
-impl AuditResult {
-    /// Whether the claim survived: the proven ε is at most the claimed one.
-    pub fn held(&self) -> bool {
-        self.epsilon_lower_bound <= self.claimed_epsilon
-    }
-
-    /// The true-positive and false-positive rates on the held-out half.
-    pub fn rates(&self) -> (f64, f64) {
-        let o = &self.outcome;
-        (
-            1.0 - o.false_negatives as f64 / o.positives.max(1) as f64,
-            o.false_positives as f64 / o.negatives.max(1) as f64,
-        )
-    }
 }
 
 /// Audits one round of the mechanism `config.noise` describes, with a
@@ -297,30 +361,10 @@ pub fn audit_round<R: RngCore + CryptoRng + ?Sized>(
             without.push(score);
         }
     }
-    // Pick the threshold on the first half, measure on the second.
-    let half = config.trials as usize / 2;
-    let threshold = best_threshold(&with[..half], &without[..half], config.delta, config.alpha);
-    let outcome = TestOutcome::at(threshold, &with[half..], &without[half..]);
-    let epsilon_lower_bound = epsilon_lower_bound(&outcome, config.delta, config.alpha)?;
-    let held_out = outcome.positives;
-    let perfect = TestOutcome {
-        positives: held_out,
-        false_negatives: 0,
-        negatives: held_out,
-        false_positives: 0,
-    };
-    let ceiling = self::epsilon_lower_bound(&perfect, config.delta, config.alpha)?;
     Ok(AuditResult {
         noise_multiplier: noise.noise_multiplier,
         clients: config.clients,
-        trials: config.trials,
-        delta: config.delta,
-        confidence: 1.0 - config.alpha,
-        claimed_epsilon: claimed,
-        epsilon_lower_bound,
-        ceiling,
-        threshold,
-        outcome,
+        verdict: Verdict::of(&with, &without, claimed, config.delta, config.alpha)?,
         broken: config.broken,
     })
 }
@@ -425,7 +469,7 @@ pub fn claims(trials: u32, sabotage: Option<Sabotage>) -> Result<Vec<Claim>> {
             ),
             attack.into(),
             &r,
-            r.held(),
+            r.verdict.held(),
         )?);
     }
     for b in [Sabotage::NoNoise, Sabotage::NoClip] {
@@ -439,28 +483,14 @@ pub fn claims(trials: u32, sabotage: Option<Sabotage>) -> Result<Vec<Claim>> {
             ),
             format!("The same attack on a mechanism with {}.", b.name()),
             &r,
-            !r.held(),
+            !r.verdict.held(),
         )?);
     }
     Ok(claims)
 }
 
 fn claim(id: String, text: String, attack: String, r: &AuditResult, held: bool) -> Result<Claim> {
-    let (tpr, fpr) = r.rates();
-    let evidence = format!(
-        "ε lower bound {:.2} ({:.0} % confidence) against the claimed ε {:.2} at δ = {:e} \
-         (this many trials can prove at most {:.2}); TPR {:.3}, FPR {:.3} on {} held-out \
-         trials each way (threshold chosen on {} more)",
-        r.epsilon_lower_bound,
-        100.0 * r.confidence,
-        r.claimed_epsilon,
-        r.delta,
-        r.ceiling,
-        tpr,
-        fpr,
-        r.outcome.positives,
-        r.trials as u64 - r.outcome.positives
-    );
+    let evidence = r.verdict.evidence("the claimed ε");
     Claim::new(id, "dp.md §7", text, attack, held, evidence, r)
 }
 

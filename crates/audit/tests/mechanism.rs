@@ -37,13 +37,13 @@ fn the_attack_proves_less_than_the_accountant_claims() {
         let r = audit_round(&config(z, None), &mut ChaCha20Rng::seed_from_u64(7)).unwrap();
         eprintln!(
             "z = {z}: claimed {:.3}, proven {:.3}, rates {:?}",
-            r.claimed_epsilon,
-            r.epsilon_lower_bound,
-            r.rates()
+            r.verdict.claimed_epsilon,
+            r.verdict.epsilon_lower_bound,
+            r.verdict.rates()
         );
-        assert!(r.held(), "{r:?}");
+        assert!(r.verdict.held(), "{r:?}");
         // The attack is real: it proves a positive ε, far from trivial.
-        assert!(r.epsilon_lower_bound > 0.3, "{r:?}");
+        assert!(r.verdict.epsilon_lower_bound > 0.3, "{r:?}");
     }
 }
 
@@ -55,8 +55,8 @@ fn a_mechanism_without_noise_or_clipping_is_caught() {
             &mut ChaCha20Rng::seed_from_u64(7),
         )
         .unwrap();
-        assert!(!r.held(), "{broken:?} went unnoticed: {r:?}");
-        let (tpr, fpr) = r.rates();
+        assert!(!r.verdict.held(), "{broken:?} went unnoticed: {r:?}");
+        let (tpr, fpr) = r.verdict.rates();
         assert!(tpr > 0.99 && fpr < 0.01, "{broken:?}: {r:?}");
     }
 }
