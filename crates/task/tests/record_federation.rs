@@ -1,7 +1,8 @@
 //! Record-level DP in a whole federation over loopback QUIC with SecAgg+
 //! (protocols/dp.md §8): each client trains with DP-SGD, is its own
 //! accountant and reports its ε; the server stops before the budget would
-//! be passed; the model still learns.
+//! be passed, and a client before its own budget would; the model still
+//! learns.
 
 use std::path::{Path, PathBuf};
 
@@ -194,4 +195,116 @@ fn an_update_trained_without_the_rounds_record_level_dp_never_leaves_the_client(
         }
     }
     assert!(refusals >= 4, "{refusals} refusals");
+}
+
+// dp.md §8, federation.md §4.7: each client is its own accountant. One
+// client's own policy allows two rounds of the run's steps; the federation
+// has no budget of its own. That client refuses the third round, naming its
+// budget, and is charged nothing more; the others finish it.
+#[test]
+fn a_client_with_a_smaller_budget_of_its_own_refuses_the_round_that_would_pass_it() {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use fedveil_fed::config::Policy;
+    use fedveil_fed::in_process::Swarm;
+    use fedveil_fed::net::{ClientIdentity, ServerIdentity};
+    use fedveil_fed::server::{Server, ServerSetup};
+
+    let dir = scratch("own-budget");
+    let file = run_file(&dir, "");
+    let task = TaskConfig::parse(&file.task, file.offsite.as_ref(), &dir.join("run.toml")).unwrap();
+    let (evaluator, trainers) = task.in_process(4, &mut |_| {}).unwrap();
+    let trainers = Arc::new(trainers);
+    let budget = 0.5 * (epsilon(10) + epsilon(15));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (tx, mut rx) = unbounded_channel();
+    let (summary, strict) = rt.block_on(async {
+        let identity = ServerIdentity::generate(&["localhost".to_string()]).unwrap();
+        let pin = identity.fingerprint();
+        let ids: Vec<ClientIdentity> = (0..4)
+            .map(|_| ClientIdentity::generate(&mut rand_core::OsRng))
+            .collect();
+        let server = Server::bind(ServerSetup {
+            plan: file.plan(),
+            identity,
+            allow: ids.iter().map(ClientIdentity::public).collect(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            limits: Limits::default(),
+            evaluator,
+            randomness: Randomness::os(),
+            events: None,
+            hooks: Default::default(),
+        })
+        .unwrap();
+        let policy = Policy::for_run(server.resolved());
+        assert_eq!(policy.epsilon_budget, None);
+        let mut ids = ids;
+        let last = ids.split_off(3);
+        let swarm = |identities, policy, first: u32, events| {
+            let trainers = trainers.clone();
+            in_process::spawn_swarm(Swarm {
+                server: server.local_addr(),
+                server_name: "localhost".into(),
+                pin,
+                limits: Limits::default(),
+                identities,
+                trainers: Box::new(move |i| trainers(first + i)),
+                randomness: Randomness::os(),
+                events,
+                give_up_after: Duration::from_secs(30),
+                policy,
+                bundle_cache: None,
+            })
+            .unwrap()
+        };
+        let others = swarm(ids, policy.clone(), 0, None);
+        let strict_policy = Policy {
+            epsilon_budget: Some(budget),
+            ..policy
+        };
+        let strict = swarm(last, strict_policy, 3, Some(tx));
+        let summary = server.run().await.unwrap();
+        for c in others {
+            assert_eq!(c.await.unwrap().unwrap().rounds_served, 3);
+        }
+        let mut strict = strict;
+        (summary, strict.pop().unwrap().await.unwrap().unwrap())
+    });
+    assert_eq!(summary.rounds, 3, "{}", summary.reason);
+    assert_eq!(strict.rounds_served, 2, "{strict:?}");
+    assert_eq!(
+        summary.client_epsilon.len(),
+        4,
+        "{:?}",
+        summary.client_epsilon
+    );
+    let strict_id = strict.client.unwrap().0;
+    for (client, e) in &summary.client_epsilon {
+        let want = if *client == strict_id {
+            epsilon(10)
+        } else {
+            epsilon(15)
+        };
+        assert!(
+            (e - want).abs() <= 1e-9 * want,
+            "client {client}: ε {e}, want {want}"
+        );
+    }
+    let mut refused = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        match e {
+            ClientEvent::Refused { round, reason } => refused.push((round, reason)),
+            ClientEvent::Charged { round, .. } => assert!(round < 2, "charged round {round}"),
+            _ => {}
+        }
+    }
+    assert!(!refused.is_empty(), "the strict client never refused");
+    for (round, reason) in &refused {
+        assert_eq!(*round, 2, "{reason}");
+        assert!(
+            reason.contains(&format!("past its budget of {budget}")),
+            "{reason}"
+        );
+    }
 }
