@@ -6,9 +6,9 @@
 //! CCS 2012): the set of doubles a sum can land on depends on the sum. Here
 //! nothing of the kind is released:
 //!
-//! 1. each example's gradient is clipped to `C` and rounded *toward zero*
-//!    onto the grid `γℤ^d`, so that its integer vector `k_i` has
-//!    `‖γ k_i‖₂ ≤ C`. That bound is then checked exactly in integer
+//! 1. each example's gradient is clipped to `⌊C/γ⌋γ ≤ C` and rounded
+//!    *toward zero* onto the grid `γℤ^d`, so that its integer vector `k_i`
+//!    has `‖k_i‖₂ ≤ ⌊C/γ⌋`, hence `‖γ k_i‖₂ ≤ C`. That bound is then checked exactly in integer
 //!    arithmetic (`Σ k_ij² ≤ ⌊C/γ⌋²`), so floating-point error in the norm
 //!    or the scaling can never raise the sensitivity above `C`;
 //! 2. the integer vectors are summed exactly (`i64`);
@@ -67,7 +67,9 @@ pub struct GridGaussian {
     clip: f64,
     noise_multiplier: f64,
     grid: f64,
-    /// `⌊C/γ⌋²`: the largest squared norm of a rounded example, in grid units.
+    /// `⌊C/γ⌋`: the largest norm of a rounded example, in grid units.
+    limit: f64,
+    /// `⌊C/γ⌋²`, exactly.
     limit_sq: u128,
     sampler: DiscreteGaussian,
 }
@@ -92,6 +94,7 @@ impl GridGaussian {
             clip,
             noise_multiplier,
             grid,
+            limit: clip_units,
             limit_sq: limit * limit,
             sampler: DiscreteGaussian::new(NOISE_GRID_UNITS)?,
         })
@@ -118,8 +121,9 @@ impl GridGaussian {
         }
     }
 
-    /// Adds one example's gradient to `sum`: scaled to L2 norm at most `C`
-    /// and rounded toward zero onto the grid, its bound checked exactly.
+    /// Adds one example's gradient to `sum`: scaled to L2 norm at most
+    /// `⌊C/γ⌋γ ≤ C` and rounded toward zero onto the grid, its bound
+    /// checked exactly.
     /// Returns the gradient's norm before clipping.
     pub fn add_example(&self, sum: &mut GridSum, gradient: &[f32]) -> Result<f64, DpError> {
         if gradient.len() != sum.values.len() {
@@ -136,12 +140,16 @@ impl GridGaussian {
             norm_sq += f64::from(g) * f64::from(g);
         }
         let norm = norm_sq.sqrt();
-        // Grid units per gradient unit, after clipping.
-        let mut scale = if norm > self.clip {
-            self.clip / norm
+        // Grid units per gradient unit, after clipping to `⌊C/γ⌋` grid units
+        // (`⌊C/γ⌋γ ≤ C`): the bound checked below. Scaling to `C/γ` itself
+        // would leave a rounded vector up to a unit above it whenever `C/γ`
+        // is not an integer (a low-dimensional gradient loses less than a
+        // unit to rounding toward zero).
+        let mut scale = if norm > self.limit * self.grid {
+            self.limit / norm
         } else {
-            1.0
-        } / self.grid;
+            1.0 / self.grid
+        };
         let mut units = vec![0i64; gradient.len()];
         // Rounding toward zero never grows the norm, so the check passes at
         // once unless the norm or the scaling rounded up; then shrink a
@@ -234,6 +242,37 @@ mod tests {
             );
             // Toward zero: never larger in magnitude.
             assert!(back.abs() <= f64::from(v).abs() + 1e-12);
+        }
+    }
+
+    // C/γ = 2^18/3 = 87,381.33 grid units is not an integer: a gradient
+    // of two coordinates, 50.7 units off the first axis, once rounded to
+    // (87,381, 50) units, above the bound ⌊C/γ⌋ = 87,381, and was refused.
+    #[test]
+    fn a_low_dimensional_gradient_fits_the_bound_when_c_over_the_grid_is_fractional() {
+        let m = GridGaussian::new(1.0, 3.0).unwrap();
+        let units = 1.0 / m.grid();
+        assert!(units.fract() > 0.3, "{units}");
+        let off = 50.7 * m.grid();
+        let g = [(1.0 - off * off).sqrt() as f32 * 4.0, off as f32 * 4.0];
+        let mut sum = m.sum(2);
+        m.add_example(&mut sum, &g).unwrap();
+        let sq: i128 = sum
+            .values
+            .iter()
+            .map(|&k| i128::from(k) * i128::from(k))
+            .sum();
+        assert!(sq as u128 <= m.limit_sq);
+        // Any clipped gradient, in few dimensions and many.
+        let mut rng = ChaCha20Rng::from_seed([3; 32]);
+        for d in [1usize, 2, 3, 4, 8, 64] {
+            let mut sum = m.sum(d);
+            for _ in 0..2000 {
+                let g: Vec<f32> = (0..d)
+                    .map(|_| (rng.next_u32() as f32 / u32::MAX as f32 - 0.5) * 10.0)
+                    .collect();
+                m.add_example(&mut sum, &g).unwrap();
+            }
         }
     }
 
