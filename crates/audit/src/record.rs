@@ -191,10 +191,9 @@ fn setup(rng: &mut dyn RngCore) -> Result<Setup> {
 /// direction.
 struct Watched<'a, R: RngCore + CryptoRng> {
     inner: GridNoise<R>,
-    /// The rate reported to the accountant and the optimiser.
+    /// The rate reported to the optimiser (the accountant's; an honest
+    /// client's `inner` samples at it, the wrong-rate sabotage at 1).
     claimed_rate: f64,
-    /// Sample every record, whatever the rate (the wrong-rate sabotage).
-    take_all: bool,
     direction: &'a [f64],
     /// `Σ_t ⟨r_t, u⟩`.
     projection: f64,
@@ -206,9 +205,6 @@ impl<R: RngCore + CryptoRng> RecordMechanism for Watched<'_, R> {
     }
 
     fn sample(&mut self, records: usize) -> fedveil_model::Result<Vec<usize>> {
-        if self.take_all {
-            return Ok((0..records).collect());
-        }
         self.inner.sample(records)
     }
 
@@ -293,7 +289,6 @@ pub fn audit_records(
     let mut mechanism = Watched {
         inner: GridNoise::new(s.global.len(), &run, csprng(rng))?,
         claimed_rate: config.sampling_rate,
-        take_all: config.broken == Some(RecordSabotage::WrongRate),
         direction: &s.direction,
         projection: 0.0,
     };

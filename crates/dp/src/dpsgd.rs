@@ -8,9 +8,10 @@
 //!
 //! 1. each example's gradient is clipped to `⌊C/γ⌋γ ≤ C` and rounded
 //!    *toward zero* onto the grid `γℤ^d`, so that its integer vector `k_i`
-//!    has `‖k_i‖₂ ≤ ⌊C/γ⌋`, hence `‖γ k_i‖₂ ≤ C`. That bound is then checked exactly in integer
-//!    arithmetic (`Σ k_ij² ≤ ⌊C/γ⌋²`), so floating-point error in the norm
-//!    or the scaling can never raise the sensitivity above `C`;
+//!    has `‖k_i‖₂ ≤ ⌊C/γ⌋`, hence `‖γ k_i‖₂ ≤ C`. That bound is then
+//!    checked exactly in integer arithmetic (`Σ k_ij² ≤ ⌊C/γ⌋²`), so
+//!    floating-point error in the norm or the scaling can never raise the
+//!    sensitivity above `C`;
 //! 2. the integer vectors are summed exactly (`i64`);
 //! 3. every coordinate gets an independent exact discrete Gaussian sample
 //!    `N_Z(0, (σC/γ)²)` ([`crate::sampler::DiscreteGaussian`], CKS20) drawn
