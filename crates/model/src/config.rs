@@ -1,12 +1,14 @@
 //! The architecture of a llama-family decoder.
 //!
 //! The fields and their names follow Hugging Face's `config.json` for
-//! `LlamaForCausalLM` (and `Qwen2ForCausalLM`, whose only difference that
-//! matters here is a bias on the query, key and value projections), so a
-//! model directory's `config.json` deserialises straight into
-//! [`LlamaConfig`].
+//! `LlamaForCausalLM`, `MistralForCausalLM` and `Qwen2ForCausalLM` (whose
+//! only difference that matters here is a bias on the query, key and value
+//! projections). [`LlamaConfig::from_hf_json`] reads a model directory's
+//! `config.json` and refuses every key it does not implement, by name: a key
+//! that would change the computation is never ignored.
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::ModelError;
 
@@ -39,7 +41,265 @@ pub struct LlamaConfig {
     /// Some configs list several end-of-sequence ids; the first is kept.
     #[serde(default, deserialize_with = "one_or_many")]
     pub eos_token_id: Option<u32>,
+    /// The width of one attention head, where it is not
+    /// `hidden_size / num_attention_heads` (Llama-3.2, Mistral-Nemo, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// How the rotary frequencies are rescaled for long contexts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+    /// Mistral's sliding-window attention: each query sees at most this many
+    /// keys. fedveil computes full causal attention and refuses any input
+    /// longer than the window, where the two are the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
 }
+
+/// `rope_scaling`: the rescalings of the rotary frequencies fedveil
+/// implements, as Hugging Face's `modeling_rope_utils` computes them. Any
+/// other `rope_type` (dynamic, yarn, longrope, ...) is refused by name.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// Every frequency divided by `factor` (position interpolation).
+    Linear { factor: f64 },
+    /// Llama-3.1's: long wavelengths divided by `factor`, short ones kept,
+    /// a smooth blend between.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: usize,
+    },
+}
+
+impl RopeScaling {
+    /// Reads a `rope_scaling` object; an unknown type or key is an error
+    /// that names it.
+    pub fn from_json(v: &Value) -> Result<RopeScaling, String> {
+        let obj = v
+            .as_object()
+            .ok_or_else(|| format!("rope_scaling must be an object, got {v}"))?;
+        let kind = obj
+            .get("rope_type")
+            .or_else(|| obj.get("type"))
+            .and_then(Value::as_str)
+            .ok_or("rope_scaling has no rope_type")?;
+        if let (Some(a), Some(b)) = (obj.get("rope_type"), obj.get("type"))
+            && a != b
+        {
+            return Err(format!("rope_scaling says rope_type {a} and type {b}"));
+        }
+        let allowed: &[&str] = match kind {
+            "linear" => &["factor"],
+            "llama3" => &[
+                "factor",
+                "low_freq_factor",
+                "high_freq_factor",
+                "original_max_position_embeddings",
+            ],
+            "default" => &[],
+            other => {
+                return Err(format!(
+                    "rope_scaling rope_type {other:?} is not implemented (fedveil implements \
+                     \"linear\" and \"llama3\")"
+                ));
+            }
+        };
+        for key in obj.keys() {
+            if key != "rope_type" && key != "type" && !allowed.contains(&key.as_str()) {
+                return Err(format!(
+                    "rope_scaling key {key:?} is not implemented for rope_type {kind:?}"
+                ));
+            }
+        }
+        let num = |key: &str| -> Result<f64, String> {
+            let x = obj
+                .get(key)
+                .and_then(Value::as_f64)
+                .ok_or_else(|| format!("rope_scaling ({kind}) needs a number {key}"))?;
+            if x.is_finite() && x > 0.0 {
+                Ok(x)
+            } else {
+                Err(format!("rope_scaling {key} must be positive, got {x}"))
+            }
+        };
+        match kind {
+            "linear" => Ok(RopeScaling::Linear {
+                factor: num("factor")?,
+            }),
+            "llama3" => {
+                let (low, high) = (num("low_freq_factor")?, num("high_freq_factor")?);
+                if high <= low {
+                    return Err(format!(
+                        "rope_scaling high_freq_factor {high} must exceed low_freq_factor {low}"
+                    ));
+                }
+                let original = num("original_max_position_embeddings")?;
+                if original.fract() != 0.0 {
+                    return Err(format!(
+                        "rope_scaling original_max_position_embeddings {original} is not a whole number"
+                    ));
+                }
+                Ok(RopeScaling::Llama3 {
+                    factor: num("factor")?,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position_embeddings: original as usize,
+                })
+            }
+            // "default" with no parameters is no scaling at all; the caller
+            // maps it to `None`.
+            _ => Err("rope_scaling rope_type \"default\" is no scaling".into()),
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        match *self {
+            RopeScaling::Linear { factor } => {
+                serde_json::json!({"rope_type": "linear", "factor": factor})
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => serde_json::json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+            }),
+        }
+    }
+
+    /// Rescales the inverse frequencies `θ^(-2i/d)`, as
+    /// `_compute_linear_scaling_rope_parameters` and
+    /// `_compute_llama3_parameters` do (both leave the attention scale at 1).
+    pub fn apply(&self, inv_freq: &mut [f64]) {
+        match *self {
+            RopeScaling::Linear { factor } => inv_freq.iter_mut().for_each(|f| *f /= factor),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let old = original_max_position_embeddings as f64;
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                for f in inv_freq.iter_mut() {
+                    let wavelen = 2.0 * std::f64::consts::PI / *f;
+                    if wavelen > low_wavelen {
+                        *f /= factor;
+                    } else if wavelen >= high_wavelen {
+                        let smooth = (old / wavelen - low_freq_factor)
+                            / (high_freq_factor - low_freq_factor);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Serialize for RopeScaling {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.to_json().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for RopeScaling {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RopeScaling, D::Error> {
+        RopeScaling::from_json(&Value::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `config.json` keys that do not change what the model computes: names,
+/// versions, the stored dtype (fedveil computes in its own), generation
+/// defaults and Hugging Face's bookkeeping.
+const INERT_KEYS: &[&str] = &[
+    "_name_or_path",
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "initializer_range",
+    "pad_token_id",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "is_llama_config",
+    "transformers.js_config",
+    "tokenizer_class",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "finetuning_task",
+    "task_specific_params",
+    "prefix",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "torchscript",
+    "use_bfloat16",
+    "tf_legacy_loss",
+    "is_decoder",
+    "max_length",
+    "min_length",
+    "do_sample",
+    "early_stopping",
+    "num_beams",
+    "num_beam_groups",
+    "diversity_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+    "typical_p",
+    "repetition_penalty",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "bad_words_ids",
+    "num_return_sequences",
+    "output_scores",
+    "return_dict_in_generate",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "remove_invalid_values",
+    "exponential_decay_length_penalty",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    // Splits the matrix products into slices in some transformers versions:
+    // the same products.
+    "pretraining_tp",
+    // Feed-forward chunking computes the same values in pieces.
+    "chunk_size_feed_forward",
+];
+
+/// The keys [`LlamaConfig`]'s own fields read.
+const IMPLEMENTED_KEYS: &[&str] = &[
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "rms_norm_eps",
+    "rope_theta",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "attention_bias",
+    "qkv_bias",
+    "bos_token_id",
+    "eos_token_id",
+    "head_dim",
+    "rope_scaling",
+    // transformers 5's form of `rope_theta` and `rope_scaling` together.
+    "rope_parameters",
+    "sliding_window",
+];
 
 mod defaults {
     pub fn rms_norm_eps() -> f64 {
@@ -68,6 +328,200 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D:
 }
 
 impl LlamaConfig {
+    /// Reads a Hugging Face `config.json` of a `llama`, `mistral` or `qwen2`
+    /// model. Every key is implemented, known not to change the computation,
+    /// or refused with an error that names it; so are the values fedveil
+    /// does not implement of keys it knows (`hidden_act` other than `silu`,
+    /// `mlp_bias`, attention dropout, Qwen2's `use_sliding_window`, ...).
+    pub fn from_hf_json(json: &Value) -> Result<LlamaConfig, ModelError> {
+        let fail = |why: String| Err(ModelError::Config(why));
+        let obj = match json.as_object() {
+            Some(o) => o,
+            None => return fail("config.json is not a JSON object".into()),
+        };
+        let model_type = match obj.get("model_type") {
+            None => "llama",
+            Some(v) => match v.as_str() {
+                Some(t) => t,
+                None => return fail(format!("model_type must be a string, got {v}")),
+            },
+        };
+        if !matches!(model_type, "llama" | "mistral" | "qwen2") {
+            return fail(format!(
+                "model_type {model_type:?} is not a decoder fedveil implements (llama, mistral, qwen2)"
+            ));
+        }
+        let is = |key: &str, ok: &dyn Fn(&Value) -> bool| obj.get(key).is_none_or(ok);
+        let zero = |v: &Value| v.is_null() || v.as_f64() == Some(0.0);
+        let false_ = |v: &Value| v.is_null() || v.as_bool() == Some(false);
+        let null = |v: &Value| v.is_null();
+        // Keys fedveil knows, with the values it implements.
+        let full = |v: &Value| {
+            v.is_null()
+                || v.as_array()
+                    .is_some_and(|a| a.iter().all(|t| t.as_str() == Some("full_attention")))
+        };
+        type Check<'a> = (&'a str, &'a dyn Fn(&Value) -> bool, &'a str);
+        let checked: [Check; 11] = [
+            (
+                "hidden_act",
+                &|v| v.as_str() == Some("silu"),
+                "only \"silu\" (SwiGLU) is implemented",
+            ),
+            (
+                "mlp_bias",
+                &false_,
+                "biases on the MLP projections are not implemented",
+            ),
+            (
+                "attention_dropout",
+                &zero,
+                "dropout in attention is not implemented",
+            ),
+            (
+                "rope_interleaved",
+                &false_,
+                "interleaved rotary embeddings are not implemented",
+            ),
+            (
+                "use_sliding_window",
+                &false_,
+                "Qwen2's per-layer sliding window is not implemented",
+            ),
+            // Read only when `use_sliding_window` is on, which is refused.
+            ("max_window_layers", &|_| true, ""),
+            (
+                "attn_logit_softcapping",
+                &null,
+                "attention soft-capping is not implemented",
+            ),
+            (
+                "final_logit_softcapping",
+                &null,
+                "logit soft-capping is not implemented",
+            ),
+            (
+                "is_encoder_decoder",
+                &false_,
+                "encoder-decoder models are not implemented",
+            ),
+            (
+                "add_cross_attention",
+                &false_,
+                "cross-attention is not implemented",
+            ),
+            // transformers 5 lists each layer's attention.
+            (
+                "layer_types",
+                &full,
+                "only full attention in every layer is implemented",
+            ),
+        ];
+        for (key, ok, why) in &checked {
+            if !is(key, ok) {
+                return fail(format!("config.json {key} = {}: {why}", obj[*key]));
+            }
+        }
+        if !is("pruned_heads", &|v| {
+            v.as_object().is_some_and(|o| o.is_empty())
+        }) {
+            return fail(
+                "config.json pruned_heads: pruned attention heads are not implemented".into(),
+            );
+        }
+        if obj.contains_key("quantization_config") {
+            return fail(
+                "config.json quantization_config: pre-quantised checkpoints (GPTQ, AWQ, \
+                 bitsandbytes) are not implemented; use the unquantised weights or a GGUF file"
+                    .into(),
+            );
+        }
+        for key in obj.keys() {
+            let known = INERT_KEYS.contains(&key.as_str())
+                || IMPLEMENTED_KEYS.contains(&key.as_str())
+                || checked.iter().any(|(k, _, _)| k == key)
+                || key == "pruned_heads";
+            if !known {
+                return fail(format!(
+                    "config.json key {key:?} is not implemented by fedveil's {model_type} decoder; \
+                     it is refused rather than ignored, since it may change what the model computes"
+                ));
+            }
+        }
+        let mut json = json.clone();
+        // transformers 5 writes `rope_parameters`: `rope_theta` and the
+        // scaling in one object.
+        if let Some(params) = json
+            .as_object_mut()
+            .and_then(|o| o.remove("rope_parameters"))
+            && !params.is_null()
+        {
+            let Some(mut params) = params.as_object().cloned() else {
+                return fail(format!("rope_parameters must be an object, got {params}"));
+            };
+            if let Some(theta) = params.remove("rope_theta") {
+                if json.get("rope_theta").is_some_and(|t| *t != theta) {
+                    return fail(format!(
+                        "rope_parameters rope_theta {theta} differs from rope_theta {}",
+                        json["rope_theta"]
+                    ));
+                }
+                json["rope_theta"] = theta;
+            }
+            if !json["rope_scaling"].is_null() {
+                return fail("config.json has both rope_scaling and rope_parameters".into());
+            }
+            let unscaled = params.is_empty()
+                || (params.len() == 1
+                    && params.get("rope_type").and_then(Value::as_str) == Some("default"));
+            if !unscaled {
+                let params = Value::Object(params);
+                if let Err(e) = RopeScaling::from_json(&params) {
+                    return fail(format!("rope_parameters: {e}"));
+                }
+                json["rope_scaling"] = params;
+            }
+        }
+        // `"rope_scaling": {"rope_type": "default"}` is no scaling.
+        if json["rope_scaling"].as_object().is_some_and(|o| {
+            o.len() == 1 && o.get("rope_type").and_then(Value::as_str) == Some("default")
+        }) {
+            json["rope_scaling"] = Value::Null;
+        }
+        let mut config: LlamaConfig =
+            serde_json::from_value(json).map_err(|e| ModelError::Config(e.to_string()))?;
+        match model_type {
+            // Qwen2 always has the q/k/v bias and says so nowhere; its
+            // `sliding_window` is read only under `use_sliding_window`.
+            "qwen2" => {
+                config.attention_bias = true;
+                config.sliding_window = None;
+            }
+            // A window as long as the context hides nothing.
+            _ => {
+                if config
+                    .sliding_window
+                    .is_some_and(|w| w >= config.max_position_embeddings)
+                {
+                    config.sliding_window = None;
+                }
+            }
+        }
+        config.validate()?;
+        Ok(config.canonical())
+    }
+
+    /// The same model with an explicit `head_dim` that equals the default
+    /// (`hidden_size / num_attention_heads`) left implicit, so that two
+    /// configs of one model compare equal.
+    pub fn canonical(mut self) -> LlamaConfig {
+        let heads = self.num_attention_heads;
+        if self.head_dim.is_some_and(|d| d * heads == self.hidden_size) {
+            self.head_dim = None;
+        }
+        self
+    }
+
     /// The number of key/value heads.
     pub fn kv_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
@@ -75,7 +529,26 @@ impl LlamaConfig {
 
     /// The width of one attention head.
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_attention_heads.max(1)
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// The width of the queries (and of the attention output) of one layer.
+    pub fn q_dim(&self) -> usize {
+        self.num_attention_heads * self.head_dim()
+    }
+
+    /// The rotary inverse frequencies `θ^(-2i/d)`, `i < d/2`, rescaled by
+    /// `rope_scaling`.
+    pub fn inv_freq(&self) -> Vec<f64> {
+        let d = self.head_dim();
+        let mut inv: Vec<f64> = (0..d / 2)
+            .map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / d as f64))
+            .collect();
+        if let Some(scaling) = &self.rope_scaling {
+            scaling.apply(&mut inv);
+        }
+        inv
     }
 
     /// The width of the keys (and values) of one layer.
@@ -94,12 +567,14 @@ impl LlamaConfig {
             ("num_attention_heads", self.num_attention_heads),
             ("num_key_value_heads", self.kv_heads()),
             ("max_position_embeddings", self.max_position_embeddings),
+            ("head_dim", self.head_dim()),
+            ("sliding_window", self.sliding_window.unwrap_or(1)),
         ] {
             if value == 0 {
                 return fail(format!("{name} must be positive"));
             }
         }
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return fail(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -116,6 +591,14 @@ impl LlamaConfig {
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads,
                 self.kv_heads()
+            ));
+        }
+        if let Some(RopeScaling::Linear { factor } | RopeScaling::Llama3 { factor, .. }) =
+            &self.rope_scaling
+            && !(factor.is_finite() && *factor > 0.0)
+        {
+            return fail(format!(
+                "rope_scaling factor must be positive, got {factor}"
             ));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
@@ -137,9 +620,9 @@ impl LlamaConfig {
     /// it is tied).
     pub fn parameter_count(&self) -> usize {
         let h = self.hidden_size;
-        let attention = h * h * 2 + h * self.kv_dim() * 2;
+        let attention = h * self.q_dim() * 2 + h * self.kv_dim() * 2;
         let bias = if self.attention_bias {
-            h + 2 * self.kv_dim()
+            self.q_dim() + 2 * self.kv_dim()
         } else {
             0
         };
@@ -166,6 +649,9 @@ impl LlamaConfig {
             attention_bias: false,
             bos_token_id: None,
             eos_token_id: None,
+            head_dim: None,
+            rope_scaling: None,
+            sliding_window: None,
         }
     }
 }
@@ -190,6 +676,76 @@ mod tests {
         assert_eq!(config.eos_token_id, Some(2));
         // SmolLM2-135M: 134.5 million weights.
         assert_eq!(config.parameter_count(), 134_515_008);
+    }
+
+    #[test]
+    fn reads_transformers_5_rope_parameters_and_layer_types() {
+        let mut json = serde_json::json!({
+            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "dtype": "bfloat16",
+            "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-6, "max_position_embeddings": 4096, "hidden_act": "silu",
+            "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+            "layer_types": ["full_attention", "full_attention"], "use_sliding_window": false,
+            "sliding_window": null, "max_window_layers": 28, "attention_dropout": 0.0
+        });
+        let config = LlamaConfig::from_hf_json(&json).unwrap();
+        assert_eq!(config.rope_theta, 1e6);
+        assert_eq!(config.rope_scaling, None);
+        assert!(config.attention_bias);
+        json["rope_parameters"] = serde_json::json!({"rope_theta": 500000.0, "rope_type": "llama3",
+            "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192});
+        let config = LlamaConfig::from_hf_json(&json).unwrap();
+        assert_eq!(config.rope_theta, 5e5);
+        assert!(
+            matches!(config.rope_scaling, Some(RopeScaling::Llama3 { factor, .. }) if factor == 32.0)
+        );
+        for (key, value, named) in [
+            (
+                "layer_types",
+                serde_json::json!(["full_attention", "sliding_attention"]),
+                "layer_types",
+            ),
+            (
+                "rope_parameters",
+                serde_json::json!({"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0}),
+                "yarn",
+            ),
+            ("rope_theta", serde_json::json!(10000.0), "differs"),
+        ] {
+            let mut bad = json.clone();
+            bad[key] = value;
+            let err = LlamaConfig::from_hf_json(&bad).unwrap_err().to_string();
+            assert!(err.contains(named), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn llama3_rope_scaling_keeps_short_wavelengths_and_divides_long_ones() {
+        let mut config = LlamaConfig::tiny(10);
+        config.head_dim = Some(16);
+        let plain = config.inv_freq();
+        config.rope_scaling = Some(RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64,
+        });
+        let scaled = config.inv_freq();
+        let wavelen = |f: f64| 2.0 * std::f64::consts::PI / f;
+        for (p, s) in plain.iter().zip(&scaled) {
+            if wavelen(*p) < 16.0 {
+                assert_eq!(s, p);
+            } else if wavelen(*p) > 64.0 {
+                assert_eq!(*s, p / 8.0);
+            } else {
+                assert!(*s < *p && *s > p / 8.0, "{s} of {p}");
+            }
+        }
+        // Each regime occurs at these settings.
+        assert!(wavelen(plain[0]) < 16.0 && wavelen(plain[7]) > 64.0);
+        assert!(plain.iter().any(|&p| (16.0..=64.0).contains(&wavelen(p))));
     }
 
     #[test]

@@ -68,29 +68,32 @@ pub fn load(path: &Path, device: &Device) -> Result<Loaded> {
 pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<Loaded> {
     let config_path = dir.join("config.json");
     let json = crate::files::read_json(&config_path)?;
-    let model_type = json
-        .get("model_type")
-        .and_then(|v| v.as_str())
-        .unwrap_or("llama");
-    let mut config: LlamaConfig =
-        serde_json::from_value(json.clone()).map_err(|e| ModelError::file(&config_path, e))?;
-    match model_type {
-        "llama" | "mistral" => {}
-        // Qwen2 always has the q/k/v bias and says so nowhere.
-        "qwen2" => config.attention_bias = true,
-        other => {
-            return Err(ModelError::file(
-                &config_path,
-                format!("model_type {other:?} is not a llama-family decoder this loader knows"),
-            ));
-        }
-    }
-    config
-        .validate()
-        .map_err(|e| ModelError::file(&config_path, e))?;
+    let config = LlamaConfig::from_hf_json(&json).map_err(|e| ModelError::file(&config_path, e))?;
     let mut tensors = read_safetensors(dir, device)?;
     let weights = weights_from_map(&config, &mut tensors, config.num_hidden_layers)
         .map_err(|why| ModelError::file(dir, why))?;
+    // A tensor fedveil did not read is a part of the model it does not
+    // compute. Two kinds are safe to leave: a tied checkpoint's copy of the
+    // embedding as `lm_head.weight` (transformers ties over it too) and the
+    // rotary frequencies old checkpoints stored (recomputed from the config).
+    let mut left: Vec<&String> = tensors
+        .keys()
+        .filter(|n| {
+            let tied_copy = n.as_str() == "lm_head.weight" && config.tie_word_embeddings;
+            !(tied_copy || n.ends_with("self_attn.rotary_emb.inv_freq"))
+        })
+        .collect();
+    left.sort();
+    if let Some(first) = left.first() {
+        return Err(ModelError::file(
+            dir,
+            format!(
+                "{} tensor(s) that fedveil's decoder does not use, {first} first: the checkpoint \
+                 has parts this implementation would ignore",
+                left.len()
+            ),
+        ));
+    }
     let model = Llama::new(config, weights).map_err(|e| ModelError::file(dir, e))?;
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer =
@@ -110,6 +113,11 @@ pub(crate) fn weights_from_map(
     tensors: &mut HashMap<String, Tensor>,
     layers: usize,
 ) -> Result<Weights, String> {
+    // Llama's `attention_bias` also puts a bias on the output projection;
+    // Qwen2's bias is on q, k and v only.
+    let o_bias: Vec<bool> = (0..layers)
+        .map(|i| tensors.contains_key(&format!("model.layers.{i}.self_attn.o_proj.bias")))
+        .collect();
     let mut take = |name: &str| -> Result<Tensor, String> {
         let t = tensors
             .remove(name)
@@ -117,7 +125,7 @@ pub(crate) fn weights_from_map(
         t.to_dtype(DType::F32).map_err(|e| format!("{name}: {e}"))
     };
     let mut out = Vec::with_capacity(layers);
-    for i in 0..layers {
+    for (i, o_bias) in o_bias.into_iter().enumerate() {
         let p = format!("model.layers.{i}");
         let mut linear = |module: Module, bias: bool| -> Result<Linear, String> {
             let path = format!("{p}.{}.{}", module.parent(), module.name());
@@ -133,7 +141,7 @@ pub(crate) fn weights_from_map(
         let q = linear(Module::Q, qkv_bias)?;
         let k = linear(Module::K, qkv_bias)?;
         let v = linear(Module::V, qkv_bias)?;
-        let o = linear(Module::O, false)?;
+        let o = linear(Module::O, o_bias)?;
         let gate = linear(Module::Gate, false)?;
         let up = linear(Module::Up, false)?;
         let down = linear(Module::Down, false)?;
@@ -201,13 +209,15 @@ pub fn save_hf_dir(loaded: &Loaded, dir: &Path) -> Result<()> {
     let model = &loaded.model;
     let mut config = serde_json::to_value(model.config())
         .map_err(|e| ModelError::Config(format!("cannot encode the config: {e}")))?;
-    config["model_type"] = if model.config().attention_bias {
-        "qwen2"
+    // Qwen2 has a bias on q, k and v; Llama's `attention_bias` on o too.
+    let qwen2 =
+        model.config().attention_bias && model.weights().layers.iter().all(|l| l.o.bias.is_none());
+    config["model_type"] = if qwen2 { "qwen2" } else { "llama" }.into();
+    config["architectures"] = serde_json::json!([if qwen2 {
+        "Qwen2ForCausalLM"
     } else {
-        "llama"
-    }
-    .into();
-    config["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+        "LlamaForCausalLM"
+    }]);
     crate::files::write_atomically(&dir.join("config.json"), config.to_string().as_bytes())?;
     let tensors: HashMap<String, Tensor> = weights_to_map(model.weights())
         .into_iter()
@@ -285,6 +295,51 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Loaded> {
             format!("architecture {arch:?} is not a llama-family decoder this loader knows"),
         ));
     }
+    // Every key of the architecture is read below or refused here by
+    // name: a key fedveil ignored could change what the model computes.
+    const KNOWN: &[&str] = &[
+        "block_count",
+        "context_length",
+        "embedding_length",
+        "feed_forward_length",
+        "vocab_size",
+        "attention.head_count",
+        "attention.head_count_kv",
+        "attention.layer_norm_rms_epsilon",
+        "attention.key_length",
+        "attention.value_length",
+        "rope.freq_base",
+        "rope.dimension_count",
+        "rope.scaling.type",
+        "rope.scaling.factor",
+        "rope.scaling.original_context_length",
+        "rope.scaling.finetuned",
+        "expert_count",
+        "expert_used_count",
+    ];
+    let mut keys: Vec<&String> = content.metadata.keys().collect();
+    keys.sort();
+    for key in keys {
+        if let Some(rest) = key.strip_prefix(&format!("{arch}."))
+            && !KNOWN.contains(&rest)
+        {
+            return Err(ModelError::file(
+                path,
+                format!(
+                    "metadata key {key} is not implemented by fedveil's {arch} decoder; it is \
+                     refused rather than ignored, since it may change what the model computes"
+                ),
+            ));
+        }
+    }
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        return Err(ModelError::file(
+            path,
+            "tensor rope_freqs.weight: per-frequency rotary factors (llama.cpp's form of \
+             Llama-3.1's rope_scaling) are not implemented for GGUF files; load the Hugging \
+             Face directory instead",
+        ));
+    }
     let int = |key: &str| -> Result<usize> {
         let v = meta(&format!("{arch}.{key}"))?;
         Ok(v.to_u64()
@@ -306,6 +361,43 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Loaded> {
             .tensor(file, name, device)
             .map_err(|e| ModelError::file(path, format!("tensor {name}: {e}")))?;
         Ok(q.dequantize(device)?.to_dtype(DType::F32)?)
+    };
+    let opt_int = |key: &str| -> Result<Option<usize>> {
+        if content.metadata.contains_key(&format!("{arch}.{key}")) {
+            int(key).map(Some)
+        } else {
+            Ok(None)
+        }
+    };
+    for key in ["expert_count", "expert_used_count"] {
+        if opt_int(key)?.is_some_and(|n| n > 0) {
+            return Err(ModelError::file(
+                path,
+                format!("{arch}.{key}: mixture-of-experts layers are not implemented"),
+            ));
+        }
+    }
+    let rope_scaling = match content.metadata.get(&format!("{arch}.rope.scaling.type")) {
+        None => None,
+        Some(v) => match v
+            .to_string()
+            .map_err(|e| ModelError::file(path, e))?
+            .as_str()
+        {
+            "none" => None,
+            "linear" => Some(crate::config::RopeScaling::Linear {
+                factor: float("rope.scaling.factor", f64::NAN)?,
+            }),
+            other => {
+                return Err(ModelError::file(
+                    path,
+                    format!(
+                        "{arch}.rope.scaling.type {other:?} is not implemented (fedveil \
+                         implements \"linear\")"
+                    ),
+                ));
+            }
+        },
     };
     let heads = int("attention.head_count")?;
     let kv_heads = int("attention.head_count_kv").unwrap_or(heads);
@@ -331,8 +423,46 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Loaded> {
         eos_token_id: meta("tokenizer.ggml.eos_token_id")
             .ok()
             .and_then(|v| v.to_u32().ok()),
-    };
+        head_dim: opt_int("attention.key_length")?,
+        rope_scaling,
+        sliding_window: None,
+    }
+    .canonical();
     config.validate().map_err(|e| ModelError::file(path, e))?;
+    if let Some(v) = opt_int("attention.value_length")?
+        && v != config.head_dim()
+    {
+        return Err(ModelError::file(
+            path,
+            format!(
+                "{arch}.attention.value_length {v} differs from the key width {}: not implemented",
+                config.head_dim()
+            ),
+        ));
+    }
+    if let Some(d) = opt_int("rope.dimension_count")?
+        && d != config.head_dim()
+    {
+        return Err(ModelError::file(
+            path,
+            format!(
+                "{arch}.rope.dimension_count {d}: rotary embeddings on part of the {}-wide head \
+                 are not implemented",
+                config.head_dim()
+            ),
+        ));
+    }
+    if let Some(v) = opt_int("vocab_size")?
+        && v != config.vocab_size
+    {
+        return Err(ModelError::file(
+            path,
+            format!(
+                "{arch}.vocab_size {v} differs from token_embd.weight's {} rows",
+                config.vocab_size
+            ),
+        ));
+    }
     let head_dim = config.head_dim();
     // llama.cpp stores llama's Q and K rows interleaved for its rope kernel;
     // undo that to get Hugging Face's "rotate half" layout. Qwen2 is stored
@@ -386,6 +516,47 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Loaded> {
             down,
         });
     }
+    // A tensor not read above is a part of the model fedveil would ignore.
+    let read = |name: &str| -> bool {
+        if matches!(
+            name,
+            "token_embd.weight" | "output_norm.weight" | "output.weight"
+        ) {
+            return true;
+        }
+        let Some((layer, rest)) = name.strip_prefix("blk.").and_then(|r| r.split_once('.')) else {
+            return false;
+        };
+        layer
+            .parse::<usize>()
+            .is_ok_and(|i| i < config.num_hidden_layers)
+            && (matches!(rest, "attn_norm.weight" | "ffn_norm.weight")
+                || rest.rsplit_once('.').is_some_and(|(module, kind)| {
+                    matches!(kind, "weight" | "bias")
+                        && matches!(
+                            module,
+                            "attn_q"
+                                | "attn_k"
+                                | "attn_v"
+                                | "attn_output"
+                                | "ffn_gate"
+                                | "ffn_up"
+                                | "ffn_down"
+                        )
+                }))
+    };
+    let mut unread: Vec<&String> = content.tensor_infos.keys().filter(|n| !read(n)).collect();
+    unread.sort();
+    if let Some(first) = unread.first() {
+        return Err(ModelError::file(
+            path,
+            format!(
+                "{} tensor(s) that fedveil's {arch} decoder does not use, {first} first: the \
+                 file has parts this implementation would ignore",
+                unread.len()
+            ),
+        ));
+    }
     let norm = tensor(&mut file, "output_norm.weight")?;
     let lm_head = if tied {
         None
@@ -435,8 +606,41 @@ pub fn gguf_tokenizer(content: &gguf_file::Content) -> Result<Tokenizer, String>
         .map_err(|e| e.to_string())?;
     if model != "gpt2" {
         return Err(format!(
-            "tokenizer model {model:?} is not supported (only byte-level BPE, \"gpt2\")"
+            "tokenizer.ggml.model {model:?} is not supported (only byte-level BPE, \"gpt2\")"
         ));
+    }
+    // The pre-tokenizer below is SmolLM's (llama.cpp's "smollm"); another
+    // splits text differently and would give other ids than the model was
+    // trained on.
+    match content.metadata.get("tokenizer.ggml.pre") {
+        None => {
+            return Err(
+                "the file names no pre-tokenizer (tokenizer.ggml.pre); fedveil implements \
+                 \"smollm\" and refuses to guess"
+                    .into(),
+            );
+        }
+        Some(v) => {
+            let pre = v
+                .to_string()
+                .map_err(|e| format!("tokenizer.ggml.pre: {e}"))?;
+            if pre != "smollm" {
+                return Err(format!(
+                    "tokenizer.ggml.pre {pre:?} is not implemented (fedveil implements \"smollm\")"
+                ));
+            }
+        }
+    }
+    for key in [
+        "tokenizer.ggml.add_bos_token",
+        "tokenizer.ggml.add_eos_token",
+        "tokenizer.ggml.add_space_prefix",
+    ] {
+        if let Some(v) = content.metadata.get(key)
+            && v.to_bool().map_err(|e| format!("{key}: {e}"))?
+        {
+            return Err(format!("{key} = true is not implemented"));
+        }
     }
     let strings = |key: &str| -> Result<Vec<String>, String> {
         get(key)?

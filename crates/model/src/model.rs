@@ -260,6 +260,7 @@ impl Llama {
     pub fn random(config: LlamaConfig, device: &Device, rng: &mut dyn RngCore) -> Result<Llama> {
         config.validate()?;
         let h = config.hidden_size;
+        let qd = config.q_dim();
         let kv = config.kv_dim();
         let ff = config.intermediate_size;
         let mut normal = |rows: usize, cols: usize| -> Result<Tensor> {
@@ -278,10 +279,10 @@ impl Llama {
             };
             layers.push(Layer {
                 input_norm: Tensor::ones(h, DType::F32, device)?,
-                q: Linear::new(normal(h, h)?, bias(h)?),
+                q: Linear::new(normal(qd, h)?, bias(qd)?),
                 k: Linear::new(normal(kv, h)?, bias(kv)?),
                 v: Linear::new(normal(kv, h)?, bias(kv)?),
-                o: Linear::new(normal(h, h)?, None),
+                o: Linear::new(normal(h, qd)?, None),
                 post_norm: Tensor::ones(h, DType::F32, device)?,
                 gate: Linear::new(normal(ff, h)?, None),
                 up: Linear::new(normal(ff, h)?, None),
@@ -487,6 +488,17 @@ impl Llama {
                 "{} positions exceed the model's maximum of {}",
                 position + t,
                 self.config.max_position_embeddings
+            )));
+        }
+        // Within the window, sliding-window attention is full causal
+        // attention: fedveil computes only that.
+        if let Some(window) = self.config.sliding_window
+            && position + t > window
+        {
+            return Err(ModelError::Input(format!(
+                "{} positions exceed the model's sliding_window of {window}; attention beyond \
+                 the window is not implemented",
+                position + t
             )));
         }
         let cos = self.cos.narrow(0, position, t)?;
@@ -724,6 +736,7 @@ impl Llama {
 
 fn check_shapes(config: &LlamaConfig, w: &Weights) -> Result<()> {
     let h = config.hidden_size;
+    let qd = config.q_dim();
     let kv = config.kv_dim();
     let ff = config.intermediate_size;
     let expect = |name: String, t: &Tensor, dims: &[usize]| -> Result<()> {
@@ -758,10 +771,10 @@ fn check_shapes(config: &LlamaConfig, w: &Weights) -> Result<()> {
         expect(name("input_layernorm"), &l.input_norm, &[h])?;
         expect(name("post_attention_layernorm"), &l.post_norm, &[h])?;
         for (module, out, input) in [
-            (Module::Q, h, h),
+            (Module::Q, qd, h),
             (Module::K, kv, h),
             (Module::V, kv, h),
-            (Module::O, h, h),
+            (Module::O, h, qd),
             (Module::Gate, ff, h),
             (Module::Up, ff, h),
             (Module::Down, h, ff),
@@ -876,17 +889,12 @@ impl CustomOp1 for FrozenLinear {
     }
 }
 
-/// `cos` and `sin` of `position · θ^(−2i/d)`, `(max_positions, d/2)`.
+/// `cos` and `sin` of `position · θ^(−2i/d)` (rescaled by the config's
+/// `rope_scaling`), `(max_positions, d/2)`.
 fn rotary_tables(config: &LlamaConfig, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
     let half = config.head_dim() / 2;
     let n = config.max_position_embeddings;
-    let inv: Vec<f64> = (0..half)
-        .map(|i| {
-            1.0 / config
-                .rope_theta
-                .powf(2.0 * i as f64 / config.head_dim() as f64)
-        })
-        .collect();
+    let inv = config.inv_freq();
     let mut cos = Vec::with_capacity(n * half);
     let mut sin = Vec::with_capacity(n * half);
     for p in 0..n {

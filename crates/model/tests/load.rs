@@ -92,11 +92,23 @@ fn hf_tensors(m: &Llama) -> HashMap<String, Tensor> {
 }
 
 fn write_hf_dir(dir: &Path, m: &Llama, sharded: bool) {
+    write_hf_dir_with(dir, m, sharded, |_, _| {});
+}
+
+/// Writes `m` as a Hugging Face directory after `edit` changed its
+/// config.json and tensors.
+fn write_hf_dir_with(
+    dir: &Path,
+    m: &Llama,
+    sharded: bool,
+    edit: impl FnOnce(&mut serde_json::Value, &mut HashMap<String, Tensor>),
+) {
     let mut config = serde_json::to_value(m.config()).unwrap();
     let qwen = m.config().attention_bias;
     config["model_type"] = if qwen { "qwen2" } else { "llama" }.into();
+    let mut tensors = hf_tensors(m);
+    edit(&mut config, &mut tensors);
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-    let tensors = hf_tensors(m);
     if sharded {
         let mut names: Vec<&String> = tensors.keys().collect();
         names.sort();
@@ -158,6 +170,17 @@ fn interleave(t: &Tensor, heads: usize, head_dim: usize) -> Tensor {
 }
 
 fn write_gguf(path: &Path, m: &Llama, arch: &str) {
+    write_gguf_with(path, m, arch, |_, _| {});
+}
+
+/// Writes `m` as a GGUF file after `edit` changed its metadata and
+/// tensors.
+fn write_gguf_with(
+    path: &Path,
+    m: &Llama,
+    arch: &str,
+    edit: impl FnOnce(&mut Vec<(String, Value)>, &mut Vec<(String, Tensor)>),
+) {
     let c = m.config();
     let w = m.weights();
     let llama = arch == "llama";
@@ -197,15 +220,25 @@ fn write_gguf(path: &Path, m: &Llama, arch: &str) {
             }
         }
     }
+    let mut metadata = metadata(c, arch);
+    edit(&mut metadata, &mut tensors);
     let q: Vec<(String, QTensor)> = tensors
         .iter()
         .map(|(n, t)| (n.clone(), QTensor::quantize(t, GgmlDType::F32).unwrap()))
         .collect();
+    let meta_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = q.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut file = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut file, &meta_refs, &tensor_refs).unwrap();
+}
+
+/// The GGUF metadata of a tiny model of `arch` with the test's tokenizer.
+fn metadata(c: &LlamaConfig, arch: &str) -> Vec<(String, Value)> {
     let (tokens, merges) = vocabulary();
     let mut types = vec![Value::I32(1); tokens.len()];
     types[0] = Value::I32(3);
     let k = |key: &str| format!("{arch}.{key}");
-    let metadata: Vec<(String, Value)> = vec![
+    vec![
         ("general.architecture".into(), Value::String(arch.into())),
         (k("block_count"), Value::U32(c.num_hidden_layers as u32)),
         (k("embedding_length"), Value::U32(c.hidden_size as u32)),
@@ -226,11 +259,15 @@ fn write_gguf(path: &Path, m: &Llama, arch: &str) {
             Value::F32(c.rms_norm_eps as f32),
         ),
         (k("rope.freq_base"), Value::F32(c.rope_theta as f32)),
+        (k("rope.dimension_count"), Value::U32(c.head_dim() as u32)),
+        (k("attention.key_length"), Value::U32(c.head_dim() as u32)),
+        (k("attention.value_length"), Value::U32(c.head_dim() as u32)),
         (
             k("context_length"),
             Value::U32(c.max_position_embeddings as u32),
         ),
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("smollm".into())),
         (
             "tokenizer.ggml.tokens".into(),
             Value::Array(tokens.into_iter().map(Value::String).collect()),
@@ -241,11 +278,7 @@ fn write_gguf(path: &Path, m: &Llama, arch: &str) {
         ),
         ("tokenizer.ggml.token_type".into(), Value::Array(types)),
         ("tokenizer.ggml.eos_token_id".into(), Value::U32(0)),
-    ];
-    let meta_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = q.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let mut file = std::fs::File::create(path).unwrap();
-    gguf_file::write(&mut file, &meta_refs, &tensor_refs).unwrap();
+    ]
 }
 
 #[test]
@@ -327,5 +360,279 @@ fn unreadable_models_get_clear_errors() {
     )
     .unwrap();
     assert!(load(&dir, &Device::Cpu).is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The error loading `dir` after `edit` changed the config or tensors of
+/// a tiny model of `model_type`.
+fn hf_error(
+    model_type: &str,
+    edit: impl FnOnce(&mut serde_json::Value, &mut HashMap<String, Tensor>),
+) -> String {
+    let qwen = model_type == "qwen2";
+    let m = model(config(vocabulary().0.len(), qwen));
+    let dir = tempdir("refuse");
+    write_hf_dir_with(&dir, &m, false, |c, t| {
+        c["model_type"] = model_type.into();
+        edit(c, t)
+    });
+    let err = match load_hf_dir(&dir, &Device::Cpu) {
+        Ok(_) => String::new(),
+        Err(e) => e.to_string(),
+    };
+    std::fs::remove_dir_all(&dir).unwrap();
+    err
+}
+
+/// Each `(key, value, what the error must name)` set on a config of
+/// `model_type` is refused, naming it; and the family's real config keys,
+/// at the values it implements, load.
+fn refuses_by_name(model_type: &str, cases: &[(&str, serde_json::Value, &str)]) {
+    for (key, value, named) in cases {
+        let err = hf_error(model_type, |c, _| c[*key] = value.clone());
+        assert!(
+            err.contains(named),
+            "{model_type}: {key} = {value} was not refused naming {named:?}: {err:?}"
+        );
+    }
+    // A key no family has.
+    let err = hf_error(model_type, |c, _| c["attention_sink_size"] = 4.into());
+    assert!(err.contains("attention_sink_size"), "{model_type}: {err:?}");
+    // A tensor the decoder would not read (Qwen3's query norm).
+    let err = hf_error(model_type, |_, t| {
+        t.insert(
+            "model.layers.1.self_attn.q_norm.weight".into(),
+            Tensor::ones(8, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+    });
+    assert!(
+        err.contains("model.layers.1.self_attn.q_norm.weight"),
+        "{model_type}: {err:?}"
+    );
+}
+
+#[test]
+fn a_llama_config_key_fedveil_does_not_implement_is_refused_by_name() {
+    use serde_json::json;
+    refuses_by_name(
+        "llama",
+        &[
+            (
+                "rope_scaling",
+                json!({"rope_type": "yarn", "factor": 4.0}),
+                "yarn",
+            ),
+            (
+                "rope_scaling",
+                json!({"type": "dynamic", "factor": 2.0}),
+                "dynamic",
+            ),
+            (
+                "rope_scaling",
+                json!({"rope_type": "linear", "factor": 2.0, "attention_factor": 0.5}),
+                "attention_factor",
+            ),
+            ("hidden_act", json!("gelu"), "hidden_act"),
+            ("mlp_bias", json!(true), "mlp_bias"),
+            ("attention_dropout", json!(0.1), "attention_dropout"),
+            ("rope_interleaved", json!(true), "rope_interleaved"),
+            (
+                "quantization_config",
+                json!({"quant_method": "gptq", "bits": 4}),
+                "quantization_config",
+            ),
+        ],
+    );
+    // What Llama-3.2's config.json says loads as it says.
+    let err = hf_error("llama", |c, _| {
+        c["rope_scaling"] = json!({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64});
+        c["hidden_act"] = json!("silu");
+        c["mlp_bias"] = json!(false);
+        c["attention_dropout"] = json!(0.0);
+        c["pretraining_tp"] = json!(1);
+        c["torch_dtype"] = json!("bfloat16");
+        c["transformers_version"] = json!("4.45.0");
+    });
+    assert_eq!(err, "");
+}
+
+#[test]
+fn a_mistral_config_key_fedveil_does_not_implement_is_refused_by_name() {
+    use serde_json::json;
+    refuses_by_name(
+        "mistral",
+        &[
+            ("hidden_act", json!("gelu_pytorch_tanh"), "hidden_act"),
+            (
+                "attn_logit_softcapping",
+                json!(50.0),
+                "attn_logit_softcapping",
+            ),
+            ("rope_scaling", json!({"rope_type": "longrope"}), "longrope"),
+        ],
+    );
+    // Mistral-7B-v0.1's sliding window: inputs within it run (where it
+    // hides nothing); a longer one is refused, naming it.
+    let m = model(config(vocabulary().0.len(), false));
+    let dir = tempdir("window");
+    write_hf_dir_with(&dir, &m, false, |c, _| {
+        c["model_type"] = "mistral".into();
+        c["sliding_window"] = 6.into();
+    });
+    let loaded = load_hf_dir(&dir, &Device::Cpu).unwrap();
+    assert_eq!(loaded.model.config().sliding_window, Some(6));
+    assert_eq!(logits(&loaded.model), logits(&m));
+    let seven = Tensor::new(&[[1u32, 7, 42, 99, 3, 250, 5]], &Device::Cpu).unwrap();
+    let err = loaded
+        .model
+        .forward(&seven, None, Mode::Eval)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("sliding_window of 6"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_qwen2_config_key_fedveil_does_not_implement_is_refused_by_name() {
+    use serde_json::json;
+    refuses_by_name(
+        "qwen2",
+        &[
+            ("use_sliding_window", json!(true), "use_sliding_window"),
+            ("hidden_act", json!("relu"), "hidden_act"),
+            (
+                "final_logit_softcapping",
+                json!(30.0),
+                "final_logit_softcapping",
+            ),
+        ],
+    );
+    // Qwen2.5's config: a sliding_window it never uses.
+    let err = hf_error("qwen2", |c, _| {
+        c["use_sliding_window"] = json!(false);
+        c["sliding_window"] = json!(4);
+        c["max_window_layers"] = json!(21);
+        c["rope_scaling"] = json!(null);
+    });
+    assert_eq!(err, "");
+}
+
+/// A model whose heads are not `hidden_size / num_attention_heads` wide
+/// (Llama-3.2-1B and Mistral-Nemo say `head_dim`), with Llama-3.1's rotary
+/// scaling: both loaders read it back to the same logits.
+#[test]
+fn an_explicit_head_dim_and_llama3_rope_scaling_load_from_both_formats() {
+    let c = LlamaConfig {
+        head_dim: Some(16),
+        rope_scaling: Some(fedveil_model::RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64,
+        }),
+        ..config(vocabulary().0.len(), false)
+    };
+    let original = model(c.clone());
+    assert_eq!(original.weights().layers[0].q.weight.dims(), &[64, 32]);
+    assert_eq!(original.weights().layers[0].o.weight.dims(), &[32, 64]);
+    // The scaling changes the model: a different output at the same weights.
+    let unscaled = Llama::new(
+        LlamaConfig {
+            rope_scaling: None,
+            ..c.clone()
+        },
+        original.weights().clone(),
+    )
+    .unwrap();
+    assert_ne!(logits(&unscaled), logits(&original));
+    let dir = tempdir("head-dim");
+    write_hf_dir(&dir, &original, false);
+    let loaded = load_hf_dir(&dir, &Device::Cpu).unwrap();
+    assert_eq!(loaded.model.config(), &c);
+    assert_eq!(logits(&loaded.model), logits(&original));
+    // GGUF keeps the head width in attention.key_length; llama.cpp writes
+    // Llama-3.1's scaling as a rope_freqs tensor, which is refused by name.
+    let unscaled_path = dir.join("unscaled.gguf");
+    write_gguf(&unscaled_path, &unscaled, "llama");
+    let from_gguf = load_gguf(&unscaled_path, &Device::Cpu).unwrap();
+    assert_eq!(from_gguf.model.config().head_dim(), 16);
+    let (a, b) = (logits(&from_gguf.model), logits(&unscaled));
+    assert!(a.iter().zip(&b).all(|(x, y)| x == y));
+    let freqs = dir.join("freqs.gguf");
+    write_gguf_with(&freqs, &unscaled, "llama", |_, t| {
+        t.push((
+            "rope_freqs.weight".into(),
+            Tensor::ones(8, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        ))
+    });
+    let err = load_gguf(&freqs, &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("rope_freqs.weight"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn gguf_metadata_fedveil_does_not_implement_is_refused_by_name() {
+    let m = model(config(vocabulary().0.len(), false));
+    let dir = tempdir("gguf-refuse");
+    let path = dir.join("m.gguf");
+    let set = |meta: &mut Vec<(String, Value)>, key: &str, value: Option<Value>| {
+        meta.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            meta.push((key.to_string(), v));
+        }
+    };
+    let s = |v: &str| Some(Value::String(v.into()));
+    type Case<'a> = (&'a str, Option<Value>, &'a str);
+    let cases: Vec<Case> = vec![
+        ("llama.rope.scaling.type", s("yarn"), "yarn"),
+        (
+            "llama.attn_logit_softcapping",
+            Some(Value::F32(50.0)),
+            "llama.attn_logit_softcapping",
+        ),
+        (
+            "llama.expert_count",
+            Some(Value::U32(8)),
+            "llama.expert_count",
+        ),
+        (
+            "llama.rope.dimension_count",
+            Some(Value::U32(4)),
+            "llama.rope.dimension_count",
+        ),
+        ("tokenizer.ggml.pre", s("llama-bpe"), "llama-bpe"),
+        ("tokenizer.ggml.pre", None, "tokenizer.ggml.pre"),
+        (
+            "tokenizer.ggml.add_bos_token",
+            Some(Value::Bool(true)),
+            "add_bos_token",
+        ),
+        ("tokenizer.ggml.model", s("llama"), "tokenizer.ggml.model"),
+    ];
+    for (key, value, named) in cases {
+        write_gguf_with(&path, &m, "llama", |meta, _| set(meta, key, value.clone()));
+        let err = load_gguf(&path, &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains(named), "{key}: {err}");
+    }
+    // A tensor the decoder would not read.
+    write_gguf_with(&path, &m, "llama", |_, t| {
+        t.push((
+            "blk.0.attn_q_norm.weight".into(),
+            Tensor::ones(8, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        ))
+    });
+    let err = load_gguf(&path, &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("blk.0.attn_q_norm.weight"), "{err}");
+    // Linear rotary scaling is implemented.
+    write_gguf_with(&path, &m, "llama", |meta, _| {
+        set(meta, "llama.rope.scaling.type", s("linear"));
+        set(meta, "llama.rope.scaling.factor", Some(Value::F32(2.0)));
+    });
+    let loaded = load_gguf(&path, &Device::Cpu).unwrap();
+    assert_eq!(
+        loaded.model.config().rope_scaling,
+        Some(fedveil_model::RopeScaling::Linear { factor: 2.0 })
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

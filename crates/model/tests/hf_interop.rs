@@ -1,0 +1,267 @@
+//! fedveil's decoder against transformers', on a tiny random model of each
+//! family and configuration fedveil loads: Llama-3.1's rotary scaling with
+//! an explicit `head_dim` (Llama-3.2), linear rotary scaling with Llama's
+//! `attention_bias` (q, k, v and o), Mistral with a sliding window, Qwen2
+//! with its q/k/v bias. Each model is written as a Hugging Face directory
+//! and loaded back by fedveil's own loader.
+//!
+//! `logits_match_transformers` runs transformers itself. It is ignored by
+//! default: it needs a Python with torch and transformers,
+//!
+//!     FEDVEIL_HF_PYTHON=/path/to/venv/bin/python \
+//!         cargo test --release -p fedveil-model --test hf_interop -- --ignored
+//!
+//! It also reads back the config.json that transformers writes for each
+//! model (transformers 5's `rope_parameters` and `layer_types`), and with
+//! `FEDVEIL_HF_WRITE_FIXTURE=1` it rewrites
+//! `tests/fixtures/hf_logits.json`, the logits transformers computed, which
+//! `logits_match_the_transformers_fixture` checks on every run without
+//! Python. The models are drawn from fixed seeds, so the fixture stays
+//! valid until `Llama::random` or `tiny` change the weights they draw.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use fedveil_model::load::{Loaded, load_hf_dir, save_hf_dir};
+use fedveil_model::model::{Linear, Mode};
+use fedveil_model::{Llama, LlamaConfig, RopeScaling};
+use rand_chacha::ChaCha20Rng;
+use rand_core::{RngCore, SeedableRng};
+
+/// The tokens every case runs: 24 positions, so that the rotary scaling's
+/// long and short wavelengths both show.
+const IDS: [u32; 24] = [
+    72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 44, 32, 49, 50, 51, 32, 256, 200, 17, 3,
+    99, 150, 250,
+];
+
+/// Logits agree within this fraction of their largest magnitude.
+const TOLERANCE: f32 = 1e-4;
+
+struct Case {
+    name: &'static str,
+    model_type: &'static str,
+    config: LlamaConfig,
+    /// A bias on the output projection too (Llama's `attention_bias`).
+    o_bias: bool,
+    /// Every test builds its model from this seed.
+    seed: u8,
+}
+
+fn cases() -> Vec<Case> {
+    let vocab = fedveil_model::tiny::EOS as usize + 1;
+    let base = LlamaConfig {
+        tie_word_embeddings: false,
+        ..LlamaConfig::tiny(vocab)
+    };
+    vec![
+        Case {
+            name: "llama3_rope_head_dim",
+            model_type: "llama",
+            config: LlamaConfig {
+                head_dim: Some(16),
+                rope_scaling: Some(RopeScaling::Llama3 {
+                    factor: 8.0,
+                    low_freq_factor: 1.0,
+                    high_freq_factor: 4.0,
+                    original_max_position_embeddings: 64,
+                }),
+                ..base.clone()
+            },
+            o_bias: false,
+            seed: 1,
+        },
+        Case {
+            name: "llama_linear_rope_attention_bias",
+            model_type: "llama",
+            config: LlamaConfig {
+                attention_bias: true,
+                tie_word_embeddings: true,
+                rope_scaling: Some(RopeScaling::Linear { factor: 4.0 }),
+                rope_theta: 500_000.0,
+                ..base.clone()
+            },
+            o_bias: true,
+            seed: 2,
+        },
+        Case {
+            name: "mistral_sliding_window",
+            model_type: "mistral",
+            config: LlamaConfig {
+                sliding_window: Some(32),
+                rms_norm_eps: 1e-6,
+                ..base.clone()
+            },
+            o_bias: false,
+            seed: 3,
+        },
+        Case {
+            name: "qwen2",
+            model_type: "qwen2",
+            config: LlamaConfig {
+                attention_bias: true,
+                rope_theta: 1_000_000.0,
+                rms_norm_eps: 1e-6,
+                ..base
+            },
+            o_bias: false,
+            seed: 4,
+        },
+    ]
+}
+
+/// The case's model: random weights, norms away from one and every bias
+/// away from zero, so that each part shows in the logits.
+fn build(case: &Case) -> Llama {
+    let mut rng = ChaCha20Rng::from_seed([case.seed; 32]);
+    let model = Llama::random(case.config.clone(), &Device::Cpu, &mut rng).unwrap();
+    let mut draw = |n: usize, around: f32| -> Tensor {
+        let values: Vec<f32> = (0..n)
+            .map(|_| around + (rng.next_u32() as f32 / u32::MAX as f32 - 0.5) * 0.4)
+            .collect();
+        Tensor::from_vec(values, n, &Device::Cpu).unwrap()
+    };
+    let mut weights = model.weights().clone();
+    let h = case.config.hidden_size;
+    for layer in &mut weights.layers {
+        layer.input_norm = draw(h, 1.0);
+        layer.post_norm = draw(h, 1.0);
+        for l in [&mut layer.q, &mut layer.k, &mut layer.v] {
+            if l.bias.is_some() {
+                let n = l.weight.dim(0).unwrap();
+                *l = Linear::new(l.weight.clone(), Some(draw(n, 0.0)));
+            }
+        }
+        if case.o_bias {
+            layer.o = Linear::new(layer.o.weight.clone(), Some(draw(h, 0.0)));
+        }
+    }
+    weights.norm = draw(h, 1.0);
+    Llama::new(case.config.clone(), weights).unwrap()
+}
+
+/// Writes the case as a Hugging Face directory and loads it back with
+/// fedveil's loader (which must read the config to the same one).
+fn write_and_load(case: &Case) -> (PathBuf, Llama) {
+    let model = build(case);
+    let mut bytes = [0u8; 8];
+    rand_core::OsRng.fill_bytes(&mut bytes);
+    let dir = std::env::temp_dir().join(format!(
+        "fedveil-hf-interop-{}-{}",
+        case.name,
+        hex::encode(bytes)
+    ));
+    let loaded = Loaded {
+        model,
+        tokenizer: fedveil_model::tiny::byte_tokenizer().unwrap(),
+        source: case.name.into(),
+    };
+    save_hf_dir(&loaded, &dir).unwrap();
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["model_type"] = case.model_type.into();
+    config["architectures"] = serde_json::json!([match case.model_type {
+        "mistral" => "MistralForCausalLM",
+        "qwen2" => "Qwen2ForCausalLM",
+        _ => "LlamaForCausalLM",
+    }]);
+    std::fs::write(&path, config.to_string()).unwrap();
+    let back = load_hf_dir(&dir, &Device::Cpu).unwrap().model;
+    assert_eq!(back.config(), &case.config, "{}", case.name);
+    (dir, back)
+}
+
+fn fedveil_logits(model: &Llama) -> Vec<f32> {
+    let ids = Tensor::new(&[IDS], &Device::Cpu).unwrap();
+    model
+        .forward(&ids, None, Mode::Eval)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// The largest difference as a fraction of the reference's largest
+/// magnitude.
+fn relative_difference(ours: &[f32], reference: &[f32]) -> f32 {
+    assert_eq!(ours.len(), reference.len());
+    let scale = reference.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let diff = ours
+        .iter()
+        .zip(reference)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    diff / scale
+}
+
+#[test]
+#[ignore = "needs FEDVEIL_HF_PYTHON: a Python with torch and transformers"]
+fn logits_match_transformers() {
+    let python = std::env::var("FEDVEIL_HF_PYTHON").expect("set FEDVEIL_HF_PYTHON");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/hf_logits.py");
+    let mut fixture = BTreeMap::new();
+    for case in cases() {
+        let (dir, model) = write_and_load(&case);
+        let out = dir.join("logits.json");
+        let ids = serde_json::to_string(&[IDS]).unwrap();
+        let rewritten = dir.join("rewritten");
+        let status = std::process::Command::new(&python)
+            .arg(script)
+            .arg(&dir)
+            .arg(&ids)
+            .arg(&out)
+            .arg(&rewritten)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{}: {script} failed", case.name);
+        let logits: Vec<Vec<Vec<f32>>> =
+            serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        let reference: Vec<f32> = logits.into_iter().flatten().flatten().collect();
+        let diff = relative_difference(&fedveil_logits(&model), &reference);
+        eprintln!(
+            "{}: largest difference {diff:.2e} of the logits' scale",
+            case.name
+        );
+        assert!(diff <= TOLERANCE, "{}: {diff}", case.name);
+        // The config as this transformers version writes it reads back to
+        // the same one.
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(rewritten.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            LlamaConfig::from_hf_json(&json).unwrap(),
+            case.config,
+            "{}: {json}",
+            case.name
+        );
+        fixture.insert(case.name, reference);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    if std::env::var_os("FEDVEIL_HF_WRITE_FIXTURE").is_some() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hf_logits.json");
+        std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
+        std::fs::write(path, serde_json::to_string(&fixture).unwrap()).unwrap();
+    }
+}
+
+#[test]
+fn logits_match_the_transformers_fixture() {
+    let fixture: BTreeMap<String, Vec<f32>> =
+        serde_json::from_str(include_str!("fixtures/hf_logits.json")).unwrap();
+    let cases = cases();
+    assert_eq!(fixture.len(), cases.len());
+    for case in cases {
+        let (dir, model) = write_and_load(&case);
+        let diff = relative_difference(&fedveil_logits(&model), &fixture[case.name]);
+        assert!(
+            diff <= TOLERANCE,
+            "{}: logits differ from transformers' by {diff} of their scale",
+            case.name
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
