@@ -346,9 +346,10 @@ impl LlamaConfig {
                 None => return fail(format!("model_type must be a string, got {v}")),
             },
         };
-        if !matches!(model_type, "llama" | "mistral" | "qwen2") {
+        if !matches!(model_type, "llama" | "mistral" | "qwen2" | "phi3") {
             return fail(format!(
-                "model_type {model_type:?} is not a decoder fedveil implements (llama, mistral, qwen2)"
+                "model_type {model_type:?} is not a decoder fedveil implements (llama, mistral, \
+                 qwen2, phi3)"
             ));
         }
         let is = |key: &str, ok: &dyn Fn(&Value) -> bool| obj.get(key).is_none_or(ok);
@@ -362,7 +363,7 @@ impl LlamaConfig {
                     .is_some_and(|a| a.iter().all(|t| t.as_str() == Some("full_attention")))
         };
         type Check<'a> = (&'a str, &'a dyn Fn(&Value) -> bool, &'a str);
-        let checked: [Check; 11] = [
+        let checked: [Check; 15] = [
             (
                 "hidden_act",
                 &|v| v.as_str() == Some("silu"),
@@ -416,6 +417,24 @@ impl LlamaConfig {
                 &full,
                 "only full attention in every layer is implemented",
             ),
+            // Phi-3's dropout on the residual stream and the embeddings.
+            (
+                "resid_pdrop",
+                &zero,
+                "dropout on the residual stream is not implemented",
+            ),
+            (
+                "embd_pdrop",
+                &zero,
+                "dropout on the embeddings is not implemented",
+            ),
+            (
+                "partial_rotary_factor",
+                &|v| v.is_null() || v.as_f64() == Some(1.0),
+                "rotary embeddings on part of each head are not implemented",
+            ),
+            // Read only by Phi-3's longrope scaling, which is refused.
+            ("original_max_position_embeddings", &|_| true, ""),
         ];
         for (key, ok, why) in &checked {
             if !is(key, ok) {
@@ -470,6 +489,15 @@ impl LlamaConfig {
             }
             if !json["rope_scaling"].is_null() {
                 return fail("config.json has both rope_scaling and rope_parameters".into());
+            }
+            // Phi-3's, moved here by transformers 5.
+            if let Some(factor) = params.remove("partial_rotary_factor")
+                && factor.as_f64() != Some(1.0)
+            {
+                return fail(format!(
+                    "rope_parameters partial_rotary_factor = {factor}: rotary embeddings on part \
+                     of each head are not implemented"
+                ));
             }
             let unscaled = params.is_empty()
                 || (params.len() == 1

@@ -70,6 +70,9 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<Loaded> {
     let json = crate::files::read_json(&config_path)?;
     let config = LlamaConfig::from_hf_json(&json).map_err(|e| ModelError::file(&config_path, e))?;
     let mut tensors = read_safetensors(dir, device)?;
+    if json.get("model_type").and_then(|t| t.as_str()) == Some("phi3") {
+        unfuse_phi3(&config, &mut tensors).map_err(|why| ModelError::file(dir, why))?;
+    }
     let weights = weights_from_map(&config, &mut tensors, config.num_hidden_layers)
         .map_err(|why| ModelError::file(dir, why))?;
     // A tensor fedveil did not read is a part of the model it does not
@@ -103,6 +106,56 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<Loaded> {
         tokenizer,
         source: dir.display().to_string(),
     })
+}
+
+/// Phi-3 keeps each layer's query, key and value projections in one
+/// `qkv_proj` (rows in that order) and the MLP's gate and up projections in
+/// one `gate_up_proj` (gate first): split into Llama's names, which compute
+/// the same.
+fn unfuse_phi3(config: &LlamaConfig, tensors: &mut HashMap<String, Tensor>) -> Result<(), String> {
+    let split = |t: &Tensor, name: &str, parts: &[usize]| -> Result<Vec<Tensor>, String> {
+        let rows = t.dim(0).map_err(|e| format!("{name}: {e}"))?;
+        if rows != parts.iter().sum::<usize>() {
+            return Err(format!(
+                "{name} has {rows} rows, the config needs {}",
+                parts
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" + ")
+            ));
+        }
+        let mut out = Vec::with_capacity(parts.len());
+        let mut at = 0;
+        for &n in parts {
+            out.push(t.narrow(0, at, n).map_err(|e| format!("{name}: {e}"))?);
+            at += n;
+        }
+        Ok(out)
+    };
+    for i in 0..config.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        for (fused, parts, names) in [
+            (
+                format!("{p}.self_attn.qkv_proj.weight"),
+                vec![config.q_dim(), config.kv_dim(), config.kv_dim()],
+                vec!["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+            ),
+            (
+                format!("{p}.mlp.gate_up_proj.weight"),
+                vec![config.intermediate_size; 2],
+                vec!["mlp.gate_proj", "mlp.up_proj"],
+            ),
+        ] {
+            let t = tensors
+                .remove(&fused)
+                .ok_or_else(|| format!("the weights have no tensor {fused}"))?;
+            for (part, name) in split(&t, &fused, &parts)?.into_iter().zip(names) {
+                tensors.insert(format!("{p}.{name}.weight"), part);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Takes a model's weights out of `tensors`, by their Hugging Face names

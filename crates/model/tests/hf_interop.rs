@@ -2,8 +2,9 @@
 //! family and configuration fedveil loads: Llama-3.1's rotary scaling with
 //! an explicit `head_dim` (Llama-3.2), linear rotary scaling with Llama's
 //! `attention_bias` (q, k, v and o), Mistral with a sliding window, Qwen2
-//! with its q/k/v bias. Each model is written as a Hugging Face directory
-//! and loaded back by fedveil's own loader.
+//! with its q/k/v bias, Phi-3 with its fused `qkv_proj` and `gate_up_proj`.
+//! Each model is written as a Hugging Face directory and loaded back by
+//! fedveil's own loader.
 //!
 //! `logits_match_transformers` runs transformers itself. It is ignored by
 //! default: it needs a Python with torch and transformers,
@@ -18,6 +19,8 @@
 //! `logits_match_the_transformers_fixture` checks on every run without
 //! Python. The models are drawn from fixed seeds, so the fixture stays
 //! valid until `Llama::random` or `tiny` change the weights they draw.
+
+mod common;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -103,10 +106,17 @@ fn cases() -> Vec<Case> {
                 attention_bias: true,
                 rope_theta: 1_000_000.0,
                 rms_norm_eps: 1e-6,
-                ..base
+                ..base.clone()
             },
             o_bias: false,
             seed: 4,
+        },
+        Case {
+            name: "phi3",
+            model_type: "phi3",
+            config: base,
+            o_bias: false,
+            seed: 5,
         },
     ]
 }
@@ -165,12 +175,29 @@ fn write_and_load(case: &Case) -> (PathBuf, Llama) {
     config["architectures"] = serde_json::json!([match case.model_type {
         "mistral" => "MistralForCausalLM",
         "qwen2" => "Qwen2ForCausalLM",
+        "phi3" => "Phi3ForCausalLM",
         _ => "LlamaForCausalLM",
     }]);
+    if case.model_type == "phi3" {
+        // transformers' Phi-3 default pad id (32000) is past this
+        // vocabulary.
+        config["pad_token_id"] = serde_json::Value::Null;
+        fuse_phi3(
+            &dir.join("model.safetensors"),
+            case.config.num_hidden_layers,
+        );
+    }
     std::fs::write(&path, config.to_string()).unwrap();
     let back = load_hf_dir(&dir, &Device::Cpu).unwrap().model;
     assert_eq!(back.config(), &case.config, "{}", case.name);
     (dir, back)
+}
+
+/// Rewrites the safetensors file with Phi-3's fused projections.
+fn fuse_phi3(path: &std::path::Path, layers: usize) {
+    let mut t = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    common::fuse_phi3(&mut t, layers);
+    candle_core::safetensors::save(&t, path).unwrap();
 }
 
 fn fedveil_logits(model: &Llama) -> Vec<f32> {

@@ -3,6 +3,8 @@
 //! interleaved Q/K layout, tokenizer in the metadata): the loaded model
 //! computes the same logits as the one written.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -374,6 +376,9 @@ fn hf_error(
     let dir = tempdir("refuse");
     write_hf_dir_with(&dir, &m, false, |c, t| {
         c["model_type"] = model_type.into();
+        if model_type == "phi3" {
+            common::fuse_phi3(t, m.config().num_hidden_layers);
+        }
         edit(c, t)
     });
     let err = match load_hf_dir(&dir, &Device::Cpu) {
@@ -634,5 +639,53 @@ fn gguf_metadata_fedveil_does_not_implement_is_refused_by_name() {
         loaded.model.config().rope_scaling,
         Some(fedveil_model::RopeScaling::Linear { factor: 2.0 })
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_phi3_config_key_fedveil_does_not_implement_is_refused_by_name() {
+    use serde_json::json;
+    refuses_by_name(
+        "phi3",
+        &[
+            (
+                "partial_rotary_factor",
+                json!(0.75),
+                "partial_rotary_factor",
+            ),
+            ("resid_pdrop", json!(0.1), "resid_pdrop"),
+            ("embd_pdrop", json!(0.1), "embd_pdrop"),
+            (
+                "rope_scaling",
+                json!({"type": "longrope", "long_factor": [1.0], "short_factor": [1.0]}),
+                "longrope",
+            ),
+        ],
+    );
+    // Phi-3-mini-4k's config, with its fused projections, loads to the
+    // same logits as the unfused model.
+    let m = model(config(vocabulary().0.len(), false));
+    let dir = tempdir("phi3");
+    write_hf_dir_with(&dir, &m, false, |c, t| {
+        c["model_type"] = "phi3".into();
+        c["resid_pdrop"] = json!(0.0);
+        c["embd_pdrop"] = json!(0.0);
+        c["attention_dropout"] = json!(0.0);
+        c["original_max_position_embeddings"] = json!(4096);
+        c["sliding_window"] = json!(2047);
+        common::fuse_phi3(t, m.config().num_hidden_layers);
+    });
+    let loaded = load_hf_dir(&dir, &Device::Cpu).unwrap();
+    assert_eq!(logits(&loaded.model), logits(&m));
+    // A fused projection with the wrong number of rows is named.
+    write_hf_dir_with(&dir, &m, false, |c, t| {
+        c["model_type"] = "phi3".into();
+        common::fuse_phi3(t, m.config().num_hidden_layers);
+        let name = "model.layers.0.mlp.gate_up_proj.weight";
+        let short = t[name].narrow(0, 0, 100).unwrap();
+        t.insert(name.into(), short);
+    });
+    let err = load_hf_dir(&dir, &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("gate_up_proj.weight has 100 rows"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
