@@ -1,7 +1,8 @@
 //! `fedveil sweep FILE`: a grid of federations over the noise multiplier
 //! (or a target ε), the number of clients and the number of rounds, each
 //! run in this process from the same base run file; then utility against
-//! the ε actually spent, as CSV, JSON, a Markdown table and an SVG plot.
+//! the ε actually spent, as CSV, JSON, a Markdown table and an SVG plot,
+//! with the points of other sweeps (`beside`) in the table and the plot.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -49,7 +50,8 @@ struct SweepSection {
     #[serde(default)]
     noise_multiplier: Vec<f64>,
     /// Or target ε values (the noise is calibrated to spend each over the
-    /// run); not together with `noise_multiplier`.
+    /// run; `inf` runs without differential privacy); not together with
+    /// `noise_multiplier`.
     #[serde(default)]
     target_epsilon: Vec<f64>,
     /// Client counts (default: the base file's).
@@ -64,6 +66,10 @@ struct SweepSection {
     /// Overrides applied to every run, as `--set` takes them.
     #[serde(default)]
     set: Vec<String>,
+    /// Other sweeps' `results.json` (relative to this file), whose points
+    /// the table and the plot show beside this sweep's (they are not run).
+    #[serde(default)]
+    beside: Vec<PathBuf>,
 }
 
 fn default_metric() -> String {
@@ -89,10 +95,35 @@ impl Privacy {
     }
 }
 
+fn unit_label(unit: Option<DpUnit>) -> &'static str {
+    match unit {
+        None => "none",
+        Some(DpUnit::Client) => "client",
+        Some(DpUnit::Record) => "record",
+    }
+}
+
+/// A sweep's `results.json`.
+#[derive(Deserialize)]
+struct Results {
+    metric: String,
+    points: Vec<Point>,
+}
+
+fn read_results(path: &Path) -> anyhow::Result<Results> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))
+}
+
 /// One point's outcome.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Point {
     privacy: Privacy,
+    /// What one neighbouring change is; none without differential privacy
+    /// (and in results written before sweeps recorded it).
+    #[serde(default)]
+    unit: Option<DpUnit>,
     clients: u32,
     rounds: u64,
     /// ε spent (at `delta`); none without differential privacy.
@@ -166,19 +197,23 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let s = sweep.sweep;
     let base = relative_to(&args.file, &s.base);
     let out = relative_to(&args.file, &s.out);
+    let mut beside = Vec::new();
+    for b in &s.beside {
+        let path = relative_to(&args.file, b);
+        let r = read_results(&path)?;
+        anyhow::ensure!(
+            r.metric == s.metric,
+            "{} measured {:?}, this sweep {:?}: they cannot share a plot",
+            path.display(),
+            r.metric,
+            s.metric
+        );
+        beside.extend(r.points);
+    }
     if args.replot {
-        let path = out.join("results.json");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        #[derive(Deserialize)]
-        struct Results {
-            metric: String,
-            points: Vec<Point>,
-        }
-        let r: Results =
-            serde_json::from_str(&text).with_context(|| format!("reading {}", path.display()))?;
-        write_results(&out, &r.metric, &r.points)?;
-        print!("{}", markdown(&r.metric, &r.points));
+        let r = read_results(&out.join("results.json"))?;
+        write_results(&out, &r.metric, &r.points, &beside)?;
+        print!("{}", markdown(&r.metric, &r.points, &beside));
         return Ok(ExitCode::SUCCESS);
     }
     let base_text =
@@ -199,7 +234,13 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         (true, false) => s
             .target_epsilon
             .iter()
-            .map(|&e| Privacy::TargetEpsilon(e))
+            .map(|&e| {
+                if e == f64::INFINITY {
+                    Privacy::None
+                } else {
+                    Privacy::TargetEpsilon(e)
+                }
+            })
             .collect(),
         (true, true) => anyhow::bail!("sweep: give noise_multiplier or target_epsilon values"),
         (false, false) => {
@@ -257,6 +298,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         ));
         let started = Instant::now();
         let (clients, rounds) = (file.run.clients, file.federation.rounds);
+        let unit = (p != Privacy::None).then_some(file.dp.unit);
         let done = run_local(file, &base, bars.clone(), true)?;
         let server = &done.outcome.server;
         let utility = match s.metric.as_str() {
@@ -268,6 +310,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         };
         points.push(Point {
             privacy: p,
+            unit,
             clients,
             rounds,
             epsilon: server.epsilon,
@@ -286,8 +329,8 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         overall.inc(1);
     }
     overall.finish_and_clear();
-    write_results(&out, &s.metric, &points)?;
-    print!("{}", markdown(&s.metric, &points));
+    write_results(&out, &s.metric, &points, &beside)?;
+    print!("{}", markdown(&s.metric, &points, &beside));
     println!(
         "\nwrote {0}/results.csv, results.json, results.md and utility.svg",
         out.display()
@@ -299,14 +342,21 @@ fn fmt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "-".into(), |v| format!("{v:.digits$}"))
 }
 
-fn markdown(metric: &str, points: &[Point]) -> String {
+/// The table: this sweep's points, then those of the sweeps beside it
+/// (marked so).
+fn markdown(metric: &str, points: &[Point], beside: &[Point]) -> String {
     let mut out = format!(
-        "| privacy | clients | rounds | ε spent | initial loss | final loss | {metric} | seconds |\n\
-         |---|---|---|---|---|---|---|---|\n"
+        "| unit | privacy | clients | rounds | ε spent | initial loss | final loss | {metric} | seconds |\n\
+         |---|---|---|---|---|---|---|---|---|\n"
     );
-    for p in points {
+    let marked = points
+        .iter()
+        .map(|p| (p, ""))
+        .chain(beside.iter().map(|p| (p, " (beside)")));
+    for (p, mark) in marked {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.0} |\n",
+            "| {}{mark} | {} | {} | {} | {} | {} | {} | {} | {:.0} |\n",
+            unit_label(p.unit),
             p.privacy.label(),
             p.clients,
             p.rounds,
@@ -321,10 +371,17 @@ fn markdown(metric: &str, points: &[Point]) -> String {
     out
 }
 
-fn write_results(out: &Path, metric: &str, points: &[Point]) -> anyhow::Result<()> {
+/// `results.csv` and `results.json` hold this sweep's points;
+/// `results.md` and `utility.svg` also show those `beside` it.
+fn write_results(
+    out: &Path,
+    metric: &str,
+    points: &[Point],
+    beside: &[Point],
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut csv = format!(
-        "privacy,noise_multiplier,target_epsilon,clients,rounds,epsilon,delta,initial_loss,loss,{metric},clients_failed,seconds\n"
+        "privacy,noise_multiplier,target_epsilon,clients,rounds,epsilon,delta,initial_loss,loss,{metric},clients_failed,seconds,unit\n"
     );
     for p in points {
         let (z, t) = match p.privacy {
@@ -334,7 +391,7 @@ fn write_results(out: &Path, metric: &str, points: &[Point]) -> anyhow::Result<(
         };
         let o = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
         csv.push_str(&format!(
-            "{},{z},{t},{},{},{},{},{},{},{},{},{:.3}\n",
+            "{},{z},{t},{},{},{},{},{},{},{},{},{:.3},{}\n",
             p.privacy.label(),
             p.clients,
             p.rounds,
@@ -344,7 +401,8 @@ fn write_results(out: &Path, metric: &str, points: &[Point]) -> anyhow::Result<(
             o(p.loss),
             o(p.utility),
             p.clients_failed,
-            p.seconds
+            p.seconds,
+            unit_label(p.unit)
         ));
     }
     crate::write_file(&out.join("results.csv"), csv.as_bytes())?;
@@ -353,31 +411,48 @@ fn write_results(out: &Path, metric: &str, points: &[Point]) -> anyhow::Result<(
         &out.join("results.json"),
         serde_json::to_string_pretty(&json)?.as_bytes(),
     )?;
-    crate::write_file(&out.join("results.md"), markdown(metric, points).as_bytes())?;
-    plot(&out.join("utility.svg"), metric, points)
+    crate::write_file(
+        &out.join("results.md"),
+        markdown(metric, points, beside).as_bytes(),
+    )?;
+    let all: Vec<Point> = points.iter().chain(beside).cloned().collect();
+    plot(&out.join("utility.svg"), metric, &all)
 }
 
-/// Utility against ε (log scale), one line per (clients, rounds); runs
-/// without differential privacy are dashed horizontal lines.
+/// Utility against ε (log scale), one line per (unit, clients, rounds);
+/// runs without differential privacy are dashed horizontal lines. A loss
+/// far above the starting model's (a run that diverged) would squash every
+/// other point into a line: it is drawn as a marker at the top edge with
+/// its value written beside it.
 fn plot(path: &Path, metric: &str, points: &[Point]) -> anyhow::Result<()> {
     use plotters::prelude::*;
-    let dp: Vec<&Point> = points
-        .iter()
-        .filter(|p| p.epsilon.is_some() && p.utility.is_some())
-        .collect();
     let all_y: Vec<f64> = points.iter().filter_map(|p| p.utility).collect();
     if all_y.is_empty() {
         anyhow::bail!("no run produced the metric {metric:?} to plot");
     }
+    let start = points
+        .iter()
+        .filter_map(|p| p.initial_loss)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let off_chart = |y: f64| metric == "loss" && start.is_finite() && y > 1.5 * start;
     let (mut lo, mut hi) = all_y
         .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &y| {
+        .copied()
+        .chain(points.iter().filter_map(|p| p.initial_loss))
+        .filter(|&y| !off_chart(y))
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), y| {
             (a.min(y), b.max(y))
         });
     let pad = ((hi - lo) * 0.1).max(1e-3);
     lo -= pad;
     hi += pad;
-    let eps: Vec<f64> = dp.iter().filter_map(|p| p.epsilon).collect();
+    // Room at the top for the markers of points off the chart.
+    let top = if all_y.iter().any(|&y| off_chart(y)) {
+        hi + (hi - lo) * 0.08
+    } else {
+        hi
+    };
+    let eps: Vec<f64> = points.iter().filter_map(|p| p.epsilon).collect();
     let (emin, emax) = if eps.is_empty() {
         (0.1, 10.0)
     } else {
@@ -393,26 +468,34 @@ fn plot(path: &Path, metric: &str, points: &[Point]) -> anyhow::Result<()> {
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(64)
-        .build_cartesian_2d((emin..emax).log_scale(), lo..hi)
+        .build_cartesian_2d((emin..emax).log_scale(), lo..top)
         .map_err(draw)?;
     chart
         .configure_mesh()
-        .x_desc("ε spent (δ = 1e-5, log scale)")
+        .x_desc("ε spent (δ = 1e-5, log scale; per client or per record, as the unit says)")
         .y_desc(metric)
         .draw()
         .map_err(draw)?;
-    let mut series: Vec<(u32, u64)> = points.iter().map(|p| (p.clients, p.rounds)).collect();
-    series.sort();
+    let mut series: Vec<(Option<DpUnit>, u32, u64)> = points
+        .iter()
+        .filter(|p| p.epsilon.is_some())
+        .map(|p| (p.unit, p.clients, p.rounds))
+        .collect();
+    series.sort_by_key(|&(u, c, r)| (unit_label(u), c, r));
     series.dedup();
-    for (i, &(c, r)) in series.iter().enumerate() {
+    for (i, &(unit, c, r)) in series.iter().enumerate() {
         let colour = Palette99::pick(i).to_rgba();
-        let mut line: Vec<(f64, f64)> = dp
+        let mut line: Vec<(f64, f64)> = points
             .iter()
-            .filter(|p| (p.clients, p.rounds) == (c, r))
+            .filter(|p| (p.unit, p.clients, p.rounds) == (unit, c, r))
             .filter_map(|p| Some((p.epsilon?, p.utility?)))
+            .map(|(x, y)| (x, if off_chart(y) { top } else { y }))
             .collect();
         line.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let label = format!("{c} clients, {r} rounds");
+        let label = match unit {
+            Some(u) => format!("{}-level DP, {c} clients, {r} rounds", unit_label(Some(u))),
+            None => format!("{c} clients, {r} rounds"),
+        };
         chart
             .draw_series(LineSeries::new(line.clone(), colour.stroke_width(2)))
             .map_err(draw)?
@@ -424,22 +507,39 @@ fn plot(path: &Path, metric: &str, points: &[Point]) -> anyhow::Result<()> {
                     .map(|&(x, y)| Circle::new((x, y), 4, colour.filled())),
             )
             .map_err(draw)?;
-        for p in points
-            .iter()
-            .filter(|p| (p.clients, p.rounds) == (c, r) && p.epsilon.is_none())
+    }
+    // The values of the points off the chart, beside their markers.
+    for p in points.iter().filter(|p| p.epsilon.is_some()) {
+        if let (Some(x), Some(y)) = (p.epsilon, p.utility)
+            && off_chart(y)
         {
-            let Some(y) = p.utility else { continue };
             chart
-                .draw_series(DashedLineSeries::new(
-                    vec![(emin, y), (emax, y)],
-                    6,
-                    4,
-                    colour.stroke_width(1),
-                ))
-                .map_err(draw)?
-                .label(format!("{c} clients, {r} rounds, no DP"))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
+                .draw_series(std::iter::once(Text::new(
+                    format!("{y:.2} ↑"),
+                    (x * 1.15, top),
+                    ("sans-serif", 14),
+                )))
+                .map_err(draw)?;
         }
+    }
+    // Runs without differential privacy: one dashed line each, grey.
+    let plain: Vec<&Point> = points.iter().filter(|p| p.epsilon.is_none()).collect();
+    for (i, p) in plain.iter().enumerate() {
+        let Some(y) = p.utility else { continue };
+        let grey = RGBColor(90, 90, 90).mix(0.9 - 0.3 * (i % 2) as f64);
+        chart
+            .draw_series(DashedLineSeries::new(
+                vec![(emin, y), (emax, y)],
+                6,
+                4,
+                grey.stroke_width(1),
+            ))
+            .map_err(draw)?
+            .label(format!(
+                "no DP, {} clients, {} rounds: {y:.4}",
+                p.clients, p.rounds
+            ))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey));
     }
     // The held-out loss of the model every run starts from.
     let starts: Vec<f64> = points.iter().filter_map(|p| p.initial_loss).collect();
@@ -460,10 +560,66 @@ fn plot(path: &Path, metric: &str, points: &[Point]) -> anyhow::Result<()> {
     }
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()
         .map_err(draw)?;
     root.present().map_err(draw)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(unit: Option<DpUnit>, epsilon: Option<f64>, loss: f64) -> Point {
+        Point {
+            privacy: match epsilon {
+                None => Privacy::None,
+                Some(e) => Privacy::TargetEpsilon(e),
+            },
+            unit,
+            clients: 3,
+            rounds: 3,
+            epsilon,
+            delta: epsilon.map(|_| 1e-5),
+            initial_loss: Some(1.4732),
+            loss: Some(loss),
+            eval: Default::default(),
+            utility: Some(loss),
+            clients_failed: 0,
+            seconds: 1.0,
+        }
+    }
+
+    /// Both units on one plot, each its own line; a diverged run is a
+    /// marker at the top with its value, and the axis stays on the rest.
+    #[test]
+    fn the_plot_draws_each_unit_and_marks_a_diverged_run_off_the_chart() {
+        let dir = std::env::temp_dir().join(format!("fedveil-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("u.svg");
+        let points = [
+            point(None, None, 1.4469),
+            point(Some(DpUnit::Record), Some(1.0), 1.4729),
+            point(Some(DpUnit::Record), Some(8.0), 1.4726),
+            point(Some(DpUnit::Client), Some(231.0), 1.4574),
+            point(Some(DpUnit::Client), Some(9.0), 10.8256),
+        ];
+        plot(&path, "loss", &points).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            svg.contains("record-level DP, 3 clients, 3 rounds"),
+            "{svg}"
+        );
+        assert!(
+            svg.contains("client-level DP, 3 clients, 3 rounds"),
+            "{svg}"
+        );
+        assert!(svg.contains("10.83 ↑"), "{svg}");
+        // The y axis is labelled within the bulk of the points, never at 10.
+        assert!(!svg.contains(">10.0<") && !svg.contains(">10<"), "{svg}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

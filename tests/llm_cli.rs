@@ -695,4 +695,47 @@ fn a_sweep_over_record_level_noise_spends_less_with_more_noise() {
     let (low, high) = (eps("0.8").unwrap(), eps("3").unwrap());
     assert!(low > high && high > 0.0, "{out}\n{csv}");
     assert_eq!(eps(""), None, "no ε without DP: {csv}");
+    // The last column names the unit: record-level for the noised points.
+    let units: Vec<&str> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.rsplit(',').next().unwrap())
+        .collect();
+    assert_eq!(units, ["none", "record", "record"], "{csv}");
+    // Target ε values, `inf` for a run without DP, and the first sweep's
+    // points beside this one's in the table and the plot (not in its CSV).
+    std::fs::write(
+        &file,
+        "[sweep]\nbase = \"record.toml\"\nout = \"second\"\ntarget_epsilon = [inf, 4.0]\n\
+         beside = [\"out/results.json\"]\n",
+    )
+    .unwrap();
+    let (code, out, err) = fedveil(&["sweep", "--quiet", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let csv = std::fs::read_to_string(dir.join("second/results.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    assert_eq!(rows.len(), 2, "{csv}");
+    assert_eq!((rows[0][0], rows[0][5]), ("no DP", ""), "{csv}");
+    let spent: f64 = rows[1][5].parse().unwrap();
+    assert!(
+        spent > 3.5 && spent <= 4.0,
+        "target ε = 4 spent {spent}: {csv}"
+    );
+    assert_eq!(out.matches("(beside)").count(), 3, "{out}");
+    let svg = std::fs::read_to_string(dir.join("second/utility.svg")).unwrap();
+    assert!(svg.contains("record-level DP"), "{svg}");
+    // A beside file that is not there is named.
+    std::fs::write(
+        &file,
+        "[sweep]\nbase = \"record.toml\"\nout = \"third\"\ntarget_epsilon = [4.0]\n\
+         beside = [\"nowhere.json\"]\n",
+    )
+    .unwrap();
+    let (code, _, err) = fedveil(&["sweep", "--quiet", file.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("nowhere.json"), "{err}");
 }
