@@ -53,6 +53,10 @@ pub struct LlamaConfig {
     /// longer than the window, where the two are the same.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window: Option<usize>,
+    /// Qwen3's RMSNorm on each query and key head, before the rotary
+    /// embedding.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub qk_norm: bool,
 }
 
 /// `rope_scaling`: the rescalings of the rotary frequencies fedveil
@@ -346,10 +350,10 @@ impl LlamaConfig {
                 None => return fail(format!("model_type must be a string, got {v}")),
             },
         };
-        if !matches!(model_type, "llama" | "mistral" | "qwen2" | "phi3") {
+        if !matches!(model_type, "llama" | "mistral" | "qwen2" | "qwen3" | "phi3") {
             return fail(format!(
                 "model_type {model_type:?} is not a decoder fedveil implements (llama, mistral, \
-                 qwen2, phi3)"
+                 qwen2, qwen3, phi3)"
             ));
         }
         let is = |key: &str, ok: &dyn Fn(&Value) -> bool| obj.get(key).is_none_or(ok);
@@ -525,6 +529,12 @@ impl LlamaConfig {
                 config.attention_bias = true;
                 config.sliding_window = None;
             }
+            // Qwen3: a norm on each query and key head; its bias follows
+            // `attention_bias` as Llama's does (q, k, v and o).
+            "qwen3" => {
+                config.qk_norm = true;
+                config.sliding_window = None;
+            }
             // A window as long as the context hides nothing.
             _ => {
                 if config
@@ -655,7 +665,8 @@ impl LlamaConfig {
             0
         };
         let mlp = 3 * h * self.intermediate_size;
-        let per_layer = attention + bias + mlp + 2 * h;
+        let qk_norm = if self.qk_norm { 2 * self.head_dim() } else { 0 };
+        let per_layer = attention + bias + mlp + 2 * h + qk_norm;
         let embeddings = self.vocab_size * h * if self.tie_word_embeddings { 1 } else { 2 };
         embeddings + self.num_hidden_layers * per_layer + h
     }
@@ -680,6 +691,7 @@ impl LlamaConfig {
             head_dim: None,
             rope_scaling: None,
             sliding_window: None,
+            qk_norm: false,
         }
     }
 }

@@ -200,6 +200,14 @@ pub(crate) fn weights_from_map(
         let down = linear(Module::Down, false)?;
         out.push(Layer {
             input_norm: take(&format!("{p}.input_layernorm.weight"))?,
+            qk_norm: if config.qk_norm {
+                Some((
+                    take(&format!("{p}.self_attn.q_norm.weight"))?,
+                    take(&format!("{p}.self_attn.k_norm.weight"))?,
+                ))
+            } else {
+                None
+            },
             q,
             k,
             v,
@@ -235,6 +243,10 @@ pub(crate) fn weights_to_map(weights: &Weights) -> Vec<(String, Tensor)> {
     for (i, l) in weights.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
         out.push((format!("{p}.input_layernorm.weight"), l.input_norm.clone()));
+        if let Some((q, k)) = &l.qk_norm {
+            out.push((format!("{p}.self_attn.q_norm.weight"), q.clone()));
+            out.push((format!("{p}.self_attn.k_norm.weight"), k.clone()));
+        }
         for module in Module::ALL {
             let linear = l.linear(module);
             let path = format!("{p}.{}.{}", module.parent(), module.name());
@@ -262,15 +274,28 @@ pub fn save_hf_dir(loaded: &Loaded, dir: &Path) -> Result<()> {
     let model = &loaded.model;
     let mut config = serde_json::to_value(model.config())
         .map_err(|e| ModelError::Config(format!("cannot encode the config: {e}")))?;
-    // Qwen2 has a bias on q, k and v; Llama's `attention_bias` on o too.
+    // Qwen2 has a bias on q, k and v; Llama's `attention_bias` on o too;
+    // Qwen3 has q/k norms.
     let qwen2 =
         model.config().attention_bias && model.weights().layers.iter().all(|l| l.o.bias.is_none());
-    config["model_type"] = if qwen2 { "qwen2" } else { "llama" }.into();
-    config["architectures"] = serde_json::json!([if qwen2 {
-        "Qwen2ForCausalLM"
+    let (model_type, architecture) = if model.config().qk_norm {
+        if qwen2 {
+            return Err(ModelError::Config(
+                "a model with q/k norms and a bias on q, k and v only has no Hugging Face model type"
+                    .into(),
+            ));
+        }
+        ("qwen3", "Qwen3ForCausalLM")
+    } else if qwen2 {
+        ("qwen2", "Qwen2ForCausalLM")
     } else {
-        "LlamaForCausalLM"
-    }]);
+        ("llama", "LlamaForCausalLM")
+    };
+    config["model_type"] = model_type.into();
+    config["architectures"] = serde_json::json!([architecture]);
+    if let Some(o) = config.as_object_mut() {
+        o.remove("qk_norm");
+    }
     crate::files::write_atomically(&dir.join("config.json"), config.to_string().as_bytes())?;
     let tensors: HashMap<String, Tensor> = weights_to_map(model.weights())
         .into_iter()
@@ -342,7 +367,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Loaded> {
         .to_string()
         .map_err(|e| ModelError::file(path, e))?
         .clone();
-    if arch != "llama" && arch != "qwen2" {
+    if !matches!(arch.as_str(), "llama" | "qwen2" | "qwen3") {
         return Err(ModelError::file(
             path,
             format!("architecture {arch:?} is not a llama-family decoder this loader knows"),
@@ -470,6 +495,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Loaded> {
         max_position_embeddings: int("context_length").unwrap_or(2048),
         tie_word_embeddings: tied,
         attention_bias: arch == "qwen2",
+        qk_norm: arch == "qwen3",
         bos_token_id: meta("tokenizer.ggml.bos_token_id")
             .ok()
             .and_then(|v| v.to_u32().ok()),
@@ -559,6 +585,14 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Loaded> {
         let down = linear(&mut file, "ffn_down", None)?;
         layers.push(Layer {
             input_norm: tensor(&mut file, &format!("{p}.attn_norm.weight"))?,
+            qk_norm: if arch == "qwen3" {
+                Some((
+                    tensor(&mut file, &format!("{p}.attn_q_norm.weight"))?,
+                    tensor(&mut file, &format!("{p}.attn_k_norm.weight"))?,
+                ))
+            } else {
+                None
+            },
             q,
             k,
             v,
@@ -584,6 +618,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Loaded> {
             .parse::<usize>()
             .is_ok_and(|i| i < config.num_hidden_layers)
             && (matches!(rest, "attn_norm.weight" | "ffn_norm.weight")
+                || (arch == "qwen3" && matches!(rest, "attn_q_norm.weight" | "attn_k_norm.weight"))
                 || rest.rsplit_once('.').is_some_and(|(module, kind)| {
                     matches!(kind, "weight" | "bias")
                         && matches!(

@@ -112,6 +112,8 @@ impl Module {
 #[derive(Clone, Debug)]
 pub struct Layer {
     pub input_norm: Tensor,
+    /// Qwen3's per-head norms of the queries and keys (`head_dim` wide).
+    pub qk_norm: Option<(Tensor, Tensor)>,
     pub q: Linear,
     pub k: Linear,
     pub v: Linear,
@@ -279,6 +281,15 @@ impl Llama {
             };
             layers.push(Layer {
                 input_norm: Tensor::ones(h, DType::F32, device)?,
+                qk_norm: if config.qk_norm {
+                    let hd = config.head_dim();
+                    Some((
+                        Tensor::ones(hd, DType::F32, device)?,
+                        Tensor::ones(hd, DType::F32, device)?,
+                    ))
+                } else {
+                    None
+                },
                 q: Linear::new(normal(qd, h)?, bias(qd)?),
                 k: Linear::new(normal(kv, h)?, bias(kv)?),
                 v: Linear::new(normal(kv, h)?, bias(kv)?),
@@ -360,6 +371,10 @@ impl Llama {
             .map(|l| {
                 Ok(Layer {
                     input_norm: cast(&l.input_norm)?,
+                    qk_norm: match &l.qk_norm {
+                        Some((q, k)) => Some((cast(q)?, cast(k)?)),
+                        None => None,
+                    },
                     q: linear(&l.q)?,
                     k: linear(&l.k)?,
                     v: linear(&l.v)?,
@@ -665,6 +680,13 @@ impl Llama {
             self.project(id, Module::V, &layer.v, x, adapter, mode)?,
             kv_heads,
         )?;
+        let (q, k) = match &layer.qk_norm {
+            Some((qn, kn)) => {
+                let eps = self.config.rms_norm_eps;
+                (rms_norm(&q, qn, eps)?, rms_norm(&k, kn, eps)?)
+            }
+            None => (q, k),
+        };
         let q = rope(&q, cos, sin)?;
         let mut k = rope(&k, cos, sin)?;
         let mut v = v;
@@ -770,6 +792,20 @@ fn check_shapes(config: &LlamaConfig, w: &Weights) -> Result<()> {
         let name = |m: &str| format!("layers.{i}.{m}");
         expect(name("input_layernorm"), &l.input_norm, &[h])?;
         expect(name("post_attention_layernorm"), &l.post_norm, &[h])?;
+        match (&l.qk_norm, config.qk_norm) {
+            (Some((q, k)), true) => {
+                expect(name("self_attn.q_norm.weight"), q, &[config.head_dim()])?;
+                expect(name("self_attn.k_norm.weight"), k, &[config.head_dim()])?;
+            }
+            (None, false) => {}
+            (_, needed) => {
+                return Err(ModelError::Config(format!(
+                    "layer {i}: the config {} q/k norms, the weights {}",
+                    if needed { "has" } else { "has no" },
+                    if needed { "have none" } else { "have them" }
+                )));
+            }
+        }
         for (module, out, input) in [
             (Module::Q, qd, h),
             (Module::K, kv, h),

@@ -236,6 +236,10 @@ pub fn bake(model: &Llama, adapter: &Adapter) -> Result<Llama> {
         layers.push(match adapter.layer(id) {
             Some(l) => Layer {
                 input_norm: fixed(&l.input_norm)?,
+                qk_norm: match &l.qk_norm {
+                    Some((q, k)) => Some((fixed(q)?, fixed(k)?)),
+                    None => None,
+                },
                 q: linear(&l.q)?,
                 k: linear(&l.k)?,
                 v: linear(&l.v)?,

@@ -718,6 +718,13 @@ fn full(c: &FullConfig, model: &Llama, params: &mut Vec<(String, Var)>) -> Resul
             &base.input_norm,
             params,
         )?;
+        let qk_norm = match &base.qk_norm {
+            Some((q, k)) => Some((
+                trainable(format!("{root}.self_attn.q_norm.weight"), q, params)?,
+                trainable(format!("{root}.self_attn.k_norm.weight"), k, params)?,
+            )),
+            None => None,
+        };
         let q = linear(Module::Q, params)?;
         let k = linear(Module::K, params)?;
         let v = linear(Module::V, params)?;
@@ -734,6 +741,7 @@ fn full(c: &FullConfig, model: &Llama, params: &mut Vec<(String, Var)>) -> Resul
             id,
             Layer {
                 input_norm,
+                qk_norm,
                 q,
                 k,
                 v,

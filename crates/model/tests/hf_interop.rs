@@ -2,7 +2,8 @@
 //! family and configuration fedveil loads: Llama-3.1's rotary scaling with
 //! an explicit `head_dim` (Llama-3.2), linear rotary scaling with Llama's
 //! `attention_bias` (q, k, v and o), Mistral with a sliding window, Qwen2
-//! with its q/k/v bias, Phi-3 with its fused `qkv_proj` and `gate_up_proj`.
+//! with its q/k/v bias, Qwen3 with its q/k norms, Phi-3 with its fused
+//! `qkv_proj` and `gate_up_proj`.
 //! Each model is written as a Hugging Face directory and loaded back by
 //! fedveil's own loader.
 //!
@@ -112,6 +113,19 @@ fn cases() -> Vec<Case> {
             seed: 4,
         },
         Case {
+            name: "qwen3",
+            model_type: "qwen3",
+            config: LlamaConfig {
+                qk_norm: true,
+                head_dim: Some(16),
+                rope_theta: 1_000_000.0,
+                rms_norm_eps: 1e-6,
+                ..base.clone()
+            },
+            o_bias: false,
+            seed: 6,
+        },
+        Case {
             name: "phi3",
             model_type: "phi3",
             config: base,
@@ -137,6 +151,11 @@ fn build(case: &Case) -> Llama {
     for layer in &mut weights.layers {
         layer.input_norm = draw(h, 1.0);
         layer.post_norm = draw(h, 1.0);
+        if let Some((q, k)) = &mut layer.qk_norm {
+            let hd = case.config.head_dim();
+            *q = draw(hd, 1.0);
+            *k = draw(hd, 1.0);
+        }
         for l in [&mut layer.q, &mut layer.k, &mut layer.v] {
             if l.bias.is_some() {
                 let n = l.weight.dim(0).unwrap();
@@ -175,6 +194,7 @@ fn write_and_load(case: &Case) -> (PathBuf, Llama) {
     config["architectures"] = serde_json::json!([match case.model_type {
         "mistral" => "MistralForCausalLM",
         "qwen2" => "Qwen2ForCausalLM",
+        "qwen3" => "Qwen3ForCausalLM",
         "phi3" => "Phi3ForCausalLM",
         _ => "LlamaForCausalLM",
     }]);

@@ -81,6 +81,10 @@ fn hf_tensors(m: &Llama) -> HashMap<String, Tensor> {
             format!("{p}.post_attention_layernorm.weight"),
             layer.post_norm.clone(),
         );
+        if let Some((q, k)) = &layer.qk_norm {
+            t.insert(format!("{p}.self_attn.q_norm.weight"), q.clone());
+            t.insert(format!("{p}.self_attn.k_norm.weight"), k.clone());
+        }
         for module in Module::ALL {
             let l = layer.linear(module);
             let name = format!("{p}.{}.{}", module.parent(), module.name());
@@ -107,7 +111,16 @@ fn write_hf_dir_with(
 ) {
     let mut config = serde_json::to_value(m.config()).unwrap();
     let qwen = m.config().attention_bias;
-    config["model_type"] = if qwen { "qwen2" } else { "llama" }.into();
+    config["model_type"] = if m.config().qk_norm {
+        "qwen3"
+    } else if qwen {
+        "qwen2"
+    } else {
+        "llama"
+    }
+    .into();
+    // Qwen3's model type says so; config.json has no such key.
+    config.as_object_mut().unwrap().remove("qk_norm");
     let mut tensors = hf_tensors(m);
     edit(&mut config, &mut tensors);
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
@@ -372,7 +385,10 @@ fn hf_error(
     edit: impl FnOnce(&mut serde_json::Value, &mut HashMap<String, Tensor>),
 ) -> String {
     let qwen = model_type == "qwen2";
-    let m = model(config(vocabulary().0.len(), qwen));
+    let m = model(LlamaConfig {
+        qk_norm: model_type == "qwen3",
+        ..config(vocabulary().0.len(), qwen)
+    });
     let dir = tempdir("refuse");
     write_hf_dir_with(&dir, &m, false, |c, t| {
         c["model_type"] = model_type.into();
@@ -403,17 +419,30 @@ fn refuses_by_name(model_type: &str, cases: &[(&str, serde_json::Value, &str)]) 
     // A key no family has.
     let err = hf_error(model_type, |c, _| c["attention_sink_size"] = 4.into());
     assert!(err.contains("attention_sink_size"), "{model_type}: {err:?}");
-    // A tensor the decoder would not read (Qwen3's query norm).
+    // A tensor the decoder would not read (gpt-oss's attention sinks).
     let err = hf_error(model_type, |_, t| {
         t.insert(
-            "model.layers.1.self_attn.q_norm.weight".into(),
-            Tensor::ones(8, candle_core::DType::F32, &Device::Cpu).unwrap(),
+            "model.layers.1.self_attn.sinks".into(),
+            Tensor::ones(4, candle_core::DType::F32, &Device::Cpu).unwrap(),
         );
     });
     assert!(
-        err.contains("model.layers.1.self_attn.q_norm.weight"),
+        err.contains("model.layers.1.self_attn.sinks"),
         "{model_type}: {err:?}"
     );
+    // Qwen3's q/k norms, outside Qwen3, are parts fedveil would not read.
+    if model_type != "qwen3" {
+        let err = hf_error(model_type, |_, t| {
+            t.insert(
+                "model.layers.0.self_attn.q_norm.weight".into(),
+                Tensor::ones(8, candle_core::DType::F32, &Device::Cpu).unwrap(),
+            );
+        });
+        assert!(
+            err.contains("self_attn.q_norm.weight"),
+            "{model_type}: {err:?}"
+        );
+    }
 }
 
 #[test]
@@ -687,5 +716,63 @@ fn a_phi3_config_key_fedveil_does_not_implement_is_refused_by_name() {
     });
     let err = load_hf_dir(&dir, &Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("gate_up_proj.weight has 100 rows"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_qwen3_config_key_fedveil_does_not_implement_is_refused_by_name() {
+    use serde_json::json;
+    refuses_by_name(
+        "qwen3",
+        &[
+            ("use_sliding_window", json!(true), "use_sliding_window"),
+            (
+                "layer_types",
+                json!(["full_attention", "sliding_attention"]),
+                "layer_types",
+            ),
+            (
+                "rope_scaling",
+                json!({"rope_type": "yarn", "factor": 4.0}),
+                "yarn",
+            ),
+        ],
+    );
+    // Its q/k norms are read; one missing is named.
+    let err = hf_error("qwen3", |_, t| {
+        t.remove("model.layers.1.self_attn.k_norm.weight");
+    });
+    assert!(
+        err.contains("model.layers.1.self_attn.k_norm.weight"),
+        "{err}"
+    );
+}
+
+/// Qwen3 as GGUF (`qwen3`: q/k norms as attn_q_norm and attn_k_norm, no
+/// row interleaving) and as a Hugging Face directory: the same logits.
+#[test]
+fn a_qwen3_model_loads_from_both_formats() {
+    let c = LlamaConfig {
+        qk_norm: true,
+        head_dim: Some(16),
+        ..config(vocabulary().0.len(), false)
+    };
+    let m = model(c.clone());
+    let dir = tempdir("qwen3");
+    write_hf_dir(&dir, &m, false);
+    let hf = load_hf_dir(&dir, &Device::Cpu).unwrap();
+    assert_eq!(hf.model.config(), &c);
+    assert_eq!(logits(&hf.model), logits(&m));
+    let path = dir.join("qwen3.gguf");
+    write_gguf_with(&path, &m, "qwen3", |_, t| {
+        for (i, l) in m.weights().layers.iter().enumerate() {
+            let (q, k) = l.qk_norm.clone().unwrap();
+            t.push((format!("blk.{i}.attn_q_norm.weight"), q));
+            t.push((format!("blk.{i}.attn_k_norm.weight"), k));
+        }
+    });
+    let gguf = load_gguf(&path, &Device::Cpu).unwrap();
+    assert!(gguf.model.config().qk_norm);
+    assert_eq!(logits(&gguf.model), logits(&m));
     std::fs::remove_dir_all(&dir).unwrap();
 }

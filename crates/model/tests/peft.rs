@@ -73,13 +73,30 @@ fn memorisation_task(vocab: u32) -> Vec<Example> {
         .collect()
 }
 
+/// On Llama's layer, Qwen3's (q/k norms, heads 16 wide in a 32-wide
+/// model) and Llama's with `attention_bias` (q, k and v biases here).
 #[test]
-fn every_adapter_tensor_gets_a_gradient_for_every_method() {
-    let model = tiny(LlamaConfig::tiny(64));
+fn every_adapter_tensor_gets_a_gradient_for_every_method_and_layer_kind() {
     let examples = memorisation_task(64);
     let refs: Vec<&Example> = examples.iter().collect();
     let batch = Batch::new(&refs, 64, 0, &Device::Cpu).unwrap();
-    for peft in methods() {
+    let kinds = [
+        LlamaConfig::tiny(64),
+        LlamaConfig {
+            qk_norm: true,
+            head_dim: Some(16),
+            ..LlamaConfig::tiny(64)
+        },
+        LlamaConfig {
+            attention_bias: true,
+            ..LlamaConfig::tiny(64)
+        },
+    ];
+    for (config, peft) in kinds
+        .iter()
+        .flat_map(|c| methods().into_iter().map(move |m| (c, m)))
+    {
+        let model = tiny(config.clone());
         let adapter = Adapter::new(peft.clone(), &model, &mut rng(2)).unwrap();
         if let PeftConfig::Lora(_) = peft {
             // B starts at zero, which (correctly) zeroes A's gradient; move
@@ -94,9 +111,17 @@ fn every_adapter_tensor_gets_a_gradient_for_every_method() {
         let trainer = AdapterTrainer::new(&model, adapter, OptimConfig::default()).unwrap();
         let grads = trainer.parameter_gradients(&batch, &mut rng(3)).unwrap();
         assert!(!grads.is_empty());
+        // Whole-layer adapters train Qwen3's q/k norms with the rest.
+        if config.qk_norm && matches!(peft, PeftConfig::Full(_)) {
+            for norm in ["q_norm", "k_norm"] {
+                let name = format!("model.layers.1.self_attn.{norm}.weight");
+                assert!(grads.iter().any(|(n, _)| *n == name), "no {name}");
+            }
+        }
         for (name, grad) in grads {
-            let grad =
-                grad.unwrap_or_else(|| panic!("{}: no gradient reached {name}", peft.method()));
+            let grad = grad.unwrap_or_else(|| {
+                panic!("{}: no gradient reached {name} ({config:?})", peft.method())
+            });
             let norm = grad
                 .sqr()
                 .unwrap()
@@ -106,7 +131,7 @@ fn every_adapter_tensor_gets_a_gradient_for_every_method() {
                 .unwrap();
             assert!(
                 norm.is_finite() && norm > 0.0,
-                "{}: {name} has gradient norm² {norm}",
+                "{}: {name} has gradient norm² {norm} ({config:?})",
                 peft.method()
             );
         }
