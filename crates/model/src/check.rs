@@ -27,6 +27,11 @@ pub struct CheckReport {
     pub vocab_size: usize,
     pub tied_embeddings: bool,
     pub parameters: usize,
+    /// Bytes the frozen weights occupy (quantised or not).
+    pub weight_bytes: usize,
+    /// The block formats of the quantised weights (`q4_k`, ...), empty
+    /// for an unquantised model.
+    pub quantized: Vec<String>,
     pub sentence: String,
     pub perplexity: f64,
     pub prompt: String,
@@ -76,6 +81,8 @@ pub fn check(loaded: &Loaded, max_new_tokens: usize) -> Result<CheckReport> {
         vocab_size: config.vocab_size,
         tied_embeddings: config.tie_word_embeddings,
         parameters: config.parameter_count(),
+        weight_bytes: loaded.model.weight_bytes(),
+        quantized: loaded.model.quantized_formats(),
         sentence: SENTENCE.to_string(),
         perplexity: eval.perplexity,
         prompt: PROMPT.to_string(),

@@ -22,6 +22,7 @@ pub mod offsite;
 pub mod peft;
 pub mod per_example;
 mod pool;
+pub mod quant;
 mod random;
 pub mod tiny;
 pub mod train;
@@ -33,6 +34,7 @@ pub use model::{KvCache, Llama, Mode, Module, Weights};
 pub use peft::{
     Adapter, FullConfig, LoraConfig, PTuningConfig, PeftConfig, PrefixConfig, PromptConfig,
 };
+pub use quant::{QuantFormat, Quantize, Weight};
 pub use train::{AdapterTrainer, Batch, EvalResult, Example, OptimConfig, PerExample, StepStats};
 
 /// Everything that can go wrong in this crate.

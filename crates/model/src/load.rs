@@ -1,17 +1,23 @@
 //! Loading a model and its tokenizer: a Hugging Face directory
 //! (`config.json`, `model.safetensors` or a sharded index, `tokenizer.json`)
-//! or a single GGUF file (dequantised to f32, the tokenizer rebuilt from the
-//! file's metadata).
+//! or a single GGUF file (dequantised to f32, or its blocks kept or
+//! quantised on load, crate::quant; the tokenizer rebuilt from the file's
+//! metadata).
 
 use std::collections::{BTreeSet, HashMap};
+use std::io::Seek;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
+use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::{DType, Device, Tensor};
 use tokenizers::Tokenizer;
 
 use crate::config::LlamaConfig;
 use crate::model::{Layer, Linear, Llama, Module, Weights};
+use crate::quant::{QuantFormat, QuantMatrix, Quantize, Weight};
 use crate::{ModelError, Result};
 
 /// A model with the tokenizer that goes with it.
@@ -34,6 +40,7 @@ pub const DEFAULT_MODEL: &str = "smollm2";
 pub fn load_model(
     spec: Option<&str>,
     device: &Device,
+    quantize: Quantize,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Loaded> {
     let path = match spec {
@@ -43,25 +50,52 @@ pub fn load_model(
         }
         Some(p) => PathBuf::from(p),
     };
-    let mut loaded = load(&path, device)?;
-    loaded.model = loaded.model.to_dtype(crate::compute_dtype(device))?;
+    let mut loaded = load_with(&path, device, quantize)?;
+    if quantize == Quantize::None {
+        loaded.model = loaded.model.to_dtype(crate::compute_dtype(device))?;
+    }
     Ok(loaded)
 }
 
 /// Loads a GGUF file, or a Hugging Face model directory, onto `device`.
 pub fn load(path: &Path, device: &Device) -> Result<Loaded> {
-    if !path.exists() {
-        Err(ModelError::file(path, "no such file or directory"))
+    load_with(path, device, Quantize::None)
+}
+
+/// Like [`load`], with the frozen weights held as `quantize` says: kept
+/// in a GGUF file's blocks, or quantised on load (a quantised base
+/// computes in f32 on the CPU).
+pub fn load_with(path: &Path, device: &Device, quantize: Quantize) -> Result<Loaded> {
+    if quantize != Quantize::None && !device.is_cpu() {
+        return Err(ModelError::Config(format!(
+            "quantize = {:?}: a quantised base runs on the CPU only in this version",
+            quantize.name()
+        )));
+    }
+    let loaded = if !path.exists() {
+        return Err(ModelError::file(path, "no such file or directory"));
     } else if path.is_dir() {
-        load_hf_dir(path, device)
+        if quantize == Quantize::Gguf {
+            return Err(ModelError::file(
+                path,
+                "quantize = \"gguf\" keeps a GGUF file's blocks, and this is a Hugging Face \
+                 directory (quantise it on load with \"q4_k\", \"q5_k\", \"q6_k\" or \"q8_0\")",
+            ));
+        }
+        let mut loaded = load_hf_dir(path, device)?;
+        if let Quantize::To(format) = quantize {
+            loaded.model = loaded.model.quantize(format)?;
+        }
+        loaded
     } else if path.extension().is_some_and(|e| e == "gguf") {
-        load_gguf(path, device)
+        load_gguf_with(path, device, quantize)?
     } else {
-        Err(ModelError::file(
+        return Err(ModelError::file(
             path,
             "neither a .gguf file nor a model directory (config.json, model.safetensors, tokenizer.json)",
-        ))
-    }
+        ));
+    };
+    Ok(loaded)
 }
 
 /// A Hugging Face `LlamaForCausalLM` or `Qwen2ForCausalLM` directory.
@@ -226,41 +260,53 @@ pub(crate) fn weights_from_map(
         Some(take("lm_head.weight")?)
     };
     Ok(Weights {
-        embed,
+        embed: embed.into(),
         layers: out,
         norm,
-        lm_head,
+        lm_head: lm_head.map(Weight::from),
     })
 }
 
 /// A model's weights under their Hugging Face names (the inverse of
 /// [`weights_from_map`]), layers numbered by position.
-pub(crate) fn weights_to_map(weights: &Weights) -> Vec<(String, Tensor)> {
+pub(crate) fn weights_to_map(weights: &Weights) -> Vec<(String, Weight)> {
     let mut out = vec![(
         "model.embed_tokens.weight".to_string(),
         weights.embed.clone(),
     )];
     for (i, l) in weights.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
-        out.push((format!("{p}.input_layernorm.weight"), l.input_norm.clone()));
+        out.push((
+            format!("{p}.input_layernorm.weight"),
+            Weight::Dense(l.input_norm.clone()),
+        ));
         if let Some((q, k)) = &l.qk_norm {
-            out.push((format!("{p}.self_attn.q_norm.weight"), q.clone()));
-            out.push((format!("{p}.self_attn.k_norm.weight"), k.clone()));
+            out.push((
+                format!("{p}.self_attn.q_norm.weight"),
+                Weight::Dense(q.clone()),
+            ));
+            out.push((
+                format!("{p}.self_attn.k_norm.weight"),
+                Weight::Dense(k.clone()),
+            ));
         }
         for module in Module::ALL {
             let linear = l.linear(module);
             let path = format!("{p}.{}.{}", module.parent(), module.name());
             out.push((format!("{path}.weight"), linear.weight.clone()));
             if let Some(b) = &linear.bias {
-                out.push((format!("{path}.bias"), b.clone()));
+                out.push((format!("{path}.bias"), Weight::Dense(b.clone())));
             }
         }
         out.push((
             format!("{p}.post_attention_layernorm.weight"),
-            l.post_norm.clone(),
+            Weight::Dense(l.post_norm.clone()),
         ));
     }
-    out.push(("model.norm.weight".to_string(), weights.norm.clone()));
+    out.push((
+        "model.norm.weight".to_string(),
+        Weight::Dense(weights.norm.clone()),
+    ));
     if let Some(head) = &weights.lm_head {
         out.push(("lm_head.weight".to_string(), head.clone()));
     }
@@ -299,7 +345,7 @@ pub fn save_hf_dir(loaded: &Loaded, dir: &Path) -> Result<()> {
     crate::files::write_atomically(&dir.join("config.json"), config.to_string().as_bytes())?;
     let tensors: HashMap<String, Tensor> = weights_to_map(model.weights())
         .into_iter()
-        .map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?.contiguous()?)))
+        .map(|(n, w)| Ok((n, w.dense()?.to_dtype(DType::F32)?.contiguous()?)))
         .collect::<Result<_>>()?;
     let path = dir.join("model.safetensors");
     candle_core::safetensors::save(&tensors, &path).map_err(|e| ModelError::file(&path, e))?;
@@ -355,6 +401,13 @@ fn read_safetensors(dir: &Path, device: &Device) -> Result<HashMap<String, Tenso
 
 /// A GGUF file of a `llama` or `qwen2` model, dequantised to f32.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<Loaded> {
+    load_gguf_with(path, device, Quantize::None)
+}
+
+/// Like [`load_gguf`]; with [`Quantize::Gguf`] the projections, the
+/// embedding and the output matrix stay in the blocks the file stores
+/// them in, with [`Quantize::To`] each is quantised as it is read.
+pub fn load_gguf_with(path: &Path, device: &Device, quantize: Quantize) -> Result<Loaded> {
     let mut file = std::fs::File::open(path).map_err(|e| ModelError::file(path, e))?;
     let content = gguf_file::Content::read(&mut file).map_err(|e| ModelError::file(path, e))?;
     let meta = |key: &str| -> Result<&Value> {
@@ -440,6 +493,50 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Loaded> {
             .map_err(|e| ModelError::file(path, format!("tensor {name}: {e}")))?;
         Ok(q.dequantize(device)?.to_dtype(DType::F32)?)
     };
+    // A projection, embedding or output matrix: kept in its blocks when
+    // asked to, else dequantised like every other tensor.
+    let weight = |file: &mut std::fs::File, name: &str| -> Result<Weight> {
+        match quantize {
+            Quantize::None => return Ok(Weight::Dense(tensor(file, name)?)),
+            Quantize::To(format) => {
+                return Weight::Dense(tensor(file, name)?)
+                    .quantize(format)
+                    .map_err(|e| ModelError::file(path, format!("tensor {name}: {e}")));
+            }
+            Quantize::Gguf => {}
+        }
+        let Some(info) = content.tensor_infos.get(name) else {
+            return Err(ModelError::file(path, format!("no tensor {name}")));
+        };
+        match info.ggml_dtype {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                Ok(Weight::Dense(tensor(file, name)?))
+            }
+            dtype => match QuantFormat::from_ggml(dtype) {
+                // Straight from the file into the blocks kept.
+                Some(format) => {
+                    let bad = |e: &dyn std::fmt::Display| {
+                        ModelError::file(path, format!("tensor {name}: {e}"))
+                    };
+                    let (rows, cols) = info.shape.dims2().map_err(|e| bad(&e))?;
+                    let start = content.tensor_data_offset + info.offset;
+                    file.seek(std::io::SeekFrom::Start(start))
+                        .map_err(|e| bad(&e))?;
+                    Ok(Weight::Quantized(Arc::new(
+                        QuantMatrix::read_from(format, rows, cols, file).map_err(|e| bad(&e))?,
+                    )))
+                }
+                None => Err(ModelError::file(
+                    path,
+                    format!(
+                        "tensor {name} is stored as {dtype:?}, which quantize = \"gguf\" does \
+                         not keep (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K are kept; \
+                         quantize = \"none\" dequantises it)"
+                    ),
+                )),
+            },
+        }
+    };
     let opt_int = |key: &str| -> Result<Option<usize>> {
         if content.metadata.contains_key(&format!("{arch}.{key}")) {
             int(key).map(Some)
@@ -480,8 +577,8 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Loaded> {
     let heads = int("attention.head_count")?;
     let kv_heads = int("attention.head_count_kv").unwrap_or(heads);
     let hidden = int("embedding_length")?;
-    let embed = tensor(&mut file, "token_embd.weight")?;
-    let vocab_size = embed.dim(0)?;
+    let embed = weight(&mut file, "token_embd.weight")?;
+    let vocab_size = embed.dims2()?.0;
     let tied = !content.tensor_infos.contains_key("output.weight");
     let config = LlamaConfig {
         vocab_size,
@@ -557,25 +654,40 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Loaded> {
             .contiguous()?
             .reshape(dims)?)
     };
+    // The same on whole rows of a quantised matrix: row `i` of the result
+    // is row `order[i]` of the file's.
+    let unpermute_weight = |w: Weight, n: usize| -> Result<Weight> {
+        match w {
+            Weight::Dense(t) => Ok(Weight::Dense(unpermute(t, n)?)),
+            Weight::Quantized(q) if arch == "llama" => {
+                let rows = q.rows() as u32;
+                let order =
+                    unpermute(Tensor::arange(0u32, rows, &Device::Cpu)?, n)?.to_vec1::<u32>()?;
+                Ok(Weight::Quantized(Arc::new(q.permute_rows(&order)?)))
+            }
+            w => Ok(w),
+        }
+    };
     let mut layers = Vec::with_capacity(config.num_hidden_layers);
     for i in 0..config.num_hidden_layers {
         let p = format!("blk.{i}");
-        let linear = |file: &mut std::fs::File,
-                      name: &str,
-                      permute: Option<usize>|
-         -> Result<Linear> {
-            let w = tensor(file, &format!("{p}.{name}.weight"))?;
-            let bias_name = format!("{p}.{name}.bias");
-            let b = if content.tensor_infos.contains_key(&bias_name) {
-                Some(tensor(file, &bias_name)?)
-            } else {
-                None
+        let linear =
+            |file: &mut std::fs::File, name: &str, permute: Option<usize>| -> Result<Linear> {
+                let w = weight(file, &format!("{p}.{name}.weight"))?;
+                let bias_name = format!("{p}.{name}.bias");
+                let b = if content.tensor_infos.contains_key(&bias_name) {
+                    Some(tensor(file, &bias_name)?)
+                } else {
+                    None
+                };
+                Ok(match permute {
+                    Some(n) => Linear::new(
+                        unpermute_weight(w, n)?,
+                        b.map(|b| unpermute(b, n)).transpose()?,
+                    ),
+                    None => Linear::new(w, b),
+                })
             };
-            Ok(match permute {
-                Some(n) => Linear::new(unpermute(w, n)?, b.map(|b| unpermute(b, n)).transpose()?),
-                None => Linear::new(w, b),
-            })
-        };
         let q = linear(&mut file, "attn_q", Some(heads))?;
         let k = linear(&mut file, "attn_k", Some(kv_heads))?;
         let v = linear(&mut file, "attn_v", None)?;
@@ -649,7 +761,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Loaded> {
     let lm_head = if tied {
         None
     } else {
-        Some(tensor(&mut file, "output.weight")?)
+        Some(weight(&mut file, "output.weight")?)
     };
     let tokenizer = gguf_tokenizer(&content).map_err(|why| ModelError::file(path, why))?;
     let model = Llama::new(

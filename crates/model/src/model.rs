@@ -20,37 +20,44 @@ use rand_core::RngCore;
 use crate::config::LlamaConfig;
 use crate::peft::Adapter;
 use crate::per_example::Tape;
+use crate::quant::Weight;
 use crate::{ModelError, Result};
 
 /// A linear layer `y = x Wᵀ + b` with `W` stored `(out, in)`, as in PyTorch.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    pub weight: Tensor,
+    pub weight: Weight,
     pub bias: Option<Tensor>,
 }
 
 impl Linear {
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Linear {
-        Linear { weight, bias }
+    pub fn new(weight: impl Into<Weight>, bias: Option<Tensor>) -> Linear {
+        Linear {
+            weight: weight.into(),
+            bias,
+        }
     }
 
     /// `x` is `(…, in)`. A frozen weight multiplies through
-    /// [`frozen_matmul`]; a trainable one (an adapter's variable, f32, cast
-    /// to the input's dtype) through candle's matmul, which also gives the
-    /// weight's gradient.
+    /// [`frozen_matmul`] (or the quantised product,
+    /// [`crate::quant::quantized_matmul`]); a trainable one (an adapter's
+    /// variable, f32, cast to the input's dtype) through candle's matmul,
+    /// which also gives the weight's gradient.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if self.weight.is_variable() {
-            let w = self.weight.to_dtype(x.dtype())?;
-            let dims = x.dims();
-            let k = dims.last().copied().unwrap_or(0);
-            let mut shape = dims[..dims.len().saturating_sub(1)].to_vec();
-            shape.push(w.dim(0)?);
-            x.contiguous()?
-                .reshape(((), k))?
-                .matmul(&w.t()?)?
-                .reshape(shape)?
-        } else {
-            frozen_matmul(x, &self.weight)?
+        let y = match &self.weight {
+            Weight::Quantized(q) => crate::quant::quantized_matmul(x, q)?,
+            Weight::Dense(w) if !w.is_variable() => frozen_matmul(x, w)?,
+            Weight::Dense(w) => {
+                let w = w.to_dtype(x.dtype())?;
+                let dims = x.dims();
+                let k = dims.last().copied().unwrap_or(0);
+                let mut shape = dims[..dims.len().saturating_sub(1)].to_vec();
+                shape.push(w.dim(0)?);
+                x.contiguous()?
+                    .reshape(((), k))?
+                    .matmul(&w.t()?)?
+                    .reshape(shape)?
+            }
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
@@ -142,11 +149,11 @@ impl Layer {
 /// `LlamaForCausalLM` (rotary embeddings in the "rotate half" layout).
 #[derive(Clone, Debug)]
 pub struct Weights {
-    pub embed: Tensor,
+    pub embed: Weight,
     pub layers: Vec<Layer>,
     pub norm: Tensor,
     /// `None` when the output projection is the embedding matrix.
-    pub lm_head: Option<Tensor>,
+    pub lm_head: Option<Weight>,
 }
 
 /// Per-layer keys and values of the tokens seen so far, for generation.
@@ -240,7 +247,10 @@ impl Llama {
             )));
         }
         let dtype = weights.embed.dtype();
-        let device = weights.embed.device().clone();
+        let device = weights.layers.first().map_or_else(
+            || weights.norm.device().clone(),
+            |l| l.input_norm.device().clone(),
+        );
         let (cos, sin) = rotary_tables(&config, &device, dtype)?;
         Ok(Llama {
             config,
@@ -316,10 +326,10 @@ impl Llama {
             )?)
         };
         let weights = Weights {
-            embed,
+            embed: embed.into(),
             layers,
             norm: Tensor::ones(h, DType::F32, device)?,
-            lm_head,
+            lm_head: lm_head.map(Weight::from),
         };
         Llama::new(config, weights)
     }
@@ -360,7 +370,7 @@ impl Llama {
         let cast = |t: &Tensor| t.to_dtype(dtype);
         let linear = |l: &Linear| -> Result<Linear> {
             Ok(Linear::new(
-                cast(&l.weight)?,
+                l.weight.to_dtype(dtype)?,
                 l.bias.as_ref().map(cast).transpose()?,
             ))
         };
@@ -387,16 +397,96 @@ impl Llama {
             })
             .collect::<Result<Vec<_>>>()?;
         let weights = Weights {
-            embed: cast(&self.weights.embed)?,
+            embed: self.weights.embed.to_dtype(dtype)?,
             layers,
             norm: cast(&self.weights.norm)?,
-            lm_head: self.weights.lm_head.as_ref().map(cast).transpose()?,
+            lm_head: self
+                .weights
+                .lm_head
+                .as_ref()
+                .map(|w| w.to_dtype(dtype))
+                .transpose()?,
         };
         Llama::with_layer_ids(self.config.clone(), weights, self.layer_ids.clone())
     }
 
+    /// The same model with every projection, the embedding and the output
+    /// matrix quantised to `format` (the norms and biases stay f32). A
+    /// weight already quantised stays as it is.
+    pub fn quantize(&self, format: crate::quant::QuantFormat) -> Result<Llama> {
+        if self.dtype != DType::F32 || !self.device.is_cpu() {
+            return Err(ModelError::Config(format!(
+                "quantize = {:?}: a quantised base is built from an f32 model on the CPU",
+                format.name()
+            )));
+        }
+        let quantize = |w: &Weight| -> Result<Weight> { w.quantize(format) };
+        let w = &self.weights;
+        let mut layers = Vec::with_capacity(w.layers.len());
+        for l in &w.layers {
+            let mut l = l.clone();
+            for linear in [
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.o,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ] {
+                linear.weight = quantize(&linear.weight)?;
+            }
+            layers.push(l);
+        }
+        let weights = Weights {
+            embed: quantize(&w.embed)?,
+            layers,
+            norm: w.norm.clone(),
+            lm_head: w.lm_head.as_ref().map(quantize).transpose()?,
+        };
+        Llama::with_layer_ids(self.config.clone(), weights, self.layer_ids.clone())
+    }
+
+    /// Bytes the frozen weights occupy.
+    pub fn weight_bytes(&self) -> usize {
+        let w = &self.weights;
+        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let mut total = w.embed.storage_bytes()
+            + dense(&w.norm)
+            + w.lm_head.as_ref().map_or(0, Weight::storage_bytes);
+        for l in &w.layers {
+            total += dense(&l.input_norm) + dense(&l.post_norm);
+            if let Some((q, k)) = &l.qk_norm {
+                total += dense(q) + dense(k);
+            }
+            for m in Module::ALL {
+                let linear = l.linear(m);
+                total += linear.weight.storage_bytes() + linear.bias.as_ref().map_or(0, dense);
+            }
+        }
+        total
+    }
+
+    /// The block formats of the quantised weights, by name, sorted.
+    pub fn quantized_formats(&self) -> Vec<String> {
+        let w = &self.weights;
+        let mut formats = std::collections::BTreeSet::new();
+        let all = w
+            .layers
+            .iter()
+            .flat_map(|l| Module::ALL.map(|m| &l.linear(m).weight))
+            .chain([&w.embed])
+            .chain(w.lm_head.as_ref());
+        for weight in all {
+            if let Some(q) = weight.quantized() {
+                formats.insert(q.format().name().to_string());
+            }
+        }
+        formats.into_iter().collect()
+    }
+
     /// The token embedding matrix `(vocab, hidden)`.
-    pub fn embeddings(&self) -> &Tensor {
+    pub fn embeddings(&self) -> &Weight {
         &self.weights.embed
     }
 
@@ -526,11 +616,11 @@ impl Llama {
     /// the adapter's trainable copy when it has one.
     pub fn embed(&self, ids: &Tensor, adapter: Option<&Adapter>) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
-        let table = adapter
-            .and_then(Adapter::embeddings)
-            .unwrap_or(&self.weights.embed);
-        Ok(table
-            .index_select(&ids.flatten_all()?, 0)?
+        let rows = match adapter.and_then(Adapter::embeddings) {
+            Some(table) => table.index_select(&ids.flatten_all()?, 0)?,
+            None => self.weights.embed.select_rows(ids)?,
+        };
+        Ok(rows
             .to_dtype(self.dtype)?
             .reshape((b, s, self.config.hidden_size))?)
     }
@@ -577,10 +667,15 @@ impl Llama {
             .unwrap_or(&self.weights.norm);
         let x = rms_norm(x, norm, self.config.rms_norm_eps)?;
         let head = match adapter.and_then(Adapter::output) {
-            Some(w) => w,
-            None => self.weights.lm_head.as_ref().unwrap_or(&self.weights.embed),
+            Some(w) => Weight::Dense(w.clone()),
+            None => self
+                .weights
+                .lm_head
+                .as_ref()
+                .unwrap_or(&self.weights.embed)
+                .clone(),
         };
-        let logits = Linear::new(head.clone(), None).forward(&x.reshape((b * t, h))?)?;
+        let logits = Linear::new(head, None).forward(&x.reshape((b * t, h))?)?;
         Ok(logits
             .reshape((b, t, self.config.vocab_size))?
             .to_dtype(DType::F32)?)
@@ -761,19 +856,21 @@ fn check_shapes(config: &LlamaConfig, w: &Weights) -> Result<()> {
     let qd = config.q_dim();
     let kv = config.kv_dim();
     let ff = config.intermediate_size;
-    let expect = |name: String, t: &Tensor, dims: &[usize]| -> Result<()> {
-        if t.dims() != dims {
+    let expect_dims = |name: String, got: &[usize], dims: &[usize]| -> Result<()> {
+        if got != dims {
             return Err(ModelError::Config(format!(
-                "{name} has shape {:?}, the config needs {dims:?}",
-                t.dims()
+                "{name} has shape {got:?}, the config needs {dims:?}"
             )));
         }
         Ok(())
     };
-    expect("embed_tokens".into(), &w.embed, &[config.vocab_size, h])?;
+    let expect = |name: String, t: &Tensor, dims: &[usize]| expect_dims(name, t.dims(), dims);
+    let expect_weight =
+        |name: String, w: &Weight, dims: &[usize]| expect_dims(name, &w.dims(), dims);
+    expect_weight("embed_tokens".into(), &w.embed, &[config.vocab_size, h])?;
     expect("norm".into(), &w.norm, &[h])?;
     match (&w.lm_head, config.tie_word_embeddings) {
-        (Some(head), _) => expect("lm_head".into(), head, &[config.vocab_size, h])?,
+        (Some(head), _) => expect_weight("lm_head".into(), head, &[config.vocab_size, h])?,
         (None, false) => {
             return Err(ModelError::Config(
                 "the config has untied embeddings but no lm_head weight was given".into(),
@@ -817,7 +914,7 @@ fn check_shapes(config: &LlamaConfig, w: &Weights) -> Result<()> {
         ] {
             let linear = l.linear(module);
             let path = name(&format!("{}.{}", module.parent(), module.name()));
-            expect(format!("{path}.weight"), &linear.weight, &[out, input])?;
+            expect_weight(format!("{path}.weight"), &linear.weight, &[out, input])?;
             if let Some(bias) = &linear.bias {
                 expect(format!("{path}.bias"), bias, &[out])?;
             }

@@ -226,7 +226,7 @@ pub fn bake(model: &Llama, adapter: &Adapter) -> Result<Llama> {
     let fixed = |t: &Tensor| -> Result<Tensor> { Ok(t.detach().to_dtype(dtype)?.copy()?) };
     let linear = |l: &Linear| -> Result<Linear> {
         Ok(Linear::new(
-            fixed(&l.weight)?,
+            fixed(&l.weight.dense()?)?,
             l.bias.as_ref().map(fixed).transpose()?,
         ))
     };
@@ -253,11 +253,11 @@ pub fn bake(model: &Llama, adapter: &Adapter) -> Result<Llama> {
         });
     }
     let embed = match adapter.embeddings() {
-        Some(e) => fixed(e)?,
+        Some(e) => fixed(e)?.into(),
         None => w.embed.clone(),
     };
     let lm_head = match (&w.lm_head, adapter.output()) {
-        (Some(_), Some(head)) => Some(fixed(head)?),
+        (Some(_), Some(head)) => Some(fixed(head)?.into()),
         (head, _) => head.clone(),
     };
     let weights = Weights {
@@ -638,10 +638,11 @@ impl Bundle {
         }
         let tensors: Vec<(String, Tensor)> = weights_to_map(self.model.weights())
             .into_iter()
-            .map(|(n, t)| {
+            .map(|(n, w)| {
                 Ok((
                     n,
-                    t.to_dtype(DType::F32)?
+                    w.dense()?
+                        .to_dtype(DType::F32)?
                         .to_device(&Device::Cpu)?
                         .contiguous()?,
                 ))
@@ -731,7 +732,8 @@ pub fn bundle_digests(bytes: &[u8]) -> Result<Vec<(String, [u8; 32])>> {
 pub fn weight_digests(model: &Llama) -> Result<Vec<(String, [u8; 32])>> {
     let ids = model.layer_ids();
     let mut out = Vec::new();
-    for (name, t) in weights_to_map(model.weights()) {
+    for (name, w) in weights_to_map(model.weights()) {
+        let t = w.dense()?;
         let name = match name.strip_prefix("model.layers.") {
             Some(rest) => {
                 let (pos, tail) = rest.split_once('.').unwrap_or((rest, ""));

@@ -706,7 +706,7 @@ fn full(c: &FullConfig, model: &Llama, params: &mut Vec<(String, Var)>) -> Resul
         let linear = |module: Module, params: &mut Vec<(String, Var)>| -> Result<Linear> {
             let l = base.linear(module);
             let path = format!("{root}.{}.{}", module.parent(), module.name());
-            let weight = trainable(format!("{path}.weight"), &l.weight, params)?;
+            let weight = trainable(format!("{path}.weight"), &l.weight.dense()?, params)?;
             let bias = match &l.bias {
                 Some(b) => Some(trainable(format!("{path}.bias"), b, params)?),
                 None => None,
@@ -760,9 +760,13 @@ fn full(c: &FullConfig, model: &Llama, params: &mut Vec<(String, Var)>) -> Resul
         None
     };
     let (embed, output) = if c.embeddings {
-        let embed = trainable("model.embed_tokens.weight".into(), &w.embed, params)?;
+        let embed = trainable(
+            "model.embed_tokens.weight".into(),
+            &w.embed.dense()?,
+            params,
+        )?;
         let output = match &w.lm_head {
-            Some(head) => trainable("lm_head.weight".into(), head, params)?,
+            Some(head) => trainable("lm_head.weight".into(), &head.dense()?, params)?,
             None => embed.clone(),
         };
         (Some(embed), Some(output))
@@ -785,7 +789,7 @@ fn sample_vocab(model: &Llama, n: usize, rng: &mut dyn RngCore) -> Result<Tensor
     let ids = Tensor::from_vec(ids, n, model.device())?;
     Ok(model
         .embeddings()
-        .index_select(&ids, 0)?
+        .select_rows(&ids)?
         .to_dtype(DType::F32)?
         .contiguous()?)
 }

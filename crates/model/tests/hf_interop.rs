@@ -158,7 +158,7 @@ fn build(case: &Case) -> Llama {
         }
         for l in [&mut layer.q, &mut layer.k, &mut layer.v] {
             if l.bias.is_some() {
-                let n = l.weight.dim(0).unwrap();
+                let n = l.weight.dims2().unwrap().0;
                 *l = Linear::new(l.weight.clone(), Some(draw(n, 0.0)));
             }
         }

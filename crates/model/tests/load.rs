@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use fedveil_model::load::{load, load_gguf, load_hf_dir};
+use fedveil_model::load::{load, load_gguf, load_gguf_with, load_hf_dir, load_with};
 use fedveil_model::model::Mode;
-use fedveil_model::{Llama, LlamaConfig, Module};
+use fedveil_model::{Llama, LlamaConfig, Module, QuantFormat, Quantize};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -66,10 +66,13 @@ fn logits(model: &Llama) -> Vec<f32> {
 fn hf_tensors(m: &Llama) -> HashMap<String, Tensor> {
     let mut t = HashMap::new();
     let w = m.weights();
-    t.insert("model.embed_tokens.weight".to_string(), w.embed.clone());
+    t.insert(
+        "model.embed_tokens.weight".to_string(),
+        w.embed.dense().unwrap(),
+    );
     t.insert("model.norm.weight".to_string(), w.norm.clone());
     if let Some(head) = &w.lm_head {
-        t.insert("lm_head.weight".to_string(), head.clone());
+        t.insert("lm_head.weight".to_string(), head.dense().unwrap());
     }
     for (i, layer) in w.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
@@ -88,7 +91,7 @@ fn hf_tensors(m: &Llama) -> HashMap<String, Tensor> {
         for module in Module::ALL {
             let l = layer.linear(module);
             let name = format!("{p}.{}.{}", module.parent(), module.name());
-            t.insert(format!("{name}.weight"), l.weight.clone());
+            t.insert(format!("{name}.weight"), l.weight.dense().unwrap());
             if let Some(b) = &l.bias {
                 t.insert(format!("{name}.bias"), b.clone());
             }
@@ -196,15 +199,27 @@ fn write_gguf_with(
     arch: &str,
     edit: impl FnOnce(&mut Vec<(String, Value)>, &mut Vec<(String, Tensor)>),
 ) {
+    write_gguf_as(path, m, arch, GgmlDType::F32, edit)
+}
+
+/// Like [`write_gguf_with`], with every matrix stored as `matrices`
+/// (vectors stay f32), as llama.cpp's quantised files are.
+fn write_gguf_as(
+    path: &Path,
+    m: &Llama,
+    arch: &str,
+    matrices: GgmlDType,
+    edit: impl FnOnce(&mut Vec<(String, Value)>, &mut Vec<(String, Tensor)>),
+) {
     let c = m.config();
     let w = m.weights();
     let llama = arch == "llama";
     let mut tensors: Vec<(String, Tensor)> = vec![
-        ("token_embd.weight".into(), w.embed.clone()),
+        ("token_embd.weight".into(), w.embed.dense().unwrap()),
         ("output_norm.weight".into(), w.norm.clone()),
     ];
     if let Some(head) = &w.lm_head {
-        tensors.push(("output.weight".into(), head.clone()));
+        tensors.push(("output.weight".into(), head.dense().unwrap()));
     }
     for (i, layer) in w.layers.iter().enumerate() {
         let p = format!("blk.{i}");
@@ -229,7 +244,10 @@ fn write_gguf_with(
                 Some(n) if llama => interleave(t, n, c.head_dim()),
                 _ => t.clone(),
             };
-            tensors.push((format!("{p}.{name}.weight"), permute(&l.weight)));
+            tensors.push((
+                format!("{p}.{name}.weight"),
+                permute(&l.weight.dense().unwrap()),
+            ));
             if let Some(b) = &l.bias {
                 tensors.push((format!("{p}.{name}.bias"), permute(b)));
             }
@@ -239,7 +257,14 @@ fn write_gguf_with(
     edit(&mut metadata, &mut tensors);
     let q: Vec<(String, QTensor)> = tensors
         .iter()
-        .map(|(n, t)| (n.clone(), QTensor::quantize(t, GgmlDType::F32).unwrap()))
+        .map(|(n, t)| {
+            let dtype = if t.rank() == 2 {
+                matrices
+            } else {
+                GgmlDType::F32
+            };
+            (n.clone(), QTensor::quantize(t, dtype).unwrap())
+        })
         .collect();
     let meta_refs: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = q.iter().map(|(n, t)| (n.as_str(), t)).collect();
@@ -774,5 +799,115 @@ fn a_qwen3_model_loads_from_both_formats() {
     let gguf = load_gguf(&path, &Device::Cpu).unwrap();
     assert!(gguf.model.config().qk_norm);
     assert_eq!(logits(&gguf.model), logits(&m));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A config whose rows are whole K-quant super-blocks (256 values).
+fn block_config(vocab: usize, qwen: bool) -> LlamaConfig {
+    LlamaConfig {
+        hidden_size: 256,
+        intermediate_size: 512,
+        ..config(vocab, qwen)
+    }
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> (f32, f32) {
+    let scale = b.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    (diff, scale)
+}
+
+#[test]
+fn a_gguf_file_keeps_its_quantised_blocks_and_computes_what_their_values_do() {
+    let (tokens, _) = vocabulary();
+    for (arch, qwen) in [("llama", false), ("qwen2", true)] {
+        let original = model(block_config(tokens.len(), qwen));
+        for (dtype, format) in [
+            (GgmlDType::Q4K, QuantFormat::Q4K),
+            (GgmlDType::Q5K, QuantFormat::Q5K),
+            (GgmlDType::Q6K, QuantFormat::Q6K),
+            (GgmlDType::Q8_0, QuantFormat::Q8_0),
+            (GgmlDType::Q4_1, QuantFormat::Q4_1),
+        ] {
+            let dir = tempdir("gguf-quant");
+            let path = dir.join("tiny.gguf");
+            write_gguf_as(&path, &original, arch, dtype, |_, _| {});
+            // The same file dequantised on load, and kept in its blocks.
+            let dense = load_gguf(&path, &Device::Cpu).unwrap().model;
+            let kept = load_gguf_with(&path, &Device::Cpu, Quantize::Gguf)
+                .unwrap()
+                .model;
+            let w = kept.weights();
+            for l in &w.layers {
+                for m in Module::ALL {
+                    let q = l
+                        .linear(m)
+                        .weight
+                        .quantized()
+                        .expect("a quantised projection");
+                    assert_eq!(q.format(), format);
+                }
+            }
+            assert_eq!(w.embed.quantized().map(|q| q.format()), Some(format));
+            assert_eq!(w.lm_head.is_some(), qwen);
+            // Llama's Q and K rows, interleaved in the file, come back in
+            // the "rotate half" layout, blocks and all: the same logits.
+            let (diff, scale) = max_diff(&logits(&kept), &logits(&dense));
+            assert!(
+                diff <= 1e-5 * scale,
+                "{arch} {dtype:?}: logits differ by {diff} of {scale}"
+            );
+            let ratio = kept.weight_bytes() as f64 / dense.weight_bytes() as f64;
+            assert!(ratio < 0.3, "{arch} {dtype:?}: {ratio} of the f32 bytes");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+}
+
+#[test]
+fn quantising_on_load_and_its_refusals() {
+    let (tokens, _) = vocabulary();
+    let original = model(block_config(tokens.len(), false));
+    let dir = tempdir("quant-on-load");
+    write_hf_dir(&dir, &original, false);
+    // A Hugging Face directory quantised on load: every projection in the
+    // format, the logits within its error of the f32 model's.
+    for (name, bound) in [("q8_0", 0.05), ("q6_k", 0.1), ("q4_k", 0.5)] {
+        let quantize = Quantize::parse(name).unwrap();
+        let loaded = load_with(&dir, &Device::Cpu, quantize).unwrap().model;
+        let q = loaded.weights().layers[1].down.weight.quantized().unwrap();
+        assert_eq!(q.format().name(), name);
+        let (diff, scale) = max_diff(&logits(&loaded), &logits(&original));
+        assert!(
+            diff > 0.0 && diff <= bound * scale,
+            "{name}: {diff} of {scale}"
+        );
+    }
+    // "gguf" keeps a GGUF file's blocks; a directory has none.
+    let err = load_with(&dir, &Device::Cpu, Quantize::Gguf)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("quantize = \"gguf\"") && err.contains("q4_k"),
+        "{err}"
+    );
+    // A block format fedveil does not keep is refused, naming the tensor.
+    let path = dir.join("q3.gguf");
+    write_gguf_as(&path, &original, "llama", GgmlDType::Q3K, |_, _| {});
+    let err = load_gguf_with(&path, &Device::Cpu, Quantize::Gguf)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("token_embd.weight is stored as Q3K"), "{err}");
+    // Dequantised on load, the same file loads.
+    load_gguf(&path, &Device::Cpu).unwrap();
+    // Rows that are not whole blocks of the format: refused, not padded.
+    let narrow = model(config(tokens.len(), false));
+    let narrow_dir = dir.join("narrow");
+    std::fs::create_dir_all(&narrow_dir).unwrap();
+    write_hf_dir(&narrow_dir, &narrow, false);
+    let err = load_with(&narrow_dir, &Device::Cpu, Quantize::To(QuantFormat::Q4K))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("blocks of 256"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

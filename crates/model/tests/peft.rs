@@ -3,6 +3,8 @@
 //! memorises a small task, adapters round-trip through vectors and files
 //! under PEFT's key names, and the cached and uncached forward passes agree.
 
+mod common;
+
 use candle_core::{Device, Tensor};
 use fedveil_model::generate::{GenerateOptions, Sampling, generate};
 use fedveil_model::interop::{load_adapter, save_adapter};
@@ -10,8 +12,8 @@ use fedveil_model::model::Mode;
 use fedveil_model::peft::lora_key;
 use fedveil_model::train::evaluate;
 use fedveil_model::{
-    Adapter, AdapterTrainer, Batch, Example, FullConfig, KvCache, Llama, LlamaConfig, LoraConfig,
-    Module, OptimConfig, PTuningConfig, PeftConfig, PrefixConfig, PromptConfig,
+    Adapter, AdapterTrainer, Batch, Example, KvCache, Llama, LlamaConfig, LoraConfig, Module,
+    OptimConfig, PeftConfig, PromptConfig,
 };
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
@@ -25,37 +27,7 @@ fn tiny(config: LlamaConfig) -> Llama {
 }
 
 fn methods() -> Vec<PeftConfig> {
-    vec![
-        PeftConfig::Lora(LoraConfig {
-            r: 4,
-            alpha: 8.0,
-            dropout: 0.1,
-            target_modules: vec!["all-linear".into()],
-            layers_to_transform: None,
-        }),
-        PeftConfig::Prefix(PrefixConfig {
-            num_virtual_tokens: 4,
-            projection: None,
-        }),
-        PeftConfig::Prefix(PrefixConfig {
-            num_virtual_tokens: 4,
-            projection: Some(16),
-        }),
-        PeftConfig::Prompt(PromptConfig {
-            num_virtual_tokens: 4,
-        }),
-        PeftConfig::PTuning(PTuningConfig {
-            num_virtual_tokens: 4,
-            encoder_hidden_size: 16,
-        }),
-        // Offsite-tuning's adapter: whole layers, the final norm and the
-        // (tied) embeddings trainable.
-        PeftConfig::Full(FullConfig {
-            layers: vec![1],
-            norm: true,
-            embeddings: true,
-        }),
-    ]
+    common::methods(0.1)
 }
 
 /// Fixed token sequences the adapters learn to reproduce; the first three

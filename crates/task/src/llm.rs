@@ -43,6 +43,12 @@ pub struct LlmTask {
     /// model: it receives the emulator from the server.
     #[serde(default)]
     pub model: Option<String>,
+    /// How the frozen base is held: `"none"` (f32, the default), `"gguf"`
+    /// (a GGUF model's quantised blocks kept as stored), or `"q4_k"`,
+    /// `"q5_k"`, `"q6_k"`, `"q8_0"` (quantised on load). A quantised base
+    /// runs on the CPU; adapters stay f32.
+    #[serde(default)]
+    pub quantize: Option<String>,
     /// Training records in FS-LLM's format (JSON or JSONL files, or
     /// built-in datasets; one or a list): a client's own, or, for
     /// `fedveil run`, the whole set that `split` deals out.
@@ -335,6 +341,9 @@ impl LlmTask {
         {
             t.model = Some(rel(Path::new(m)).display().to_string());
         }
+        if let Some(q) = &t.quantize {
+            fedveil_model::Quantize::parse(q).map_err(|e| config_error("task.quantize", e))?;
+        }
         if t.max_len < 2 || t.max_len > 1 << 16 {
             return Err(config_error(
                 "task.max_len",
@@ -531,9 +540,12 @@ fn device() -> Device {
     fedveil_model::default_device()
 }
 
-/// Loads the task's model: a path, or the default one (fetched once).
-fn load_model(model: Option<&str>) -> Result<Loaded, FedError> {
-    fedveil_model::load::load_model(model, &device(), &mut |m| tracing::info!("{m}"))
+/// Loads the task's model: a path, or the default one (fetched once),
+/// its frozen weights held as `task.quantize` says.
+fn load_model(task: &LlmTask, model: Option<&str>) -> Result<Loaded, FedError> {
+    let quantize = fedveil_model::Quantize::parse(task.quantize.as_deref().unwrap_or("none"))
+        .map_err(|e| config_error("task.quantize", e))?;
+    fedveil_model::load::load_model(model, &device(), quantize, &mut |m| tracing::info!("{m}"))
         .map_err(|e| config_error("task.model", e))
 }
 
@@ -1134,7 +1146,7 @@ pub(crate) fn server_evaluator(
             "a server holds no client's data; give it eval_data only",
         ));
     }
-    let loaded = load_model(task.model.as_deref())?;
+    let loaded = load_model(task, task.model.as_deref())?;
     let records = interleave(task.sources("task.eval_data", &task.eval_data)?);
     let eval = held_out(task, &loaded, &records)?;
     let (peft, offsite) = plan_adapter(task, offsite, &loaded.model)?;
@@ -1158,7 +1170,7 @@ pub(crate) fn client_trainer(task: &LlmTask) -> Result<Box<dyn Trainer>, FedErro
     match &task.model {
         None => Ok(Box::new(LlmTrainer::waiting(task, records)?)),
         Some(m) => {
-            let loaded = load_model(Some(m))?;
+            let loaded = load_model(task, Some(m))?;
             let peft = task.peft();
             Ok(Box::new(LlmTrainer::with_model(
                 task, records, &loaded, peft,
@@ -1182,7 +1194,7 @@ pub(crate) fn in_process(
             "'fedveil run' gives client i part i of the split; remove shard and shards",
         ));
     }
-    let loaded = load_model(task.model.as_deref())?;
+    let loaded = load_model(task, task.model.as_deref())?;
     let mut sources = task.sources("task.data", &task.data)?;
     let eval_records = if task.eval_data.is_empty() {
         let mut held_out = Vec::new();

@@ -97,7 +97,14 @@ fn the_synthetic_tasks_trainer_moves_the_evaluators_loss_down() {
 
 #[test]
 fn an_llm_task_trains_an_adapter_that_the_servers_evaluator_scores_lower() {
-    let dir = scratch("llm");
+    for quantize in ["none", "q8_0"] {
+        llm_task_learns(quantize);
+    }
+}
+
+/// With the base held as `quantize` says.
+fn llm_task_learns(quantize: &str) {
+    let dir = scratch(&format!("llm-{quantize}"));
     let model = tiny_model(&dir);
     std::fs::write(
         dir.join("data.jsonl"),
@@ -109,7 +116,7 @@ fn an_llm_task_trains_an_adapter_that_the_servers_evaluator_scores_lower() {
     let task = parse(
         &format!(
             "kind = \"llm\"\nmodel = \"{}\"\ndata = \"data.jsonl\"\neval_data = \"data.jsonl\"\n\
-             template = \"plain\"\nmax_len = 32\neval_examples = 16\n\
+             template = \"plain\"\nmax_len = 32\neval_examples = 16\nquantize = \"{quantize}\"\n\
              [peft]\nmethod = \"lora\"\nr = 4\nalpha = 8\ntarget_modules = [\"all-linear\"]\n",
             model.display()
         ),
@@ -147,7 +154,7 @@ fn an_llm_task_trains_an_adapter_that_the_servers_evaluator_scores_lower() {
     let after = evaluator.evaluate(&moved).unwrap();
     assert!(
         after.loss < before.loss,
-        "held-out loss {} -> {}",
+        "{quantize}: held-out loss {} -> {}",
         before.loss,
         after.loss
     );
@@ -241,6 +248,12 @@ fn bad_task_configs_are_refused_by_key() {
             "[0, 1)",
         ),
         (
+            &format!("{llm}quantize = \"nf4\""),
+            None,
+            "task.quantize",
+            "quantize = \"nf4\" is not implemented",
+        ),
+        (
             &llm,
             Some("enabled = true\nwhatever = 1"),
             "offsite",
@@ -257,6 +270,13 @@ fn bad_task_configs_are_refused_by_key() {
     }
     // Checks that need the data or the model come when the parts are built.
     let built: &[(&str, Option<&str>, &str, &str)] = &[
+        // The tiny model's 32-wide rows are not whole Q4_K super-blocks.
+        (
+            &format!("{llm}quantize = \"q4_k\""),
+            None,
+            "task.model",
+            "cannot be quantised to q4_k",
+        ),
         (
             &format!("{llm}split = {{ kind = \"iid\" }}\nshard = 2\nshards = 2"),
             None,

@@ -1,8 +1,66 @@
-//! Helpers shared by the model crate's integration tests.
+//! Helpers shared by the model crate's integration tests (each test file
+//! uses some of them).
+#![allow(dead_code)]
 
 use std::collections::HashMap;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
+use fedveil_model::{
+    Adapter, FullConfig, LoraConfig, PTuningConfig, PeftConfig, PrefixConfig, PromptConfig,
+};
+
+/// One configuration of every PEFT method (LoRA on every projection with
+/// `lora_dropout`, prefix-tuning without and with a projection, prompt-
+/// and P-tuning, and offsite-tuning's whole-layer adapter).
+pub fn methods(lora_dropout: f32) -> Vec<PeftConfig> {
+    vec![
+        PeftConfig::Lora(LoraConfig {
+            r: 4,
+            alpha: 8.0,
+            dropout: lora_dropout,
+            target_modules: vec!["all-linear".into()],
+            layers_to_transform: None,
+        }),
+        PeftConfig::Prefix(PrefixConfig {
+            num_virtual_tokens: 4,
+            projection: None,
+        }),
+        PeftConfig::Prefix(PrefixConfig {
+            num_virtual_tokens: 4,
+            projection: Some(16),
+        }),
+        PeftConfig::Prompt(PromptConfig {
+            num_virtual_tokens: 4,
+        }),
+        PeftConfig::PTuning(PTuningConfig {
+            num_virtual_tokens: 4,
+            encoder_hidden_size: 16,
+        }),
+        // Offsite-tuning's adapter: whole layers, the final norm and the
+        // (tied) embeddings trainable.
+        PeftConfig::Full(FullConfig {
+            layers: vec![1],
+            norm: true,
+            embeddings: true,
+        }),
+    ]
+}
+
+/// Moves every LoRA B off zero (where it starts, which zeroes A's
+/// gradient) to the same fixed values each time, so that two adapters
+/// built alike stay alike.
+pub fn set_lora_b(adapter: &Adapter) {
+    for (name, var) in adapter.params() {
+        if name.ends_with("lora_B.weight") {
+            let n = var.elem_count();
+            let v: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 23) as f32 - 11.0) / 110.0)
+                .collect();
+            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+}
 
 /// Rewrites the layers' q/k/v and gate/up projections (Llama's names) as
 /// Phi-3's fused `qkv_proj` (rows q, k, v) and `gate_up_proj` (gate first).
