@@ -585,6 +585,170 @@ impl Llama {
         self.head(&x, adapter)
     }
 
+    /// The gradients of `loss_of(logits)` with respect to `params` (an
+    /// adapter's variables), with gradient checkpointing: the forward pass
+    /// keeps each layer's input and nothing else of the layer, and the
+    /// backward pass recomputes one layer at a time from its input,
+    /// backpropagates the gradient of its output through it, and moves on
+    /// to the layer below. Memory holds every layer's input and one layer's
+    /// activations instead of every layer's; the price is a second forward
+    /// pass through the layers.
+    ///
+    /// The loss and gradients are those of [`Llama::forward`] in training
+    /// mode, except that each layer's dropout masks come from a generator
+    /// seeded from `rng` for that layer (both passes through a layer must
+    /// draw the same masks), so with dropout they are other draws of the
+    /// same distribution. Returns the loss and the gradients, summed over
+    /// every place a parameter acts.
+    pub fn checkpointed_gradients(
+        &self,
+        ids: &Tensor,
+        adapter: Option<&Adapter>,
+        params: &[Tensor],
+        rng: &mut dyn RngCore,
+        loss_of: &dyn Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, candle_core::backprop::GradStore)> {
+        use rand_chacha::ChaCha20Rng;
+        use rand_core::SeedableRng;
+
+        let mut out = candle_core::backprop::GradStore::default();
+        // Moves the gradients of `params` from a backward pass into `out`.
+        let mut keep = |mut grads: candle_core::backprop::GradStore| -> Result<()> {
+            for p in params {
+                if let Some(g) = grads.remove(p) {
+                    let sum = match out.remove(p) {
+                        Some(acc) => (acc + g)?,
+                        None => g,
+                    };
+                    out.insert(p, sum);
+                }
+            }
+            Ok(())
+        };
+        let b = ids.dim(0)?;
+        let mut mode = Mode::Train(rng);
+        // The embedding, soft prompt and prefix keep their (small) graphs
+        // for the last backward pass.
+        let mut x0 = self.embed(ids, adapter)?;
+        if let Some(adapter) = adapter
+            && let Some(soft) = adapter.soft_prompt(mode.rng())?
+        {
+            let soft = mode.per_batch(&soft.to_dtype(self.dtype)?, b)?;
+            x0 = Tensor::cat(&[soft, x0], 1)?;
+        }
+        let t = x0.dim(1)?;
+        let prefix = match adapter {
+            Some(adapter) => adapter.prefix(mode.rng())?,
+            None => None,
+        };
+        let prefix_len = match &prefix {
+            Some(kv) => kv.first().map_or(0, |(k, _)| k.dim(1).unwrap_or(0)),
+            None => 0,
+        };
+        let (cos, sin, mask) = self.positions(prefix_len, t)?;
+        let n = self.weights.layers.len();
+        let seeds: Vec<[u8; 32]> = (0..n)
+            .map(|_| {
+                let mut seed = [0u8; 32];
+                if let Some(r) = mode.rng() {
+                    r.fill_bytes(&mut seed);
+                }
+                seed
+            })
+            .collect();
+        // Each layer's prefix as a fresh variable: its gradient is collected
+        // per layer and sent into the prefix encoder at the end.
+        let prefix_vars: Option<Vec<(candle_core::Var, candle_core::Var)>> = prefix
+            .as_ref()
+            .map(|kv| {
+                kv.iter()
+                    .map(|(k, v)| {
+                        Ok((
+                            candle_core::Var::from_tensor(&k.detach())?,
+                            candle_core::Var::from_tensor(&v.detach())?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .transpose()?;
+        let layer_prefix = |i: usize| {
+            prefix_vars
+                .as_ref()
+                .map(|kv| (kv[i].0.as_tensor().clone(), kv[i].1.as_tensor().clone()))
+        };
+        // Forward: the layers' inputs only.
+        let mut inputs = Vec::with_capacity(n);
+        let mut x = x0.detach();
+        for (i, seed) in seeds.iter().enumerate() {
+            inputs.push(x.clone());
+            let mut layer_rng = ChaCha20Rng::from_seed(*seed);
+            let p = layer_prefix(i).map(|(k, v)| (k.detach(), v.detach()));
+            x = self
+                .layer_forward(
+                    i,
+                    x,
+                    (&cos, &sin, mask.as_ref()),
+                    p.as_ref(),
+                    None,
+                    adapter,
+                    &mut Mode::Train(&mut layer_rng),
+                )?
+                .detach();
+        }
+        // The head and the loss, then the layers from the top.
+        let top = candle_core::Var::from_tensor(&x)?;
+        drop(x);
+        let loss = loss_of(&self.head(top.as_tensor(), adapter)?)?;
+        let mut grads = loss.backward()?;
+        // The loss's graph holds the logits: let it go.
+        let loss = loss.detach();
+        let mut g = grads.remove(top.as_tensor()).ok_or_else(|| {
+            ModelError::Numerical("no gradient reached the last layer's output".into())
+        })?;
+        keep(grads)?;
+        let mut prefix_grads: Vec<Option<(Tensor, Tensor)>> = vec![None; n];
+        for i in (0..n).rev() {
+            let input = candle_core::Var::from_tensor(&inputs[i])?;
+            inputs[i] = input.as_tensor().clone();
+            let mut layer_rng = ChaCha20Rng::from_seed(seeds[i]);
+            let p = layer_prefix(i);
+            let y = self.layer_forward(
+                i,
+                input.as_tensor().clone(),
+                (&cos, &sin, mask.as_ref()),
+                p.as_ref(),
+                None,
+                adapter,
+                &mut Mode::Train(&mut layer_rng),
+            )?;
+            let mut grads = (y * &g)?.sum_all()?.backward()?;
+            g = grads.remove(input.as_tensor()).ok_or_else(|| {
+                ModelError::Numerical(format!("no gradient reached layer {i}'s input"))
+            })?;
+            if let Some((k, v)) = &p {
+                let zero = |t: &Tensor| t.zeros_like();
+                let gk = grads.remove(k).map_or_else(|| zero(k), Ok)?;
+                let gv = grads.remove(v).map_or_else(|| zero(v), Ok)?;
+                prefix_grads[i] = Some((gk, gv));
+            }
+            keep(grads)?;
+            // The layer's input is not needed again.
+            inputs.truncate(i);
+        }
+        // The embedding, soft prompt and prefix encoder, through the graphs
+        // kept from the start.
+        let mut surrogate = (x0 * &g)?.sum_all()?;
+        if let Some(kv) = &prefix {
+            for ((k, v), grads) in kv.iter().zip(&prefix_grads) {
+                if let Some((gk, gv)) = grads {
+                    surrogate = (surrogate + (k * gk)?.sum_all()? + (v * gv)?.sum_all()?)?;
+                }
+            }
+        }
+        keep(surrogate.backward()?)?;
+        Ok((loss, out))
+    }
+
     /// The rotary tables and causal mask for `t` new positions after
     /// `position` earlier ones.
     fn positions(&self, position: usize, t: usize) -> Result<(Tensor, Tensor, Option<Tensor>)> {

@@ -252,6 +252,11 @@ pub struct OptimConfig {
     /// Clip the gradient's global L2 norm to this (none when absent).
     #[serde(default)]
     pub max_grad_norm: Option<f64>,
+    /// Recompute each layer's activations in the backward pass instead of
+    /// keeping them ([`Llama::checkpointed_gradients`]): less memory, a
+    /// second forward pass through the layers.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 mod defaults {
@@ -285,6 +290,7 @@ impl Default for OptimConfig {
             min_lr_ratio: 0.0,
             grad_accum: 1,
             max_grad_norm: None,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -463,6 +469,15 @@ impl AdapterTrainer {
         Ok(())
     }
 
+    /// The adapter's parameters as tensors, in the canonical order.
+    fn param_tensors(&self) -> Vec<Tensor> {
+        self.adapter
+            .params()
+            .iter()
+            .map(|(_, v)| v.as_tensor().clone())
+            .collect()
+    }
+
     /// The summed loss and gradients of one micro-batch, the loss divided by
     /// `denominator` before differentiation.
     fn gradients(
@@ -471,6 +486,18 @@ impl AdapterTrainer {
         denominator: f64,
         rng: &mut dyn RngCore,
     ) -> Result<(f64, GradStore)> {
+        if self.config.gradient_checkpointing {
+            let params = self.param_tensors();
+            let virtual_tokens = self.adapter.virtual_tokens();
+            let (loss, grads) = self.model.checkpointed_gradients(
+                &batch.ids,
+                Some(&self.adapter),
+                &params,
+                rng,
+                &|logits| Ok((batch_nll(logits, batch, virtual_tokens)? / denominator)?),
+            )?;
+            return Ok((f64::from(loss.to_scalar::<f32>()?) * denominator, grads));
+        }
         let logits = self
             .model
             .forward(&batch.ids, Some(&self.adapter), Mode::Train(rng))?;
@@ -500,12 +527,7 @@ impl AdapterTrainer {
                 "no target tokens in the step's batches (every token is prompt or padding)".into(),
             ));
         }
-        let params: Vec<Tensor> = self
-            .adapter
-            .params()
-            .iter()
-            .map(|(_, v)| v.as_tensor().clone())
-            .collect();
+        let params = self.param_tensors();
         let mut sum: Vec<Option<Tensor>> = vec![None; params.len()];
         let mut total_loss = 0.0;
         for batch in micro_batches {
@@ -623,7 +645,12 @@ impl AdapterTrainer {
         pad: u32,
         rng: &mut dyn RngCore,
     ) -> Result<PerExample> {
-        if matches!(self.adapter.config(), PeftConfig::Full(_)) {
+        // Whole-layer adapters have no batched path; with gradient
+        // checkpointing, one example at a time keeps one example's layer
+        // inputs in memory.
+        if matches!(self.adapter.config(), PeftConfig::Full(_))
+            || self.config.gradient_checkpointing
+        {
             return self.per_example_gradients_one_by_one(examples, max_len, pad, rng);
         }
         if examples.is_empty() {

@@ -211,6 +211,11 @@ pub struct ClientOptim {
     pub grad_accum: Option<usize>,
     #[serde(default)]
     pub max_grad_norm: Option<f64>,
+    /// Recompute each layer's activations in the backward pass instead of
+    /// keeping them: less memory for long sequences and large models, a
+    /// second forward pass through the layers.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 /// `[offsite]`.
@@ -383,6 +388,7 @@ impl LlmTask {
             total_steps: usize::from(o.cosine),
             grad_accum: o.grad_accum.unwrap_or(1),
             max_grad_norm: o.max_grad_norm,
+            gradient_checkpointing: o.gradient_checkpointing,
             ..OptimConfig::default()
         };
         c.validate().map_err(|e| config_error("task.optim", e))?;
