@@ -34,7 +34,7 @@ use std::time::Instant;
 
 use candle_core::Device;
 use criterion::{Criterion, criterion_group};
-use fedveil_data::{Record, Template};
+use fedveil_data::Record;
 use fedveil_model::fetch::{SMOLLM2_135M, cache_dir, ensure};
 use fedveil_model::offsite::{
     self, Bundle, DistillConfig, DistillData, Layout, OffsiteConfig, Tuning,
@@ -302,26 +302,11 @@ fn env_steps(name: &str, default: usize) -> usize {
 
 /// GSM8K through the `fedveil` binary, as a user prepares it.
 fn gsm8k(dir: &Path) -> Vec<Record> {
-    let out = dir.join("gsm8k.jsonl");
-    let status = Command::new(env!("CARGO_BIN_EXE_fedveil"))
-        .args(["data", "prepare", "gsm8k", "--out"])
-        .arg(&out)
-        .status()
-        .expect("fedveil data prepare");
-    assert!(status.success(), "fedveil data prepare gsm8k failed");
-    fedveil_data::load(&out).expect("the prepared records")
+    fedveil_data::load(&common::prepare_gsm8k(dir)).expect("the prepared records")
 }
 
 fn encode(loaded: &fedveil_model::load::Loaded, records: &[Record]) -> Vec<Example> {
-    let eos = loaded.model.config().eos_token_id;
-    records
-        .iter()
-        .filter_map(|r| {
-            let prompt = Template::Alpaca.prompt(r);
-            let completion = Template::Alpaca.completion(r);
-            Example::prompted(&loaded.tokenizer, &prompt, &completion, eos, SEQ).expect("tokenise")
-        })
-        .collect()
+    common::encode_alpaca(loaded, records, SEQ)
 }
 
 fn quality(loaded: &fedveil_model::load::Loaded, layout: &Layout, emulator: &Llama, dir: &Path) {
