@@ -131,3 +131,37 @@ fn a_checkpointed_step_learns_with_dropout() {
         .collect();
     assert!(losses[19] < 0.9 * losses[0], "{losses:?}");
 }
+
+#[test]
+fn per_example_gradients_with_checkpointing_equal_the_batched_ones() {
+    let model = Llama::random(LlamaConfig::tiny(64), &Device::Cpu, &mut rng(1)).unwrap();
+    let examples: Vec<Example> = (0..4u32)
+        .map(|e| Example {
+            ids: (0..8 + e as usize)
+                .map(|i| (e * 13 + i as u32 * 3) % 64)
+                .collect(),
+            prompt_len: 2,
+        })
+        .collect();
+    let refs: Vec<&Example> = examples.iter().collect();
+    let rows = |checkpointing: bool| {
+        let adapter = Adapter::new(common::methods(0.0)[0].clone(), &model, &mut rng(2)).unwrap();
+        common::set_lora_b(&adapter);
+        let optim = OptimConfig {
+            gradient_checkpointing: checkpointing,
+            ..OptimConfig::default()
+        };
+        let trainer = AdapterTrainer::new(&model, adapter, optim).unwrap();
+        let g = trainer
+            .per_example_gradients(&refs, 32, 0, &mut rng(3))
+            .unwrap();
+        (0..g.len()).map(|i| g.row(i).to_vec()).collect::<Vec<_>>()
+    };
+    let (batched, checkpointed) = (rows(false), rows(true));
+    assert_eq!(batched.len(), 4);
+    for (a, b) in batched.iter().zip(&checkpointed) {
+        let scale = a.iter().fold(0f32, |s, x| s.max(x.abs()));
+        let diff = a.iter().zip(b).fold(0f32, |s, (x, y)| s.max((x - y).abs()));
+        assert!(scale > 0.0 && diff <= 1e-5 * scale, "{diff} of {scale}");
+    }
+}
