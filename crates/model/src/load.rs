@@ -519,7 +519,20 @@ pub fn load_gguf_with(path: &Path, device: &Device, quantize: Quantize) -> Resul
                         ModelError::file(path, format!("tensor {name}: {e}"))
                     };
                     let (rows, cols) = info.shape.dims2().map_err(|e| bad(&e))?;
-                    let start = content.tensor_data_offset + info.offset;
+                    // The bytes the header promises must be in the file
+                    // before anything is allocated for them.
+                    let (_, bytes) = QuantMatrix::size(format, rows, cols).map_err(|e| bad(&e))?;
+                    let len = file.metadata().map_err(|e| bad(&e))?.len();
+                    let start = content
+                        .tensor_data_offset
+                        .checked_add(info.offset)
+                        .filter(|s| s.checked_add(bytes as u64).is_some_and(|end| end <= len))
+                        .ok_or_else(|| {
+                            bad(&format!(
+                                "its {bytes} bytes at offset {} are not within the file's {len}",
+                                info.offset
+                            ))
+                        })?;
                     file.seek(std::io::SeekFrom::Start(start))
                         .map_err(|e| bad(&e))?;
                     Ok(Weight::Quantized(Arc::new(

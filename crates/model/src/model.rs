@@ -40,12 +40,13 @@ impl Linear {
 
     /// `x` is `(…, in)`. A frozen weight multiplies through
     /// [`frozen_matmul`] (or the quantised product,
-    /// [`crate::quant::quantized_matmul`]); a trainable one (an adapter's
-    /// variable, f32, cast to the input's dtype) through candle's matmul,
-    /// which also gives the weight's gradient.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// [`crate::quant::quantized_matmul`], `exact` in a training pass); a
+    /// trainable one (an adapter's variable, f32, cast to the input's
+    /// dtype) through candle's matmul, which also gives the weight's
+    /// gradient.
+    fn forward(&self, x: &Tensor, exact: bool) -> Result<Tensor> {
         let y = match &self.weight {
-            Weight::Quantized(q) => crate::quant::quantized_matmul(x, q)?,
+            Weight::Quantized(q) => crate::quant::quantized_matmul(x, q, exact)?,
             Weight::Dense(w) if !w.is_variable() => frozen_matmul(x, w)?,
             Weight::Dense(w) => {
                 let w = w.to_dtype(x.dtype())?;
@@ -839,7 +840,9 @@ impl Llama {
                 .unwrap_or(&self.weights.embed)
                 .clone(),
         };
-        let logits = Linear::new(head, None).forward(&x.reshape((b * t, h))?)?;
+        // Exact where a gradient will pass through (any trainable parameter
+        // upstream).
+        let logits = Linear::new(head, None).forward(&x.reshape((b * t, h))?, x.track_op())?;
         Ok(logits
             .reshape((b, t, self.config.vocab_size))?
             .to_dtype(DType::F32)?)
@@ -886,7 +889,9 @@ impl Llama {
     ) -> Result<Tensor> {
         // The frozen product takes `x` as it is: a reshape would be one more
         // node for backpropagation to fill with zeros and accumulate into.
-        let y = linear.forward(x)?;
+        // A training pass takes the exact product (crate::quant).
+        let exact = !matches!(mode, Mode::Eval) || x.track_op();
+        let y = linear.forward(x, exact)?;
         match adapter.and_then(|a| a.lora(layer, module)) {
             Some(lora) => {
                 let (b, s, input) = x.dims3()?;

@@ -7,13 +7,14 @@
 //! dequantised into an f32 scratch buffer of at most [`BAND_ELEMS`] values
 //! and multiplied with gemm, so memory holds the quantised matrix and one
 //! band, never the matrix in f32. The weight's own gradient is never
-//! computed. For a few rows (generation, one token at a time) the forward
-//! product is candle's quantised vector product instead, which reads the
-//! blocks directly.
+//! computed. Inference on a few rows (generation, one token at a time)
+//! takes candle's quantised vector product instead, which reads the blocks
+//! directly; a training pass never does.
 //!
 //! Both products are the exact f32 products with the dequantised matrix
-//! (up to summation order): a model on a quantised base computes what the
-//! same model with the dequantised weights computes. Adapters stay f32.
+//! (up to summation order): in training, and in inference over more than
+//! a few rows, a model on a quantised base computes what the same model
+//! with the dequantised weights computes. Adapters stay f32.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -46,9 +47,10 @@ macro_rules! with_block {
 /// The most f32 values a dequantised band of rows holds (8 MiB).
 pub const BAND_ELEMS: usize = 1 << 21;
 
-/// Up to this many input rows, the forward product is candle's quantised
-/// vector product (the activations quantised to 8 bits, as llama.cpp
-/// does); above it, the exact f32 product over dequantised bands.
+/// Up to this many input rows, inference takes candle's quantised vector
+/// product (the activations quantised to 8 bits, as llama.cpp does);
+/// above it, and in every training pass, the exact f32 product over
+/// dequantised bands.
 const VEC_DOT_ROWS: usize = 4;
 
 /// A block format fedveil keeps a frozen weight in.
@@ -213,13 +215,11 @@ impl QuantMatrix {
         QuantMatrix::from_bytes(format, rows, cols, &data)
     }
 
-    /// A matrix from its raw GGML blocks.
-    pub fn from_bytes(
-        format: QuantFormat,
-        rows: usize,
-        cols: usize,
-        bytes: &[u8],
-    ) -> Result<QuantMatrix> {
+    /// The blocks and bytes a `(rows, cols)` matrix of `format` takes,
+    /// checked: rows of whole blocks, and every size (elements, blocks,
+    /// bytes, and each dimension as a stride) representable, so that no
+    /// product below can overflow.
+    pub fn size(format: QuantFormat, rows: usize, cols: usize) -> Result<(usize, usize)> {
         if cols == 0 || !cols.is_multiple_of(format.block_size()) {
             return Err(ModelError::Config(format!(
                 "a {}-wide row is not whole {} blocks of {}",
@@ -228,7 +228,29 @@ impl QuantMatrix {
                 format.block_size()
             )));
         }
-        let expected = rows * cols / format.block_size() * format.type_size();
+        let limit = isize::MAX as usize;
+        let elements = rows.checked_mul(cols).filter(|&e| e <= limit);
+        let blocks = rows.checked_mul(cols / format.block_size());
+        let bytes = blocks.and_then(|b| b.checked_mul(format.type_size()));
+        match (elements, blocks, bytes) {
+            (Some(_), Some(blocks), Some(bytes)) if bytes <= limit && rows <= limit => {
+                Ok((blocks, bytes))
+            }
+            _ => Err(ModelError::Config(format!(
+                "a {rows}x{cols} {} matrix is larger than this machine can address",
+                format.name()
+            ))),
+        }
+    }
+
+    /// A matrix from its raw GGML blocks.
+    pub fn from_bytes(
+        format: QuantFormat,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+    ) -> Result<QuantMatrix> {
+        let (_, expected) = QuantMatrix::size(format, rows, cols)?;
         if bytes.len() != expected {
             return Err(ModelError::Config(format!(
                 "{} bytes of {} blocks for a {rows}x{cols} matrix, which needs {expected}",
@@ -253,15 +275,7 @@ impl QuantMatrix {
         cols: usize,
         reader: &mut impl std::io::Read,
     ) -> Result<QuantMatrix> {
-        if cols == 0 || !cols.is_multiple_of(format.block_size()) {
-            return Err(ModelError::Config(format!(
-                "a {}-wide row is not whole {} blocks of {}",
-                cols,
-                format.name(),
-                format.block_size()
-            )));
-        }
-        let n_blocks = rows * (cols / format.block_size());
+        let (n_blocks, _) = QuantMatrix::size(format, rows, cols)?;
         let blocks = with_block!(format, read_blocks, n_blocks, reader)?;
         Ok(QuantMatrix {
             format,
@@ -340,11 +354,19 @@ impl QuantMatrix {
                 self.rows
             )));
         }
-        let mut bytes = Vec::with_capacity(self.rows * self.row_bytes());
-        for &r in order {
-            bytes.extend_from_slice(self.row_data(r as usize, 1));
+        fn gather<T: GgmlType + 'static>(m: &QuantMatrix, order: &[u32]) -> Box<dyn QuantizedType> {
+            let mut out: Vec<T> = Vec::with_capacity(m.rows * (m.cols / T::BLCK_SIZE));
+            for &r in order {
+                out.extend_from_slice(blocks::<T>(m.row_data(r as usize, 1)));
+            }
+            Box::new(out)
         }
-        QuantMatrix::from_bytes(self.format, self.rows, self.cols, &bytes)
+        Ok(QuantMatrix {
+            format: self.format,
+            rows: self.rows,
+            cols: self.cols,
+            blocks: with_block!(self.format, gather, self, order),
+        })
     }
 
     /// A candle `QTensor` of the same blocks (to write a GGUF file).
@@ -395,9 +417,11 @@ impl QuantMatrix {
         (BAND_ELEMS / self.cols).clamp(1, self.rows.max(1))
     }
 
-    /// `y = x Wᵀ` for `x` `(n, cols)` row-major, into `y` `(n, rows)`.
-    fn forward(&self, x: &[f32], n: usize, y: &mut [f32]) -> candle_core::Result<()> {
-        if n <= VEC_DOT_ROWS {
+    /// `y = x Wᵀ` for `x` `(n, cols)` row-major, into `y` `(n, rows)`;
+    /// `exact` asks for the f32 product whatever `n` (a pass that will be
+    /// differentiated: its backward pass is that product's).
+    fn forward(&self, x: &[f32], n: usize, y: &mut [f32], exact: bool) -> candle_core::Result<()> {
+        if n <= VEC_DOT_ROWS && !exact {
             return self.blocks.matmul_t((n, self.cols, self.rows), x, y);
         }
         self.forward_banded(x, n, y, self.band());
@@ -655,22 +679,29 @@ impl Weight {
 }
 
 /// `x Wᵀ` for `x` `(…, cols)` and a quantised frozen `W`, differentiable
-/// in `x` only.
-pub(crate) fn quantized_matmul(x: &Tensor, weight: &Arc<QuantMatrix>) -> Result<Tensor> {
+/// in `x` only. `exact` takes the f32 product whatever the number of rows
+/// (a training pass: the backward pass is that product's); otherwise up to
+/// four rows take candle's quantised vector product.
+pub(crate) fn quantized_matmul(
+    x: &Tensor,
+    weight: &Arc<QuantMatrix>,
+    exact: bool,
+) -> Result<Tensor> {
     if !x.device().is_cpu() {
         return Err(ModelError::Input(
             "a quantised base runs on the CPU only; this input is on a GPU".into(),
         ));
     }
     let dtype = x.dtype();
+    let exact = exact || x.track_op();
     let y = x
         .to_dtype(DType::F32)?
         .contiguous()?
-        .apply_op1(QuantLinear(weight.clone()))?;
+        .apply_op1(QuantLinear(weight.clone(), exact))?;
     Ok(y.to_dtype(dtype)?)
 }
 
-struct QuantLinear(Arc<QuantMatrix>);
+struct QuantLinear(Arc<QuantMatrix>, bool);
 
 /// The rows `n` of a contiguous f32 input `(…, k)` as a slice, and the
 /// output's shape `(…, out)`.
@@ -707,8 +738,11 @@ impl CustomOp1 for QuantLinear {
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let w = &self.0;
         let (x, n, shape) = rows_of(x, layout, w.cols, w.rows, "quantized linear")?;
-        let mut y = vec![0f32; n * w.rows];
-        w.forward(x, n, &mut y)?;
+        let Some(len) = n.checked_mul(w.rows) else {
+            candle_core::bail!("quantized linear: {n} rows of {} outputs", w.rows);
+        };
+        let mut y = vec![0f32; len];
+        w.forward(x, n, &mut y, self.1)?;
         Ok((CpuStorage::F32(y), shape))
     }
 
@@ -730,7 +764,10 @@ impl CustomOp1 for QuantLinearBackward {
     fn cpu_fwd(&self, g: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let w = &self.0;
         let (g, n, shape) = rows_of(g, layout, w.rows, w.cols, "quantized linear backward")?;
-        let mut dx = vec![0f32; n * w.cols];
+        let Some(len) = n.checked_mul(w.cols) else {
+            candle_core::bail!("quantized linear backward: {n} rows of {} inputs", w.cols);
+        };
+        let mut dx = vec![0f32; len];
         w.backward(g, n, &mut dx);
         Ok((CpuStorage::F32(dx), shape))
     }
@@ -872,6 +909,20 @@ mod tests {
             .is_err()
         );
         assert!(QuantMatrix::from_bytes(QuantFormat::Q8_0, 2, 32, &[0u8; 33]).is_err());
+        // Sizes that overflow are refused before anything is allocated or
+        // read.
+        for (rows, cols) in [(1usize << 58, 64), (usize::MAX / 32, 64), (1 << 62, 1 << 8)] {
+            assert!(QuantMatrix::from_bytes(QuantFormat::Q8_0, rows, cols, &[]).is_err());
+            let mut empty: &[u8] = &[];
+            let err = QuantMatrix::read_from(QuantFormat::Q8_0, rows, cols, &mut empty)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                err.contains("larger than this machine can address"),
+                "{err}"
+            );
+        }
         assert_eq!(q.storage_bytes(), rows * 144);
     }
 }

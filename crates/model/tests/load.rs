@@ -900,6 +900,18 @@ fn quantising_on_load_and_its_refusals() {
     assert!(err.contains("token_embd.weight is stored as Q3K"), "{err}");
     // Dequantised on load, the same file loads.
     load_gguf(&path, &Device::Cpu).unwrap();
+    // A file cut short: the quantised tensor whose bytes are missing is
+    // named, nothing is allocated for them, nothing panics.
+    let path = dir.join("short.gguf");
+    write_gguf_as(&path, &original, "llama", GgmlDType::Q8_0, |_, _| {});
+    let len = std::fs::metadata(&path).unwrap().len();
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_len(len - 1000).unwrap();
+    drop(file);
+    let err = load_gguf_with(&path, &Device::Cpu, Quantize::Gguf)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("are not within the file"), "{err}");
     // Rows that are not whole blocks of the format: refused, not padded.
     let narrow = model(config(tokens.len(), false));
     let narrow_dir = dir.join("narrow");

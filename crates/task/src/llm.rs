@@ -551,7 +551,12 @@ fn device() -> Device {
 fn load_model(task: &LlmTask, model: Option<&str>) -> Result<Loaded, FedError> {
     let quantize = fedveil_model::Quantize::parse(task.quantize.as_deref().unwrap_or("none"))
         .map_err(|e| config_error("task.quantize", e))?;
-    fedveil_model::load::load_model(model, &device(), quantize, &mut |m| tracing::info!("{m}"))
+    // A quantised base runs on the CPU, also where a GPU is present.
+    let device = match quantize {
+        fedveil_model::Quantize::None => device(),
+        _ => Device::Cpu,
+    };
+    fedveil_model::load::load_model(model, &device, quantize, &mut |m| tracing::info!("{m}"))
         .map_err(|e| config_error("task.model", e))
 }
 
@@ -594,6 +599,8 @@ pub struct LlmTrainer {
     template: Template,
     max_len: usize,
     optim: OptimConfig,
+    /// How a bundle's emulator is held (quantised on install, or f32).
+    quantize: fedveil_model::Quantize,
     /// The adapter (from the config, or from the server's bundle).
     local: Option<LocalTraining>,
     from_bundle: bool,
@@ -619,7 +626,7 @@ impl LlmTrainer {
         model: &Loaded,
         peft: PeftConfig,
     ) -> Result<LlmTrainer, FedError> {
-        let mut t = LlmTrainer::waiting(task, records)?;
+        let mut t = LlmTrainer::new(task, records)?;
         t.from_bundle = false;
         t.build(&model.model, &model.tokenizer, peft)
             .map_err(|e| config_error("task", e))?;
@@ -628,11 +635,28 @@ impl LlmTrainer {
 
     /// A trainer that waits for the server's bundle.
     fn waiting(task: &LlmTask, records: Vec<Record>) -> Result<LlmTrainer, FedError> {
+        let t = LlmTrainer::new(task, records)?;
+        if t.quantize == fedveil_model::Quantize::Gguf {
+            return Err(config_error(
+                "task.quantize",
+                "\"gguf\" keeps a GGUF file's blocks, and an offsite client has no model file: \
+                 it receives the emulator in f32 (quantise it on arrival with \"q4_0\", \
+                 \"q8_0\", \"q4_k\", ...)",
+            ));
+        }
+        Ok(t)
+    }
+
+    /// A trainer without a model yet.
+    fn new(task: &LlmTask, records: Vec<Record>) -> Result<LlmTrainer, FedError> {
+        let quantize = fedveil_model::Quantize::parse(task.quantize.as_deref().unwrap_or("none"))
+            .map_err(|e| config_error("task.quantize", e))?;
         Ok(LlmTrainer {
             records,
             template: task.template,
             max_len: task.max_len,
             optim: task.optim()?,
+            quantize,
             local: None,
             from_bundle: true,
             turns: None,
@@ -725,15 +749,22 @@ impl Trainer for LlmTrainer {
     }
 
     fn install_bundle(&mut self, bytes: &[u8]) -> Result<(), TrainError> {
-        let bundle = Bundle::from_bytes(bytes, &device()).map_err(train_error)?;
+        let device = match self.quantize {
+            fedveil_model::Quantize::None => device(),
+            _ => Device::Cpu,
+        };
+        let bundle = Bundle::from_bytes(bytes, &device).map_err(train_error)?;
         let tokenizer = bundle
             .tokenizer
             .as_ref()
             .ok_or_else(|| train_error("the bundle has no tokenizer"))?;
-        let model = bundle
+        let mut model = bundle
             .model
-            .to_dtype(fedveil_model::compute_dtype(&device()))
+            .to_dtype(fedveil_model::compute_dtype(&device))
             .map_err(train_error)?;
+        if let fedveil_model::Quantize::To(format) = self.quantize {
+            model = model.quantize(format).map_err(train_error)?;
+        }
         tracing::info!(
             layers = model.config().num_hidden_layers,
             of = bundle.layout.total_layers,

@@ -269,7 +269,15 @@ fn bad_task_configs_are_refused_by_key() {
         );
     }
     // Checks that need the data or the model come when the parts are built.
+    // An offsite client (no model of its own) cannot keep GGUF blocks.
+    let client = "kind = \"llm\"\ndata = \"data.jsonl\"\ntemplate = \"plain\"\nmax_len = 32\n";
     let built: &[(&str, Option<&str>, &str, &str)] = &[
+        (
+            &format!("{client}quantize = \"gguf\""),
+            None,
+            "task.quantize",
+            "an offsite client has no model file",
+        ),
         // The tiny model's 32-wide rows are not whole Q4_K super-blocks.
         (
             &format!("{llm}quantize = \"q4_k\""),
