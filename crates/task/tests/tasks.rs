@@ -165,7 +165,15 @@ fn llm_task_learns(quantize: &str) {
 
 #[test]
 fn an_offsite_task_hands_clients_the_emulator_and_they_train_on_it() {
-    let dir = scratch("offsite");
+    // On an f32 base, and on a Q8_0 one, which runs the clients' path that
+    // quantises the f32 emulator on arrival.
+    for quantize in ["none", "q8_0"] {
+        offsite_clients_train(quantize);
+    }
+}
+
+fn offsite_clients_train(quantize: &str) {
+    let dir = scratch(&format!("offsite-{quantize}"));
     let model = tiny_model(&dir);
     std::fs::write(
         dir.join("data.jsonl"),
@@ -175,7 +183,7 @@ fn an_offsite_task_hands_clients_the_emulator_and_they_train_on_it() {
     let task = parse(
         &format!(
             "kind = \"llm\"\nmodel = \"{}\"\ndata = \"data.jsonl\"\ntemplate = \"plain\"\n\
-             max_len = 32\neval_fraction = 0.25\n",
+             max_len = 32\neval_fraction = 0.25\nquantize = \"{quantize}\"\n",
             model.display()
         ),
         Some("enabled = true\nadapter_bottom = 1\nadapter_top = 1\ndrop_ratio = 0.5\n"),
