@@ -60,10 +60,7 @@ pub fn resolve(path: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
 fn run_check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
     let quantize = fedveil_model::Quantize::parse(&args.quantize).context("--quantize")?;
     let path = resolve(args.model.as_ref())?;
-    let device = match quantize {
-        fedveil_model::Quantize::None => fedveil_model::default_device(),
-        _ => candle_core::Device::Cpu,
-    };
+    let device = quantize.device();
     let mut loaded = fedveil_model::load::load_with(&path, &device, quantize)
         .with_context(|| format!("cannot load the model {}", path.display()))?;
     loaded.model = loaded

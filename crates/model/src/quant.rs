@@ -169,6 +169,15 @@ impl Quantize {
         }
     }
 
+    /// The device a model held this way runs on: the default one (a GPU
+    /// where there is one) for f32, the CPU for a quantised base.
+    pub fn device(self) -> Device {
+        match self {
+            Quantize::None => crate::default_device(),
+            _ => Device::Cpu,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Quantize::None => "none",
@@ -703,15 +712,15 @@ pub(crate) fn quantized_matmul(
 
 struct QuantLinear(Arc<QuantMatrix>, bool);
 
-/// The rows `n` of a contiguous f32 input `(…, k)` as a slice, and the
-/// output's shape `(…, out)`.
+/// The rows `n` of a contiguous f32 input `(…, k)` as a slice, the
+/// output's shape `(…, out)` and a zeroed buffer for it.
 fn rows_of<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
     k: usize,
     out: usize,
     what: &str,
-) -> candle_core::Result<(&'a [f32], usize, Shape)> {
+) -> candle_core::Result<(&'a [f32], usize, Shape, Vec<f32>)> {
     let Some((start, end)) = layout.contiguous_offsets() else {
         candle_core::bail!("{what}: a strided input");
     };
@@ -725,9 +734,13 @@ fn rows_of<'a>(
     if lead.is_empty() || last != k {
         candle_core::bail!("{what}: input {dims:?}, the weight takes rows of {k}");
     }
+    let n: usize = lead.iter().product();
+    let Some(len) = n.checked_mul(out) else {
+        candle_core::bail!("{what}: {n} rows of {out}");
+    };
     let mut shape = lead.to_vec();
     shape.push(out);
-    Ok((&data[start..end], lead.iter().product(), Shape::from(shape)))
+    Ok((&data[start..end], n, Shape::from(shape), vec![0f32; len]))
 }
 
 impl CustomOp1 for QuantLinear {
@@ -737,11 +750,7 @@ impl CustomOp1 for QuantLinear {
 
     fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let w = &self.0;
-        let (x, n, shape) = rows_of(x, layout, w.cols, w.rows, "quantized linear")?;
-        let Some(len) = n.checked_mul(w.rows) else {
-            candle_core::bail!("quantized linear: {n} rows of {} outputs", w.rows);
-        };
-        let mut y = vec![0f32; len];
+        let (x, n, shape, mut y) = rows_of(x, layout, w.cols, w.rows, "quantized linear")?;
         w.forward(x, n, &mut y, self.1)?;
         Ok((CpuStorage::F32(y), shape))
     }
@@ -763,11 +772,8 @@ impl CustomOp1 for QuantLinearBackward {
 
     fn cpu_fwd(&self, g: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let w = &self.0;
-        let (g, n, shape) = rows_of(g, layout, w.rows, w.cols, "quantized linear backward")?;
-        let Some(len) = n.checked_mul(w.cols) else {
-            candle_core::bail!("quantized linear backward: {n} rows of {} inputs", w.cols);
-        };
-        let mut dx = vec![0f32; len];
+        let (g, n, shape, mut dx) =
+            rows_of(g, layout, w.rows, w.cols, "quantized linear backward")?;
         w.backward(g, n, &mut dx);
         Ok((CpuStorage::F32(dx), shape))
     }

@@ -10,7 +10,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use candle_core::Device;
 use fedveil_data::{Record, Splitter, Template};
 use fedveil_fed::FedError;
 use fedveil_fed::trainer::{
@@ -542,22 +541,16 @@ pub(crate) fn offsite_of(
 
 // ------------------------------------------------------------ models
 
-fn device() -> Device {
-    fedveil_model::default_device()
-}
-
 /// Loads the task's model: a path, or the default one (fetched once),
 /// its frozen weights held as `task.quantize` says.
 fn load_model(task: &LlmTask, model: Option<&str>) -> Result<Loaded, FedError> {
     let quantize = fedveil_model::Quantize::parse(task.quantize.as_deref().unwrap_or("none"))
         .map_err(|e| config_error("task.quantize", e))?;
     // A quantised base runs on the CPU, also where a GPU is present.
-    let device = match quantize {
-        fedveil_model::Quantize::None => device(),
-        _ => Device::Cpu,
-    };
-    fedveil_model::load::load_model(model, &device, quantize, &mut |m| tracing::info!("{m}"))
-        .map_err(|e| config_error("task.model", e))
+    fedveil_model::load::load_model(model, &quantize.device(), quantize, &mut |m| {
+        tracing::info!("{m}")
+    })
+    .map_err(|e| config_error("task.model", e))
 }
 
 /// Tokenises records with the template: the prompt is context, the
@@ -749,10 +742,7 @@ impl Trainer for LlmTrainer {
     }
 
     fn install_bundle(&mut self, bytes: &[u8]) -> Result<(), TrainError> {
-        let device = match self.quantize {
-            fedveil_model::Quantize::None => device(),
-            _ => Device::Cpu,
-        };
+        let device = self.quantize.device();
         let bundle = Bundle::from_bytes(bytes, &device).map_err(train_error)?;
         let tokenizer = bundle
             .tokenizer
