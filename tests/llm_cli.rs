@@ -47,6 +47,7 @@ fn records(n: usize, offset: usize) -> Vec<Record> {
                 output: WORDS[c].into(),
                 category: format!("c{c}"),
                 test: String::new(),
+                ..Default::default()
             }
         })
         .collect()
@@ -248,6 +249,7 @@ fn code_records(n: usize, offset: usize) -> Vec<Record> {
             output: "    return 7\n".into(),
             category: "code".into(),
             test: format!("assert f{i}() == 7"),
+            ..Default::default()
         })
         .collect()
 }

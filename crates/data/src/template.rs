@@ -75,6 +75,7 @@ mod tests {
             output: "5".into(),
             category: String::new(),
             test: String::new(),
+            ..Default::default()
         };
         let p = Template::Alpaca.prompt(&r);
         assert!(p.starts_with("Below is an instruction that describes a task. Write"));

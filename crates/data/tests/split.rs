@@ -16,6 +16,7 @@ fn dataset(categories: usize, per: usize) -> Vec<Record> {
                 output: format!("a{c}-{i}"),
                 category: format!("cat{c:02}"),
                 test: String::new(),
+                ..Default::default()
             });
         }
     }

@@ -7,6 +7,7 @@
 //! single `f32` vector a federation aggregates.
 
 pub mod check;
+pub mod choice;
 pub mod config;
 pub mod eval;
 pub mod federated;

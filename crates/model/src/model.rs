@@ -174,6 +174,33 @@ impl KvCache {
     pub fn position(&self) -> usize {
         self.position
     }
+
+    /// The cache of a batch of one, repeated for a batch of `n`: a shared
+    /// prompt that `n` continuations then follow.
+    pub fn repeat_batch(&self, n: usize) -> Result<KvCache> {
+        let repeat = |t: &Tensor| -> Result<Tensor> {
+            if t.dim(0)? != 1 {
+                return Err(ModelError::Input(format!(
+                    "only a cache of one sequence can be repeated, not of {}",
+                    t.dim(0)?
+                )));
+            }
+            Ok(t.repeat((n, 1, 1, 1))?)
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref()
+                    .map(|(k, v)| Ok((repeat(k)?, repeat(v)?)))
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
+        Ok(KvCache {
+            layers,
+            position: self.position,
+        })
+    }
 }
 
 /// How a forward pass runs: inference, or training with the adapter's

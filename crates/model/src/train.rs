@@ -207,20 +207,41 @@ pub(crate) fn uniform_below(rng: &mut dyn RngCore, n: u64) -> u64 {
 /// The summed negative log-likelihood of a batch's targets (a scalar
 /// tensor, differentiable), given logits `(batch, virtual + seq, vocab)`.
 pub fn batch_nll(logits: &Tensor, batch: &Batch, virtual_tokens: usize) -> Result<Tensor> {
+    Ok(position_nll(logits, batch, virtual_tokens)?.sum_all()?)
+}
+
+/// Each example's summed negative log-likelihood of its target tokens
+/// (in nats, summed in f64), in the batch's order.
+pub fn example_nll(logits: &Tensor, batch: &Batch, virtual_tokens: usize) -> Result<Vec<f64>> {
+    let (_, seq) = batch.ids.dims2()?;
+    let nll = position_nll(logits, batch, virtual_tokens)?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?;
+    Ok(nll
+        .chunks(seq)
+        .map(|row| row.iter().map(|&x| f64::from(x)).sum())
+        .collect())
+}
+
+/// The weighted negative log-likelihood at every position, `(batch · seq)`.
+fn position_nll(logits: &Tensor, batch: &Batch, virtual_tokens: usize) -> Result<Tensor> {
     let (b, seq) = batch.ids.dims2()?;
     let logits = logits.narrow(1, virtual_tokens, seq)?;
     let vocab = logits.dim(D::Minus1)?;
     let logits = logits.reshape((b * seq, vocab))?;
     if logits.device().is_cpu() && logits.dtype() == DType::F32 {
-        let nll = crate::loss::weighted_nll(&logits, &batch.host_targets, &batch.host_weights)?;
-        return Ok(nll.sum_all()?);
+        return Ok(crate::loss::weighted_nll(
+            &logits,
+            &batch.host_targets,
+            &batch.host_weights,
+        )?);
     }
     let max = logits.max_keepdim(D::Minus1)?;
     let shifted = logits.broadcast_sub(&max)?;
     let log_norm = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     let picked = shifted.gather(&batch.targets.reshape((b * seq, 1))?, 1)?;
     let nll = (log_norm - picked)?.reshape(b * seq)?;
-    Ok((nll * batch.weights.reshape(b * seq)?)?.sum_all()?)
+    Ok((nll * batch.weights.reshape(b * seq)?)?)
 }
 
 /// The optimiser and schedule.

@@ -26,6 +26,7 @@ use fedveil_fed::trainer::{Evaluator, Trainer};
 pub mod datasets;
 pub mod llm;
 pub mod record;
+pub mod score;
 pub mod synthetic;
 
 pub use llm::{LlmTask, OffsiteSection};

@@ -15,6 +15,7 @@ use fedveil_fed::FedError;
 use fedveil_fed::trainer::{
     Evaluation, Evaluator, LocalUpdate, RecordSteps, TrainError, Trainer, TrainingConfig,
 };
+use fedveil_model::choice::{Accuracy, Question, accuracy};
 use fedveil_model::eval::{
     Limits, Verdict, gsm8k_exact_match, pass_at_k, run_python, test_program,
 };
@@ -576,7 +577,9 @@ pub fn encode(
     Ok(out)
 }
 
-fn eos_of(model: &Llama, tokenizer: &Tokenizer) -> Option<u32> {
+/// The end-of-sequence token: the model's, else the tokenizer's `<|endoftext|>`
+/// or `</s>`.
+pub fn eos_of(model: &Llama, tokenizer: &Tokenizer) -> Option<u32> {
     model
         .config()
         .eos_token_id
@@ -774,6 +777,9 @@ pub struct LlmEvaluator {
     adapter: Adapter,
     emulator: Option<(Llama, Adapter)>,
     eval: Vec<Example>,
+    /// The held-out multiple-choice questions (when the held-out records
+    /// are), scored for accuracy at every evaluation.
+    questions: Vec<Question>,
     /// Prompts and reference answers for exact match.
     generate: Vec<(Vec<u32>, String)>,
     /// Prompts, instructions and tests for pass@k.
@@ -803,6 +809,18 @@ fn scores(prefix: &str, r: &EvalResult, out: &mut Evaluation) {
         .insert(format!("{prefix}perplexity"), r.perplexity);
 }
 
+/// `accuracy`, `accuracy_norm` and their standard errors, prefixed.
+fn accuracies(prefix: &str, a: &Accuracy, out: &mut Evaluation) {
+    for (key, value) in [
+        ("accuracy", a.accuracy),
+        ("accuracy_stderr", a.accuracy_stderr),
+        ("accuracy_norm", a.accuracy_norm),
+        ("accuracy_norm_stderr", a.accuracy_norm_stderr),
+    ] {
+        out.metrics.insert(format!("{prefix}{key}"), value);
+    }
+}
+
 impl Evaluator for LlmEvaluator {
     fn dim(&self) -> usize {
         self.adapter.num_parameters()
@@ -827,6 +845,10 @@ impl Evaluator for LlmEvaluator {
             ..Evaluation::default()
         };
         out.metrics.insert("perplexity".into(), full.perplexity);
+        if !self.questions.is_empty() {
+            let a = self.accuracy(&self.full, &self.adapter)?;
+            accuracies("", &a, &mut out);
+        }
         if let Some((emulator, adapter)) = &self.emulator {
             scores("plugin_", &full, &mut out);
             adapter.set_from_slice(params).map_err(train_error)?;
@@ -839,6 +861,10 @@ impl Evaluator for LlmEvaluator {
             )
             .map_err(train_error)?;
             scores("emulator_", &emu, &mut out);
+            if !self.questions.is_empty() {
+                let a = self.accuracy(emulator, adapter)?;
+                accuracies("emulator_", &a, &mut out);
+            }
         }
         Ok(out)
     }
@@ -892,6 +918,19 @@ impl Evaluator for LlmEvaluator {
 }
 
 impl LlmEvaluator {
+    /// Multiple-choice accuracy on the held-out questions.
+    fn accuracy(&self, model: &Llama, adapter: &Adapter) -> Result<Accuracy, TrainError> {
+        accuracy(
+            model,
+            Some(adapter),
+            &self.tokenizer,
+            &self.questions,
+            self.batch_size,
+            self.max_len,
+        )
+        .map_err(train_error)
+    }
+
     /// The full model's answer (with the adapter as last set) to a prompt.
     fn answer(
         &self,
@@ -980,6 +1019,10 @@ fn build_evaluator(
             .map(|p| p.get_ids().to_vec())
             .map_err(|e| config_error(key, e))
     };
+    let cap = eval_records.len().min(task.eval_examples);
+    let questions = crate::score::questions(&eval_records[..cap], task.template)
+        .map_err(|e| config_error("task.eval_data", e))?
+        .unwrap_or_default();
     let generate = eval_records
         .iter()
         .take(task.exact_match)
@@ -1008,6 +1051,7 @@ fn build_evaluator(
         adapter,
         emulator,
         eval,
+        questions,
         generate,
         code,
         pass_at_k: task.pass_at_k.clone(),

@@ -42,6 +42,7 @@ fn records(n: usize) -> Vec<Record> {
                 output: WORDS[c].into(),
                 category: format!("c{c}"),
                 test: String::new(),
+                ..Default::default()
             }
         })
         .collect()
@@ -161,6 +162,107 @@ fn llm_task_learns(quantize: &str) {
     // The factory has one part of the split per client, and no more.
     assert!(trainers(1).is_ok());
     assert!(trainers(2).is_err());
+}
+
+/// Multiple-choice records: the colour of an item is a fixed choice per
+/// category, among four.
+fn choice_records(n: usize) -> Vec<Record> {
+    const WORDS: [&str; 4] = [" red", " green", " blue", " amber"];
+    (0..n)
+        .map(|i| {
+            let c = i % WORDS.len();
+            Record {
+                instruction: format!("Question: colour of item {c}?\nAnswer:"),
+                output: WORDS[c].into(),
+                category: format!("c{c}"),
+                choices: WORDS.iter().map(|w| w.to_string()).collect(),
+                gold: Some(c),
+                ..Default::default()
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn a_multiple_choice_task_reports_held_out_accuracy_that_training_raises() {
+    let dir = scratch("choice");
+    let model = tiny_model(&dir);
+    std::fs::write(
+        dir.join("mc.jsonl"),
+        fedveil_data::records::to_jsonl(&choice_records(48)),
+    )
+    .unwrap();
+    let task = parse(
+        &format!(
+            "kind = \"llm\"\nmodel = \"{}\"\ndata = \"mc.jsonl\"\neval_data = \"mc.jsonl\"\n\
+             template = \"plain\"\nmax_len = 64\neval_examples = 8\n\
+             [peft]\nmethod = \"lora\"\nr = 4\nalpha = 8\ntarget_modules = [\"all-linear\"]\n",
+            model.display()
+        ),
+        None,
+        &dir,
+    )
+    .unwrap();
+    let (mut evaluator, trainers) = task.in_process(2, &mut |_| {}).unwrap();
+    let global = evaluator.initial_params().unwrap();
+    let before = evaluator.evaluate(&global).unwrap();
+    for key in [
+        "accuracy",
+        "accuracy_stderr",
+        "accuracy_norm",
+        "accuracy_norm_stderr",
+    ] {
+        assert!(before.metrics.contains_key(key), "{key} missing");
+    }
+    let config = TrainingConfig {
+        local_steps: 100,
+        batch_size: 8,
+        learning_rate: 0.01,
+        proximal_mu: 0.0,
+        record_dp: None,
+    };
+    let update = trainers(0)
+        .unwrap()
+        .train(&global, &config, &mut ChaCha20Rng::from_seed([4; 32]))
+        .unwrap();
+    let moved: Vec<f32> = global
+        .iter()
+        .zip(&update.delta)
+        .map(|(g, d)| g + d)
+        .collect();
+    let after = evaluator.evaluate(&moved).unwrap();
+    assert!(
+        after.metrics["accuracy"] == 1.0 && before.metrics["accuracy"] < 1.0,
+        "accuracy {} -> {}",
+        before.metrics["accuracy"],
+        after.metrics["accuracy"]
+    );
+    assert_eq!(after.metrics["accuracy_stderr"], 0.0);
+    // Held-out records that mix multiple choice with other records are
+    // refused, by key.
+    let mut mixed = choice_records(4);
+    mixed.extend(records(4));
+    std::fs::write(
+        dir.join("mixed.jsonl"),
+        fedveil_data::records::to_jsonl(&mixed),
+    )
+    .unwrap();
+    let task = parse(
+        &format!(
+            "kind = \"llm\"\nmodel = \"{}\"\ndata = \"mc.jsonl\"\neval_data = \"mixed.jsonl\"\n\
+             template = \"plain\"\nmax_len = 64\n",
+            model.display()
+        ),
+        None,
+        &dir,
+    )
+    .unwrap();
+    let (path, reason) = config_path(task.in_process(2, &mut |_| {}).err().unwrap());
+    assert_eq!(path, "task.eval_data");
+    assert!(
+        reason.contains("4 of 8 records are multiple-choice"),
+        "{reason}"
+    );
 }
 
 #[test]
