@@ -41,7 +41,11 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         &done.outcome.server,
         done.metrics.as_deref(),
         args.output.json,
-        serde_json::json!({ "clients": done.clients, "clients_failed": done.failed }),
+        serde_json::json!({
+            "clients": done.clients,
+            "clients_failed": done.failed,
+            "data": done.data,
+        }),
     );
     Ok(ExitCode::SUCCESS)
 }
@@ -57,6 +61,9 @@ pub struct LocalDone {
     /// Bundle bytes fetched over the network, all clients together.
     pub bundle_bytes: u64,
     pub metrics: Option<PathBuf>,
+    /// Which records trained and which evaluated
+    /// ([`TaskConfig::provenance`]).
+    pub data: serde_json::Value,
 }
 
 /// Runs the federation of a `fedveil run` file in this process; `base` is
@@ -77,6 +84,7 @@ pub fn run_local(
     // model to fetch, an emulator to distil).
     plan.resolve(clients, 1)?;
     let task = TaskConfig::parse(&file.task, file.offsite.as_ref(), base)?;
+    let data = task.provenance();
     let (evaluator, trainers) = task.in_process(clients, &mut display::task_progress(&bars))?;
     // Every check that needs no socket, before any is opened.
     plan.resolve(clients, evaluator.dim())?;
@@ -130,6 +138,7 @@ pub fn run_local(
             failed: failed.values().sum(),
             bundle_bytes,
             metrics,
+            data,
         })
     })
 }

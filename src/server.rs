@@ -40,6 +40,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let plan = file.plan();
     plan.resolve(population, 1)?;
     let task = TaskConfig::parse(&file.task, file.offsite.as_ref(), &args.config)?;
+    let data = task.provenance();
     let evaluator = task.evaluator(population, &mut display::task_progress(&bars))?;
     let rounds = plan.federation.rounds;
     let metrics = plan.federation.metrics.clone();
@@ -72,7 +73,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             &summary,
             metrics.as_deref(),
             args.output.json,
-            serde_json::json!({}),
+            serde_json::json!({ "data": data }),
         );
         Ok(ExitCode::SUCCESS)
     })

@@ -66,7 +66,7 @@ fn metrics_lines(path: &Path) -> Vec<serde_json::Value> {
 }
 
 #[test]
-fn run_fine_tunes_a_tiny_language_model_over_quic_with_secagg() {
+fn run_fine_tunes_over_quic_with_secagg_writes_peft_adapters_and_starts_from_one() {
     let dir = scratch("run");
     let model = tiny_model(&dir);
     write_records(&dir.join("data.jsonl"), &records(96, 0));
@@ -103,6 +103,8 @@ max_len = 64
 split = {{ kind = "dirichlet", alpha = 1.0 }}
 exact_match = 4
 max_new_tokens = 6
+save_adapter = "adapters"
+save_every = 3
 
 [task.peft]
 method = "lora"
@@ -126,6 +128,24 @@ target_modules = ["all-linear"]
     let summary: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON summary");
     assert_eq!(summary["rounds"], 8);
     assert_eq!(summary["clients_failed"], 0);
+    // The summary records which records trained and which evaluated.
+    let data = &summary["data"];
+    assert!(
+        data["train"][0]["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("data.jsonl"),
+        "{data}"
+    );
+    assert_eq!(data["train"], data["eval"], "{data}");
+    assert!(
+        data["evaluated"]
+            .as_str()
+            .unwrap()
+            .contains("the last 0.25"),
+        "{data}"
+    );
+    assert_eq!(data["split"], "dirichlet (α = 1)", "{data}");
     // The model it started from and the one it ended with, both with the
     // (generation-based) exact match.
     assert!(summary["initial_loss"].as_f64().unwrap() > summary["loss"].as_f64().unwrap());
@@ -145,6 +165,80 @@ target_modules = ["all-linear"]
     assert!(
         losses[7] < 0.6 * losses[0],
         "the evaluation loss did not fall: {losses:?}"
+    );
+
+    // The server wrote the global adapter after rounds 3 and 6 and at the
+    // end, in PEFT's layout.
+    let mut saved: Vec<String> = std::fs::read_dir(dir.join("adapters"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    saved.sort();
+    assert_eq!(saved, ["final", "round-3", "round-6"]);
+    for s in &saved {
+        for file in ["adapter_config.json", "adapter_model.safetensors"] {
+            assert!(
+                dir.join("adapters").join(s).join(file).is_file(),
+                "{s}/{file}"
+            );
+        }
+    }
+    // `fedveil model eval` scores the model with the final adapter lower
+    // than without it, on the run's records.
+    let data = dir.join("data.jsonl").display().to_string();
+    let eval = |adapter: Option<&str>| -> f64 {
+        let mut args = vec![
+            "model",
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--task",
+            &data,
+            "--template",
+            "plain",
+            "--max-len",
+            "64",
+            "--json",
+        ];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", a]);
+        }
+        let (code, out, err) = fedveil(&args);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON");
+        assert_eq!(v["kind"], "completion", "{v}");
+        v["loss"].as_f64().unwrap()
+    };
+    let final_dir = dir.join("adapters/final");
+    let with = eval(Some(final_dir.to_str().unwrap()));
+    let without = eval(None);
+    assert!(
+        with < 0.6 * without,
+        "loss {without} without the adapter, {with} with"
+    );
+
+    // A run that starts from the final adapter starts where this one ended:
+    // the same held-out records score the same loss.
+    let restart = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("rounds = 8", "rounds = 1")
+        .replace(
+            "save_adapter = \"adapters\"\nsave_every = 3",
+            "adapter = \"adapters/final\"",
+        );
+    let restart = restart[..restart.find("[task.peft]").unwrap()].to_string();
+    let file2 = dir.join("restart.toml");
+    std::fs::write(&file2, restart).unwrap();
+    let (code, out, err) = fedveil(&["run", file2.to_str().unwrap(), "--json", "--quiet"]);
+    assert_eq!(code, 0, "{err}");
+    let again: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON summary");
+    let (ended, started) = (
+        summary["loss"].as_f64().unwrap(),
+        again["initial_loss"].as_f64().unwrap(),
+    );
+    assert!(
+        (ended - started).abs() <= 1e-6 * ended,
+        "ended at {ended}, restarted at {started}"
     );
 }
 

@@ -233,4 +233,18 @@ pub trait Evaluator: Send {
     fn client_bundle(&mut self) -> Result<Option<Vec<u8>>, TrainError> {
         Ok(None)
     }
+
+    /// Writes the model of `completed` rounds out in the task's own format
+    /// (a language model's adapter, in PEFT's layout) when the task's
+    /// schedule asks for it; `last` marks the federation's final model.
+    /// Called after every completed round's evaluation; returns where it
+    /// wrote, if it did.
+    fn save(
+        &mut self,
+        _params: &[f32],
+        _completed: u64,
+        _last: bool,
+    ) -> Result<Option<std::path::PathBuf>, TrainError> {
+        Ok(None)
+    }
 }

@@ -100,6 +100,47 @@ impl TaskConfig {
         }
     }
 
+    /// Which records train and which evaluate, for a run's record: each
+    /// source of `data` and `eval_data` with its provenance
+    /// ([`datasets::provenance`]) and the rules that pick the records.
+    pub fn provenance(&self) -> serde_json::Value {
+        match self {
+            TaskConfig::Synthetic(cfg) => serde_json::json!({
+                "synthetic": format!("linear regression, dimension {}", cfg.dim),
+            }),
+            TaskConfig::Llm { task, .. } => {
+                let sources = |paths: &[std::path::PathBuf]| -> Vec<serde_json::Value> {
+                    paths.iter().map(|p| datasets::provenance(p)).collect()
+                };
+                let held_out = if task.eval_data.is_empty() {
+                    format!(
+                        "the last {} of each data source's records (after max_records); \
+                         the first {} of those, taken from each source in turn",
+                        task.eval_fraction, task.eval_examples
+                    )
+                } else {
+                    format!(
+                        "the first {} eval_data records, taken from each source in turn",
+                        task.eval_examples
+                    )
+                };
+                serde_json::json!({
+                    "train": sources(&task.data),
+                    "eval": if task.eval_data.is_empty() { sources(&task.data) } else { sources(&task.eval_data) },
+                    "trained": if task.max_records > 0 {
+                        format!("the first {} records of each data source, less the held-out ones", task.max_records)
+                    } else {
+                        "every record of each data source, less the held-out ones".to_string()
+                    },
+                    "evaluated": held_out,
+                    "split": task.split.as_ref().map_or("iid".to_string(), |s| s.name()),
+                    "template": task.template,
+                    "seed": task.seed,
+                })
+            }
+        }
+    }
+
     /// The task's kind, as `task.kind` names it.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -101,6 +101,20 @@ pub struct LlmTask {
     /// The adapter (default: LoRA r = 8, α = 16 on q_proj and v_proj).
     #[serde(default)]
     pub peft: Option<PeftConfig>,
+    /// An adapter directory in PEFT's layout (fedveil's or Python peft's)
+    /// the server's global adapter starts from instead of a fresh one. Its
+    /// own configuration is the federation's: `[task.peft]` is then not
+    /// given (a separate `fedveil client` gives the same one).
+    #[serde(default)]
+    pub adapter: Option<PathBuf>,
+    /// Where the server writes the global adapter in PEFT's layout:
+    /// `round-<n>/` after every `save_every` rounds, and `final/` after
+    /// the last round.
+    #[serde(default)]
+    pub save_adapter: Option<PathBuf>,
+    /// Rounds between saved adapters (0: the final one only).
+    #[serde(default)]
+    pub save_every: u64,
     #[serde(default)]
     pub optim: ClientOptim,
 }
@@ -370,6 +384,20 @@ impl LlmTask {
         if let Some(p) = &t.peft {
             p.validate().map_err(|e| config_error("task.peft", e))?;
         }
+        if t.adapter.is_some() && t.peft.is_some() {
+            return Err(config_error(
+                "task.peft",
+                "task.adapter brings its own configuration: remove [task.peft]",
+            ));
+        }
+        if t.save_every > 0 && t.save_adapter.is_none() {
+            return Err(config_error(
+                "task.save_every",
+                "says how often to write task.save_adapter, which is not given",
+            ));
+        }
+        t.adapter = t.adapter.as_deref().map(rel);
+        t.save_adapter = t.save_adapter.as_deref().map(rel);
         Ok(t)
     }
 
@@ -792,6 +820,11 @@ pub struct LlmEvaluator {
     bundle: Option<Vec<u8>>,
     batch_size: usize,
     max_len: usize,
+    /// Where and how often the global adapter is written, and the base
+    /// model's name for its configuration.
+    save_adapter: Option<PathBuf>,
+    save_every: u64,
+    base_model: String,
 }
 
 impl std::fmt::Debug for LlmEvaluator {
@@ -915,6 +948,29 @@ impl Evaluator for LlmEvaluator {
     fn client_bundle(&mut self) -> Result<Option<Vec<u8>>, TrainError> {
         Ok(self.bundle.take())
     }
+
+    fn save(
+        &mut self,
+        params: &[f32],
+        completed: u64,
+        last: bool,
+    ) -> Result<Option<PathBuf>, TrainError> {
+        let Some(dir) = &self.save_adapter else {
+            return Ok(None);
+        };
+        let name = if last {
+            "final".to_string()
+        } else if self.save_every > 0 && completed.is_multiple_of(self.save_every) {
+            format!("round-{completed}")
+        } else {
+            return Ok(None);
+        };
+        self.adapter.set_from_slice(params).map_err(train_error)?;
+        let path = dir.join(name);
+        fedveil_model::interop::save_adapter(&self.adapter, &path, &self.base_model)
+            .map_err(train_error)?;
+        Ok(Some(path))
+    }
 }
 
 impl LlmEvaluator {
@@ -956,6 +1012,8 @@ struct ServerSide {
     eval_records: Vec<Record>,
     peft: PeftConfig,
     offsite: Option<(OffsiteSection, Layout)>,
+    /// The adapter the federation starts from, if not a fresh one.
+    start: Option<Adapter>,
 }
 
 /// The evaluator, distilling the emulator first when asked.
@@ -970,6 +1028,7 @@ fn build_evaluator(
         eval_records,
         peft,
         offsite,
+        start,
     } = side;
     if eval.is_empty() {
         return Err(config_error(
@@ -982,8 +1041,12 @@ fn build_evaluator(
     }
     let full = loaded.model.clone();
     let mut rng = ChaCha20Rng::seed_from_u64(task.seed);
-    let adapter =
-        Adapter::new(peft.clone(), &full, &mut rng).map_err(|e| config_error("task.peft", e))?;
+    let adapter = match start {
+        Some(a) => a,
+        None => {
+            Adapter::new(peft.clone(), &full, &mut rng).map_err(|e| config_error("task.peft", e))?
+        }
+    };
     let initial = adapter.to_vec().map_err(|e| config_error("task.peft", e))?;
     let (emulator, bundle) = match offsite {
         None => (None, None),
@@ -1062,6 +1125,9 @@ fn build_evaluator(
         bundle,
         batch_size: task.eval_batch_size,
         max_len: task.max_len,
+        save_adapter: task.save_adapter.clone(),
+        save_every: task.save_every,
+        base_model: task.model.clone().unwrap_or_else(|| loaded.source.clone()),
     })
 }
 
@@ -1155,14 +1221,40 @@ fn distilled(
     Ok(model)
 }
 
-/// The adapter and layout for the server's plan.
+/// The federation's adapter: its configuration, offsite-tuning's layout,
+/// and the adapter it starts from when `task.adapter` names one.
+struct AdapterPlan {
+    peft: PeftConfig,
+    offsite: Option<(OffsiteSection, Layout)>,
+    start: Option<Adapter>,
+}
+
 fn plan_adapter(
     task: &LlmTask,
     offsite: Option<OffsiteSection>,
     model: &Llama,
-) -> Result<(PeftConfig, Option<(OffsiteSection, Layout)>), FedError> {
+) -> Result<AdapterPlan, FedError> {
+    if let Some(dir) = &task.adapter {
+        if offsite.is_some() {
+            return Err(config_error(
+                "task.adapter",
+                "starting from an adapter is not implemented with offsite-tuning",
+            ));
+        }
+        let adapter = fedveil_model::interop::load_adapter(dir, model)
+            .map_err(|e| config_error("task.adapter", e))?;
+        return Ok(AdapterPlan {
+            peft: adapter.config().clone(),
+            offsite: None,
+            start: Some(adapter),
+        });
+    }
     match offsite {
-        None => Ok((task.peft(), None)),
+        None => Ok(AdapterPlan {
+            peft: task.peft(),
+            offsite: None,
+            start: None,
+        }),
         Some(section) => {
             let layout = Layout::new(model.config().num_hidden_layers, &section.split())
                 .map_err(|e| config_error("offsite", e))?;
@@ -1173,7 +1265,11 @@ fn plan_adapter(
                 section.train_embeddings,
             )
             .map_err(|e| config_error("offsite", e))?;
-            Ok((peft, Some((section, layout))))
+            Ok(AdapterPlan {
+                peft,
+                offsite: Some((section, layout)),
+                start: None,
+            })
         }
     }
 }
@@ -1220,7 +1316,11 @@ pub(crate) fn server_evaluator(
     let loaded = load_model(task, task.model.as_deref())?;
     let records = interleave(task.sources("task.eval_data", &task.eval_data)?);
     let eval = held_out(task, &loaded, &records)?;
-    let (peft, offsite) = plan_adapter(task, offsite, &loaded.model)?;
+    let AdapterPlan {
+        peft,
+        offsite,
+        start,
+    } = plan_adapter(task, offsite, &loaded.model)?;
     Ok(Box::new(build_evaluator(
         progress,
         task,
@@ -1230,6 +1330,7 @@ pub(crate) fn server_evaluator(
             eval_records: records,
             peft,
             offsite,
+            start,
         },
     )?))
 }
@@ -1237,6 +1338,17 @@ pub(crate) fn server_evaluator(
 /// `fedveil client`'s trainer: on its own model, or waiting for the
 /// server's emulator when the config names no model.
 pub(crate) fn client_trainer(task: &LlmTask) -> Result<Box<dyn Trainer>, FedError> {
+    for (key, given) in [
+        ("task.adapter", task.adapter.is_some()),
+        ("task.save_adapter", task.save_adapter.is_some()),
+    ] {
+        if given {
+            return Err(config_error(
+                key,
+                "is the server's: a client trains the global adapter it receives",
+            ));
+        }
+    }
     let records = task.client_records()?;
     match &task.model {
         None => Ok(Box::new(LlmTrainer::waiting(task, records)?)),
@@ -1296,7 +1408,11 @@ pub(crate) fn in_process(
         split.report(&records)
     );
     let eval = held_out(task, &loaded, &eval_records)?;
-    let (peft, offsite) = plan_adapter(task, offsite, &loaded.model)?;
+    let AdapterPlan {
+        peft,
+        offsite,
+        start,
+    } = plan_adapter(task, offsite, &loaded.model)?;
     let parts: Vec<Vec<Record>> = (0..clients as usize)
         .map(|i| split.records(&records, i).into_iter().cloned().collect())
         .collect();
@@ -1314,6 +1430,7 @@ pub(crate) fn in_process(
             eval_records,
             peft,
             offsite,
+            start,
         },
     )?;
     let factory: fedveil_fed::in_process::TrainerFactory = Box::new(move |i| {

@@ -369,6 +369,18 @@ fn bad_task_configs_are_refused_by_key() {
             "offsite",
             "whatever",
         ),
+        (
+            &format!("{llm}save_every = 2"),
+            None,
+            "task.save_every",
+            "task.save_adapter, which is not given",
+        ),
+        (
+            &format!("{llm}adapter = \"a\"\n[peft]\nmethod = \"lora\""),
+            None,
+            "task.peft",
+            "brings its own configuration",
+        ),
     ];
     for (task, offsite, key, needle) in cases {
         let (path, reason) = config_path(parse(task, *offsite, &dir).err().unwrap());
@@ -413,6 +425,20 @@ fn bad_task_configs_are_refused_by_key() {
             "offsite.distill.data",
             "is required",
         ),
+        (
+            &format!(
+                "{llm}save_adapter = \"out\"\nsplit = {{ kind = \"iid\" }}\nshard = 0\nshards = 2"
+            ),
+            None,
+            "task.save_adapter",
+            "is the server's",
+        ),
+        (
+            &format!("{llm}adapter = \"nowhere\""),
+            None,
+            "task.adapter",
+            "is the server's",
+        ),
     ];
     for (task, offsite, key, needle) in built {
         let parsed = parse(task, *offsite, &dir).unwrap();
@@ -426,5 +452,19 @@ fn bad_task_configs_are_refused_by_key() {
             reason.contains(needle),
             "{task}: expected '{needle}' in: {reason}"
         );
+    }
+    // The server's side reads the adapter it starts from.
+    let server: &[(Option<&str>, &str)] = &[
+        (None, "adapter_config.json"),
+        (
+            Some("enabled = true\nadapter_bottom = 1\nadapter_top = 1"),
+            "not implemented with offsite-tuning",
+        ),
+    ];
+    for (offsite, needle) in server {
+        let parsed = parse(&format!("{llm}adapter = \"nowhere\""), *offsite, &dir).unwrap();
+        let (path, reason) = config_path(parsed.in_process(2, &mut |_| {}).err().unwrap());
+        assert_eq!(path, "task.adapter", "{reason}");
+        assert!(reason.contains(needle), "expected '{needle}' in: {reason}");
     }
 }

@@ -155,6 +155,8 @@ impl Server {
         });
         let t = Instant::now();
         self.checkpoint().await?;
+        self.save_model(round + 1, round + 1 == self.resolved.rounds)
+            .await?;
         metrics
             .stage_seconds
             .insert("checkpoint".into(), t.elapsed().as_secs_f64());
@@ -262,6 +264,27 @@ impl Server {
         tracing::info!(loss = e.loss, "the initial model");
         self.events.emit(Event::InitialEvaluation(e.clone()));
         Ok(Some(e))
+    }
+
+    /// Has the evaluator write the model of `completed` rounds out, when
+    /// its task saves models ([`crate::trainer::Evaluator::save`]).
+    pub(super) async fn save_model(&mut self, completed: u64, last: bool) -> Result<(), FedError> {
+        let mut evaluator = self
+            .evaluator
+            .take()
+            .ok_or_else(|| FedError::Internal("the evaluator is gone".into()))?;
+        let params = self.state.params.clone();
+        let (evaluator, result) = tokio::task::spawn_blocking(move || {
+            let r = evaluator.save(&params, completed, last);
+            (evaluator, r)
+        })
+        .await
+        .map_err(|e| FedError::Internal(format!("saving task: {e}")))?;
+        self.evaluator = Some(evaluator);
+        if let Some(path) = result? {
+            tracing::info!(round = completed, path = %path.display(), "saved the model");
+        }
+        Ok(())
     }
 
     pub(super) async fn checkpoint(&mut self) -> Result<(), FedError> {
