@@ -15,7 +15,9 @@ With --adapter, the model is the base with that PEFT adapter
   lm-evaluation-harness's `_encode_pair` splits them (trailing white space
   of the context moves to the continuation, the whole text is encoded
   without special tokens, the continuation is what follows the context's
-  own tokens).
+  own tokens). fedveil encodes with the tokenizer's special tokens, which
+  for SmolLM2 are none: the same ids; on a tokenizer that adds a BOS the two
+  differ by it.
 - One forward pass per choice over the last `max_len + 1` tokens; the
   score is the summed log-softmax of the continuation's tokens (float32).
 - `acc`: the choice with the highest score; `acc_norm`: the highest score

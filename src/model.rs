@@ -149,6 +149,12 @@ fn run_eval(args: &EvalArgs) -> anyhow::Result<ExitCode> {
     if records.is_empty() {
         anyhow::bail!("--task {} holds no records", args.task.display());
     }
+    if args.scores.is_some() && !records.iter().any(|r| r.is_multiple_choice()) {
+        anyhow::bail!(
+            "--scores writes each question's scores: {} holds no multiple-choice records",
+            args.task.display()
+        );
+    }
     let (loaded, _) = load_model(args.model.as_ref(), &args.quantize)?;
     let adapter = match &args.adapter {
         None => None,
@@ -168,6 +174,11 @@ fn run_eval(args: &EvalArgs) -> anyhow::Result<ExitCode> {
         args.max_len,
     )?;
     let seconds = started.elapsed().as_secs_f64();
+    if args.scores.is_some() && !matches!(result, Score::MultipleChoice(_)) {
+        anyhow::bail!(
+            "--scores writes each question's scores: the records are not multiple choice"
+        );
+    }
     if let (Some(out), Score::MultipleChoice(acc)) = (&args.scores, &result) {
         let mut text = String::new();
         for (i, s) in acc.scored.iter().enumerate() {

@@ -183,6 +183,13 @@ fn point_file(
     let dir = std::path::absolute(dir).with_context(|| format!("{}", dir.display()))?;
     file.federation.checkpoint_dir = Some(dir.join("checkpoint"));
     file.federation.metrics = Some(dir.join("metrics.jsonl"));
+    // Each point writes its own adapters, if the base file saves them.
+    if file.task.contains_key("save_adapter") {
+        file.task.insert(
+            "save_adapter".into(),
+            toml::Value::String(dir.join("adapter").display().to_string()),
+        );
+    }
     let text = toml::to_string(&file).context("writing the point's config")?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     crate::write_file(&dir.join("run.toml"), text.as_bytes())?;

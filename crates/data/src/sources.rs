@@ -123,6 +123,7 @@ const UNCONDITIONAL: u64 = 1_000_000;
 pub fn multiple_choice(task: &str, name: &str, text: &str) -> Result<Vec<Record>> {
     let mut out: Vec<Record> = Vec::new();
     let mut current: Option<(u64, usize)> = None;
+    let mut seen_ids = std::collections::HashSet::new();
     for line in json_lines(name, text) {
         let (v, bad) = line?;
         let doc_id = field(&v, &["doc_id"])
@@ -144,6 +145,11 @@ pub fn multiple_choice(task: &str, name: &str, text: &str) -> Result<Vec<Record>
             ));
         }
         if current.map(|(d, _)| d) != Some(doc_id) {
+            if !seen_ids.insert(doc_id) {
+                return Err(bad(format!(
+                    "question {doc_id} appears again after other questions"
+                )));
+            }
             let choices: Vec<String> = field(&v, &["doc", "choices"])
                 .and_then(Value::as_array)
                 .ok_or_else(|| bad("no array doc.choices".into()))?
@@ -416,6 +422,9 @@ mod tests {
         let swapped = [lines[1].clone(), lines[0].clone()].join("\n");
         let e = multiple_choice("t", "f", &swapped).unwrap_err();
         assert!(e.to_string().starts_with("f:1: request 1"), "{e}");
+        let again = [&lines[..2], &lines[3..], &lines[..2]].concat().join("\n");
+        let e = multiple_choice("t", "f", &again).unwrap_err();
+        assert!(e.to_string().contains("question 0 appears again"), "{e}");
         let e = multiple_choice("t", "f", &request(0, 0, "Other?", " blue")).unwrap_err();
         assert!(e.to_string().contains("does not end with doc.query"), "{e}");
     }

@@ -92,7 +92,8 @@ pub fn encode_pair(
 /// The log-likelihood of each request's continuation given its context
 /// (nats), in `requests`' order, evaluated in batches of `batch_size` of
 /// similar lengths. A request longer than `max_len + 1` tokens loses its
-/// first tokens; a continuation that does not fit is refused.
+/// first tokens; a continuation that does not fit is refused. `max_len` is
+/// lowered, where it must be, to what the model's positions hold.
 pub fn loglikelihoods(
     model: &Llama,
     adapter: Option<&Adapter>,
@@ -103,6 +104,17 @@ pub fn loglikelihoods(
     crate::pool::on_pool(|| loglikelihoods_on_pool(model, adapter, requests, batch_size, max_len))
 }
 
+/// `max_len`, lowered so that a text of `max_len + 1` tokens (and the
+/// adapter's virtual tokens) fits the model's positions and sliding window.
+fn fitted_max_len(model: &Llama, adapter: Option<&Adapter>, max_len: usize) -> usize {
+    let c = model.config();
+    let positions = c.sliding_window.map_or(c.max_position_embeddings, |w| {
+        w.min(c.max_position_embeddings)
+    });
+    let virtual_tokens = adapter.map_or(0, Adapter::virtual_tokens);
+    max_len.min(positions.saturating_sub(virtual_tokens + 1))
+}
+
 fn loglikelihoods_on_pool(
     model: &Llama,
     adapter: Option<&Adapter>,
@@ -110,6 +122,7 @@ fn loglikelihoods_on_pool(
     batch_size: usize,
     max_len: usize,
 ) -> Result<Vec<f64>> {
+    let max_len = fitted_max_len(model, adapter, max_len);
     let examples = requests
         .iter()
         .map(|r| {
@@ -163,6 +176,7 @@ pub fn shared_loglikelihoods(
     batch_size: usize,
     max_len: usize,
 ) -> Result<Vec<f64>> {
+    let max_len = fitted_max_len(model, adapter, max_len);
     let longest = continuations.iter().map(Vec::len).max().unwrap_or(0);
     if context.is_empty()
         || continuations.iter().any(Vec::is_empty)

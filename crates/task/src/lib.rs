@@ -127,10 +127,11 @@ impl TaskConfig {
                 serde_json::json!({
                     "train": sources(&task.data),
                     "eval": if task.eval_data.is_empty() { sources(&task.data) } else { sources(&task.eval_data) },
-                    "trained": if task.max_records > 0 {
-                        format!("the first {} records of each data source, less the held-out ones", task.max_records)
-                    } else {
-                        "every record of each data source, less the held-out ones".to_string()
+                    "trained": match (task.max_records, task.eval_data.is_empty()) {
+                        (0, true) => "every record of each data source, less the held-out ones".to_string(),
+                        (0, false) => "every record of each data source".to_string(),
+                        (n, true) => format!("the first {n} records of each data source, less the held-out ones"),
+                        (n, false) => format!("the first {n} records of each data source"),
                     },
                     "evaluated": held_out,
                     "split": task.split.as_ref().map_or("iid".to_string(), |s| s.name()),

@@ -958,18 +958,25 @@ impl Evaluator for LlmEvaluator {
         let Some(dir) = &self.save_adapter else {
             return Ok(None);
         };
-        let name = if last {
-            "final".to_string()
-        } else if self.save_every > 0 && completed.is_multiple_of(self.save_every) {
-            format!("round-{completed}")
-        } else {
+        let mut names = Vec::new();
+        if self.save_every > 0 && completed.is_multiple_of(self.save_every) {
+            names.push(format!("round-{completed}"));
+        }
+        if last {
+            names.push("final".to_string());
+        }
+        if names.is_empty() {
             return Ok(None);
-        };
+        }
         self.adapter.set_from_slice(params).map_err(train_error)?;
-        let path = dir.join(name);
-        fedveil_model::interop::save_adapter(&self.adapter, &path, &self.base_model)
-            .map_err(train_error)?;
-        Ok(Some(path))
+        let mut path = None;
+        for name in names {
+            let p = dir.join(name);
+            fedveil_model::interop::save_adapter(&self.adapter, &p, &self.base_model)
+                .map_err(train_error)?;
+            path = Some(p);
+        }
+        Ok(path)
     }
 }
 
@@ -1082,6 +1089,12 @@ fn build_evaluator(
             .map(|p| p.get_ids().to_vec())
             .map_err(|e| config_error(key, e))
     };
+    // A directory the adapters cannot be written to is found now, not
+    // after the first round.
+    if let Some(dir) = &task.save_adapter {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| config_error("task.save_adapter", format!("{}: {e}", dir.display())))?;
+    }
     let cap = eval_records.len().min(task.eval_examples);
     let questions = crate::score::questions(&eval_records[..cap], task.template)
         .map_err(|e| config_error("task.eval_data", e))?

@@ -196,6 +196,7 @@ fn a_multiple_choice_task_reports_held_out_accuracy_that_training_raises() {
         &format!(
             "kind = \"llm\"\nmodel = \"{}\"\ndata = \"mc.jsonl\"\neval_data = \"mc.jsonl\"\n\
              template = \"plain\"\nmax_len = 64\neval_examples = 8\n\
+             save_adapter = \"saved\"\nsave_every = 2\n\
              [peft]\nmethod = \"lora\"\nr = 4\nalpha = 8\ntarget_modules = [\"all-linear\"]\n",
             model.display()
         ),
@@ -238,6 +239,25 @@ fn a_multiple_choice_task_reports_held_out_accuracy_that_training_raises() {
         after.metrics["accuracy"]
     );
     assert_eq!(after.metrics["accuracy_stderr"], 0.0);
+    // The adapter is written after every second round, and the last round
+    // writes both its round-<n>/ and final/: the parameters given.
+    let saved = dir.join("saved");
+    assert!(saved.is_dir(), "created before the first round");
+    assert_eq!(evaluator.save(&moved, 3, false).unwrap(), None);
+    assert_eq!(
+        evaluator.save(&moved, 2, false).unwrap(),
+        Some(saved.join("round-2"))
+    );
+    assert_eq!(
+        evaluator.save(&moved, 4, true).unwrap(),
+        Some(saved.join("final"))
+    );
+    let loaded = fedveil_model::load::load(&model, &Device::Cpu).unwrap();
+    for name in ["round-2", "round-4", "final"] {
+        let a = fedveil_model::interop::load_adapter(&saved.join(name), &loaded.model).unwrap();
+        assert_eq!(a.to_vec().unwrap(), moved, "{name}");
+    }
+    assert!(!saved.join("round-3").exists());
     // Held-out records that mix multiple choice with other records are
     // refused, by key.
     let mut mixed = choice_records(4);
@@ -454,6 +474,15 @@ fn bad_task_configs_are_refused_by_key() {
         );
     }
     // The server's side reads the adapter it starts from.
+    std::fs::write(dir.join("a-file"), "").unwrap();
+    let parsed = parse(
+        &format!("{llm}save_adapter = \"a-file/adapters\""),
+        None,
+        &dir,
+    )
+    .unwrap();
+    let (path, _) = config_path(parsed.in_process(2, &mut |_| {}).err().unwrap());
+    assert_eq!(path, "task.save_adapter");
     let server: &[(Option<&str>, &str)] = &[
         (None, "adapter_config.json"),
         (

@@ -190,6 +190,8 @@ pub struct Server {
     initial: Option<tokio::task::JoinHandle<Evaluated>>,
     /// That evaluation, once taken back before the first round's.
     initial_done: Option<Evaluation>,
+    /// Whether the final model was handed to the evaluator to save.
+    saved_final: bool,
     randomness: Randomness,
     events: Emitter<Event>,
     hooks: ServerHooks,
@@ -417,6 +419,7 @@ impl Server {
             evaluator: Some(evaluator),
             initial: None,
             initial_done: None,
+            saved_final: false,
             randomness,
             events,
             hooks,
@@ -484,6 +487,12 @@ impl Server {
                 Ok(e) => self.state.evaluation = Some(e),
                 Err(e) => result = Err(e),
             }
+        }
+        // A federation that ended before its last round (its privacy
+        // budget spent) or resumed with nothing left to do still saves the
+        // model it ends with.
+        if result.is_ok() && self.state.completed > 0 && !self.saved_final {
+            self.save_model(self.state.completed, true).await;
         }
         let reason = match &result {
             Ok(r) => r.clone(),

@@ -156,7 +156,7 @@ impl Server {
         let t = Instant::now();
         self.checkpoint().await?;
         self.save_model(round + 1, round + 1 == self.resolved.rounds)
-            .await?;
+            .await;
         metrics
             .stage_seconds
             .insert("checkpoint".into(), t.elapsed().as_secs_f64());
@@ -267,24 +267,37 @@ impl Server {
     }
 
     /// Has the evaluator write the model of `completed` rounds out, when
-    /// its task saves models ([`crate::trainer::Evaluator::save`]).
-    pub(super) async fn save_model(&mut self, completed: u64, last: bool) -> Result<(), FedError> {
-        let mut evaluator = self
-            .evaluator
-            .take()
-            .ok_or_else(|| FedError::Internal("the evaluator is gone".into()))?;
+    /// its task saves models ([`crate::trainer::Evaluator::save`]). A
+    /// failure is logged and the federation goes on: the checkpoint holds
+    /// the same parameters.
+    pub(super) async fn save_model(&mut self, completed: u64, last: bool) {
+        let Some(mut evaluator) = self.evaluator.take() else {
+            tracing::error!("the evaluator is gone: the model of round {completed} is not saved");
+            return;
+        };
         let params = self.state.params.clone();
-        let (evaluator, result) = tokio::task::spawn_blocking(move || {
+        let joined = tokio::task::spawn_blocking(move || {
             let r = evaluator.save(&params, completed, last);
             (evaluator, r)
         })
-        .await
-        .map_err(|e| FedError::Internal(format!("saving task: {e}")))?;
-        self.evaluator = Some(evaluator);
-        if let Some(path) = result? {
-            tracing::info!(round = completed, path = %path.display(), "saved the model");
+        .await;
+        match joined {
+            Ok((evaluator, result)) => {
+                self.evaluator = Some(evaluator);
+                self.saved_final |= last;
+                match result {
+                    Ok(Some(path)) => {
+                        tracing::info!(round = completed, path = %path.display(), "saved the model");
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(
+                        round = completed,
+                        "could not save the model (the checkpoint keeps it): {e}"
+                    ),
+                }
+            }
+            Err(e) => tracing::error!(round = completed, "the saving task failed: {e}"),
         }
-        Ok(())
     }
 
     pub(super) async fn checkpoint(&mut self) -> Result<(), FedError> {
