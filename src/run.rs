@@ -142,3 +142,50 @@ pub fn run_local(
         })
     })
 }
+
+/// Runs the one party of a `fedveil run` file without a federation
+/// (FS-LLM's Global or Local baseline, [`fedveil_fed::one_party`]): the
+/// file's clients are the population whose records `party` names.
+pub fn run_alone(
+    file: RunFile,
+    base: &Path,
+    party: fedveil_task::Party,
+    bars: indicatif::MultiProgress,
+) -> anyhow::Result<fedveil_fed::server::Summary> {
+    let population = file.run.clients;
+    if population == 0 {
+        anyhow::bail!("run.clients: must be at least 1");
+    }
+    let plan = file.plan();
+    let one = plan.resolve_one_party()?;
+    let task = TaskConfig::parse(&file.task, file.offsite.as_ref(), base)?;
+    let (mut evaluator, mut trainer) =
+        task.one_party(population, party, &mut display::task_progress(&bars))?;
+    let bar = bars.add(
+        indicatif::ProgressBar::new(one.rounds).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix:>8} [{bar:32}] {pos}/{len} rounds · {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        ),
+    );
+    bar.set_prefix(match party {
+        fedveil_task::Party::Pooled => "global".to_string(),
+        fedveil_task::Party::Client(i) => format!("local {i}"),
+    });
+    let mut on_round = |m: &fedveil_fed::metrics::RoundMetrics| {
+        bar.set_message(format!("loss {:.4}", m.loss.unwrap_or(f64::NAN)));
+        bar.inc(1);
+    };
+    let summary = fedveil_fed::one_party::run(fedveil_fed::one_party::OnePartyRun {
+        plan: &one,
+        trainer: trainer.as_mut(),
+        evaluator: evaluator.as_mut(),
+        randomness: Randomness::os(),
+        metrics: plan.federation.metrics.clone(),
+        on_round: Some(&mut on_round),
+    })?;
+    bar.finish_and_clear();
+    Ok(summary)
+}

@@ -3,6 +3,12 @@
 //! run in this process from the same base run file; then utility against
 //! the ε actually spent, as CSV, JSON, a Markdown table and an SVG plot,
 //! with the points of other sweeps (`beside`) in the table and the plot.
+//!
+//! With `baselines`, each point also runs FS-LLM's Global baseline (one
+//! party holding every client's records) and Local baseline (each client
+//! alone), without a federation ([`fedveil_fed::one_party`]); with `seeds`,
+//! every run is repeated per seed, and the table, the summary CSV and the
+//! plot give the mean ± the standard deviation over the seeds.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -15,7 +21,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::display;
-use crate::run::run_local;
+use crate::run::{run_alone, run_local};
 
 #[derive(ClapArgs)]
 pub struct Args {
@@ -70,6 +76,49 @@ struct SweepSection {
     /// the table and the plot show beside this sweep's (they are not run).
     #[serde(default)]
     beside: Vec<PathBuf>,
+    /// What runs at each point: `"fed"` (the federation, the default),
+    /// `"global"` (one party with every client's records) and `"local"`
+    /// (each client alone, the mean over the clients).
+    #[serde(default)]
+    baselines: Vec<String>,
+    /// `task.seed` values: every run is repeated with each (default: the
+    /// base file's seed, once).
+    #[serde(default)]
+    seeds: Vec<u64>,
+}
+
+/// Who trains at one point: FS-LLM's comparison.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Baseline {
+    /// One party holding every client's records, without a federation.
+    Global,
+    /// The federation.
+    #[default]
+    Fed,
+    /// One client's records alone, without a federation.
+    Local,
+}
+
+impl Baseline {
+    fn parse(name: &str) -> anyhow::Result<Baseline> {
+        Ok(match name {
+            "global" => Baseline::Global,
+            "fed" => Baseline::Fed,
+            "local" => Baseline::Local,
+            other => anyhow::bail!(
+                "sweep.baselines: unknown baseline {other:?} (known: \"global\", \"fed\", \"local\")"
+            ),
+        })
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Baseline::Global => "Global",
+            Baseline::Fed => "Fed",
+            Baseline::Local => "Local",
+        }
+    }
 }
 
 fn default_metric() -> String {
@@ -136,21 +185,56 @@ struct Point {
     utility: Option<f64>,
     clients_failed: usize,
     seconds: f64,
+    /// Who trained (results written before sweeps had baselines: `fed`).
+    #[serde(default)]
+    baseline: Baseline,
+    /// The run's `task.seed`, when the task has one.
+    #[serde(default)]
+    seed: Option<u64>,
+    /// Local: which client trained alone.
+    #[serde(default)]
+    party: Option<u32>,
 }
 
-/// The run file of one point: the base file with the sweep's `--set`
-/// overrides, then the point's clients, rounds and privacy set on the
-/// typed file (written to `dir/run.toml` as it will run).
+/// One run of the sweep.
+#[derive(Copy, Clone, Debug)]
+struct Spec {
+    privacy: Privacy,
+    clients: Option<u32>,
+    rounds: Option<u64>,
+    seed: Option<u64>,
+    baseline: Baseline,
+    /// Local: the client that trains alone.
+    party: Option<u32>,
+}
+
+/// The run file of one run: the base file with the sweep's `--set`
+/// overrides, then the run's clients, rounds, seed and privacy set on the
+/// typed file (written to `dir/run.toml` as it will run). Global takes as
+/// many training steps per round as the federation's cohort does together,
+/// each of a client's batch (with record-level DP: the same expected batch,
+/// its sampling rate divided by the cohort size, since it holds that many
+/// clients' records): it sees as many records per round as the federation.
 fn point_file(
     base: &Path,
     text: &str,
     section: &SweepSection,
-    privacy: Privacy,
-    clients: Option<u32>,
-    rounds: Option<u64>,
+    spec: &Spec,
     dir: &Path,
 ) -> anyhow::Result<RunFile> {
+    let Spec {
+        privacy,
+        clients,
+        rounds,
+        seed,
+        baseline,
+        ..
+    } = *spec;
     let mut file = RunFile::parse_with(base, text, &section.set)?;
+    if let Some(seed) = seed {
+        let seed = i64::try_from(seed).context("sweep.seeds: a seed is too large")?;
+        file.task.insert("seed".into(), toml::Value::Integer(seed));
+    }
     if let Some(c) = clients {
         file.run.clients = c;
         if file.federation.cohort_size.is_some() {
@@ -177,6 +261,25 @@ fn point_file(
                 Privacy::TargetEpsilon(_) => (None, Some(z)),
                 _ => (Some(z), None),
             };
+        }
+    }
+    if baseline == Baseline::Global {
+        let n = file.run.clients;
+        let cohort = match (file.federation.cohort_size, file.federation.sampling_rate) {
+            (Some(c), _) => c,
+            (None, Some(q)) => ((q * f64::from(n)).round() as u32).max(1),
+            (None, None) => n,
+        };
+        file.training.local_steps = file
+            .training
+            .local_steps
+            .checked_mul(cohort)
+            .context("training.local_steps times the cohort size overflows")?;
+        if privacy != Privacy::None
+            && file.dp.unit == DpUnit::Record
+            && let Some(q) = file.dp.sampling_rate.as_mut()
+        {
+            *q /= f64::from(cohort);
         }
     }
     // Absolute: the file's own relative paths resolve against the base.
@@ -271,21 +374,81 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     } else {
         s.rounds.iter().copied().map(Some).collect()
     };
+    let mut baselines = Vec::new();
+    for b in &s.baselines {
+        let b = Baseline::parse(b)?;
+        anyhow::ensure!(
+            !baselines.contains(&b),
+            "sweep.baselines: {b:?} is named twice"
+        );
+        baselines.push(b);
+    }
+    if baselines.is_empty() {
+        baselines.push(Baseline::Fed);
+    }
+    baselines.sort();
+    let seeds: Vec<Option<u64>> = if s.seeds.is_empty() {
+        vec![None]
+    } else {
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in &s.seeds {
+            anyhow::ensure!(seen.insert(seed), "sweep.seeds: {seed} is named twice");
+        }
+        s.seeds.iter().copied().map(Some).collect()
+    };
     let mut grid = Vec::new();
-    for &c in &clients {
-        for &r in &rounds {
-            for &p in &privacies {
-                grid.push((p, c, r));
+    // Seeds outermost: a sweep cut short has whole seeds done.
+    for &seed in &seeds {
+        for &clients in &clients {
+            for &rounds in &rounds {
+                for &privacy in &privacies {
+                    for &baseline in &baselines {
+                        let spec = Spec {
+                            privacy,
+                            clients,
+                            rounds,
+                            seed,
+                            baseline,
+                            party: None,
+                        };
+                        if baseline != Baseline::Local {
+                            grid.push(spec);
+                            continue;
+                        }
+                        // One run per client: the base file's count unless
+                        // the sweep sets it.
+                        let n = match clients {
+                            Some(c) => c,
+                            None => RunFile::parse_with(&base, &base_text, &s.set)?.run.clients,
+                        };
+                        for i in 0..n {
+                            grid.push(Spec {
+                                party: Some(i),
+                                ..spec
+                            });
+                        }
+                    }
+                }
             }
         }
     }
-    // Every point's file is checked before the first runs.
+    // Every run's file is checked before the first runs.
     let mut files = Vec::with_capacity(grid.len());
-    for (i, &(p, c, r)) in grid.iter().enumerate() {
+    for (i, spec) in grid.iter().enumerate() {
         let dir = out.join(format!("run-{i:02}"));
-        let file = point_file(&base, &base_text, &s, p, c, r, &dir)
-            .with_context(|| format!("point {i} ({})", p.label()))?;
-        file.plan().resolve(file.run.clients, 1)?;
+        let what = || {
+            format!(
+                "run {i} ({}, {})",
+                spec.baseline.label(),
+                spec.privacy.label()
+            )
+        };
+        let file = point_file(&base, &base_text, &s, spec, &dir).with_context(what)?;
+        if spec.baseline == Baseline::Fed {
+            file.plan().resolve(file.run.clients, 1)?;
+        } else {
+            file.plan().resolve_one_party().with_context(what)?;
+        }
         files.push(file);
     }
     let bars = display::bars(!args.quiet);
@@ -296,18 +459,43 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let overall = bars.add(ProgressBar::new(grid.len() as u64).with_style(style));
     overall.set_prefix("sweep");
     let mut points = Vec::with_capacity(grid.len());
-    for (&(p, _, _), file) in grid.iter().zip(files) {
+    for (spec, file) in grid.iter().zip(files) {
+        let p = spec.privacy;
+        let who = match spec.party {
+            Some(i) => format!("Local (client {i})"),
+            None => spec.baseline.label().to_string(),
+        };
         overall.set_message(format!(
-            "{} · {} clients · {} rounds",
+            "{who} · {} · {} clients · {} rounds{}",
             p.label(),
             file.run.clients,
-            file.federation.rounds
+            file.federation.rounds,
+            spec.seed
+                .map(|s| format!(" · seed {s}"))
+                .unwrap_or_default()
         ));
         let started = Instant::now();
         let (clients, rounds) = (file.run.clients, file.federation.rounds);
         let unit = (p != Privacy::None).then_some(file.dp.unit);
-        let done = run_local(file, &base, bars.clone(), true)?;
-        let server = &done.outcome.server;
+        let seed = file
+            .task
+            .get("seed")
+            .and_then(|v| v.as_integer())
+            .map(|s| s as u64);
+        let (server, failed) = match (spec.baseline, spec.party) {
+            (Baseline::Fed, _) => {
+                let done = run_local(file, &base, bars.clone(), true)?;
+                (done.outcome.server, done.failed)
+            }
+            (_, party) => {
+                // A fresh start, as the federation's runs have.
+                if let Some(m) = &file.federation.metrics {
+                    let _ = std::fs::remove_file(m);
+                }
+                let party = party.map_or(fedveil_task::Party::Pooled, fedveil_task::Party::Client);
+                (run_alone(file, &base, party, bars.clone())?, 0)
+            }
+        };
         let utility = match s.metric.as_str() {
             "loss" => server.evaluation.as_ref().map(|e| e.loss),
             m => server
@@ -330,10 +518,20 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
                 .map(|e| e.metrics.clone())
                 .unwrap_or_default(),
             utility,
-            clients_failed: done.failed,
+            clients_failed: failed,
             seconds: started.elapsed().as_secs_f64(),
+            baseline: spec.baseline,
+            seed,
+            party: spec.party,
         });
         overall.inc(1);
+        // What is done so far, should the sweep be cut short (the plot
+        // waits for a run with the metric).
+        if let Err(e) = write_results(&out, &s.metric, &points, &beside)
+            && points.iter().any(|p| p.utility.is_some())
+        {
+            return Err(e);
+        }
     }
     overall.finish_and_clear();
     write_results(&out, &s.metric, &points, &beside)?;
@@ -349,26 +547,167 @@ fn fmt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "-".into(), |v| format!("{v:.digits$}"))
 }
 
-/// The table: this sweep's points, then those of the sweeps beside it
-/// (marked so).
+/// One cell of FS-LLM's comparison: the runs of one baseline at one
+/// privacy level, clients and rounds, over the seeds; Local's runs are
+/// first averaged over the clients of each seed.
+#[derive(Clone, Debug, Serialize)]
+struct Summary {
+    baseline: Baseline,
+    unit: Option<DpUnit>,
+    privacy: Privacy,
+    clients: u32,
+    rounds: u64,
+    /// The mean ε spent; none without differential privacy.
+    epsilon: Option<f64>,
+    initial_loss: Option<f64>,
+    /// The utility's mean over the seeds.
+    mean: Option<f64>,
+    /// Its sample standard deviation over the seeds (none with one seed).
+    std: Option<f64>,
+    /// Seeds with a utility.
+    seeds: usize,
+    /// Runs in all.
+    runs: usize,
+}
+
+fn mean(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+/// The sample standard deviation (n − 1); none below two values.
+fn std_dev(v: &[f64]) -> Option<f64> {
+    let m = mean(v)?;
+    (v.len() > 1)
+        .then(|| (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt())
+}
+
+/// The points grouped by (baseline, unit, privacy, clients, rounds), in
+/// the order they first appear.
+fn summarize(points: &[Point]) -> Vec<Summary> {
+    let mut groups: Vec<(Summary, Vec<&Point>)> = Vec::new();
+    for p in points {
+        let key = |s: &Summary| {
+            (s.baseline, s.unit, s.privacy, s.clients, s.rounds)
+                == (p.baseline, p.unit, p.privacy, p.clients, p.rounds)
+        };
+        match groups.iter_mut().find(|(s, _)| key(s)) {
+            Some((_, members)) => members.push(p),
+            None => groups.push((
+                Summary {
+                    baseline: p.baseline,
+                    unit: p.unit,
+                    privacy: p.privacy,
+                    clients: p.clients,
+                    rounds: p.rounds,
+                    epsilon: None,
+                    initial_loss: None,
+                    mean: None,
+                    std: None,
+                    seeds: 0,
+                    runs: 0,
+                },
+                vec![p],
+            )),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(mut s, members)| {
+            let mut by_seed: Vec<(Option<u64>, Vec<f64>)> = Vec::new();
+            for p in &members {
+                let Some(u) = p.utility else { continue };
+                match by_seed.iter_mut().find(|(seed, _)| *seed == p.seed) {
+                    Some((_, v)) => v.push(u),
+                    None => by_seed.push((p.seed, vec![u])),
+                }
+            }
+            let per_seed: Vec<f64> = by_seed.iter().filter_map(|(_, v)| mean(v)).collect();
+            let eps: Vec<f64> = members.iter().filter_map(|p| p.epsilon).collect();
+            let initial: Vec<f64> = members.iter().filter_map(|p| p.initial_loss).collect();
+            s.epsilon = mean(&eps);
+            s.initial_loss = mean(&initial);
+            s.mean = mean(&per_seed);
+            s.std = std_dev(&per_seed);
+            s.seeds = per_seed.len();
+            s.runs = members.len();
+            s
+        })
+        .collect()
+}
+
+/// Whether the table shows the comparison (baselines or several seeds)
+/// before the runs.
+fn compares(points: &[Point]) -> bool {
+    points.iter().any(|p| p.baseline != Baseline::Fed)
+        || summarize(points).iter().any(|s| s.runs > 1)
+}
+
+fn epsilon_cell(e: Option<f64>) -> String {
+    e.map_or_else(|| "∞ (no DP)".into(), |e| format!("{e:.2}"))
+}
+
+/// The table: with baselines or seeds, first the mean ± standard deviation
+/// of each baseline at each point; then every run. This sweep's rows come
+/// first, then those of the sweeps beside it (marked so).
 fn markdown(metric: &str, points: &[Point], beside: &[Point]) -> String {
-    let mut out = format!(
-        "| unit | privacy | clients | rounds | ε spent | initial loss | final loss | {metric} | seconds |\n\
-         |---|---|---|---|---|---|---|---|---|\n"
-    );
+    let compare = compares(points) || compares(beside);
+    let mut out = String::new();
+    if compare {
+        out.push_str(&format!(
+            "| baseline | unit | privacy | clients | rounds | ε spent | initial loss | {metric} (mean ± std) | seeds |\n\
+             |---|---|---|---|---|---|---|---|---|\n"
+        ));
+        let marked = summarize(points)
+            .into_iter()
+            .map(|s| (s, ""))
+            .chain(summarize(beside).into_iter().map(|s| (s, " (beside)")));
+        for (s, mark) in marked {
+            let value = match (s.mean, s.std) {
+                (Some(m), Some(d)) => format!("{m:.4} ± {d:.4}"),
+                (m, _) => fmt(m, 4),
+            };
+            out.push_str(&format!(
+                "| {}{mark} | {} | {} | {} | {} | {} | {} | {value} | {} |\n",
+                s.baseline.label(),
+                unit_label(s.unit),
+                s.privacy.label(),
+                s.clients,
+                s.rounds,
+                epsilon_cell(s.epsilon),
+                fmt(s.initial_loss, 4),
+                s.seeds
+            ));
+        }
+        out.push_str("\nEvery run:\n\n| baseline | seed ");
+    }
+    out.push_str(&format!(
+        "| unit | privacy | clients | rounds | ε spent | initial loss | final loss | {metric} | seconds |\n"
+    ));
+    out.push_str(if compare { "|---|---" } else { "" });
+    out.push_str("|---|---|---|---|---|---|---|---|---|\n");
     let marked = points
         .iter()
         .map(|p| (p, ""))
         .chain(beside.iter().map(|p| (p, " (beside)")));
     for (p, mark) in marked {
+        let mut unit = format!("{}{mark}", unit_label(p.unit));
+        if compare {
+            let who = match p.party {
+                Some(i) => format!("Local (client {i})"),
+                None => p.baseline.label().to_string(),
+            };
+            out.push_str(&format!(
+                "| {who}{mark} | {} ",
+                p.seed.map_or_else(|| "-".into(), |s| s.to_string())
+            ));
+            unit = unit_label(p.unit).to_string();
+        }
         out.push_str(&format!(
-            "| {}{mark} | {} | {} | {} | {} | {} | {} | {} | {:.0} |\n",
-            unit_label(p.unit),
+            "| {unit} | {} | {} | {} | {} | {} | {} | {} | {:.0} |\n",
             p.privacy.label(),
             p.clients,
             p.rounds,
-            p.epsilon
-                .map_or_else(|| "∞ (no DP)".into(), |e| format!("{e:.2}")),
+            epsilon_cell(p.epsilon),
             fmt(p.initial_loss, 4),
             fmt(p.loss, 4),
             fmt(p.utility, 4),
@@ -378,8 +717,19 @@ fn markdown(metric: &str, points: &[Point], beside: &[Point]) -> String {
     out
 }
 
-/// `results.csv` and `results.json` hold this sweep's points;
-/// `results.md` and `utility.svg` also show those `beside` it.
+/// The privacy's noise multiplier and target ε columns.
+fn privacy_columns(p: Privacy) -> (String, String) {
+    match p {
+        Privacy::None => (String::new(), String::new()),
+        Privacy::NoiseMultiplier(z) => (z.to_string(), String::new()),
+        Privacy::TargetEpsilon(e) => (String::new(), e.to_string()),
+    }
+}
+
+/// `results.csv` and `results.json` hold this sweep's runs (the JSON also
+/// its summary), `summary.csv` the mean ± standard deviation of each
+/// baseline at each point; `results.md` and `utility.svg` also show the
+/// sweeps `beside` it.
 fn write_results(
     out: &Path,
     metric: &str,
@@ -387,18 +737,14 @@ fn write_results(
     beside: &[Point],
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let o = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
     let mut csv = format!(
-        "privacy,noise_multiplier,target_epsilon,clients,rounds,epsilon,delta,initial_loss,loss,{metric},clients_failed,seconds,unit\n"
+        "privacy,noise_multiplier,target_epsilon,clients,rounds,epsilon,delta,initial_loss,loss,{metric},clients_failed,seconds,unit,baseline,seed,party\n"
     );
     for p in points {
-        let (z, t) = match p.privacy {
-            Privacy::None => (String::new(), String::new()),
-            Privacy::NoiseMultiplier(z) => (z.to_string(), String::new()),
-            Privacy::TargetEpsilon(e) => (String::new(), e.to_string()),
-        };
-        let o = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
+        let (z, t) = privacy_columns(p.privacy);
         csv.push_str(&format!(
-            "{},{z},{t},{},{},{},{},{},{},{},{},{:.3},{}\n",
+            "{},{z},{t},{},{},{},{},{},{},{},{},{:.3},{},{},{},{}\n",
             p.privacy.label(),
             p.clients,
             p.rounds,
@@ -409,11 +755,36 @@ fn write_results(
             o(p.utility),
             p.clients_failed,
             p.seconds,
-            unit_label(p.unit)
+            unit_label(p.unit),
+            p.baseline.label().to_lowercase(),
+            p.seed.map(|s| s.to_string()).unwrap_or_default(),
+            p.party.map(|s| s.to_string()).unwrap_or_default(),
         ));
     }
     crate::write_file(&out.join("results.csv"), csv.as_bytes())?;
-    let json = serde_json::json!({ "metric": metric, "points": points });
+    let summary = summarize(points);
+    let mut sum_csv = format!(
+        "baseline,unit,privacy,noise_multiplier,target_epsilon,clients,rounds,epsilon,initial_loss,{metric}_mean,{metric}_std,seeds,runs\n"
+    );
+    for s in &summary {
+        let (z, t) = privacy_columns(s.privacy);
+        sum_csv.push_str(&format!(
+            "{},{},{},{z},{t},{},{},{},{},{},{},{},{}\n",
+            s.baseline.label().to_lowercase(),
+            unit_label(s.unit),
+            s.privacy.label(),
+            s.clients,
+            s.rounds,
+            o(s.epsilon),
+            o(s.initial_loss),
+            o(s.mean),
+            o(s.std),
+            s.seeds,
+            s.runs
+        ));
+    }
+    crate::write_file(&out.join("summary.csv"), sum_csv.as_bytes())?;
+    let json = serde_json::json!({ "metric": metric, "points": points, "summary": summary });
     crate::write_file(
         &out.join("results.json"),
         serde_json::to_string_pretty(&json)?.as_bytes(),
@@ -426,30 +797,38 @@ fn write_results(
     plot(&out.join("utility.svg"), metric, &all)
 }
 
-/// Utility against ε (log scale), one line per (unit, clients, rounds);
-/// runs without differential privacy are dashed horizontal lines. A loss
-/// far above the starting model's (a run that diverged) would squash every
-/// other point into a line: it is drawn as a marker at the top edge with
-/// its value written beside it.
+/// Utility against ε (log scale), one line per (baseline, unit, clients,
+/// rounds) through the mean over the seeds, with error bars of ± one
+/// standard deviation; runs without differential privacy are dashed
+/// horizontal lines at their mean. A loss far above the starting model's
+/// (a run that diverged) would squash every other point into a line: it is
+/// drawn as a marker at the top edge with its value written beside it.
 fn plot(path: &Path, metric: &str, points: &[Point]) -> anyhow::Result<()> {
     use plotters::prelude::*;
-    let all_y: Vec<f64> = points.iter().filter_map(|p| p.utility).collect();
+    let summary = summarize(points);
+    let all_y: Vec<f64> = summary.iter().filter_map(|s| s.mean).collect();
     if all_y.is_empty() {
         anyhow::bail!("no run produced the metric {metric:?} to plot");
     }
+    let named = summary.iter().any(|s| s.baseline != Baseline::Fed);
     let start = points
         .iter()
         .filter_map(|p| p.initial_loss)
         .fold(f64::NEG_INFINITY, f64::max);
     let off_chart = |y: f64| metric == "loss" && start.is_finite() && y > 1.5 * start;
-    let (mut lo, mut hi) = all_y
+    let spread = |s: &Summary| s.std.unwrap_or(0.0);
+    let (mut lo, mut hi) = summary
         .iter()
-        .copied()
+        .filter_map(|s| Some((s.mean?, spread(s))))
+        .filter(|&(y, _)| !off_chart(y))
+        .flat_map(|(y, d)| [y - d, y + d])
         .chain(points.iter().filter_map(|p| p.initial_loss))
-        .filter(|&y| !off_chart(y))
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), y| {
             (a.min(y), b.max(y))
         });
+    if !lo.is_finite() {
+        (lo, hi) = (0.0, 1.0);
+    }
     let pad = ((hi - lo) * 0.1).max(1e-3);
     lo -= pad;
     hi += pad;
@@ -459,7 +838,7 @@ fn plot(path: &Path, metric: &str, points: &[Point]) -> anyhow::Result<()> {
     } else {
         hi
     };
-    let eps: Vec<f64> = points.iter().filter_map(|p| p.epsilon).collect();
+    let eps: Vec<f64> = summary.iter().filter_map(|s| s.epsilon).collect();
     let (emin, emax) = if eps.is_empty() {
         (0.1, 10.0)
     } else {
@@ -480,44 +859,76 @@ fn plot(path: &Path, metric: &str, points: &[Point]) -> anyhow::Result<()> {
     chart
         .configure_mesh()
         .x_desc("ε spent (δ = 1e-5, log scale; per client or per record, as the unit says)")
-        .y_desc(metric)
+        .y_desc(if named || summary.iter().any(|s| s.runs > 1) {
+            format!("{metric} (mean ± std over seeds)")
+        } else {
+            metric.to_string()
+        })
         .draw()
         .map_err(draw)?;
-    let mut series: Vec<(Option<DpUnit>, u32, u64)> = points
+    type Key = (Baseline, Option<DpUnit>, u32, u64);
+    let key = |s: &Summary| -> Key { (s.baseline, s.unit, s.clients, s.rounds) };
+    let mut series: Vec<Key> = summary
         .iter()
-        .filter(|p| p.epsilon.is_some())
-        .map(|p| (p.unit, p.clients, p.rounds))
+        .filter(|s| s.epsilon.is_some())
+        .map(key)
         .collect();
-    series.sort_by_key(|&(u, c, r)| (unit_label(u), c, r));
+    series.sort_by_key(|&(b, u, c, r)| (b, unit_label(u), c, r));
     series.dedup();
-    for (i, &(unit, c, r)) in series.iter().enumerate() {
+    let prefix = |b: Baseline| {
+        if named {
+            format!("{}: ", b.label())
+        } else {
+            String::new()
+        }
+    };
+    for (i, &k) in series.iter().enumerate() {
+        let (baseline, unit, c, r) = k;
         let colour = Palette99::pick(i).to_rgba();
-        let mut line: Vec<(f64, f64)> = points
+        let mut line: Vec<(f64, f64, f64)> = summary
             .iter()
-            .filter(|p| (p.unit, p.clients, p.rounds) == (unit, c, r))
-            .filter_map(|p| Some((p.epsilon?, p.utility?)))
-            .map(|(x, y)| (x, if off_chart(y) { top } else { y }))
+            .filter(|s| key(s) == k)
+            .filter_map(|s| Some((s.epsilon?, s.mean?, spread(s))))
+            .map(|(x, y, d)| {
+                if off_chart(y) {
+                    (x, top, 0.0)
+                } else {
+                    (x, y, d)
+                }
+            })
             .collect();
         line.sort_by(|a, b| a.0.total_cmp(&b.0));
         let label = match unit {
-            Some(u) => format!("{}-level DP, {c} clients, {r} rounds", unit_label(Some(u))),
-            None => format!("{c} clients, {r} rounds"),
+            Some(u) => format!(
+                "{}{}-level DP, {c} clients, {r} rounds",
+                prefix(baseline),
+                unit_label(Some(u))
+            ),
+            None => format!("{}{c} clients, {r} rounds", prefix(baseline)),
         };
         chart
-            .draw_series(LineSeries::new(line.clone(), colour.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                line.iter().map(|&(x, y, _)| (x, y)),
+                colour.stroke_width(2),
+            ))
             .map_err(draw)?
             .label(label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
         chart
             .draw_series(
                 line.iter()
-                    .map(|&(x, y)| Circle::new((x, y), 4, colour.filled())),
+                    .map(|&(x, y, _)| Circle::new((x, y), 4, colour.filled())),
             )
+            .map_err(draw)?;
+        chart
+            .draw_series(line.iter().filter(|&&(_, _, d)| d > 0.0).map(|&(x, y, d)| {
+                ErrorBar::new_vertical(x, y - d, y, y + d, colour.stroke_width(1), 8)
+            }))
             .map_err(draw)?;
     }
     // The values of the points off the chart, beside their markers.
-    for p in points.iter().filter(|p| p.epsilon.is_some()) {
-        if let (Some(x), Some(y)) = (p.epsilon, p.utility)
+    for s in summary.iter().filter(|s| s.epsilon.is_some()) {
+        if let (Some(x), Some(y)) = (s.epsilon, s.mean)
             && off_chart(y)
         {
             chart
@@ -530,10 +941,14 @@ fn plot(path: &Path, metric: &str, points: &[Point]) -> anyhow::Result<()> {
         }
     }
     // Runs without differential privacy: one dashed line each, grey.
-    let plain: Vec<&Point> = points.iter().filter(|p| p.epsilon.is_none()).collect();
-    for (i, p) in plain.iter().enumerate() {
-        let Some(y) = p.utility else { continue };
+    let plain: Vec<&Summary> = summary.iter().filter(|s| s.epsilon.is_none()).collect();
+    for (i, s) in plain.iter().enumerate() {
+        let Some(y) = s.mean else { continue };
         let grey = RGBColor(90, 90, 90).mix(0.9 - 0.3 * (i % 2) as f64);
+        let value = match s.std {
+            Some(d) => format!("{y:.4} ± {d:.4}"),
+            None => format!("{y:.4}"),
+        };
         chart
             .draw_series(DashedLineSeries::new(
                 vec![(emin, y), (emax, y)],
@@ -543,8 +958,10 @@ fn plot(path: &Path, metric: &str, points: &[Point]) -> anyhow::Result<()> {
             ))
             .map_err(draw)?
             .label(format!(
-                "no DP, {} clients, {} rounds: {y:.4}",
-                p.clients, p.rounds
+                "{}no DP, {} clients, {} rounds: {value}",
+                prefix(s.baseline),
+                s.clients,
+                s.rounds
             ))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey));
     }
@@ -597,7 +1014,51 @@ mod tests {
             utility: Some(loss),
             clients_failed: 0,
             seconds: 1.0,
+            baseline: Baseline::Fed,
+            seed: None,
+            party: None,
         }
+    }
+
+    /// Local's runs are averaged over the clients of each seed first; the
+    /// spread is the sample standard deviation over the seeds.
+    #[test]
+    fn the_summary_averages_local_clients_per_seed_then_takes_mean_and_std_over_seeds() {
+        let mut points = Vec::new();
+        for (seed, fed, local) in [(1, 1.0, [2.0, 4.0]), (2, 3.0, [4.0, 6.0])] {
+            let mut p = point(Some(DpUnit::Record), Some(4.0), fed);
+            p.seed = Some(seed);
+            points.push(p.clone());
+            for (i, &l) in local.iter().enumerate() {
+                let mut q = p.clone();
+                (q.baseline, q.party, q.utility) = (Baseline::Local, Some(i as u32), Some(l));
+                points.push(q);
+            }
+        }
+        let s = summarize(&points);
+        assert_eq!(s.len(), 2);
+        let fed = s.iter().find(|s| s.baseline == Baseline::Fed).unwrap();
+        assert_eq!((fed.mean, fed.seeds, fed.runs), (Some(2.0), 2, 2));
+        assert!((fed.std.unwrap() - 2f64.sqrt()).abs() < 1e-12);
+        // Local: seed 1 averages 3, seed 2 averages 5.
+        let local = s.iter().find(|s| s.baseline == Baseline::Local).unwrap();
+        assert_eq!((local.mean, local.seeds, local.runs), (Some(4.0), 2, 4));
+        assert!((local.std.unwrap() - 2f64.sqrt()).abs() < 1e-12);
+        let table = markdown("loss", &points, &[]);
+        assert!(
+            table.contains(
+                "| Local | record | target ε = 4 | 3 | 3 | 4.00 | 1.4732 | 4.0000 ± 1.4142 | 2 |"
+            ),
+            "{table}"
+        );
+        assert!(
+            table.contains("| Local (client 1) | 2 | record |"),
+            "{table}"
+        );
+        assert!(!table.contains("||"), "{table}");
+        // One seed: no spread.
+        let one = summarize(&points[..3]);
+        assert_eq!(one[0].std, None);
     }
 
     /// Both units on one plot, each its own line; a diverged run is a

@@ -620,6 +620,26 @@ max_len = 48
     assert_eq!(sizes.len(), 1, "the clients received different bundles");
 }
 
+/// `dir/run.toml`: three clients fine-tuning the tiny model's emulator on
+/// `dir/data.jsonl` (40 records, written here), distilled in
+/// `distill_steps` steps on `dir/owner.jsonl`; `extra` adds tables.
+fn offsite_run(dir: &Path, model: &Path, extra: &str, distill_steps: u32) {
+    write_records(&dir.join("data.jsonl"), &records(40, 0));
+    write_records(&dir.join("owner.jsonl"), &records(16, 500));
+    std::fs::write(
+        dir.join("run.toml"),
+        format!(
+            "[run]\nclients = 3\n{extra}[training]\nlocal_steps = 2\n\
+             batch_size = 4\nlearning_rate = 0.001\n[task]\nkind = \"llm\"\nmodel = \"{}\"\n\
+             data = \"data.jsonl\"\ntemplate = \"plain\"\nmax_len = 48\n[offsite]\n\
+             enabled = true\nadapter_bottom = 1\nadapter_top = 2\ndrop_ratio = 0.6\n\
+             [offsite.distill]\nsteps = {distill_steps}\ndata = \"owner.jsonl\"\n",
+            model.display()
+        ),
+    )
+    .unwrap();
+}
+
 // offsite-tuning.md §2.3: the emulator is distilled once per model,
 // layout, settings and data, then read back from the cache; an in-process
 // run logs both evaluations every round.
@@ -627,21 +647,8 @@ max_len = 48
 fn distillation_runs_once_and_an_in_process_offsite_run_evaluates_both_ways() {
     let dir = scratch("distill");
     let model = tiny_model(&dir);
-    write_records(&dir.join("data.jsonl"), &records(40, 0));
-    write_records(&dir.join("owner.jsonl"), &records(16, 500));
     let file = dir.join("run.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[run]\nclients = 3\n[federation]\nrounds = 2\n[training]\nlocal_steps = 2\n\
-             batch_size = 4\nlearning_rate = 0.001\n[task]\nkind = \"llm\"\nmodel = \"{}\"\n\
-             data = \"data.jsonl\"\ntemplate = \"plain\"\nmax_len = 48\n[offsite]\n\
-             enabled = true\nadapter_bottom = 1\nadapter_top = 2\ndrop_ratio = 0.6\n\
-             [offsite.distill]\nsteps = 3\ndata = \"owner.jsonl\"\n",
-            model.display()
-        ),
-    )
-    .unwrap();
+    offsite_run(&dir, &model, "[federation]\nrounds = 2\n", 3);
     let cache = dir.join("cache");
     let info = PathBuf::from("info");
     let env = [
@@ -756,6 +763,180 @@ fn a_sweep_writes_its_table_and_plot() {
     assert!(err.contains("x.toml"), "{err}");
 }
 
+// FS-LLM's comparison: at each privacy level and seed the sweep runs the
+// federation (Fed), one party with every client's records (Global) and each
+// client alone (Local), and reports the mean ± std over the seeds.
+#[test]
+fn a_sweep_runs_global_fed_and_local_over_seeds_with_mean_and_std() {
+    let dir = scratch("sweep-baselines");
+    std::fs::write(
+        dir.join("record.toml"),
+        "[run]\nclients = 4\n[federation]\nrounds = 2\ncohort_size = 4\n\
+         [training]\nlocal_steps = 3\nbatch_size = 32\nlearning_rate = 0.1\n\
+         [dp]\nunit = \"record\"\nclip = 1.0\nsampling_rate = 0.2\nnoise_multiplier = 1.0\n\
+         accountant = \"rdp\"\n[task]\nkind = \"synthetic\"\ndim = 4\nsamples_per_client = 64\n",
+    )
+    .unwrap();
+    let file = dir.join("sweep.toml");
+    std::fs::write(
+        &file,
+        "[sweep]\nbase = \"record.toml\"\nout = \"out\"\nnoise_multiplier = [0.0, 1.0]\n\
+         baselines = [\"global\", \"fed\", \"local\"]\nseeds = [1, 2, 3]\n",
+    )
+    .unwrap();
+    let (code, out, err) = fedveil(&["sweep", "--quiet", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    // Two privacy levels × three seeds × (Global, Fed, four Locals).
+    let csv = std::fs::read_to_string(dir.join("out/results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 2 * 3 * 6, "{csv}");
+    assert!(
+        csv.lines()
+            .next()
+            .unwrap()
+            .ends_with(",baseline,seed,party")
+    );
+    let summary = std::fs::read_to_string(dir.join("out/summary.csv")).unwrap();
+    let header: Vec<&str> = summary.lines().next().unwrap().split(',').collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let rows: Vec<Vec<&str>> = summary
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    assert_eq!(rows.len(), 6, "{summary}");
+    let row = |baseline: &str, dp: bool| {
+        rows.iter()
+            .find(|r| r[0] == baseline && (r[col("noise_multiplier")] == "1") == dp)
+            .unwrap_or_else(|| panic!("{baseline} {dp}: {summary}"))
+    };
+    for r in &rows {
+        assert_eq!(r[col("seeds")], "3", "{summary}");
+        let std: f64 = r[col("loss_std")].parse().unwrap();
+        assert!(std >= 0.0, "{summary}");
+    }
+    let eps = |b: &str| -> f64 { row(b, true)[col("epsilon")].parse().unwrap() };
+    for b in ["global", "fed", "local"] {
+        assert_eq!(
+            row(b, true)[col("runs")],
+            if b == "local" { "12" } else { "3" }
+        );
+        assert!(row(b, false)[col("epsilon")].is_empty(), "{summary}");
+    }
+    // A client alone spends what it spends in the federation; one party
+    // with every record, sampling each at a quarter of the rate, less.
+    assert!((eps("local") - eps("fed")).abs() < 1e-9, "{summary}");
+    assert!(eps("global") < 0.8 * eps("fed"), "{summary}");
+    // Pooled data and as many steps as the cohort: Global fits the pooled
+    // held-out data better than a client alone.
+    let loss = |b: &str| -> f64 { row(b, false)[col("loss_mean")].parse().unwrap() };
+    assert!(loss("global") < loss("local"), "{summary}");
+    // Global trains as much per round as the cohort together: four times a
+    // client's steps, at a quarter of its sampling rate.
+    let global = std::fs::read_to_string(dir.join("out/run-06/run.toml")).unwrap();
+    assert!(global.contains("local_steps = 12"), "{global}");
+    assert!(global.contains("sampling_rate = 0.05"), "{global}");
+    assert!(out.contains("| Global | record | z = 1 | 4 | 2 |"), "{out}");
+    assert!(out.contains("| Local (client 3) | 3 | record |"), "{out}");
+    assert!(out.contains(" ± "), "{out}");
+    let svg = std::fs::read_to_string(dir.join("out/utility.svg")).unwrap();
+    assert!(
+        svg.contains("Global: record-level DP, 4 clients, 2 rounds"),
+        "{svg}"
+    );
+    assert!(svg.contains("mean ± std over seeds"), "{svg}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("out/results.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["summary"].as_array().unwrap().len(), 6);
+    let refused = |sweep: &str| -> String {
+        std::fs::write(&file, format!("[sweep]\nout = \"o\"\n{sweep}")).unwrap();
+        let (code, _, err) = fedveil(&["sweep", file.to_str().unwrap()]);
+        assert_eq!(code, 2, "{err}");
+        err
+    };
+    // An unknown baseline is named.
+    let err =
+        refused("base = \"record.toml\"\ntarget_epsilon = [4.0]\nbaselines = [\"central\"]\n");
+    assert!(err.contains("\"central\""), "{err}");
+    // Client-level DP hides a client among many: one party has none.
+    std::fs::write(
+        dir.join("client.toml"),
+        "[run]\nclients = 4\n[training]\nlocal_steps = 3\n[federation]\nrounds = 2\n\
+         [dp]\nplacement = \"distributed\"\nclip = 1.0\nnoise_multiplier = 1.0\n\
+         [task]\nkind = \"synthetic\"\ndim = 4\n",
+    )
+    .unwrap();
+    let err = refused(
+        "base = \"client.toml\"\nnoise_multiplier = [1.0]\nbaselines = [\"global\", \"fed\"]\n",
+    );
+    assert!(err.contains("dp.placement"), "{err}");
+}
+
+// The Global and Local baselines of a language-model task: one party with
+// every client's records, or one client's, the emulator from the
+// evaluator's bundle (offsite-tuning), record-level DP accounted by the
+// party itself (protocols/federation.md §6.2).
+#[test]
+fn a_language_model_sweep_runs_global_and_local_without_a_federation() {
+    let dir = scratch("sweep-llm-baselines");
+    let model = tiny_model(&dir);
+    offsite_run(
+        &dir,
+        &model,
+        "[federation]\nrounds = 1\n[dp]\nunit = \"record\"\nclip = 1.0\nsampling_rate = 0.25\n\
+         noise_multiplier = 1.0\naccountant = \"rdp\"\n",
+        2,
+    );
+    let file = dir.join("sweep.toml");
+    std::fs::write(
+        &file,
+        "[sweep]\nbase = \"run.toml\"\nout = \"out\"\nnoise_multiplier = [1.0]\n\
+         baselines = [\"global\", \"local\"]\n",
+    )
+    .unwrap();
+    let cache = dir.join("cache");
+    let info = PathBuf::from("info");
+    let env = [
+        ("FEDVEIL_CACHE", cache.as_path()),
+        ("FEDVEIL_LOG", info.as_path()),
+    ];
+    let (code, _, err) = fedveil_env(&["sweep", "--quiet", file.to_str().unwrap()], &env);
+    assert_eq!(code, 0, "{err}");
+    // Global holds every client's records; each Local run one client's.
+    let held: Vec<(usize, usize)> = err
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split("one party holding ").nth(1)?;
+            let mut words = rest.split(' ');
+            let n = words.next()?.parse().ok()?;
+            let all = words.nth(2)?.parse().ok()?;
+            Some((n, all))
+        })
+        .collect();
+    assert_eq!(held.len(), 4, "{err}");
+    let all = held[0].1;
+    assert_eq!(held[0].0, all, "{err}");
+    assert_eq!(held[1..].iter().map(|h| h.0).sum::<usize>(), all, "{err}");
+    assert!(held[1..].iter().all(|h| h.0 > 0 && h.0 < all), "{err}");
+    let csv = std::fs::read_to_string(dir.join("out/results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 5, "{csv}");
+    for l in csv.lines().skip(1) {
+        let eps: f64 = l.split(',').nth(5).unwrap().parse().unwrap();
+        assert!(eps > 0.0 && eps.is_finite(), "{csv}");
+    }
+    // The federation's metrics lines, with a cohort of one, both offsite
+    // evaluations and the ε spent.
+    let lines = metrics_lines(&dir.join("out/run-00/metrics.jsonl"));
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["cohort"], 1, "{}", lines[0]);
+    assert!(
+        lines[0]["eval"]["emulator_loss"].as_f64().is_some(),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[0]["epsilon"].as_f64().unwrap() > 0.0, "{}", lines[0]);
+}
+
 // A sweep whose base file has record-level DP sweeps each client's DP-SGD
 // noise (protocols/dp.md §8): more noise spends less ε per record.
 #[test]
@@ -792,10 +973,17 @@ fn a_sweep_over_record_level_noise_spends_less_with_more_noise() {
     assert!(low > high && high > 0.0, "{out}\n{csv}");
     assert_eq!(eps(""), None, "no ε without DP: {csv}");
     // The last column names the unit: record-level for the noised points.
+    let unit = csv
+        .lines()
+        .next()
+        .unwrap()
+        .split(',')
+        .position(|c| c == "unit")
+        .unwrap();
     let units: Vec<&str> = csv
         .lines()
         .skip(1)
-        .map(|l| l.rsplit(',').next().unwrap())
+        .map(|l| l.split(',').nth(unit).unwrap())
         .collect();
     assert_eq!(units, ["none", "record", "record"], "{csv}");
     // Target ε values, `inf` for a run without DP, and the first sweep's

@@ -324,6 +324,16 @@ pub struct ResolvedRecordDp {
     pub planned_epsilon: f64,
 }
 
+/// A validated plan of a run with one party ([`Plan::resolve_one_party`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct OnePartyPlan {
+    pub rounds: u64,
+    /// With the record-level DP mechanism set, when `[dp]` asks for it.
+    pub training: TrainingConfig,
+    pub optimizer: Hyper,
+    pub record: Option<ResolvedRecordDp>,
+}
+
 /// A validated plan with every default and derived value filled in.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Resolved {
@@ -628,6 +638,45 @@ impl Plan {
             checkpoint_dir: f.checkpoint_dir.clone(),
             metrics: f.metrics.clone(),
             unprotected: f.aggregation == AggregationName::Unprotected,
+        })
+    }
+
+    /// The plan of a run with one party and no federation: FS-LLM's Global
+    /// and Local baselines (`fedveil sweep`, [`crate::one_party`]). The
+    /// rounds, the training, the server optimiser and record-level DP are
+    /// this file's; there is nothing to aggregate, so `[secagg]`, the
+    /// cohort and the deadlines play no part. Client-level DP is refused:
+    /// it hides one client among many, and here there is one party.
+    pub fn resolve_one_party(&self) -> Result<OnePartyPlan, FedError> {
+        if self.federation.rounds == 0 {
+            return Err(FedError::config("federation.rounds", "must be at least 1"));
+        }
+        self.training
+            .validate()
+            .map_err(|(k, r)| FedError::config(format!("training.{k}"), r))?;
+        if self.training.record_dp.is_some() {
+            return Err(FedError::config(
+                "training.record_dp",
+                "is set by the server from [dp] unit = \"record\", not in [training]",
+            ));
+        }
+        let optimizer = self.optimizer.resolve()?;
+        if self.dp.unit != DpUnit::Record && self.dp.placement != PlacementName::None {
+            return Err(FedError::config(
+                "dp.placement",
+                "client-level DP hides one client among many, and a run with one party has \
+                 none to hide among: use record-level DP (dp.unit = \"record\") or none",
+            ));
+        }
+        let record = self.resolve_record_dp()?;
+        Ok(OnePartyPlan {
+            rounds: self.federation.rounds,
+            training: TrainingConfig {
+                record_dp: record.as_ref().map(|r| r.mechanism),
+                ..self.training.clone()
+            },
+            optimizer,
+            record,
         })
     }
 

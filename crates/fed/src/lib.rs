@@ -22,6 +22,7 @@
 //! - [`metrics`]: per-round metrics (JSONL);
 //! - [`randomness`]: where every random choice comes from;
 //! - [`server`], [`client`], [`in_process`]: the runtimes;
+//! - [`one_party`]: training in one place, the Global and Local baselines;
 //! - [`adversary`]: the hooks `fedveil audit` plays a malicious server through.
 
 #![forbid(unsafe_code)]
@@ -35,6 +36,7 @@ pub mod encoding;
 pub mod in_process;
 pub mod ledger;
 pub mod metrics;
+pub mod one_party;
 pub mod optimizer;
 pub mod randomness;
 pub mod server;

@@ -32,6 +32,19 @@ pub mod synthetic;
 pub use llm::{LlmTask, OffsiteSection};
 pub use synthetic::{SyntheticConfig, SyntheticEvaluator, SyntheticTrainer};
 
+/// Whose data the one party of a run without a federation holds
+/// ([`TaskConfig::one_party`]): FS-LLM's Global and Local baselines.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Party {
+    /// Every record the federation's clients hold, together (Global).
+    Pooled,
+    /// Client `i`'s records alone (Local).
+    Client(u32),
+}
+
+/// The evaluator and the one trainer of a run without a federation.
+pub type OneParty = (Box<dyn Evaluator>, Box<dyn Trainer>);
+
 /// The task kinds, as `task.kind` names them.
 pub const KINDS: &[&str] = &["synthetic", "llm"];
 
@@ -188,6 +201,46 @@ impl TaskConfig {
                 Ok(Box::new(SyntheticTrainer::new(cfg, shard)?))
             }
             TaskConfig::Llm { task, .. } => llm::client_trainer(task),
+        }
+    }
+
+    /// The evaluator and the one trainer of a run without a federation
+    /// ([`fedveil_fed::one_party`]) set beside a federation of `population`
+    /// clients: the trainer holds what `party` says, from the same split
+    /// the federation deals out, and the evaluator is the federation's
+    /// (the same held-out records).
+    pub fn one_party(
+        &self,
+        population: u32,
+        party: Party,
+        progress: OnProgress<'_>,
+    ) -> Result<OneParty, FedError> {
+        if let Party::Client(i) = party
+            && i >= population
+        {
+            return Err(FedError::config(
+                "run.clients",
+                format!("client {i} is not among the {population} clients"),
+            ));
+        }
+        match self {
+            TaskConfig::Synthetic(cfg) => {
+                if cfg.shard.is_some() {
+                    return Err(FedError::config(
+                        "task.shard",
+                        "a run without a federation chooses the party's data; remove it",
+                    ));
+                }
+                let evaluator = Box::new(SyntheticEvaluator::new(cfg, population)?);
+                let trainer = match party {
+                    Party::Pooled => SyntheticTrainer::pooled(cfg, population)?,
+                    Party::Client(i) => SyntheticTrainer::new(cfg, i)?,
+                };
+                Ok((evaluator, Box::new(trainer)))
+            }
+            TaskConfig::Llm { task, offsite } => {
+                llm::one_party(task, offsite.clone(), population, party, progress)
+            }
         }
     }
 

@@ -1375,15 +1375,27 @@ pub(crate) fn client_trainer(task: &LlmTask) -> Result<Box<dyn Trainer>, FedErro
     }
 }
 
-/// `fedveil run`: the evaluator and the trainers of `clients` clients,
-/// client `i` holding part `i` of the split data. The model is loaded
-/// once and shared by everyone in the process.
-pub(crate) fn in_process(
+/// The parts of a run in one process: the server's evaluator, and what a
+/// trainer is made of.
+struct Prepared {
+    evaluator: LlmEvaluator,
+    /// Part `i` of the split for client `i`.
+    parts: Vec<Vec<Record>>,
+    /// The base model a trainer starts from (none with offsite-tuning:
+    /// trainers get the emulator from the server's bundle).
+    client_model: Option<Loaded>,
+    peft: PeftConfig,
+}
+
+/// The evaluator and every client's records of a federation of `clients`
+/// clients, as `fedveil run` and the runs without a federation set beside
+/// it deal them out. The model is loaded once.
+fn prepare(
     task: &LlmTask,
     offsite: Option<OffsiteSection>,
     clients: u32,
     progress: OnProgress<'_>,
-) -> Result<(Box<dyn Evaluator>, fedveil_fed::in_process::TrainerFactory), FedError> {
+) -> Result<Prepared, FedError> {
     if task.shard.is_some() || task.shards.is_some() {
         return Err(config_error(
             "task.shard",
@@ -1429,11 +1441,7 @@ pub(crate) fn in_process(
     let parts: Vec<Vec<Record>> = (0..clients as usize)
         .map(|i| split.records(&records, i).into_iter().cloned().collect())
         .collect();
-    // Offsite-tuning clients get their model from the server's bundle.
     let client_model = offsite.is_none().then(|| loaded.clone());
-    let shared = Arc::new((task.clone(), parts, client_model, peft.clone()));
-    // The process's clients train one at a time.
-    let turns = Arc::new(Mutex::new(()));
     let evaluator = build_evaluator(
         progress,
         task,
@@ -1441,11 +1449,37 @@ pub(crate) fn in_process(
             loaded,
             eval,
             eval_records,
-            peft,
+            peft: peft.clone(),
             offsite,
             start,
         },
     )?;
+    Ok(Prepared {
+        evaluator,
+        parts,
+        client_model,
+        peft,
+    })
+}
+
+/// `fedveil run`: the evaluator and the trainers of `clients` clients,
+/// client `i` holding part `i` of the split data. The model is loaded
+/// once and shared by everyone in the process.
+pub(crate) fn in_process(
+    task: &LlmTask,
+    offsite: Option<OffsiteSection>,
+    clients: u32,
+    progress: OnProgress<'_>,
+) -> Result<(Box<dyn Evaluator>, fedveil_fed::in_process::TrainerFactory), FedError> {
+    let Prepared {
+        evaluator,
+        parts,
+        client_model,
+        peft,
+    } = prepare(task, offsite, clients, progress)?;
+    let shared = Arc::new((task.clone(), parts, client_model, peft));
+    // The process's clients train one at a time.
+    let turns = Arc::new(Mutex::new(()));
     let factory: fedveil_fed::in_process::TrainerFactory = Box::new(move |i| {
         let (task, parts, loaded, peft) = &*shared;
         let records = parts
@@ -1460,4 +1494,39 @@ pub(crate) fn in_process(
         Ok(Box::new(t) as Box<dyn Trainer>)
     });
     Ok((Box::new(evaluator), factory))
+}
+
+/// A run without a federation beside one of `population` clients
+/// ([`crate::TaskConfig::one_party`]): the federation's evaluator, and one
+/// trainer holding every client's records (Global) or client `i`'s.
+pub(crate) fn one_party(
+    task: &LlmTask,
+    offsite: Option<OffsiteSection>,
+    population: u32,
+    party: crate::Party,
+    progress: OnProgress<'_>,
+) -> Result<crate::OneParty, FedError> {
+    let Prepared {
+        evaluator,
+        parts,
+        client_model,
+        peft,
+    } = prepare(task, offsite, population, progress)?;
+    let all: usize = parts.iter().map(Vec::len).sum();
+    let records: Vec<Record> = match party {
+        crate::Party::Pooled => parts.concat(),
+        crate::Party::Client(i) => parts
+            .into_iter()
+            .nth(i as usize)
+            .ok_or_else(|| FedError::Internal(format!("no data for client {i}")))?,
+    };
+    tracing::info!(
+        "one party holding {} of the {all} records the {population} clients hold",
+        records.len()
+    );
+    let trainer = match &client_model {
+        None => LlmTrainer::waiting(task, records)?,
+        Some(loaded) => LlmTrainer::with_model(task, records, loaded, peft)?,
+    };
+    Ok((Box::new(evaluator), Box::new(trainer)))
 }

@@ -187,6 +187,31 @@ impl SyntheticTrainer {
     }
 }
 
+impl SyntheticTrainer {
+    /// One party holding the examples of every client of a population of
+    /// `population` (FS-LLM's Global baseline).
+    pub fn pooled(cfg: &SyntheticConfig, population: u32) -> Result<Self, fedveil_fed::FedError> {
+        cfg.validate()?;
+        if population == 0 {
+            return Err(fedveil_fed::FedError::config(
+                "task",
+                "the population is empty",
+            ));
+        }
+        let w = true_weights(cfg);
+        let (mut x, mut y) = (Vec::new(), Vec::new());
+        for c in 0..population {
+            let s = shard(cfg, &w, c);
+            x.extend_from_slice(&s.x);
+            y.extend_from_slice(&s.y);
+        }
+        Ok(SyntheticTrainer {
+            dim: cfg.dim,
+            data: Shard { x, y },
+        })
+    }
+}
+
 impl Trainer for SyntheticTrainer {
     fn dim(&self) -> usize {
         self.dim
