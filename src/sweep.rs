@@ -34,6 +34,10 @@ pub struct Args {
     /// results.json.
     #[arg(long)]
     replot: bool,
+    /// Keep the runs a cut-short sweep finished (those whose run.toml is
+    /// unchanged and whose point.json was written) and run the rest.
+    #[arg(long)]
+    resume: bool,
 }
 
 /// A sweep file.
@@ -211,10 +215,10 @@ struct Spec {
 /// The run file of one run: the base file with the sweep's `--set`
 /// overrides, then the run's clients, rounds, seed and privacy set on the
 /// typed file (written to `dir/run.toml` as it will run). Global takes as
-/// many training steps per round as the federation's cohort does together,
-/// each of a client's batch (with record-level DP: the same expected batch,
-/// its sampling rate divided by the cohort size, since it holds that many
-/// clients' records): it sees as many records per round as the federation.
+/// many training steps per round as the federation's cohort of `m` does
+/// together, each of a client's batch (with record-level DP: the same
+/// expected batch, its sampling rate divided by the `n` clients whose
+/// records it holds): it sees as many records per round as the federation.
 fn point_file(
     base: &Path,
     text: &str,
@@ -275,11 +279,14 @@ fn point_file(
             .local_steps
             .checked_mul(cohort)
             .context("training.local_steps times the cohort size overflows")?;
+        // n clients' records pooled: a client's expected batch, and each
+        // record sampled as often per round as in the federation (where
+        // its client is in the cohort with probability m / n).
         if privacy != Privacy::None
             && file.dp.unit == DpUnit::Record
             && let Some(q) = file.dp.sampling_rate.as_mut()
         {
-            *q /= f64::from(cohort);
+            *q /= f64::from(n);
         }
     }
     // Absolute: the file's own relative paths resolve against the base.
@@ -297,6 +304,59 @@ fn point_file(
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     crate::write_file(&dir.join("run.toml"), text.as_bytes())?;
     Ok(file)
+}
+
+/// A finished run's point, kept in its directory beside its run.toml.
+const POINT_FILE: &str = "point.json";
+
+/// The point a finished run left in `dir`, if its run.toml was `before`
+/// and is still the same (the run would run as it did) and the point is
+/// this run's (the same baseline, client, seed, privacy, clients and
+/// rounds); its utility is taken afresh for `metric`.
+fn finished(
+    dir: &Path,
+    before: Option<&str>,
+    spec: &Spec,
+    file: &RunFile,
+    metric: &str,
+) -> Option<Point> {
+    let now = std::fs::read_to_string(dir.join("run.toml")).ok()?;
+    if before? != now {
+        return None;
+    }
+    let mut p: Point =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(POINT_FILE)).ok()?).ok()?;
+    let seed = file
+        .task
+        .get("seed")
+        .and_then(|v| v.as_integer())
+        .map(|s| s as u64);
+    let same = (p.baseline, p.party, p.seed, p.privacy, p.clients, p.rounds)
+        == (
+            spec.baseline,
+            spec.party,
+            seed,
+            spec.privacy,
+            file.run.clients,
+            file.federation.rounds,
+        );
+    if !same {
+        return None;
+    }
+    p.utility = utility_of(metric, p.loss, &p.eval);
+    Some(p)
+}
+
+/// The plotted utility: the loss, or an evaluation metric.
+fn utility_of(
+    metric: &str,
+    loss: Option<f64>,
+    eval: &std::collections::BTreeMap<String, f64>,
+) -> Option<f64> {
+    match metric {
+        "loss" => loss,
+        m => eval.get(m).copied(),
+    }
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
@@ -357,6 +417,24 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             anyhow::bail!("sweep: noise_multiplier and target_epsilon exclude each other")
         }
     };
+    for (i, p) in privacies.iter().enumerate() {
+        anyhow::ensure!(
+            !privacies[..i].contains(p),
+            "sweep: {} is named twice",
+            p.label()
+        );
+    }
+    for (key, values) in [
+        (
+            "clients",
+            s.clients.iter().map(|&c| u64::from(c)).collect::<Vec<_>>(),
+        ),
+        ("rounds", s.rounds.clone()),
+    ] {
+        for (i, v) in values.iter().enumerate() {
+            anyhow::ensure!(!values[..i].contains(v), "sweep.{key}: {v} is named twice");
+        }
+    }
     for p in &privacies {
         if let Privacy::NoiseMultiplier(v) | Privacy::TargetEpsilon(v) = p
             && !(v.is_finite() && *v > 0.0)
@@ -443,13 +521,25 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
                 spec.privacy.label()
             )
         };
+        let before = std::fs::read_to_string(dir.join("run.toml")).ok();
+        // A fresh sweep forgets what an earlier one in this place ran.
+        if !args.resume {
+            let _ = std::fs::remove_file(dir.join(POINT_FILE));
+        }
         let file = point_file(&base, &base_text, &s, spec, &dir).with_context(what)?;
+        let done = if args.resume {
+            finished(&dir, before.as_deref(), spec, &file, &s.metric)
+        } else {
+            None
+        };
         if spec.baseline == Baseline::Fed {
-            file.plan().resolve(file.run.clients, 1)?;
+            file.plan()
+                .resolve(file.run.clients, 1)
+                .with_context(what)?;
         } else {
             file.plan().resolve_one_party().with_context(what)?;
         }
-        files.push(file);
+        files.push((file, done, dir));
     }
     let bars = display::bars(!args.quiet);
     display::init_logging("warn", &bars);
@@ -459,7 +549,16 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let overall = bars.add(ProgressBar::new(grid.len() as u64).with_style(style));
     overall.set_prefix("sweep");
     let mut points = Vec::with_capacity(grid.len());
-    for (spec, file) in grid.iter().zip(files) {
+    let kept = files.iter().filter(|f| f.1.is_some()).count();
+    if args.resume {
+        eprintln!("resuming: {kept} of {} runs finished before", grid.len());
+    }
+    for (spec, (file, done, dir)) in grid.iter().zip(files) {
+        if let Some(point) = done {
+            points.push(point);
+            overall.inc(1);
+            continue;
+        }
         let p = spec.privacy;
         let who = match spec.party {
             Some(i) => format!("Local (client {i})"),
@@ -503,7 +602,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
                 .as_ref()
                 .and_then(|e| e.metrics.get(m).copied()),
         };
-        points.push(Point {
+        let point = Point {
             privacy: p,
             unit,
             clients,
@@ -523,7 +622,12 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
             baseline: spec.baseline,
             seed,
             party: spec.party,
-        });
+        };
+        crate::write_file(
+            &dir.join(POINT_FILE),
+            serde_json::to_string_pretty(&point)?.as_bytes(),
+        )?;
+        points.push(point);
         overall.inc(1);
         // What is done so far, should the sweep be cut short (the plot
         // waits for a run with the metric).
@@ -568,6 +672,9 @@ struct Summary {
     seeds: usize,
     /// Runs in all.
     runs: usize,
+    /// From a sweep beside this one (the plot draws it apart).
+    #[serde(skip)]
+    beside: bool,
 }
 
 fn mean(v: &[f64]) -> Option<f64> {
@@ -605,6 +712,7 @@ fn summarize(points: &[Point]) -> Vec<Summary> {
                     std: None,
                     seeds: 0,
                     runs: 0,
+                    beside: false,
                 },
                 vec![p],
             )),
@@ -793,8 +901,7 @@ fn write_results(
         &out.join("results.md"),
         markdown(metric, points, beside).as_bytes(),
     )?;
-    let all: Vec<Point> = points.iter().chain(beside).cloned().collect();
-    plot(&out.join("utility.svg"), metric, &all)
+    plot(&out.join("utility.svg"), metric, points, beside)
 }
 
 /// Utility against ε (log scale), one line per (baseline, unit, clients,
@@ -803,9 +910,17 @@ fn write_results(
 /// horizontal lines at their mean. A loss far above the starting model's
 /// (a run that diverged) would squash every other point into a line: it is
 /// drawn as a marker at the top edge with its value written beside it.
-fn plot(path: &Path, metric: &str, points: &[Point]) -> anyhow::Result<()> {
+fn plot(path: &Path, metric: &str, own: &[Point], beside: &[Point]) -> anyhow::Result<()> {
     use plotters::prelude::*;
-    let summary = summarize(points);
+    // Each sweep's points summarised apart: a point beside is never
+    // averaged with one of this sweep's.
+    let mut summary = summarize(own);
+    summary.extend(
+        summarize(beside)
+            .into_iter()
+            .map(|s| Summary { beside: true, ..s }),
+    );
+    let points: Vec<Point> = own.iter().chain(beside).cloned().collect();
     let all_y: Vec<f64> = summary.iter().filter_map(|s| s.mean).collect();
     if all_y.is_empty() {
         anyhow::bail!("no run produced the metric {metric:?} to plot");
@@ -866,14 +981,14 @@ fn plot(path: &Path, metric: &str, points: &[Point]) -> anyhow::Result<()> {
         })
         .draw()
         .map_err(draw)?;
-    type Key = (Baseline, Option<DpUnit>, u32, u64);
-    let key = |s: &Summary| -> Key { (s.baseline, s.unit, s.clients, s.rounds) };
+    type Key = (bool, Baseline, Option<DpUnit>, u32, u64);
+    let key = |s: &Summary| -> Key { (s.beside, s.baseline, s.unit, s.clients, s.rounds) };
     let mut series: Vec<Key> = summary
         .iter()
         .filter(|s| s.epsilon.is_some())
         .map(key)
         .collect();
-    series.sort_by_key(|&(b, u, c, r)| (b, unit_label(u), c, r));
+    series.sort_by_key(|&(o, b, u, c, r)| (o, b, unit_label(u), c, r));
     series.dedup();
     let prefix = |b: Baseline| {
         if named {
@@ -883,7 +998,8 @@ fn plot(path: &Path, metric: &str, points: &[Point]) -> anyhow::Result<()> {
         }
     };
     for (i, &k) in series.iter().enumerate() {
-        let (baseline, unit, c, r) = k;
+        let (from_beside, baseline, unit, c, r) = k;
+        let mark = if from_beside { " (beside)" } else { "" };
         let colour = Palette99::pick(i).to_rgba();
         let mut line: Vec<(f64, f64, f64)> = summary
             .iter()
@@ -900,11 +1016,11 @@ fn plot(path: &Path, metric: &str, points: &[Point]) -> anyhow::Result<()> {
         line.sort_by(|a, b| a.0.total_cmp(&b.0));
         let label = match unit {
             Some(u) => format!(
-                "{}{}-level DP, {c} clients, {r} rounds",
+                "{}{}-level DP, {c} clients, {r} rounds{mark}",
                 prefix(baseline),
                 unit_label(Some(u))
             ),
-            None => format!("{}{c} clients, {r} rounds", prefix(baseline)),
+            None => format!("{}{c} clients, {r} rounds{mark}", prefix(baseline)),
         };
         chart
             .draw_series(LineSeries::new(
@@ -958,10 +1074,11 @@ fn plot(path: &Path, metric: &str, points: &[Point]) -> anyhow::Result<()> {
             ))
             .map_err(draw)?
             .label(format!(
-                "{}no DP, {} clients, {} rounds: {value}",
+                "{}no DP, {} clients, {} rounds{}: {value}",
                 prefix(s.baseline),
                 s.clients,
-                s.rounds
+                s.rounds,
+                if s.beside { " (beside)" } else { "" }
             ))
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey));
     }
@@ -1075,7 +1192,7 @@ mod tests {
             point(Some(DpUnit::Client), Some(231.0), 1.4574),
             point(Some(DpUnit::Client), Some(9.0), 10.8256),
         ];
-        plot(&path, "loss", &points).unwrap();
+        plot(&path, "loss", &points, &[]).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
         assert!(
             svg.contains("record-level DP, 3 clients, 3 rounds"),

@@ -848,6 +848,32 @@ fn a_sweep_runs_global_fed_and_local_over_seeds_with_mean_and_std() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("out/results.json")).unwrap())
             .unwrap();
     assert_eq!(json["summary"].as_array().unwrap().len(), 6);
+    // A sweep cut short resumes: the finished runs are kept, the rest run.
+    std::fs::remove_file(dir.join("out/run-07/point.json")).unwrap();
+    let (code, _, err) = fedveil(&["sweep", "--quiet", "--resume", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("resuming: 35 of 36 runs finished before"),
+        "{err}"
+    );
+    let again = std::fs::read_to_string(dir.join("out/results.csv")).unwrap();
+    let keep = |csv: &str, n: usize| -> String { csv.lines().nth(n).unwrap().to_string() };
+    assert_eq!(keep(&again, 1), keep(&csv, 1));
+    assert_eq!(again.lines().count(), csv.lines().count());
+    // A resumed sweep with another grid keeps no run that is not its own,
+    // though a Local run's file is the same as the federation's.
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        text.replace("[\"global\", \"fed\", \"local\"]", "[\"local\"]"),
+    )
+    .unwrap();
+    let (code, _, err) = fedveil(&["sweep", "--quiet", "--resume", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("resuming: 0 of 24 runs finished before"),
+        "{err}"
+    );
     let refused = |sweep: &str| -> String {
         std::fs::write(&file, format!("[sweep]\nout = \"o\"\n{sweep}")).unwrap();
         let (code, _, err) = fedveil(&["sweep", file.to_str().unwrap()]);

@@ -669,6 +669,9 @@ impl Plan {
             ));
         }
         let record = self.resolve_record_dp()?;
+        if record.is_none() {
+            self.refuse_noise_without_placement()?;
+        }
         Ok(OnePartyPlan {
             rounds: self.federation.rounds,
             training: TrainingConfig {
@@ -770,6 +773,24 @@ impl Plan {
         }))
     }
 
+    /// Without a placement (and client-level), no key of a noise may be
+    /// set: a file that asks for noise never runs without it.
+    fn refuse_noise_without_placement(&self) -> Result<(), FedError> {
+        let p = &self.dp;
+        refuse_set(
+            &[
+                ("clip", p.clip.is_some()),
+                ("noise_multiplier", p.noise_multiplier.is_some()),
+                ("target_epsilon", p.target_epsilon.is_some()),
+                ("epsilon_budget", p.epsilon_budget.is_some()),
+                ("min_survivors", p.min_survivors.is_some()),
+                ("granularity", p.granularity.is_some()),
+                ("beta", p.beta.is_some()),
+            ],
+            "needs a noise placement (dp.placement = \"central\", \"distributed\" or \"local\")",
+        )
+    }
+
     fn resolve_dp(
         &self,
         max_cohort: u32,
@@ -779,18 +800,7 @@ impl Plan {
         let p = &self.dp;
         let placement = match p.placement {
             PlacementName::None => {
-                refuse_set(
-                    &[
-                        ("clip", p.clip.is_some()),
-                        ("noise_multiplier", p.noise_multiplier.is_some()),
-                        ("target_epsilon", p.target_epsilon.is_some()),
-                        ("epsilon_budget", p.epsilon_budget.is_some()),
-                        ("min_survivors", p.min_survivors.is_some()),
-                        ("granularity", p.granularity.is_some()),
-                        ("beta", p.beta.is_some()),
-                    ],
-                    "needs a noise placement (dp.placement = \"central\", \"distributed\" or \"local\")",
-                )?;
+                self.refuse_noise_without_placement()?;
                 return Ok(None);
             }
             PlacementName::Central => Placement::Central,
@@ -1473,6 +1483,29 @@ kind = "synthetic"
     fn resolve(extra: &str) -> Result<Resolved, FedError> {
         let f = run(&format!("{BASE}{extra}"))?;
         f.plan().resolve(f.run.clients, 100)
+    }
+
+    /// One party (§6.2): record-level DP calibrated over its own steps;
+    /// client-level DP, or noise keys without a placement, refused by key.
+    #[test]
+    fn a_run_with_one_party_takes_record_level_dp_only() {
+        let one = |extra: &str| run(&format!("{BASE}{extra}"))?.plan().resolve_one_party();
+        let plain = one("").unwrap();
+        assert_eq!((plain.rounds, plain.record.is_none()), (3, true));
+        let r = one(
+            "[dp]\nunit = \"record\"\nclip = 1.0\nsampling_rate = 0.01\n\
+             target_epsilon = 2.0\naccountant = \"rdp\"\n",
+        )
+        .unwrap();
+        let record = r.record.unwrap();
+        assert!(record.calibrated);
+        assert!(record.planned_epsilon <= 2.0 && record.planned_epsilon > 1.9);
+        assert_eq!(r.training.record_dp, Some(record.mechanism));
+        let e =
+            one("[dp]\nplacement = \"central\"\nclip = 1.0\nnoise_multiplier = 1.0\n").unwrap_err();
+        assert!(e.to_string().starts_with("dp.placement"), "{e}");
+        let e = one("[dp]\nclip = 1.0\nnoise_multiplier = 1.0\n").unwrap_err();
+        assert!(e.to_string().starts_with("dp.clip"), "{e}");
     }
 
     #[test]

@@ -97,6 +97,7 @@ pub fn run(r: OnePartyRun<'_>) -> Result<Summary, FedError> {
     let mut steps = 0u64;
     let mut epsilon = None;
     let mut reason = "completed every round".to_string();
+    let mut stopped_early = false;
     let account = |steps: u64| -> Result<Option<f64>, FedError> {
         plan.record
             .as_ref()
@@ -123,6 +124,7 @@ pub fn run(r: OnePartyRun<'_>) -> Result<Summary, FedError> {
                      ε = {budget} at δ = {}",
                     r.delta
                 );
+                stopped_early = true;
                 break;
             }
         }
@@ -213,6 +215,17 @@ pub fn run(r: OnePartyRun<'_>) -> Result<Summary, FedError> {
             seconds,
         });
         evaluation = Some(e);
+    }
+    // A party stopped by its budget writes its final model, as a server
+    // does (the rounds it ran have been saved on the schedule).
+    if stopped_early
+        && !history.is_empty()
+        && let Err(e) = evaluator.save(&params, history.len() as u64, true)
+    {
+        tracing::warn!("saving the final model failed: {}", e.0);
+    }
+    if epsilon.is_none() {
+        epsilon = account(steps)?;
     }
     Ok(Summary {
         rounds: history.len() as u64,
