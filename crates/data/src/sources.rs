@@ -111,7 +111,9 @@ fn text_at(v: &Value, path: &[&str]) -> std::result::Result<String, String> {
 /// questions.
 const UNCONDITIONAL: u64 = 1_000_000;
 
-/// Multiple-choice records (category `task`) from an oe-eval request file
+/// Multiple-choice records (category `task`, or the question's subject
+/// where the file gives one, as MedMCQA's `doc.subject_name` does, so that
+/// the meta splitter deals subjects out) from an oe-eval request file
 /// of ranked classification: one log-likelihood request per choice, in
 /// order, each with the question's `doc` (`query`: the zero-shot prompt,
 /// ending in `Answer:` or the like; `choices`; `gold`). Every request's
@@ -174,10 +176,14 @@ pub fn multiple_choice(task: &str, name: &str, text: &str) -> Result<Vec<Record>
                     )));
                 }
             }
+            let category = match field(&v, &["doc", "subject_name"]).and_then(Value::as_str) {
+                Some(subject) if !subject.trim().is_empty() => subject.trim().to_string(),
+                _ => task.to_string(),
+            };
             out.push(Record {
                 instruction: query,
                 output: choices[gold].clone(),
-                category: task.to_string(),
+                category,
                 choices,
                 gold: Some(gold),
                 ..Default::default()
@@ -415,6 +421,13 @@ mod tests {
         assert_eq!(r[0].choices, [" blue", " green"]);
         assert_eq!((r[0].gold, r[0].output.as_str()), (Some(0), " blue"));
         assert_eq!(r[1].category, "arc_easy");
+        // A question's subject, where the file names one, is its category.
+        let with_subject = lines[3..]
+            .iter()
+            .map(|l| l.replace("\"gold\":0", "\"gold\":0,\"subject_name\":\"Physiology\""))
+            .collect::<Vec<_>>();
+        let r = multiple_choice("medmcqa", "f", &with_subject.join("\n")).unwrap();
+        assert_eq!(r[0].category, "Physiology");
         // A missing choice, a choice out of order, a context that is not
         // the query's: all refused, naming the line.
         let e = multiple_choice("t", "f", &lines[..1].join("\n")).unwrap_err();
