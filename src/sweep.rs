@@ -1137,6 +1137,33 @@ mod tests {
         }
     }
 
+    /// Every shipped sweep file reads (unknown keys are refused), names
+    /// known baselines, and its base run file and `beside` files exist.
+    #[test]
+    fn the_shipped_sweep_files_read_and_name_what_exists() {
+        let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&configs).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            if !(name.starts_with("sweep-") && name.ends_with(".toml")) {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let file: SweepFile = toml::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let s = file.sweep;
+            assert!(relative_to(&path, &s.base).exists(), "{name}: base");
+            for b in &s.beside {
+                assert!(relative_to(&path, b).exists(), "{name}: {}", b.display());
+            }
+            for b in &s.baselines {
+                Baseline::parse(b).unwrap_or_else(|e| panic!("{name}: {e}"));
+            }
+            seen += 1;
+        }
+        assert!(seen >= 3, "{seen} sweep files");
+    }
+
     /// Local's runs are averaged over the clients of each seed first; the
     /// spread is the sample standard deviation over the seeds.
     #[test]
