@@ -326,11 +326,7 @@ fn finished(
     }
     let mut p: Point =
         serde_json::from_str(&std::fs::read_to_string(dir.join(POINT_FILE)).ok()?).ok()?;
-    let seed = file
-        .task
-        .get("seed")
-        .and_then(|v| v.as_integer())
-        .map(|s| s as u64);
+    let seed = task_seed(file);
     let same = (p.baseline, p.party, p.seed, p.privacy, p.clients, p.rounds)
         == (
             spec.baseline,
@@ -345,6 +341,14 @@ fn finished(
     }
     p.utility = utility_of(metric, p.loss, &p.eval);
     Some(p)
+}
+
+/// A run file's `task.seed`, when the task has one.
+fn task_seed(file: &RunFile) -> Option<u64> {
+    file.task
+        .get("seed")
+        .and_then(|v| v.as_integer())
+        .map(|s| s as u64)
 }
 
 /// The plotted utility: the loss, or an evaluation metric.
@@ -576,11 +580,7 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
         let started = Instant::now();
         let (clients, rounds) = (file.run.clients, file.federation.rounds);
         let unit = (p != Privacy::None).then_some(file.dp.unit);
-        let seed = file
-            .task
-            .get("seed")
-            .and_then(|v| v.as_integer())
-            .map(|s| s as u64);
+        let seed = task_seed(&file);
         let (server, failed) = match (spec.baseline, spec.party) {
             (Baseline::Fed, _) => {
                 let done = run_local(file, &base, bars.clone(), true)?;
@@ -595,13 +595,10 @@ pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
                 (run_alone(file, &base, party, bars.clone())?, 0)
             }
         };
-        let utility = match s.metric.as_str() {
-            "loss" => server.evaluation.as_ref().map(|e| e.loss),
-            m => server
-                .evaluation
-                .as_ref()
-                .and_then(|e| e.metrics.get(m).copied()),
-        };
+        let utility = server
+            .evaluation
+            .as_ref()
+            .and_then(|e| utility_of(&s.metric, Some(e.loss), &e.metrics));
         let point = Point {
             privacy: p,
             unit,
