@@ -15,6 +15,7 @@ pub mod fetch;
 mod files;
 mod fused;
 pub mod generate;
+pub mod gguf_tokenizer;
 pub mod interop;
 pub mod load;
 mod loss;

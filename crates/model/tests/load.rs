@@ -383,6 +383,82 @@ fn a_gguf_file_loads_to_the_same_model_with_its_tokenizer() {
 }
 
 #[test]
+fn gguf_files_with_llama3_and_sentencepiece_tokenizers_load_with_their_bos() {
+    let dir = tempdir("gguf-tokenizers");
+    let path = dir.join("tiny.gguf");
+    let set = |meta: &mut Vec<(String, Value)>, key: &str, value: Option<Value>| {
+        meta.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            meta.push((key.to_string(), v));
+        }
+    };
+    // Llama-3's pre-tokenizer: a BOS by default, as llama.cpp and the
+    // model's own tokenizer add one.
+    let (tokens, _) = vocabulary();
+    let m = model(config(tokens.len(), false));
+    write_gguf_with(&path, &m, "llama", |meta, _| {
+        set(
+            meta,
+            "tokenizer.ggml.pre",
+            Some(Value::String("llama-bpe".into())),
+        );
+        set(meta, "tokenizer.ggml.bos_token_id", Some(Value::U32(0)));
+    });
+    let t = load_gguf(&path, &Device::Cpu).unwrap().tokenizer;
+    let id = |s: &str| tokens.iter().position(|t| t == s).unwrap() as u32;
+    assert_eq!(
+        t.encode("hello world", true).unwrap().get_ids()[..3],
+        [0, id("hello"), id("Ġw")]
+    );
+    assert_eq!(t.encode("hello", false).unwrap().get_ids(), [id("hello")]);
+    // SentencePiece (Llama-2, Mistral): pieces and scores, no merges.
+    let mut pieces: Vec<String> = ["<unk>", "<s>", "</s>"].map(String::from).to_vec();
+    pieces.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+    let words = [
+        "▁", "h", "e", "l", "o", "ll", "he", "hell", "hello", "▁hello",
+    ];
+    pieces.extend(words.map(String::from));
+    let scores: Vec<Value> = (0..pieces.len()).map(|i| Value::F32(-(i as f32))).collect();
+    let mut types = vec![Value::I32(1); pieces.len()];
+    types[0] = Value::I32(2);
+    types[1] = Value::I32(3);
+    types[2] = Value::I32(3);
+    let m = model(config(pieces.len(), false));
+    write_gguf_with(&path, &m, "llama", |meta, _| {
+        let strings = |v: &[String]| Value::Array(v.iter().cloned().map(Value::String).collect());
+        set(
+            meta,
+            "tokenizer.ggml.model",
+            Some(Value::String("llama".into())),
+        );
+        set(
+            meta,
+            "tokenizer.ggml.pre",
+            Some(Value::String("default".into())),
+        );
+        set(meta, "tokenizer.ggml.tokens", Some(strings(&pieces)));
+        set(meta, "tokenizer.ggml.merges", None);
+        set(meta, "tokenizer.ggml.scores", Some(Value::Array(scores)));
+        set(meta, "tokenizer.ggml.token_type", Some(Value::Array(types)));
+        set(meta, "tokenizer.ggml.bos_token_id", Some(Value::U32(1)));
+        set(meta, "tokenizer.ggml.eos_token_id", Some(Value::U32(2)));
+        set(
+            meta,
+            "tokenizer.ggml.add_bos_token",
+            Some(Value::Bool(true)),
+        );
+    });
+    let loaded = load_gguf(&path, &Device::Cpu).unwrap();
+    assert_eq!(loaded.model.config().eos_token_id, Some(2));
+    let t = loaded.tokenizer;
+    let id = |s: &str| pieces.iter().position(|t| t == s).unwrap() as u32;
+    let enc = t.encode("hello!", true).unwrap();
+    assert_eq!(enc.get_ids(), [1, id("▁hello"), id("<0x21>")]);
+    assert_eq!(t.decode(enc.get_ids(), true).unwrap(), "hello!");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn unreadable_models_get_clear_errors() {
     let dir = tempdir("bad");
     let err = load(&dir.join("nothing.gguf"), &Device::Cpu)
@@ -660,14 +736,14 @@ fn gguf_metadata_fedveil_does_not_implement_is_refused_by_name() {
             Some(Value::U32(4)),
             "llama.rope.dimension_count",
         ),
-        ("tokenizer.ggml.pre", s("llama-bpe"), "llama-bpe"),
+        ("tokenizer.ggml.pre", s("deepseek-coder"), "deepseek-coder"),
         ("tokenizer.ggml.pre", None, "tokenizer.ggml.pre"),
         (
-            "tokenizer.ggml.add_bos_token",
+            "tokenizer.ggml.add_space_prefix",
             Some(Value::Bool(true)),
-            "add_bos_token",
+            "add_space_prefix",
         ),
-        ("tokenizer.ggml.model", s("llama"), "tokenizer.ggml.model"),
+        ("tokenizer.ggml.model", s("bert"), "tokenizer.ggml.model"),
     ];
     for (key, value, named) in cases {
         write_gguf_with(&path, &m, "llama", |meta, _| set(meta, key, value.clone()));
