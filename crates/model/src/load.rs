@@ -420,7 +420,7 @@ pub fn load_gguf_with(path: &Path, device: &Device, quantize: Quantize) -> Resul
         .to_string()
         .map_err(|e| ModelError::file(path, e))?
         .clone();
-    if !matches!(arch.as_str(), "llama" | "qwen2" | "qwen3") {
+    if !matches!(arch.as_str(), "llama" | "qwen2" | "qwen3" | "phi3") {
         return Err(ModelError::file(
             path,
             format!("architecture {arch:?} is not a llama-family decoder this loader knows"),
@@ -445,6 +445,7 @@ pub fn load_gguf_with(path: &Path, device: &Device, quantize: Quantize) -> Resul
         "rope.scaling.factor",
         "rope.scaling.original_context_length",
         "rope.scaling.finetuned",
+        "attention.sliding_window",
         "expert_count",
         "expert_used_count",
     ];
@@ -614,7 +615,8 @@ pub fn load_gguf_with(path: &Path, device: &Device, quantize: Quantize) -> Resul
             .and_then(|v| v.to_u32().ok()),
         head_dim: opt_int("attention.key_length")?,
         rope_scaling,
-        sliding_window: None,
+        // Phi-4 writes 0 for "no window".
+        sliding_window: opt_int("attention.sliding_window")?.filter(|&w| w > 0),
     }
     .canonical();
     config.validate().map_err(|e| ModelError::file(path, e))?;
@@ -701,12 +703,69 @@ pub fn load_gguf_with(path: &Path, device: &Device, quantize: Quantize) -> Resul
                     None => Linear::new(w, b),
                 })
             };
-        let q = linear(&mut file, "attn_q", Some(heads))?;
-        let k = linear(&mut file, "attn_k", Some(kv_heads))?;
-        let v = linear(&mut file, "attn_v", None)?;
+        // Phi-3 keeps Q, K and V in one `attn_qkv` (rows in that order)
+        // and the gate and up projections in one `ffn_up` (gate first), as
+        // its Hugging Face checkpoint does: split into rows of their own.
+        let fused =
+            |file: &mut std::fs::File, name: &str, parts: &[usize]| -> Result<Vec<Linear>> {
+                let l = linear(file, name, None)?;
+                let rows = l.weight.dims2()?.0;
+                if rows != parts.iter().sum::<usize>() {
+                    return Err(ModelError::file(
+                        path,
+                        format!(
+                            "tensor {p}.{name}.weight has {rows} rows, the metadata needs {}",
+                            parts
+                                .iter()
+                                .map(|n| n.to_string())
+                                .collect::<Vec<_>>()
+                                .join(" + ")
+                        ),
+                    ));
+                }
+                let mut out = Vec::with_capacity(parts.len());
+                let mut at = 0;
+                for &n in parts {
+                    let w = match &l.weight {
+                        Weight::Dense(t) => Weight::Dense(t.narrow(0, at, n)?.contiguous()?),
+                        Weight::Quantized(q) => Weight::Quantized(Arc::new(q.row_range(at, n)?)),
+                    };
+                    let b = l.bias.as_ref().map(|b| b.narrow(0, at, n)).transpose()?;
+                    out.push(Linear::new(w, b));
+                    at += n;
+                }
+                Ok(out)
+            };
+        let (q, k, v, gate, up) = if arch == "phi3" {
+            let split = |parts: Vec<Linear>| {
+                ModelError::file(
+                    path,
+                    format!("{p}: a fused projection split into {}", parts.len()),
+                )
+            };
+            let [q, k, v] = <[Linear; 3]>::try_from(fused(
+                &mut file,
+                "attn_qkv",
+                &[config.q_dim(), config.kv_dim(), config.kv_dim()],
+            )?)
+            .map_err(split)?;
+            let [gate, up] = <[Linear; 2]>::try_from(fused(
+                &mut file,
+                "ffn_up",
+                &[config.intermediate_size; 2],
+            )?)
+            .map_err(split)?;
+            (q, k, v, gate, up)
+        } else {
+            (
+                linear(&mut file, "attn_q", Some(heads))?,
+                linear(&mut file, "attn_k", Some(kv_heads))?,
+                linear(&mut file, "attn_v", None)?,
+                linear(&mut file, "ffn_gate", None)?,
+                linear(&mut file, "ffn_up", None)?,
+            )
+        };
         let o = linear(&mut file, "attn_output", None)?;
-        let gate = linear(&mut file, "ffn_gate", None)?;
-        let up = linear(&mut file, "ffn_up", None)?;
         let down = linear(&mut file, "ffn_down", None)?;
         layers.push(Layer {
             input_norm: tensor(&mut file, &format!("{p}.attn_norm.weight"))?,
@@ -746,16 +805,20 @@ pub fn load_gguf_with(path: &Path, device: &Device, quantize: Quantize) -> Resul
                 || (arch == "qwen3" && matches!(rest, "attn_q_norm.weight" | "attn_k_norm.weight"))
                 || rest.rsplit_once('.').is_some_and(|(module, kind)| {
                     matches!(kind, "weight" | "bias")
-                        && matches!(
-                            module,
-                            "attn_q"
-                                | "attn_k"
-                                | "attn_v"
-                                | "attn_output"
-                                | "ffn_gate"
-                                | "ffn_up"
-                                | "ffn_down"
-                        )
+                        && if arch == "phi3" {
+                            matches!(module, "attn_qkv" | "attn_output" | "ffn_up" | "ffn_down")
+                        } else {
+                            matches!(
+                                module,
+                                "attn_q"
+                                    | "attn_k"
+                                    | "attn_v"
+                                    | "attn_output"
+                                    | "ffn_gate"
+                                    | "ffn_up"
+                                    | "ffn_down"
+                            )
+                        }
                 }))
     };
     let mut unread: Vec<&String> = content.tensor_infos.keys().filter(|n| !read(n)).collect();

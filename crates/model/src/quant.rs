@@ -349,6 +349,30 @@ impl QuantMatrix {
         &all[start * rb..(start + n) * rb]
     }
 
+    /// Rows `start..start + n` as a matrix of their own (a part of a fused
+    /// projection), copied block for block.
+    pub fn row_range(&self, start: usize, n: usize) -> Result<QuantMatrix> {
+        if start.checked_add(n).is_none_or(|end| end > self.rows) || n == 0 {
+            return Err(ModelError::Config(format!(
+                "rows {start}..{start}+{n} are not within a matrix of {} rows",
+                self.rows
+            )));
+        }
+        fn copy<T: GgmlType + 'static>(
+            m: &QuantMatrix,
+            start: usize,
+            n: usize,
+        ) -> Box<dyn QuantizedType> {
+            Box::new(blocks::<T>(m.row_data(start, n)).to_vec())
+        }
+        Ok(QuantMatrix {
+            format: self.format,
+            rows: n,
+            cols: self.cols,
+            blocks: with_block!(self.format, copy, self, start, n),
+        })
+    }
+
     /// The matrix with its rows reordered: row `i` is row `order[i]` of
     /// this one (`order` a permutation).
     pub fn permute_rows(&self, order: &[u32]) -> Result<QuantMatrix> {

@@ -999,3 +999,88 @@ fn quantising_on_load_and_its_refusals() {
     assert!(err.contains("blocks of 256"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `original` written as llama.cpp writes Phi-3: Q, K and V fused into
+/// `attn_qkv`, gate and up into `ffn_up` (gate first).
+fn write_phi3_gguf(path: &Path, original: &Llama, matrices: GgmlDType, window: u32) {
+    let layers = original.config().num_hidden_layers;
+    write_gguf_as(path, original, "phi3", matrices, |meta, tensors| {
+        meta.push(("phi3.attention.sliding_window".into(), Value::U32(window)));
+        for i in 0..layers {
+            let p = format!("blk.{i}");
+            let mut take = |name: &str| {
+                let at = tensors
+                    .iter()
+                    .position(|(n, _)| *n == format!("{p}.{name}.weight"))
+                    .unwrap();
+                tensors.remove(at).1
+            };
+            let (q, k, v) = (take("attn_q"), take("attn_k"), take("attn_v"));
+            let (gate, up) = (take("ffn_gate"), take("ffn_up"));
+            tensors.push((
+                format!("{p}.attn_qkv.weight"),
+                Tensor::cat(&[q, k, v], 0).unwrap(),
+            ));
+            tensors.push((
+                format!("{p}.ffn_up.weight"),
+                Tensor::cat(&[gate, up], 0).unwrap(),
+            ));
+        }
+    });
+}
+
+#[test]
+fn a_phi3_gguf_file_with_fused_projections_loads_to_the_same_model() {
+    let (tokens, _) = vocabulary();
+    let dir = tempdir("gguf-phi3");
+    let path = dir.join("tiny.gguf");
+    // f32: the same logits as the model written.
+    let original = model(config(tokens.len(), false));
+    write_phi3_gguf(&path, &original, GgmlDType::F32, 0);
+    let loaded = load_gguf(&path, &Device::Cpu).unwrap();
+    // Phi-4's 0 is "no window".
+    assert_eq!(loaded.model.config().sliding_window, None);
+    let (diff, _) = max_diff(&logits(&loaded.model), &logits(&original));
+    assert!(diff == 0.0, "logits differ by {diff}");
+    write_phi3_gguf(&path, &original, GgmlDType::F32, 2047);
+    let loaded = load_gguf(&path, &Device::Cpu).unwrap();
+    assert_eq!(loaded.model.config().sliding_window, Some(2047));
+    // Quantised: each part of a fused matrix keeps its own rows' blocks and
+    // computes what the dequantised file does.
+    let original = model(block_config(tokens.len(), false));
+    write_phi3_gguf(&path, &original, GgmlDType::Q8_0, 0);
+    let dense = load_gguf(&path, &Device::Cpu).unwrap().model;
+    let kept = load_gguf_with(&path, &Device::Cpu, Quantize::Gguf)
+        .unwrap()
+        .model;
+    for l in &kept.weights().layers {
+        for m in Module::ALL {
+            let q = l
+                .linear(m)
+                .weight
+                .quantized()
+                .expect("a quantised projection");
+            assert_eq!(q.format(), QuantFormat::Q8_0);
+        }
+    }
+    let (diff, scale) = max_diff(&logits(&kept), &logits(&dense));
+    assert!(diff <= 1e-5 * scale, "logits differ by {diff} of {scale}");
+    // A fused matrix of the wrong height, and llama's separate projections
+    // (which Phi-3's decoder would not read), are refused by name.
+    write_gguf_as(&path, &original, "phi3", GgmlDType::F32, |_, _| {});
+    let err = load_gguf(&path, &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("attn_qkv"), "{err}");
+    write_gguf_as(&path, &original, "phi3", GgmlDType::F32, |_, tensors| {
+        let at = tensors
+            .iter()
+            .position(|(n, _)| n == "blk.0.attn_q.weight")
+            .unwrap();
+        tensors[at].0 = "blk.0.attn_qkv.weight".into();
+    });
+    let err = load_gguf(&path, &Device::Cpu).unwrap_err().to_string();
+    assert!(
+        err.contains("blk.0.attn_qkv.weight has 256 rows, the metadata needs 256 + 128 + 128"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
