@@ -149,21 +149,9 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<Loaded> {
 fn unfuse_phi3(config: &LlamaConfig, tensors: &mut HashMap<String, Tensor>) -> Result<(), String> {
     let split = |t: &Tensor, name: &str, parts: &[usize]| -> Result<Vec<Tensor>, String> {
         let rows = t.dim(0).map_err(|e| format!("{name}: {e}"))?;
-        if rows != parts.iter().sum::<usize>() {
-            return Err(format!(
-                "{name} has {rows} rows, the config needs {}",
-                parts
-                    .iter()
-                    .map(|p| p.to_string())
-                    .collect::<Vec<_>>()
-                    .join(" + ")
-            ));
-        }
         let mut out = Vec::with_capacity(parts.len());
-        let mut at = 0;
-        for &n in parts {
+        for (at, n) in row_parts(name, rows, parts, "the config")? {
             out.push(t.narrow(0, at, n).map_err(|e| format!("{name}: {e}"))?);
-            at += n;
         }
         Ok(out)
     };
@@ -190,6 +178,29 @@ fn unfuse_phi3(config: &LlamaConfig, tensors: &mut HashMap<String, Tensor>) -> R
         }
     }
     Ok(())
+}
+
+/// The row ranges `(start, len)` of a fused matrix's parts, in order; an
+/// error naming the matrix when its height is not their sum.
+fn row_parts(
+    name: &str,
+    rows: usize,
+    parts: &[usize],
+    needs: &str,
+) -> Result<Vec<(usize, usize)>, String> {
+    if rows != parts.iter().sum::<usize>() {
+        let sum: Vec<String> = parts.iter().map(|n| n.to_string()).collect();
+        return Err(format!(
+            "{name} has {rows} rows, {needs} needs {}",
+            sum.join(" + ")
+        ));
+    }
+    let starts = parts.iter().scan(0, |at, &n| {
+        let start = *at;
+        *at += n;
+        Some((start, n))
+    });
+    Ok(starts.collect())
 }
 
 /// Takes a model's weights out of `tensors`, by their Hugging Face names
@@ -710,29 +721,17 @@ pub fn load_gguf_with(path: &Path, device: &Device, quantize: Quantize) -> Resul
             |file: &mut std::fs::File, name: &str, parts: &[usize]| -> Result<Vec<Linear>> {
                 let l = linear(file, name, None)?;
                 let rows = l.weight.dims2()?.0;
-                if rows != parts.iter().sum::<usize>() {
-                    return Err(ModelError::file(
-                        path,
-                        format!(
-                            "tensor {p}.{name}.weight has {rows} rows, the metadata needs {}",
-                            parts
-                                .iter()
-                                .map(|n| n.to_string())
-                                .collect::<Vec<_>>()
-                                .join(" + ")
-                        ),
-                    ));
-                }
+                let name = format!("tensor {p}.{name}.weight");
+                let ranges = row_parts(&name, rows, parts, "the metadata")
+                    .map_err(|e| ModelError::file(path, e))?;
                 let mut out = Vec::with_capacity(parts.len());
-                let mut at = 0;
-                for &n in parts {
+                for (at, n) in ranges {
                     let w = match &l.weight {
                         Weight::Dense(t) => Weight::Dense(t.narrow(0, at, n)?.contiguous()?),
                         Weight::Quantized(q) => Weight::Quantized(Arc::new(q.row_range(at, n)?)),
                     };
                     let b = l.bias.as_ref().map(|b| b.narrow(0, at, n)).transpose()?;
                     out.push(Linear::new(w, b));
-                    at += n;
                 }
                 Ok(out)
             };
