@@ -29,6 +29,14 @@
 //!
 //!     cargo bench --bench qlora -- --long
 //!     FEDVEIL_QLORA_CHECKPOINTING=1 cargo bench --bench qlora -- --shape llama3-8b
+//!
+//! With `--hf-load` it writes (once, into fedveil's cache) a Hugging Face
+//! directory of Llama-3.2-1B's shape with random bf16 weights in two
+//! safetensors shards, then loads it in a fresh process for each of
+//! `quantize = "none"` (f32), `"q8_0"` and `"q4_k"`: load time, the
+//! weights held, and the peak resident memory against them.
+//!
+//!     cargo bench --bench qlora -- --hf-load
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -271,9 +279,9 @@ const LLAMA3_8B: Shape = Shape {
     kv_heads: 8,
 };
 
-/// A `(rows, cols)` matrix of uniform values with standard deviation
-/// `1/√cols`, quantised to `format`, rows drawn in parallel from seeds.
-fn random_matrix(rows: usize, cols: usize, format: QuantFormat, seed: u64) -> QTensor {
+/// `rows × cols` uniform values with standard deviation `1/√cols`, rows
+/// drawn in parallel from seeds.
+fn random_values(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
     let bound = (3.0 / cols as f64).sqrt() as f32;
     let mut values = vec![0f32; rows * cols];
     values
@@ -288,6 +296,12 @@ fn random_matrix(rows: usize, cols: usize, format: QuantFormat, seed: u64) -> QT
                 *v = (rng.next_u32() as f32 / u32::MAX as f32 * 2.0 - 1.0) * bound;
             }
         });
+    values
+}
+
+/// A random `(rows, cols)` matrix ([`random_values`]) quantised to `format`.
+fn random_matrix(rows: usize, cols: usize, format: QuantFormat, seed: u64) -> QTensor {
+    let values = random_values(rows, cols, seed);
     let t = Tensor::from_vec(values, (rows, cols), &Device::Cpu).expect("tensor");
     QuantMatrix::quantize(&t, format)
         .expect("quantise")
@@ -458,6 +472,163 @@ fn eight_b() {
     println!("  peak RSS         {:.2} GiB", gib(&r["peak_rss_bytes"]));
 }
 
+// ------------------------------------------------ loading a checkpoint
+
+/// Llama-3.2-1B's shape (tied embeddings).
+const LLAMA32_1B: Shape = Shape {
+    vocab: 128_256,
+    hidden: 2048,
+    ffn: 8192,
+    layers: 16,
+    heads: 32,
+    kv_heads: 8,
+};
+
+/// Writes the shape as a Hugging Face directory: random bf16 weights in two
+/// shards with their index, a config.json and a byte-level tokenizer.
+fn write_hf(dir: &Path, s: &Shape) {
+    use candle_core::DType;
+    let started = Instant::now();
+    let tmp = dir.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).expect("the directory");
+    let head_dim = s.hidden / s.heads;
+    let mut seed = 0u64;
+    let mut matrix = |rows: usize, cols: usize| {
+        seed += 1;
+        let values = random_values(rows, cols, seed);
+        Tensor::from_vec(values, (rows, cols), &Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::BF16))
+            .expect("a bf16 matrix")
+    };
+    let ones = |n: usize| Tensor::ones(n, DType::BF16, &Device::Cpu).expect("ones");
+    let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new(), Vec::new()];
+    shards[0].push((
+        "model.embed_tokens.weight".into(),
+        matrix(s.vocab, s.hidden),
+    ));
+    shards[1].push(("model.norm.weight".into(), ones(s.hidden)));
+    for i in 0..s.layers {
+        let p = format!("model.layers.{i}");
+        let shard = &mut shards[usize::from(i >= s.layers / 2)];
+        shard.push((format!("{p}.input_layernorm.weight"), ones(s.hidden)));
+        shard.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            ones(s.hidden),
+        ));
+        for (name, rows, cols) in [
+            ("self_attn.q_proj", s.heads * head_dim, s.hidden),
+            ("self_attn.k_proj", s.kv_heads * head_dim, s.hidden),
+            ("self_attn.v_proj", s.kv_heads * head_dim, s.hidden),
+            ("self_attn.o_proj", s.hidden, s.heads * head_dim),
+            ("mlp.gate_proj", s.ffn, s.hidden),
+            ("mlp.up_proj", s.ffn, s.hidden),
+            ("mlp.down_proj", s.hidden, s.ffn),
+        ] {
+            shard.push((format!("{p}.{name}.weight"), matrix(rows, cols)));
+        }
+    }
+    let mut map = serde_json::Map::new();
+    for (k, shard) in shards.into_iter().enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", k + 1);
+        for (name, _) in &shard {
+            map.insert(name.clone(), file.clone().into());
+        }
+        candle_core::safetensors::save(
+            &shard
+                .into_iter()
+                .collect::<std::collections::HashMap<_, _>>(),
+            tmp.join(&file),
+        )
+        .expect("write a shard");
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(tmp.join("model.safetensors.index.json"), index.to_string()).expect("index");
+    let config = serde_json::json!({
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": s.vocab,
+        "hidden_size": s.hidden,
+        "intermediate_size": s.ffn,
+        "num_hidden_layers": s.layers,
+        "num_attention_heads": s.heads,
+        "num_key_value_heads": s.kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": true,
+        "attention_bias": false,
+        "mlp_bias": false,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "torch_dtype": "bfloat16",
+    });
+    std::fs::write(tmp.join("config.json"), config.to_string()).expect("config");
+    fedveil_model::tiny::byte_tokenizer()
+        .expect("a tokenizer")
+        .save(tmp.join("tokenizer.json"), false)
+        .expect("tokenizer.json");
+    std::fs::rename(&tmp, dir).expect("rename the directory");
+    eprintln!(
+        "wrote {} in {:.0} s",
+        dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    println!("{{}}");
+}
+
+fn child_hf_load(dir: &Path, base: &str) {
+    let started = Instant::now();
+    let loaded = load(dir, base);
+    let load_s = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({
+            "formats": loaded.model.quantized_formats(),
+            "weight_bytes": loaded.model.weight_bytes(),
+            "load_s": load_s,
+            "peak_rss_bytes": peak_rss_bytes(),
+        })
+    );
+}
+
+fn hf_load() {
+    let cache = cache_dir().expect("a cache directory");
+    let dir = cache.join("bench").join("llama3.2-1b-shape-random-bf16");
+    if !dir.exists() {
+        // In a child of its own, so that the memory it took goes back.
+        run_child("write-hf", &[("FEDVEIL_QLORA_HF", &dir)]);
+    }
+    let on_disk: u64 = std::fs::read_dir(&dir)
+        .expect("the directory")
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    let gib = |v: f64| v / (1u64 << 30) as f64;
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    println!(
+        "hf load: Llama-3.2-1B shape (random bf16 weights, 2 shards, {:.2} GiB on disk), CPU, \
+         {threads} threads, each in a fresh process",
+        gib(on_disk as f64)
+    );
+    println!("| quantize | load | weights held | peak RSS | peak / weights |");
+    println!("|---|---|---|---|---|");
+    for base in ["none", "q8_0", "q4_k"] {
+        let r = run_child(&format!("hf-{base}"), &[("FEDVEIL_QLORA_HF", &dir)]);
+        let w = r["weight_bytes"].as_f64().unwrap_or(f64::NAN);
+        let peak = r["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "| {base} | {:.1} s | {:.2} GiB | {:.2} GiB | {:.2}x |",
+            r["load_s"].as_f64().unwrap_or(f64::NAN),
+            gib(w),
+            gib(peak),
+            peak / w
+        );
+    }
+}
+
 // ------------------------------------------------------- checkpointing
 
 /// In a child: LoRA steps on one long sequence, with or without gradient
@@ -544,6 +715,14 @@ fn main() {
             long if long.starts_with("long-") => {
                 child_long(long["long-".len()..].parse().expect("a length"))
             }
+            "write-hf" => write_hf(
+                Path::new(&std::env::var("FEDVEIL_QLORA_HF").expect("the directory")),
+                &LLAMA32_1B,
+            ),
+            hf if hf.starts_with("hf-") => child_hf_load(
+                Path::new(&std::env::var("FEDVEIL_QLORA_HF").expect("the directory")),
+                &hf["hf-".len()..],
+            ),
             "write-8b" => write_8b(
                 Path::new(&std::env::var("FEDVEIL_QLORA_GGUF").expect("the GGUF")),
                 &LLAMA3_8B,
@@ -556,6 +735,10 @@ fn main() {
         return;
     }
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--hf-load") {
+        hf_load();
+        return;
+    }
     if args.iter().any(|a| a == "--long") {
         long_sequences();
         return;

@@ -82,11 +82,11 @@ pub fn load_with(path: &Path, device: &Device, quantize: Quantize) -> Result<Loa
                  directory (quantise it on load with \"q4_k\", \"q5_k\", \"q6_k\" or \"q8_0\")",
             ));
         }
-        let mut loaded = load_hf_dir(path, device)?;
-        if let Quantize::To(format) = quantize {
-            loaded.model = loaded.model.quantize(format)?;
-        }
-        loaded
+        let format = match quantize {
+            Quantize::To(format) => Some(format),
+            _ => None,
+        };
+        load_hf_dir_with(path, device, format)?
     } else if path.extension().is_some_and(|e| e == "gguf") {
         load_gguf_with(path, device, quantize)?
     } else {
@@ -100,21 +100,39 @@ pub fn load_with(path: &Path, device: &Device, quantize: Quantize) -> Result<Loa
 
 /// A Hugging Face `LlamaForCausalLM` or `Qwen2ForCausalLM` directory.
 pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<Loaded> {
+    load_hf_dir_with(dir, device, None)
+}
+
+/// Like [`load_hf_dir`], with the projections, the embedding and the
+/// output matrix quantised to `quantize` as each is read (on the CPU). The
+/// tensors are read from the files one at a time, each straight to f32 (or
+/// its blocks), so loading never holds the checkpoint and the model at once.
+pub fn load_hf_dir_with(
+    dir: &Path,
+    device: &Device,
+    quantize: Option<QuantFormat>,
+) -> Result<Loaded> {
     let config_path = dir.join("config.json");
     let json = crate::files::read_json(&config_path)?;
     let config = LlamaConfig::from_hf_json(&json).map_err(|e| ModelError::file(&config_path, e))?;
-    let mut tensors = read_safetensors(dir, device)?;
+    if quantize.is_some() && !device.is_cpu() {
+        return Err(ModelError::Config(
+            "a quantised base runs on the CPU only in this version".into(),
+        ));
+    }
+    let mut tensors = SafetensorFiles::open(dir, device)?;
     if json.get("model_type").and_then(|t| t.as_str()) == Some("phi3") {
         unfuse_phi3(&config, &mut tensors).map_err(|why| ModelError::file(dir, why))?;
     }
-    let weights = weights_from_map(&config, &mut tensors, config.num_hidden_layers)
+    let weights = weights_from(&config, &mut tensors, config.num_hidden_layers, quantize)
         .map_err(|why| ModelError::file(dir, why))?;
     // A tensor fedveil did not read is a part of the model it does not
     // compute. Two kinds are safe to leave: a tied checkpoint's copy of the
     // embedding as `lm_head.weight` (transformers ties over it too) and the
     // rotary frequencies old checkpoints stored (recomputed from the config).
-    let mut left: Vec<&String> = tensors
-        .keys()
+    let names = tensors.names();
+    let mut left: Vec<&String> = names
+        .iter()
         .filter(|n| {
             let tied_copy = n.as_str() == "lm_head.weight" && config.tie_word_embeddings;
             !(tied_copy || n.ends_with("self_attn.rotary_emb.inv_freq"))
@@ -146,15 +164,7 @@ pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<Loaded> {
 /// `qkv_proj` (rows in that order) and the MLP's gate and up projections in
 /// one `gate_up_proj` (gate first): split into Llama's names, which compute
 /// the same.
-fn unfuse_phi3(config: &LlamaConfig, tensors: &mut HashMap<String, Tensor>) -> Result<(), String> {
-    let split = |t: &Tensor, name: &str, parts: &[usize]| -> Result<Vec<Tensor>, String> {
-        let rows = t.dim(0).map_err(|e| format!("{name}: {e}"))?;
-        let mut out = Vec::with_capacity(parts.len());
-        for (at, n) in row_parts(name, rows, parts, "the config")? {
-            out.push(t.narrow(0, at, n).map_err(|e| format!("{name}: {e}"))?);
-        }
-        Ok(out)
-    };
+fn unfuse_phi3(config: &LlamaConfig, tensors: &mut impl TensorSource) -> Result<(), String> {
     for i in 0..config.num_hidden_layers {
         let p = format!("model.layers.{i}");
         for (fused, parts, names) in [
@@ -169,12 +179,8 @@ fn unfuse_phi3(config: &LlamaConfig, tensors: &mut HashMap<String, Tensor>) -> R
                 vec!["mlp.gate_proj", "mlp.up_proj"],
             ),
         ] {
-            let t = tensors
-                .remove(&fused)
-                .ok_or_else(|| format!("the weights have no tensor {fused}"))?;
-            for (part, name) in split(&t, &fused, &parts)?.into_iter().zip(names) {
-                tensors.insert(format!("{p}.{name}.weight"), part);
-            }
+            let names: Vec<String> = names.iter().map(|n| format!("{p}.{n}.weight")).collect();
+            tensors.split_rows(&fused, &parts, &names)?;
         }
     }
     Ok(())
@@ -211,25 +217,30 @@ pub(crate) fn weights_from_map(
     tensors: &mut HashMap<String, Tensor>,
     layers: usize,
 ) -> Result<Weights, String> {
+    weights_from(config, tensors, layers, None)
+}
+
+/// [`weights_from_map`] from any [`TensorSource`], each matrix quantised to
+/// `quantize` as soon as it is read.
+fn weights_from(
+    config: &LlamaConfig,
+    tensors: &mut impl TensorSource,
+    layers: usize,
+    quantize: Option<QuantFormat>,
+) -> Result<Weights, String> {
     // Llama's `attention_bias` also puts a bias on the output projection;
     // Qwen2's bias is on q, k and v only.
     let o_bias: Vec<bool> = (0..layers)
-        .map(|i| tensors.contains_key(&format!("model.layers.{i}.self_attn.o_proj.bias")))
+        .map(|i| tensors.has(&format!("model.layers.{i}.self_attn.o_proj.bias")))
         .collect();
-    let mut take = |name: &str| -> Result<Tensor, String> {
-        let t = tensors
-            .remove(name)
-            .ok_or_else(|| format!("the weights have no tensor {name}"))?;
-        t.to_dtype(DType::F32).map_err(|e| format!("{name}: {e}"))
-    };
     let mut out = Vec::with_capacity(layers);
     for (i, o_bias) in o_bias.into_iter().enumerate() {
         let p = format!("model.layers.{i}");
         let mut linear = |module: Module, bias: bool| -> Result<Linear, String> {
             let path = format!("{p}.{}.{}", module.parent(), module.name());
-            let weight = take(&format!("{path}.weight"))?;
+            let weight = tensors.take_matrix(&format!("{path}.weight"), quantize)?;
             let bias = if bias {
-                Some(take(&format!("{path}.bias"))?)
+                Some(tensors.take_f32(&format!("{path}.bias"))?)
             } else {
                 None
             };
@@ -244,11 +255,11 @@ pub(crate) fn weights_from_map(
         let up = linear(Module::Up, false)?;
         let down = linear(Module::Down, false)?;
         out.push(Layer {
-            input_norm: take(&format!("{p}.input_layernorm.weight"))?,
+            input_norm: tensors.take_f32(&format!("{p}.input_layernorm.weight"))?,
             qk_norm: if config.qk_norm {
                 Some((
-                    take(&format!("{p}.self_attn.q_norm.weight"))?,
-                    take(&format!("{p}.self_attn.k_norm.weight"))?,
+                    tensors.take_f32(&format!("{p}.self_attn.q_norm.weight"))?,
+                    tensors.take_f32(&format!("{p}.self_attn.k_norm.weight"))?,
                 ))
             } else {
                 None
@@ -257,24 +268,24 @@ pub(crate) fn weights_from_map(
             k,
             v,
             o,
-            post_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
+            post_norm: tensors.take_f32(&format!("{p}.post_attention_layernorm.weight"))?,
             gate,
             up,
             down,
         });
     }
-    let embed = take("model.embed_tokens.weight")?;
-    let norm = take("model.norm.weight")?;
+    let embed = tensors.take_matrix("model.embed_tokens.weight", quantize)?;
+    let norm = tensors.take_f32("model.norm.weight")?;
     let lm_head = if config.tie_word_embeddings {
         None
     } else {
-        Some(take("lm_head.weight")?)
+        Some(tensors.take_matrix("lm_head.weight", quantize)?)
     };
     Ok(Weights {
-        embed: embed.into(),
+        embed,
         layers: out,
         norm,
-        lm_head: lm_head.map(Weight::from),
+        lm_head,
     })
 }
 
@@ -367,47 +378,348 @@ pub fn save_hf_dir(loaded: &Loaded, dir: &Path) -> Result<()> {
         .map_err(|e| ModelError::file(&path, e))
 }
 
-/// Every tensor of `model.safetensors`, or of the shards that
-/// `model.safetensors.index.json` lists.
-fn read_safetensors(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let single = dir.join("model.safetensors");
-    let index = dir.join("model.safetensors.index.json");
-    let files: Vec<PathBuf> = if single.exists() {
-        vec![single]
-    } else if index.exists() {
-        let json = crate::files::read_json(&index)?;
-        let map = json
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| ModelError::file(&index, "no weight_map object"))?;
-        let mut shards = BTreeSet::new();
-        for file in map.values() {
-            let name = file
-                .as_str()
-                .ok_or_else(|| ModelError::file(&index, "a weight_map entry is not a file name"))?;
-            // Shards live next to the index, nowhere else.
-            if name.contains('/') || name.contains('\\') || name.starts_with('.') {
-                return Err(ModelError::file(
-                    &index,
-                    format!("shard name {name:?} is not a plain file name"),
+/// Where a model's tensors are taken from, by their Hugging Face names.
+pub(crate) trait TensorSource {
+    fn has(&self, name: &str) -> bool;
+    /// Takes `name` out, as f32; an error naming it when it is not there.
+    fn take_f32(&mut self, name: &str) -> Result<Tensor, String>;
+    /// Takes the matrix `name` out, as f32 or quantised to `quantize`.
+    fn take_matrix(&mut self, name: &str, quantize: Option<QuantFormat>) -> Result<Weight, String> {
+        let w = Weight::Dense(self.take_f32(name)?);
+        match quantize {
+            None => Ok(w),
+            Some(format) => w.quantize(format).map_err(|e| format!("{name}: {e}")),
+        }
+    }
+    /// Replaces the fused matrix `fused` by its consecutive row ranges of
+    /// heights `parts`, named `names`.
+    fn split_rows(&mut self, fused: &str, parts: &[usize], names: &[String]) -> Result<(), String>;
+    /// The names not taken yet.
+    fn names(&self) -> Vec<String>;
+}
+
+impl TensorSource for HashMap<String, Tensor> {
+    fn has(&self, name: &str) -> bool {
+        self.contains_key(name)
+    }
+    fn take_f32(&mut self, name: &str) -> Result<Tensor, String> {
+        let t = self
+            .remove(name)
+            .ok_or_else(|| format!("the weights have no tensor {name}"))?;
+        t.to_dtype(DType::F32).map_err(|e| format!("{name}: {e}"))
+    }
+    fn split_rows(&mut self, fused: &str, parts: &[usize], names: &[String]) -> Result<(), String> {
+        let t = self
+            .remove(fused)
+            .ok_or_else(|| format!("the weights have no tensor {fused}"))?;
+        let rows = t.dim(0).map_err(|e| format!("{fused}: {e}"))?;
+        for ((at, n), name) in row_parts(fused, rows, parts, "the config")?
+            .into_iter()
+            .zip(names)
+        {
+            let part = t.narrow(0, at, n).map_err(|e| format!("{fused}: {e}"))?;
+            self.insert(name.clone(), part);
+        }
+        Ok(())
+    }
+    fn names(&self) -> Vec<String> {
+        self.keys().cloned().collect()
+    }
+}
+
+/// The largest safetensors header read (the format's own limit).
+const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
+
+/// One tensor in a safetensors file: where its bytes are and what they hold.
+#[derive(Clone, Debug)]
+struct StoredTensor {
+    file: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Offset of its first byte in the file.
+    start: u64,
+}
+
+/// A Hugging Face checkpoint's safetensors files (one, or the shards an
+/// index names), read one tensor at a time: only the headers are read up
+/// front, and each tensor's bytes when it is taken, straight to f32.
+pub(crate) struct SafetensorFiles {
+    paths: Vec<PathBuf>,
+    files: Vec<std::fs::File>,
+    tensors: HashMap<String, StoredTensor>,
+    device: Device,
+    /// About how many values a band read at a time holds.
+    band_elems: usize,
+}
+
+impl SafetensorFiles {
+    pub(crate) fn open(dir: &Path, device: &Device) -> Result<SafetensorFiles> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let paths: Vec<PathBuf> = if single.exists() {
+            vec![single]
+        } else if index.exists() {
+            let json = crate::files::read_json(&index)?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::file(&index, "no weight_map object"))?;
+            let mut shards = BTreeSet::new();
+            for file in map.values() {
+                let name = file.as_str().ok_or_else(|| {
+                    ModelError::file(&index, "a weight_map entry is not a file name")
+                })?;
+                // Shards live next to the index, nowhere else.
+                if name.contains('/') || name.contains('\\') || name.starts_with('.') {
+                    return Err(ModelError::file(
+                        &index,
+                        format!("shard name {name:?} is not a plain file name"),
+                    ));
+                }
+                shards.insert(dir.join(name));
+            }
+            shards.into_iter().collect()
+        } else {
+            return Err(ModelError::file(
+                dir,
+                "neither model.safetensors nor model.safetensors.index.json",
+            ));
+        };
+        let mut out = SafetensorFiles {
+            paths: Vec::new(),
+            files: Vec::new(),
+            tensors: HashMap::new(),
+            device: device.clone(),
+            band_elems: crate::quant::BAND_ELEMS,
+        };
+        for path in paths {
+            let file = std::fs::File::open(&path).map_err(|e| ModelError::file(&path, e))?;
+            let header = read_safetensors_header(&file, out.files.len())
+                .map_err(|why| ModelError::file(&path, why))?;
+            for (name, t) in header {
+                if out.tensors.insert(name.clone(), t).is_some() {
+                    return Err(ModelError::file(
+                        &path,
+                        format!("tensor {name} is in more than one file"),
+                    ));
+                }
+            }
+            out.files.push(file);
+            out.paths.push(path);
+        }
+        Ok(out)
+    }
+}
+
+/// The tensors a safetensors file's header lists (file number `file`),
+/// each checked to lie within the file.
+fn read_safetensors_header(
+    mut file: &std::fs::File,
+    number: usize,
+) -> Result<Vec<(String, StoredTensor)>, String> {
+    use std::io::Read;
+    let len = file.metadata().map_err(|e| e.to_string())?.len();
+    let mut n = [0u8; 8];
+    file.read_exact(&mut n)
+        .map_err(|e| format!("cannot read the header's length: {e}"))?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_SAFETENSORS_HEADER || n.saturating_add(8) > len {
+        return Err(format!(
+            "a header of {n} bytes does not fit the file's {len} (or the format's limit)"
+        ));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| format!("cannot read the header: {e}"))?;
+    let json: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| format!("the header is not JSON: {e}"))?;
+    let data = 8 + n;
+    let mut out = Vec::with_capacity(json.len());
+    for (name, v) in json {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = match v.get("dtype").and_then(|d| d.as_str()) {
+            Some("F32") => DType::F32,
+            Some("F16") => DType::F16,
+            Some("BF16") => DType::BF16,
+            Some(other) => {
+                return Err(format!(
+                    "tensor {name} is stored as {other}; fedveil reads F32, F16 and BF16"
                 ));
             }
-            shards.insert(dir.join(name));
+            None => return Err(format!("tensor {name} has no dtype")),
+        };
+        let shape: Vec<usize> = v
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|s| s.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
+            .ok_or(format!("tensor {name} has no shape"))?;
+        let offsets: Vec<u64> = v
+            .get("data_offsets")
+            .and_then(|s| s.as_array())
+            .and_then(|s| s.iter().map(|d| d.as_u64()).collect())
+            .filter(|o: &Vec<u64>| o.len() == 2)
+            .ok_or(format!("tensor {name} has no data_offsets"))?;
+        let bytes = shape
+            .iter()
+            .try_fold(dtype.size_in_bytes() as u64, |a, &d| {
+                a.checked_mul(d as u64)
+            });
+        let fits = offsets[0]
+            .checked_add(data)
+            .zip(offsets[1].checked_add(data))
+            .is_some_and(|(s, e)| s <= e && e <= len && Some(e - s) == bytes);
+        if !fits {
+            return Err(format!(
+                "tensor {name}: bytes {}..{} do not hold its shape {shape:?} of {dtype:?} within \
+                 the file's {len}",
+                offsets[0], offsets[1]
+            ));
         }
-        shards.into_iter().collect()
-    } else {
-        return Err(ModelError::file(
-            dir,
-            "neither model.safetensors nor model.safetensors.index.json",
+        out.push((
+            name,
+            StoredTensor {
+                file: number,
+                dtype,
+                shape,
+                start: data + offsets[0],
+            },
         ));
-    };
-    let mut tensors = HashMap::new();
-    for file in files {
-        let part = candle_core::safetensors::load(&file, device)
-            .map_err(|e| ModelError::file(&file, e))?;
-        tensors.extend(part);
     }
-    Ok(tensors)
+    Ok(out)
+}
+
+impl SafetensorFiles {
+    /// Takes `name`'s entry out.
+    fn entry(&mut self, name: &str) -> Result<StoredTensor, String> {
+        self.tensors
+            .remove(name)
+            .ok_or_else(|| format!("the weights have no tensor {name}"))
+    }
+
+    /// Rows `start..start + n` of `t` (its first dimension), as an f32
+    /// tensor on the CPU.
+    fn read_rows(
+        &self,
+        name: &str,
+        t: &StoredTensor,
+        start: usize,
+        n: usize,
+    ) -> Result<Tensor, String> {
+        use std::io::Read;
+        let row: usize = t.shape.iter().skip(1).product();
+        let size = t.dtype.size_in_bytes();
+        let path = self.paths[t.file].display().to_string();
+        let bad = |e: &dyn std::fmt::Display| format!("{path}: tensor {name}: {e}");
+        let mut file = &self.files[t.file];
+        file.seek(std::io::SeekFrom::Start(
+            t.start + (start * row * size) as u64,
+        ))
+        .map_err(|e| bad(&e))?;
+        let mut buf = vec![0u8; n * row * size];
+        file.read_exact(&mut buf).map_err(|e| bad(&e))?;
+        let mut shape = t.shape.clone();
+        if let Some(first) = shape.first_mut() {
+            *first = n;
+        }
+        Tensor::from_raw_buffer(&buf, t.dtype, &shape, &Device::Cpu)
+            .and_then(|x| x.to_dtype(DType::F32))
+            .map_err(|e| bad(&e))
+    }
+
+    /// The row bands `t` is read in: about [`crate::quant::BAND_ELEMS`]
+    /// values each, so that converting it never holds a second copy.
+    fn bands(&self, t: &StoredTensor) -> Vec<(usize, usize)> {
+        let Some((&rows, rest)) = t.shape.split_first() else {
+            return vec![(0, 1)];
+        };
+        let per = (self.band_elems / rest.iter().product::<usize>().max(1)).max(1);
+        (0..rows)
+            .step_by(per)
+            .map(|at| (at, per.min(rows - at)))
+            .collect()
+    }
+}
+
+impl TensorSource for SafetensorFiles {
+    fn has(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+    fn take_f32(&mut self, name: &str) -> Result<Tensor, String> {
+        let t = self.entry(name)?;
+        if t.shape.is_empty() {
+            return self
+                .read_rows(name, &t, 0, 1)
+                .and_then(|x| x.to_device(&self.device).map_err(|e| e.to_string()));
+        }
+        let mut values: Vec<f32> = Vec::with_capacity(t.shape.iter().product());
+        for (at, n) in self.bands(&t) {
+            let band = self.read_rows(name, &t, at, n)?;
+            values.extend(
+                band.flatten_all()
+                    .and_then(|b| b.to_vec1::<f32>())
+                    .map_err(|e| format!("tensor {name}: {e}"))?,
+            );
+        }
+        Tensor::from_vec(values, t.shape.as_slice(), &Device::Cpu)
+            .and_then(|x| x.to_device(&self.device))
+            .map_err(|e| format!("tensor {name}: {e}"))
+    }
+    fn take_matrix(&mut self, name: &str, quantize: Option<QuantFormat>) -> Result<Weight, String> {
+        let Some(format) = quantize else {
+            return Ok(Weight::Dense(self.take_f32(name)?));
+        };
+        let t = self.entry(name)?;
+        if t.shape.len() != 2 {
+            return Err(format!(
+                "tensor {name} of shape {:?} is not a matrix",
+                t.shape
+            ));
+        }
+        // Each band quantised as read: blocks never span rows, so this is
+        // the matrix quantised whole.
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        let band_rows = (self.band_elems / cols.max(1)).max(1);
+        let m = QuantMatrix::quantize_in_bands(format, rows, cols, band_rows, &mut |at, n| {
+            self.read_rows(name, &t, at, n)?
+                .flatten_all()
+                .and_then(|b| b.to_vec1::<f32>())
+                .map_err(|e| format!("tensor {name}: {e}"))
+        })
+        .map_err(|e| format!("{name}: {e}"))?;
+        Ok(Weight::Quantized(Arc::new(m)))
+    }
+    fn split_rows(&mut self, fused: &str, parts: &[usize], names: &[String]) -> Result<(), String> {
+        // Rows are consecutive in the file: each part is a tensor of its own
+        // at an offset into the fused one's bytes; nothing is read here.
+        let t = self
+            .tensors
+            .remove(fused)
+            .ok_or_else(|| format!("the weights have no tensor {fused}"))?;
+        let (&rows, rest) = t
+            .shape
+            .split_first()
+            .ok_or(format!("{fused} is a scalar"))?;
+        let row_bytes = (rest.iter().product::<usize>() * t.dtype.size_in_bytes()) as u64;
+        for ((at, n), name) in row_parts(fused, rows, parts, "the config")?
+            .into_iter()
+            .zip(names)
+        {
+            let mut shape = t.shape.clone();
+            shape[0] = n;
+            let part = StoredTensor {
+                shape,
+                start: t.start + at as u64 * row_bytes,
+                ..t.clone()
+            };
+            self.tensors.insert(name.clone(), part);
+        }
+        Ok(())
+    }
+    fn names(&self) -> Vec<String> {
+        self.tensors.keys().cloned().collect()
+    }
 }
 
 /// A GGUF file of a `llama` or `qwen2` model, dequantised to f32.
@@ -857,3 +1169,48 @@ pub fn load_gguf_with(path: &Path, device: &Device, quantize: Quantize) -> Resul
 }
 
 pub use crate::gguf_tokenizer::gguf_tokenizer;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tensor_read_in_bands_is_the_tensor_read_whole() {
+        let dir = std::env::temp_dir().join(format!("fedveil-bands-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let values: Vec<f32> = (0..300 * 64)
+            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let whole = Tensor::from_vec(values, (300, 64), &Device::Cpu).unwrap();
+        let stored = whole.to_dtype(DType::BF16).unwrap();
+        let tensors: HashMap<String, Tensor> = [
+            ("m".to_string(), stored.clone()),
+            ("v".to_string(), stored.get(3).unwrap()),
+        ]
+        .into();
+        candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+        let mut files = SafetensorFiles::open(&dir, &Device::Cpu).unwrap();
+        // 7 rows a band: 42 bands of 7 and one of 6.
+        files.band_elems = 7 * 64;
+        assert_eq!(files.bands(&files.tensors["m"]).len(), 43);
+        let want = stored.to_dtype(DType::F32).unwrap();
+        let got = files.take_f32("m").unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(flat(&got), flat(&want));
+        assert_eq!(
+            flat(&files.take_f32("v").unwrap()),
+            flat(&want.get(3).unwrap())
+        );
+        // Quantised band by band: the blocks of the whole matrix quantised.
+        let mut files = SafetensorFiles::open(&dir, &Device::Cpu).unwrap();
+        files.band_elems = 7 * 64;
+        let Weight::Quantized(q) = files.take_matrix("m", Some(QuantFormat::Q8_0)).unwrap() else {
+            panic!("a quantised matrix");
+        };
+        let whole_q = QuantMatrix::quantize(&want, QuantFormat::Q8_0).unwrap();
+        assert_eq!((q.rows(), q.cols()), (300, 64));
+        assert_eq!(q.row_data(0, 300), whole_q.row_data(0, 300));
+        assert!(files.take_f32("m").unwrap_err().contains("no tensor m"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -341,12 +341,63 @@ impl QuantMatrix {
     }
 
     /// The raw blocks of rows `start..start + n`.
-    fn row_data(&self, start: usize, n: usize) -> &[u8] {
+    pub(crate) fn row_data(&self, start: usize, n: usize) -> &[u8] {
         let rb = self.row_bytes();
         // SAFETY: the storage holds `rows * row_bytes` bytes; callers keep
         // `start + n <= rows`.
         let all = unsafe { std::slice::from_raw_parts(self.blocks.as_ptr(), self.rows * rb) };
         &all[start * rb..(start + n) * rb]
+    }
+
+    /// A `(rows, cols)` matrix quantised band by band as `read(start, n)`
+    /// hands over rows `start..start + n` as f32 values, `band_rows` rows
+    /// at a time: the blocks of the whole matrix quantised, without ever
+    /// holding more than one band in f32.
+    pub(crate) fn quantize_in_bands(
+        format: QuantFormat,
+        rows: usize,
+        cols: usize,
+        band_rows: usize,
+        read: &mut dyn FnMut(usize, usize) -> std::result::Result<Vec<f32>, String>,
+    ) -> std::result::Result<QuantMatrix, String> {
+        if cols == 0 || !cols.is_multiple_of(format.block_size()) || band_rows == 0 {
+            return Err(format!(
+                "a {rows}x{cols} weight cannot be quantised to {}: its rows are not whole \
+                 blocks of {}",
+                format.name(),
+                format.block_size()
+            ));
+        }
+        type Read<'a> = &'a mut dyn FnMut(usize, usize) -> std::result::Result<Vec<f32>, String>;
+        fn fill<T: GgmlType + 'static>(
+            rows: usize,
+            cols: usize,
+            band_rows: usize,
+            read: Read,
+        ) -> std::result::Result<Box<dyn QuantizedType>, String> {
+            let row_blocks = cols / T::BLCK_SIZE;
+            let mut ys = vec![T::zeros(); rows * row_blocks];
+            for (k, band) in ys.chunks_mut(band_rows * row_blocks).enumerate() {
+                let n = band.len() / row_blocks;
+                let values = read(k * band_rows, n)?;
+                if values.len() != n * cols {
+                    return Err(format!(
+                        "a band of {n} rows came with {} values",
+                        values.len()
+                    ));
+                }
+                band.par_chunks_mut(row_blocks)
+                    .zip(values.par_chunks(cols))
+                    .for_each(|(y, x)| T::from_float(x, y));
+            }
+            Ok(Box::new(ys))
+        }
+        Ok(QuantMatrix {
+            format,
+            rows,
+            cols,
+            blocks: with_block!(format, fill, rows, cols, band_rows, read)?,
+        })
     }
 
     /// Rows `start..start + n` as a matrix of their own (a part of a fused

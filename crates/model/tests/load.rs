@@ -1084,3 +1084,86 @@ fn a_phi3_gguf_file_with_fused_projections_loads_to_the_same_model() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_hugging_face_checkpoint_is_read_one_tensor_at_a_time_and_bad_headers_are_refused() {
+    let (tokens, _) = vocabulary();
+    let original = model(block_config(tokens.len(), false));
+    let dir = tempdir("hf-per-tensor");
+    // Quantised as each tensor is read: the same model as quantising the
+    // loaded f32 model afterwards, bit for bit; sharded or not.
+    for sharded in [false, true] {
+        write_hf_dir(&dir, &original, sharded);
+        let direct = load_with(&dir, &Device::Cpu, Quantize::parse("q4_k").unwrap())
+            .unwrap()
+            .model;
+        let after = load_hf_dir(&dir, &Device::Cpu)
+            .unwrap()
+            .model
+            .quantize(QuantFormat::Q4K)
+            .unwrap();
+        assert_eq!(direct.weight_bytes(), after.weight_bytes());
+        let (diff, _) = max_diff(&logits(&direct), &logits(&after));
+        assert!(diff == 0.0, "sharded {sharded}: logits differ by {diff}");
+        for f in std::fs::read_dir(&dir).unwrap() {
+            std::fs::remove_file(f.unwrap().path()).unwrap();
+        }
+    }
+    // Stored in bf16 (as most checkpoints are): read as the bf16 values in f32.
+    write_hf_dir_with(&dir, &original, false, |_, tensors| {
+        for t in tensors.values_mut() {
+            *t = t.to_dtype(candle_core::DType::BF16).unwrap();
+        }
+    });
+    let loaded = load_hf_dir(&dir, &Device::Cpu).unwrap().model;
+    let rounded = original.weights().layers[0].q.weight.dense().unwrap();
+    let rounded = rounded
+        .to_dtype(candle_core::DType::BF16)
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap();
+    let got = loaded.weights().layers[0].q.weight.dense().unwrap();
+    assert_eq!(
+        got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        rounded.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
+    // A header that lies about where a tensor's bytes are, a dtype fedveil
+    // does not read, and a header longer than the file: each named.
+    let file = dir.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap().to_string();
+    let write = |header: &str| {
+        // Same length, so the data offsets stay where they were.
+        assert_eq!(header.len(), n);
+        let mut out = bytes[..8].to_vec();
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(&bytes[8 + n..]);
+        std::fs::write(&file, out).unwrap();
+        load_hf_dir(&dir, &Device::Cpu).unwrap_err().to_string()
+    };
+    let err = write(&header.replacen("\"BF16\"", "\"I16\" ", 1));
+    assert!(err.contains("is stored as I16"), "{err}");
+    // A file cut short: the tensor whose bytes are past its end is named.
+    let json: serde_json::Value = serde_json::from_str(&header).unwrap();
+    let last = json
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter_map(|(k, v)| Some((k.clone(), v.get("data_offsets")?[1].as_u64()?)))
+        .max_by_key(|(_, end)| *end)
+        .unwrap()
+        .0;
+    std::fs::write(&file, &bytes[..bytes.len() - 2]).unwrap();
+    let err = load_hf_dir(&dir, &Device::Cpu).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("tensor {last}:")) && err.contains("do not hold"),
+        "{err}"
+    );
+    let mut out = (u64::MAX / 2).to_le_bytes().to_vec();
+    out.extend_from_slice(&bytes[8..]);
+    std::fs::write(&file, out).unwrap();
+    let err = load_hf_dir(&dir, &Device::Cpu).unwrap_err().to_string();
+    assert!(err.contains("does not fit"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
