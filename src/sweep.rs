@@ -950,6 +950,27 @@ fn plot(path: &Path, metric: &str, own: &[Point], beside: &[Point]) -> anyhow::R
     } else {
         hi
     };
+    // Room above the data for the legend (upper right), so that it never
+    // hides a point: a row of about 19 pixels per line of it, of a plotting
+    // area about 400 pixels high.
+    let mut private: Vec<_> = summary
+        .iter()
+        .filter(|s| s.epsilon.is_some())
+        .map(|s| {
+            (
+                s.beside,
+                s.baseline,
+                unit_label(s.unit),
+                s.clients,
+                s.rounds,
+            )
+        })
+        .collect();
+    private.sort();
+    private.dedup();
+    let entries = private.len() + summary.iter().filter(|s| s.epsilon.is_none()).count() + 1;
+    let share = ((entries * 19 + 16) as f64 / 400.0).min(0.6);
+    let chart_top = top + (top - lo) * share / (1.0 - share);
     let eps: Vec<f64> = summary.iter().filter_map(|s| s.epsilon).collect();
     let (emin, emax) = if eps.is_empty() {
         (0.1, 10.0)
@@ -966,7 +987,7 @@ fn plot(path: &Path, metric: &str, own: &[Point], beside: &[Point]) -> anyhow::R
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(64)
-        .build_cartesian_2d((emin..emax).log_scale(), lo..top)
+        .build_cartesian_2d((emin..emax).log_scale(), lo..chart_top)
         .map_err(draw)?;
     chart
         .configure_mesh()
