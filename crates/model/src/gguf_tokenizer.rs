@@ -58,6 +58,9 @@ pub const PRE_TOKENIZERS: &[&str] = &[
     "qwen2",
 ];
 
+/// The longest SentencePiece piece accepted, in bytes.
+const MAX_PIECE_BYTES: usize = 1024;
+
 // llama.cpp's token types.
 const TOKEN_CONTROL: i32 = 3;
 const TOKEN_USER_DEFINED: i32 = 4;
@@ -333,6 +336,15 @@ fn sentencepiece(meta: &Meta, tokens: &[String], types: &[i32]) -> Result<Tokeni
     if vocab.len() != tokens.len() {
         return Err("tokenizer.ggml.tokens holds a piece twice".into());
     }
+    // Each piece's splits are looked up one by one: bound the work a
+    // malformed file can ask for. SentencePiece's own pieces are at most
+    // a few dozen characters.
+    if let Some(i) = tokens.iter().position(|t| t.len() > MAX_PIECE_BYTES) {
+        return Err(format!(
+            "tokenizer.ggml.tokens[{i}] is {} bytes long (more than {MAX_PIECE_BYTES})",
+            tokens[i].len()
+        ));
+    }
     let merges = sentencepiece_merges(tokens, &scores, &vocab);
     let unk = match meta.id("tokenizer.ggml.unknown_token_id", tokens.len())? {
         Some(id) => tokens[id as usize].clone(),
@@ -377,7 +389,11 @@ fn sentencepiece(meta: &Meta, tokens: &[String], types: &[i32]) -> Result<Tokeni
 /// Merge rules equivalent to SentencePiece's BPE: every split of every piece
 /// into two pieces of the vocabulary, ranked by the merged piece's score
 /// (highest first; ties in vocabulary order, then by the halves' ids), as
-/// Hugging Face's `SentencePieceExtractor` ranks them.
+/// the `SentencePieceExtractor` that wrote Llama-2's and Mistral's
+/// `tokenizer.json` ranks them. (Newer transformers break ties of equal
+/// score by the halves' lengths instead; the two orders differ only where
+/// two overlapping pairs make pieces of equal score, and agree on every
+/// reference text of BENCHMARKS.md.)
 fn sentencepiece_merges(
     tokens: &[String],
     scores: &[f32],
@@ -541,6 +557,9 @@ mod tests {
         assert!(err.contains("llama-bpe"), "{err}");
         let err = edit("tokenizer.ggml.bos_token_id", Value::U32(100_000));
         assert!(err.contains("tokenizer.ggml.bos_token_id"), "{err}");
+        let long = "a".repeat(MAX_PIECE_BYTES + 1);
+        let err = gguf_tokenizer(&spm(&[(long.as_str(), -1.0)], &[])).unwrap_err();
+        assert!(err.contains("tokenizer.ggml.tokens[259]"), "{err}");
         let mut c = spm(WORDS, &[]);
         c.metadata.remove("tokenizer.ggml.scores");
         let err = gguf_tokenizer(&c).unwrap_err();

@@ -555,6 +555,11 @@ fn read_safetensors_header(
             .and_then(|s| s.as_array())
             .and_then(|s| s.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
             .ok_or(format!("tensor {name} has no shape"))?;
+        // An empty dimension would let any other be as large as it liked
+        // (the byte count below is then 0): no checkpoint has one.
+        if shape.contains(&0) {
+            return Err(format!("tensor {name} has an empty dimension: {shape:?}"));
+        }
         let offsets: Vec<u64> = v
             .get("data_offsets")
             .and_then(|s| s.as_array())
@@ -1033,6 +1038,14 @@ pub fn load_gguf_with(path: &Path, device: &Device, quantize: Quantize) -> Resul
             |file: &mut std::fs::File, name: &str, parts: &[usize]| -> Result<Vec<Linear>> {
                 let l = linear(file, name, None)?;
                 let rows = l.weight.dims2()?.0;
+                if let Some(b) = &l.bias
+                    && b.dims1()? != rows
+                {
+                    return Err(ModelError::file(
+                        path,
+                        format!("tensor {p}.{name}.bias does not have the matrix's {rows} rows"),
+                    ));
+                }
                 let name = format!("tensor {p}.{name}.weight");
                 let ranges = row_parts(&name, rows, parts, "the metadata")
                     .map_err(|e| ModelError::file(path, e))?;
@@ -1211,6 +1224,18 @@ mod tests {
         assert_eq!((q.rows(), q.cols()), (300, 64));
         assert_eq!(q.row_data(0, 300), whole_q.row_data(0, 300));
         assert!(files.take_f32("m").unwrap_err().contains("no tensor m"));
+        // A header whose shape has an empty dimension beside a huge one
+        // (0 bytes, so the byte count alone would pass) is refused.
+        let header =
+            br#"{"x":{"dtype":"F32","shape":[4611686018427387904,0],"data_offsets":[0,0]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header);
+        std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+        let err = SafetensorFiles::open(&dir, &Device::Cpu)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("tensor x has an empty dimension"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
