@@ -1,9 +1,11 @@
 //! The architecture of a llama-family decoder.
 //!
 //! The fields and their names follow Hugging Face's `config.json` for
-//! `LlamaForCausalLM`, `MistralForCausalLM` and `Qwen2ForCausalLM` (whose
-//! only difference that matters here is a bias on the query, key and value
-//! projections). [`LlamaConfig::from_hf_json`] reads a model directory's
+//! `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`,
+//! `Qwen3ForCausalLM`, `Phi3ForCausalLM`, `Gemma2ForCausalLM` and
+//! `Gemma3ForCausalLM`, which differ from Llama's by settings this one
+//! decoder implements (biases, q/k norms, GeGLU, Gemma's norms, scales,
+//! soft caps and sliding layers). [`LlamaConfig::from_hf_json`] reads a model directory's
 //! `config.json` and refuses every key it does not implement, by name: a key
 //! that would change the computation is never ignored.
 
@@ -48,15 +50,107 @@ pub struct LlamaConfig {
     /// How the rotary frequencies are rescaled for long contexts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeScaling>,
-    /// Mistral's sliding-window attention: each query sees at most this many
-    /// keys. fedveil computes full causal attention and refuses any input
-    /// longer than the window, where the two are the same.
+    /// Sliding-window attention: each query sees at most this many keys,
+    /// itself and those just before it (Mistral's, in every layer; Gemma's,
+    /// in the layers `layer_types` calls sliding).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window: Option<usize>,
-    /// Qwen3's RMSNorm on each query and key head, before the rotary
-    /// embedding.
+    /// Qwen3's and Gemma-3's RMSNorm on each query and key head, before the
+    /// rotary embedding.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub qk_norm: bool,
+    /// The MLP's activation: SwiGLU's `silu` or GeGLU's
+    /// `gelu_pytorch_tanh` (Gemma's `hidden_activation`).
+    #[serde(default, skip_serializing_if = "Activation::is_silu")]
+    pub hidden_act: Activation,
+    /// Each layer's attention, where layers differ (Gemma): a sliding layer
+    /// sees at most `sliding_window` keys. `None`: every layer is the same,
+    /// sliding when `sliding_window` is set (Mistral).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_types: Option<Vec<LayerType>>,
+    /// Gemma-3's rotary base for its sliding layers (unscaled); the full
+    /// layers take `rope_theta` and `rope_scaling`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_local_base_freq: Option<f64>,
+    /// Gemma's attention scale `query_pre_attn_scalar^(-1/2)` in place of
+    /// `head_dim^(-1/2)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Gemma-2's soft cap on the attention scores: `c·tanh(s/c)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attn_logit_softcapping: Option<f64>,
+    /// Gemma-2's soft cap on the output logits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_logit_softcapping: Option<f64>,
+    /// Gemma's RMSNorm: the normalised input times `1 + w`, where Llama's
+    /// times `w`. The weights are kept as the checkpoint stores them.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub norm_unit_offset: bool,
+    /// Gemma-2's and Gemma-3's extra norms on the attention's and the MLP's
+    /// outputs, before each joins the residual stream.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sandwich_norms: bool,
+    /// Gemma's token embeddings times `√hidden_size` (the table's rows,
+    /// not a soft prompt's: transformers scales in the embedding module).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub embed_scale: bool,
+}
+
+/// The MLP's activation, by Hugging Face's name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Activation {
+    /// `silu(gate) · up` (SwiGLU).
+    #[default]
+    #[serde(rename = "silu")]
+    Silu,
+    /// `gelu_tanh(gate) · up` (GeGLU), GELU's tanh approximation as
+    /// PyTorch's `gelu(approximate="tanh")` computes it.
+    #[serde(rename = "gelu_pytorch_tanh")]
+    GeluTanh,
+}
+
+impl Activation {
+    fn is_silu(&self) -> bool {
+        *self == Activation::Silu
+    }
+
+    /// The activation a Hugging Face name means; other names are errors.
+    pub fn from_name(name: &str) -> Result<Activation, String> {
+        match name {
+            "silu" => Ok(Activation::Silu),
+            "gelu_pytorch_tanh" => Ok(Activation::GeluTanh),
+            other => Err(format!(
+                "activation {other:?} is not implemented (fedveil implements \"silu\" and \
+                 \"gelu_pytorch_tanh\")"
+            )),
+        }
+    }
+}
+
+/// A layer's attention (Hugging Face's `layer_types`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LayerType {
+    #[serde(rename = "full_attention")]
+    Full,
+    #[serde(rename = "sliding_attention")]
+    Sliding,
+}
+
+impl LayerType {
+    /// Gemma's pattern: of every `pattern` layers the last is full, the
+    /// others slide (transformers' `sliding_window_pattern`, llama.cpp's
+    /// swa pattern).
+    pub fn pattern(layers: usize, pattern: usize) -> Vec<LayerType> {
+        (0..layers)
+            .map(|i| {
+                if (i + 1) % pattern.max(1) == 0 {
+                    LayerType::Full
+                } else {
+                    LayerType::Sliding
+                }
+            })
+            .collect()
+    }
 }
 
 /// `rope_scaling`: the rescalings of the rotary frequencies fedveil
@@ -280,7 +374,54 @@ const INERT_KEYS: &[&str] = &[
     "pretraining_tp",
     // Feed-forward chunking computes the same values in pieces.
     "chunk_size_feed_forward",
+    // Gemma's choice of key/value cache for generation.
+    "cache_implementation",
 ];
+
+/// Keys only Gemma's families implement: on another family's config they
+/// are refused, since that family's transformers model would ignore them.
+const GEMMA_KEYS: &[&str] = &[
+    "hidden_activation",
+    "query_pre_attn_scalar",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "rope_local_base_freq",
+    "sliding_window_pattern",
+    "_sliding_window_pattern",
+    "layer_types",
+];
+
+/// The `config.json` defaults transformers gives a Gemma family's keys
+/// that change the computation, filled in where a file leaves them out
+/// (fedveil's own defaults are Llama's).
+fn gemma_defaults(model_type: &str) -> Vec<(&'static str, Value)> {
+    use serde_json::json;
+    let mut d = vec![
+        ("hidden_activation", json!("gelu_pytorch_tanh")),
+        ("query_pre_attn_scalar", json!(256)),
+        ("sliding_window", json!(4096)),
+        ("rms_norm_eps", json!(1e-6)),
+        ("head_dim", json!(256)),
+        ("tie_word_embeddings", json!(true)),
+    ];
+    if model_type == "gemma2" {
+        d.extend([
+            ("attn_logit_softcapping", json!(50.0)),
+            ("final_logit_softcapping", json!(30.0)),
+            ("rope_theta", json!(10_000.0)),
+            ("max_position_embeddings", json!(8192)),
+        ]);
+    } else {
+        d.extend([
+            ("attn_logit_softcapping", Value::Null),
+            ("final_logit_softcapping", Value::Null),
+            ("rope_theta", json!(1_000_000.0)),
+            ("rope_local_base_freq", json!(10_000.0)),
+            ("max_position_embeddings", json!(131_072)),
+        ]);
+    }
+    d
+}
 
 /// The keys [`LlamaConfig`]'s own fields read.
 const IMPLEMENTED_KEYS: &[&str] = &[
@@ -350,12 +491,30 @@ impl LlamaConfig {
                 None => return fail(format!("model_type must be a string, got {v}")),
             },
         };
-        if !matches!(model_type, "llama" | "mistral" | "qwen2" | "qwen3" | "phi3") {
-            return fail(format!(
-                "model_type {model_type:?} is not a decoder fedveil implements (llama, mistral, \
-                 qwen2, qwen3, phi3)"
-            ));
+        match model_type {
+            "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "gemma2" | "gemma3_text" => {}
+            "gemma3" => {
+                return fail(
+                    "model_type \"gemma3\" (Gemma-3 with its vision encoder) is not implemented; \
+                     the text-only gemma3_text (Gemma-3-1B's) is"
+                        .into(),
+                );
+            }
+            other => {
+                return fail(format!(
+                    "model_type {other:?} is not a decoder fedveil implements (llama, mistral, \
+                     qwen2, qwen3, phi3, gemma2, gemma3_text)"
+                ));
+            }
         }
+        let gemma = matches!(model_type, "gemma2" | "gemma3_text");
+        let mut filled = obj.clone();
+        if gemma {
+            for (key, value) in gemma_defaults(model_type) {
+                filled.entry(key).or_insert(value);
+            }
+        }
+        let obj = &filled;
         let is = |key: &str, ok: &dyn Fn(&Value) -> bool| obj.get(key).is_none_or(ok);
         let zero = |v: &Value| v.is_null() || v.as_f64() == Some(0.0);
         let false_ = |v: &Value| v.is_null() || v.as_bool() == Some(false);
@@ -366,12 +525,13 @@ impl LlamaConfig {
                 || v.as_array()
                     .is_some_and(|a| a.iter().all(|t| t.as_str() == Some("full_attention")))
         };
+        let softcap = |v: &Value| gemma && (v.is_null() || v.as_f64().is_some_and(|c| c > 0.0));
         type Check<'a> = (&'a str, &'a dyn Fn(&Value) -> bool, &'a str);
-        let checked: [Check; 15] = [
+        let checked: [Check; 16] = [
             (
                 "hidden_act",
-                &|v| v.as_str() == Some("silu"),
-                "only \"silu\" (SwiGLU) is implemented",
+                &|v| v.as_str().is_some_and(|n| Activation::from_name(n).is_ok()),
+                "only \"silu\" (SwiGLU) and \"gelu_pytorch_tanh\" (GeGLU) are implemented",
             ),
             (
                 "mlp_bias",
@@ -397,13 +557,18 @@ impl LlamaConfig {
             ("max_window_layers", &|_| true, ""),
             (
                 "attn_logit_softcapping",
-                &null,
-                "attention soft-capping is not implemented",
+                &|v| null(v) || softcap(v),
+                "attention soft-capping is implemented for Gemma only, with a positive cap",
             ),
             (
                 "final_logit_softcapping",
-                &null,
-                "logit soft-capping is not implemented",
+                &|v| null(v) || softcap(v),
+                "logit soft-capping is implemented for Gemma only, with a positive cap",
+            ),
+            (
+                "use_bidirectional_attention",
+                &false_,
+                "bidirectional attention is not implemented",
             ),
             (
                 "is_encoder_decoder",
@@ -415,11 +580,23 @@ impl LlamaConfig {
                 &false_,
                 "cross-attention is not implemented",
             ),
-            // transformers 5 lists each layer's attention.
+            // transformers 5 lists each layer's attention; Gemma's alternate.
             (
                 "layer_types",
-                &full,
-                "only full attention in every layer is implemented",
+                &|v| {
+                    full(v)
+                        || (gemma
+                            && v.as_array().is_some_and(|a| {
+                                a.iter().all(|t| {
+                                    matches!(
+                                        t.as_str(),
+                                        Some("full_attention" | "sliding_attention")
+                                    )
+                                })
+                            }))
+                },
+                "only full attention in every layer (and Gemma's sliding and full layers) is \
+                 implemented",
             ),
             // Phi-3's dropout on the residual stream and the embeddings.
             (
@@ -462,6 +639,7 @@ impl LlamaConfig {
         for key in obj.keys() {
             let known = INERT_KEYS.contains(&key.as_str())
                 || IMPLEMENTED_KEYS.contains(&key.as_str())
+                || (gemma && GEMMA_KEYS.contains(&key.as_str()))
                 || checked.iter().any(|(k, _, _)| k == key)
                 || key == "pruned_heads";
             if !known {
@@ -471,7 +649,81 @@ impl LlamaConfig {
                 ));
             }
         }
-        let mut json = json.clone();
+        let mut json = Value::Object(filled.clone());
+        // The activation: Gemma's `hidden_activation` (its `hidden_act`, where
+        // a file has both, must agree), everyone else's `hidden_act`.
+        let act_key = if gemma {
+            "hidden_activation"
+        } else {
+            "hidden_act"
+        };
+        let act_name = match obj.get(act_key) {
+            None | Some(Value::Null) => "silu",
+            Some(v) => match v.as_str() {
+                Some(n) => n,
+                None => return fail(format!("config.json {act_key} must be a string, got {v}")),
+            },
+        };
+        let activation = Activation::from_name(act_name)
+            .map_err(|e| ModelError::Config(format!("{act_key}: {e}")))?;
+        if gemma
+            && let Some(other) = obj.get("hidden_act").filter(|v| !v.is_null())
+            && other.as_str() != Some(act_name)
+        {
+            return fail(format!(
+                "config.json hidden_act = {other} and hidden_activation = {act_name:?} disagree"
+            ));
+        }
+        if let Some(o) = json.as_object_mut() {
+            o.remove("hidden_activation");
+            o.insert(
+                "hidden_act".into(),
+                serde_json::to_value(activation).unwrap_or_default(),
+            );
+        }
+        // transformers 5 writes Gemma-3's rotary settings per layer type:
+        // the full layers' as Llama's, the sliding layers' base (unscaled).
+        if let Some(params) = json
+            .get_mut("rope_parameters")
+            .and_then(Value::as_object_mut)
+            && (params.contains_key("full_attention") || params.contains_key("sliding_attention"))
+        {
+            if model_type != "gemma3_text" {
+                return fail(format!(
+                    "rope_parameters per layer type are implemented for gemma3_text only, not \
+                     {model_type}"
+                ));
+            }
+            let full = params.remove("full_attention").unwrap_or(Value::Null);
+            let sliding = params.remove("sliding_attention").unwrap_or(Value::Null);
+            if let Some(key) = params.keys().next() {
+                return fail(format!("rope_parameters key {key:?} is not implemented"));
+            }
+            let Some(mut sliding) = sliding.as_object().cloned() else {
+                return fail(format!(
+                    "rope_parameters sliding_attention must be an object, got {sliding}"
+                ));
+            };
+            match sliding.remove("rope_type") {
+                None => {}
+                Some(t) if t.as_str() == Some("default") => {}
+                Some(t) => {
+                    return fail(format!(
+                        "rope_parameters sliding_attention rope_type {t}: only unscaled rotary \
+                         embeddings are implemented on sliding layers"
+                    ));
+                }
+            }
+            if let Some(theta) = sliding.remove("rope_theta") {
+                json["rope_local_base_freq"] = theta;
+            }
+            if let Some(key) = sliding.keys().next() {
+                return fail(format!(
+                    "rope_parameters sliding_attention key {key:?} is not implemented"
+                ));
+            }
+            json["rope_parameters"] = full;
+        }
         // transformers 5 writes `rope_parameters`: `rope_theta` and the
         // scaling in one object.
         if let Some(params) = json
@@ -520,6 +772,37 @@ impl LlamaConfig {
         }) {
             json["rope_scaling"] = Value::Null;
         }
+        // Gemma's layer types: listed (transformers 5), else by a pattern: every
+        // `sliding_window_pattern`-th layer full (Gemma-2's pattern is 2),
+        // the others sliding.
+        if gemma {
+            let n = json["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
+            // Gemma-2's alternation is fixed; transformers reads no pattern.
+            let pattern_key = ["sliding_window_pattern", "_sliding_window_pattern"]
+                .into_iter()
+                .find(|k| model_type == "gemma3_text" && !json[*k].is_null());
+            let pattern = match pattern_key {
+                Some(k) => match json[k].as_u64() {
+                    Some(p) if p > 0 => p as usize,
+                    _ => {
+                        return fail(format!(
+                            "config.json {k} must be a positive whole number, got {}",
+                            json[k]
+                        ));
+                    }
+                },
+                None if model_type == "gemma2" => 2,
+                None => 6,
+            };
+            // transformers takes the list where a file has both.
+            if json["layer_types"].is_null() {
+                json["layer_types"] =
+                    serde_json::to_value(LayerType::pattern(n, pattern)).unwrap_or_default();
+            }
+        } else if let Some(o) = json.as_object_mut() {
+            // Checked above: every layer full.
+            o.remove("layer_types");
+        }
         let mut config: LlamaConfig =
             serde_json::from_value(json).map_err(|e| ModelError::Config(e.to_string()))?;
         match model_type {
@@ -534,6 +817,17 @@ impl LlamaConfig {
             "qwen3" => {
                 config.qk_norm = true;
                 config.sliding_window = None;
+            }
+            // Gemma: (1 + w) norms, norms after attention and the MLP, scaled
+            // token embeddings; Gemma-3 also norms its query and key heads.
+            "gemma2" | "gemma3_text" => {
+                config.norm_unit_offset = true;
+                config.sandwich_norms = true;
+                config.qk_norm = model_type == "gemma3_text";
+                config.embed_scale = true;
+                if model_type == "gemma2" {
+                    config.rope_local_base_freq = None;
+                }
             }
             // A window as long as the context hides nothing.
             _ => {
@@ -594,6 +888,49 @@ impl LlamaConfig {
         self.kv_heads() * self.head_dim()
     }
 
+    /// How many keys a query of layer `i` (a position in this model) sees
+    /// at most: the sliding window where that layer slides, else `None`.
+    pub fn window(&self, i: usize) -> Option<usize> {
+        match &self.layer_types {
+            Some(types) => match types.get(i) {
+                Some(LayerType::Sliding) => self.sliding_window,
+                _ => None,
+            },
+            None => self.sliding_window,
+        }
+    }
+
+    /// Whether layer `i` takes the sliding layers' rotary tables
+    /// (`rope_local_base_freq`, Gemma-3).
+    pub fn local_rope(&self, i: usize) -> bool {
+        self.rope_local_base_freq.is_some()
+            && self
+                .layer_types
+                .as_ref()
+                .is_some_and(|t| t.get(i) == Some(&LayerType::Sliding))
+    }
+
+    /// The sliding layers' unscaled inverse frequencies, where they have
+    /// their own base.
+    pub fn local_inv_freq(&self) -> Option<Vec<f64>> {
+        let base = self.rope_local_base_freq?;
+        let d = self.head_dim();
+        Some(
+            (0..d / 2)
+                .map(|i| 1.0 / base.powf(2.0 * i as f64 / d as f64))
+                .collect(),
+        )
+    }
+
+    /// The factor on the attention scores: `query_pre_attn_scalar^(-1/2)`
+    /// (Gemma) or `head_dim^(-1/2)`.
+    pub fn attention_scale(&self) -> f64 {
+        1.0 / self
+            .query_pre_attn_scalar
+            .unwrap_or(self.head_dim() as f64)
+            .sqrt()
+    }
+
     /// Checks that the shape is one this implementation can run.
     pub fn validate(&self) -> Result<(), ModelError> {
         let fail = |why: String| Err(ModelError::Config(why));
@@ -651,6 +988,37 @@ impl LlamaConfig {
                 self.rope_theta
             ));
         }
+        if let Some(base) = self.rope_local_base_freq
+            && !(base.is_finite() && base > 1.0)
+        {
+            return fail(format!("rope_local_base_freq must be above 1, got {base}"));
+        }
+        for (name, value) in [
+            ("query_pre_attn_scalar", self.query_pre_attn_scalar),
+            ("attn_logit_softcapping", self.attn_logit_softcapping),
+            ("final_logit_softcapping", self.final_logit_softcapping),
+        ] {
+            if let Some(x) = value
+                && !(x.is_finite() && x > 0.0)
+            {
+                return fail(format!("{name} must be positive, got {x}"));
+            }
+        }
+        if let Some(types) = &self.layer_types {
+            if types.len() != self.num_hidden_layers {
+                return fail(format!(
+                    "layer_types lists {} layers, the model has {}",
+                    types.len(),
+                    self.num_hidden_layers
+                ));
+            }
+            if self.sliding_window.is_none() && types.contains(&LayerType::Sliding) {
+                return fail("layer_types has sliding layers but sliding_window is not set".into());
+            }
+        }
+        if self.sandwich_norms && !self.norm_unit_offset {
+            return fail("sandwich norms are implemented with Gemma's (1 + w) norms only".into());
+        }
         Ok(())
     }
 
@@ -666,7 +1034,8 @@ impl LlamaConfig {
         };
         let mlp = 3 * h * self.intermediate_size;
         let qk_norm = if self.qk_norm { 2 * self.head_dim() } else { 0 };
-        let per_layer = attention + bias + mlp + 2 * h + qk_norm;
+        let norms = if self.sandwich_norms { 4 * h } else { 2 * h };
+        let per_layer = attention + bias + mlp + norms + qk_norm;
         let embeddings = self.vocab_size * h * if self.tie_word_embeddings { 1 } else { 2 };
         embeddings + self.num_hidden_layers * per_layer + h
     }
@@ -692,6 +1061,15 @@ impl LlamaConfig {
             rope_scaling: None,
             sliding_window: None,
             qk_norm: false,
+            hidden_act: Activation::Silu,
+            layer_types: None,
+            rope_local_base_freq: None,
+            query_pre_attn_scalar: None,
+            attn_logit_softcapping: None,
+            final_logit_softcapping: None,
+            norm_unit_offset: false,
+            sandwich_norms: false,
+            embed_scale: false,
         }
     }
 }
@@ -786,6 +1164,23 @@ mod tests {
         // Each regime occurs at these settings.
         assert!(wavelen(plain[0]) < 16.0 && wavelen(plain[7]) > 64.0);
         assert!(plain.iter().any(|&p| (16.0..=64.0).contains(&wavelen(p))));
+    }
+
+    #[test]
+    fn gemma_patterns_put_the_full_layer_last() {
+        // Gemma-3-1B: 26 layers, every sixth full; Gemma-2: alternating,
+        // sliding first.
+        let full: Vec<usize> = LayerType::pattern(26, 6)
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| **t == LayerType::Full)
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(full, [5, 11, 17, 23]);
+        assert_eq!(
+            LayerType::pattern(3, 2),
+            [LayerType::Sliding, LayerType::Full, LayerType::Sliding]
+        );
     }
 
     #[test]

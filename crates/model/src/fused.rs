@@ -356,24 +356,34 @@ pub(crate) fn softmax(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// Causal attention weights: `softmax(scale · x)` over the last dimension
-/// of scores `(…, rows, keys)`, where row `r` is query position `r mod t`
-/// and sees keys `0..=past + (r mod t)`; the others get weight 0.
+/// of scores `(…, rows, keys)`, where row `r` is the query at key slot
+/// `q = past + (r mod t)` and sees keys [`visible_keys`]`(q, window)`; the
+/// others get weight 0.
 pub(crate) fn causal_softmax(
     x: &Tensor,
     scale: f64,
     t: usize,
     past: usize,
+    window: Option<usize>,
 ) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op1(Softmax {
         scale: scale as f32,
-        causal: Some((t, past)),
+        causal: Some((t, past, window)),
     })
+}
+
+/// The key slots `start..end` the query at slot `q` sees: every one up to
+/// itself, or (sliding-window attention) the last `window` of them, as
+/// transformers masks them (`q − window < j ≤ q`).
+pub(crate) fn visible_keys(q: usize, window: Option<usize>) -> (usize, usize) {
+    let end = q + 1;
+    (window.map_or(0, |w| end.saturating_sub(w)), end)
 }
 
 struct Softmax {
     scale: f32,
-    /// `(t, past)` for causal masking.
-    causal: Option<(usize, usize)>,
+    /// `(t, past, window)` for causal masking.
+    causal: Option<(usize, usize, Option<usize>)>,
 }
 
 impl Softmax {
@@ -384,11 +394,14 @@ impl Softmax {
         }
     }
 
-    /// How many leading entries row `row` sees (all, without masking).
-    fn visible(&self, row: usize, width: usize) -> usize {
+    /// The entries `start..end` row `row` sees (all, without masking).
+    fn visible(&self, row: usize, width: usize) -> (usize, usize) {
         match self.causal {
-            Some((t, past)) => (past + row % t.max(1) + 1).min(width),
-            None => width,
+            Some((t, past, window)) => {
+                let (start, end) = visible_keys(past + row % t.max(1), window);
+                (start.min(width), end.min(width))
+            }
+            None => (0, width),
         }
     }
 }
@@ -410,8 +423,8 @@ impl CustomOp1 for Softmax {
             .zip(x.par_chunks(w))
             .enumerate()
             .for_each(|(row, (y, x))| {
-                let n = self.visible(row, w);
-                let (y, x) = (&mut y[..n], &x[..n]);
+                let (start, end) = self.visible(row, w);
+                let (y, x) = (&mut y[start..end], &x[start..end]);
                 let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) * scale;
                 let mut sum = 0.0;
                 for (y, &x) in y.iter_mut().zip(x) {
@@ -532,20 +545,33 @@ mod tests {
         );
         // Causal, scaled: rows are (query head, position) pairs with t = 4
         // positions after 3 earlier keys.
+        // Then within a sliding window of 5 keys, which hides the earliest
+        // keys from the later queries.
         let (t, past) = (4usize, 3usize);
         let width = past + t;
-        let mut mask = vec![0f32; 2 * t * width];
-        for r in 0..2 * t {
-            for j in past + r % t + 1..width {
-                mask[r * width + j] = f32::NEG_INFINITY;
+        for window in [None, Some(5)] {
+            let mut mask = vec![0f32; 2 * t * width];
+            for r in 0..2 * t {
+                let q = past + r % t;
+                for j in 0..width {
+                    if j > q || window.is_some_and(|w| j + w <= q) {
+                        mask[r * width + j] = f32::NEG_INFINITY;
+                    }
+                }
             }
+            if window.is_some() {
+                assert!(
+                    mask[(t - 1) * width].is_infinite(),
+                    "the window hides something"
+                );
+            }
+            let mask = Tensor::from_vec(mask, (2 * t, width), &Device::Cpu).unwrap();
+            agree(
+                &[3, 2 * t, width],
+                |x| super::causal_softmax(x, 0.5, t, past, window).unwrap(),
+                |x| softmax_composite(&(x * 0.5).unwrap().broadcast_add(&mask).unwrap()).unwrap(),
+            );
         }
-        let mask = Tensor::from_vec(mask, (2 * t, width), &Device::Cpu).unwrap();
-        agree(
-            &[3, 2 * t, width],
-            |x| super::causal_softmax(x, 0.5, t, past).unwrap(),
-            |x| softmax_composite(&(x * 0.5).unwrap().broadcast_add(&mask).unwrap()).unwrap(),
-        );
         let up = random(&[6, 10], 5);
         agree(
             &[6, 10],

@@ -31,7 +31,7 @@ pub mod train;
 
 use thiserror::Error;
 
-pub use config::{LlamaConfig, RopeScaling};
+pub use config::{Activation, LayerType, LlamaConfig, RopeScaling};
 pub use model::{KvCache, Llama, Mode, Module, Weights};
 pub use peft::{
     Adapter, FullConfig, LoraConfig, PTuningConfig, PeftConfig, PrefixConfig, PromptConfig,

@@ -17,6 +17,7 @@ use tokenizers::Tokenizer;
 
 use crate::config::LlamaConfig;
 use crate::model::{Layer, Linear, Llama, Module, Weights};
+use crate::model::{SANDWICH_NORM_NAMES, pre_mlp_norm_name};
 use crate::quant::{QuantFormat, QuantMatrix, Quantize, Weight};
 use crate::{ModelError, Result};
 
@@ -268,7 +269,19 @@ fn weights_from(
             k,
             v,
             o,
-            post_norm: tensors.take_f32(&format!("{p}.post_attention_layernorm.weight"))?,
+            post_norm: tensors.take_f32(&format!(
+                "{p}.{}.weight",
+                pre_mlp_norm_name(config.sandwich_norms)
+            ))?,
+            sandwich_norms: if config.sandwich_norms {
+                let [a, m] = SANDWICH_NORM_NAMES;
+                Some((
+                    tensors.take_f32(&format!("{p}.{a}.weight"))?,
+                    tensors.take_f32(&format!("{p}.{m}.weight"))?,
+                ))
+            } else {
+                None
+            },
             gate,
             up,
             down,
@@ -320,10 +333,16 @@ pub(crate) fn weights_to_map(weights: &Weights) -> Vec<(String, Weight)> {
                 out.push((format!("{path}.bias"), Weight::Dense(b.clone())));
             }
         }
+        let sandwich = l.sandwich_norms.is_some();
         out.push((
-            format!("{p}.post_attention_layernorm.weight"),
+            format!("{p}.{}.weight", pre_mlp_norm_name(sandwich)),
             Weight::Dense(l.post_norm.clone()),
         ));
+        if let Some((a, m)) = &l.sandwich_norms {
+            for (name, t) in SANDWICH_NORM_NAMES.iter().zip([a, m]) {
+                out.push((format!("{p}.{name}.weight"), Weight::Dense(t.clone())));
+            }
+        }
     }
     out.push((
         "model.norm.weight".to_string(),
@@ -346,7 +365,37 @@ pub fn save_hf_dir(loaded: &Loaded, dir: &Path) -> Result<()> {
     // Qwen3 has q/k norms.
     let qwen2 =
         model.config().attention_bias && model.weights().layers.iter().all(|l| l.o.bias.is_none());
-    let (model_type, architecture) = if model.config().qk_norm {
+    let c = model.config();
+    let (model_type, architecture) = if c.sandwich_norms {
+        // Gemma's conventions come together: (1 + w) norms, sandwich
+        // norms, scaled token embeddings, GeGLU.
+        if !(c.norm_unit_offset && c.embed_scale && !c.attention_bias)
+            || c.hidden_act != crate::config::Activation::GeluTanh
+        {
+            return Err(ModelError::Config(
+                "a model with sandwich norms but not Gemma's other conventions has no Hugging \
+                 Face model type"
+                    .into(),
+            ));
+        }
+        if c.qk_norm {
+            ("gemma3_text", "Gemma3ForCausalLM")
+        } else {
+            ("gemma2", "Gemma2ForCausalLM")
+        }
+    } else if c.norm_unit_offset
+        || c.embed_scale
+        || c.query_pre_attn_scalar.is_some()
+        || c.attn_logit_softcapping.is_some()
+        || c.final_logit_softcapping.is_some()
+        || c.layer_types.is_some()
+        || c.rope_local_base_freq.is_some()
+    {
+        return Err(ModelError::Config(
+            "a model with Gemma's settings but no sandwich norms has no Hugging Face model type"
+                .into(),
+        ));
+    } else if model.config().qk_norm {
         if qwen2 {
             return Err(ModelError::Config(
                 "a model with q/k norms and a bias on q, k and v only has no Hugging Face model type"
@@ -362,7 +411,40 @@ pub fn save_hf_dir(loaded: &Loaded, dir: &Path) -> Result<()> {
     config["model_type"] = model_type.into();
     config["architectures"] = serde_json::json!([architecture]);
     if let Some(o) = config.as_object_mut() {
-        o.remove("qk_norm");
+        for internal in [
+            "qk_norm",
+            "norm_unit_offset",
+            "sandwich_norms",
+            "embed_scale",
+        ] {
+            o.remove(internal);
+        }
+        if c.sandwich_norms {
+            // transformers' Gemma defaults differ from Llama's: say every
+            // value, absent ones as null.
+            o.remove("hidden_act");
+            o.insert("hidden_activation".into(), "gelu_pytorch_tanh".into());
+            o.insert("head_dim".into(), c.head_dim().into());
+            // transformers types it a whole number.
+            let scalar = c.query_pre_attn_scalar.map(|x| {
+                if x.fract() == 0.0 && x < u32::MAX as f64 {
+                    serde_json::Value::from(x as u64)
+                } else {
+                    serde_json::Value::from(x)
+                }
+            });
+            o.insert("query_pre_attn_scalar".into(), scalar.into());
+            for (key, value) in [
+                ("attn_logit_softcapping", c.attn_logit_softcapping),
+                ("final_logit_softcapping", c.final_logit_softcapping),
+            ] {
+                o.insert(key.into(), value.into());
+            }
+            o.insert("sliding_window".into(), c.sliding_window.into());
+            if model_type == "gemma2" {
+                o.remove("rope_local_base_freq");
+            }
+        }
     }
     crate::files::write_atomically(&dir.join("config.json"), config.to_string().as_bytes())?;
     let tensors: HashMap<String, Tensor> = weights_to_map(model.weights())
@@ -748,7 +830,10 @@ pub fn load_gguf_with(path: &Path, device: &Device, quantize: Quantize) -> Resul
         .to_string()
         .map_err(|e| ModelError::file(path, e))?
         .clone();
-    if !matches!(arch.as_str(), "llama" | "qwen2" | "qwen3" | "phi3") {
+    if !matches!(
+        arch.as_str(),
+        "llama" | "qwen2" | "qwen3" | "phi3" | "gemma2" | "gemma3"
+    ) {
         return Err(ModelError::file(
             path,
             format!("architecture {arch:?} is not a llama-family decoder this loader knows"),
@@ -777,11 +862,22 @@ pub fn load_gguf_with(path: &Path, device: &Device, quantize: Quantize) -> Resul
         "expert_count",
         "expert_used_count",
     ];
+    // Gemma's, read as llama.cpp reads them.
+    let gemma_known: &[&str] = match arch.as_str() {
+        "gemma2" => &[
+            "attn_logit_softcapping",
+            "final_logit_softcapping",
+            "attention.sliding_window_pattern",
+        ],
+        "gemma3" => &["attention.sliding_window_pattern", "rope.freq_base_swa"],
+        _ => &[],
+    };
     let mut keys: Vec<&String> = content.metadata.keys().collect();
     keys.sort();
     for key in keys {
         if let Some(rest) = key.strip_prefix(&format!("{arch}."))
             && !KNOWN.contains(&rest)
+            && !gemma_known.contains(&rest)
         {
             return Err(ModelError::file(
                 path,
@@ -922,6 +1018,9 @@ pub fn load_gguf_with(path: &Path, device: &Device, quantize: Quantize) -> Resul
     let embed = weight(&mut file, "token_embd.weight")?;
     let vocab_size = embed.dims2()?.0;
     let tied = !content.tensor_infos.contains_key("output.weight");
+    let layers = int("block_count")?;
+    let gemma = gemma_gguf(&arch, &content.metadata, layers, hidden, heads)
+        .map_err(|e| ModelError::file(path, e))?;
     let config = LlamaConfig {
         vocab_size,
         hidden_size: hidden,
@@ -930,11 +1029,14 @@ pub fn load_gguf_with(path: &Path, device: &Device, quantize: Quantize) -> Resul
         num_attention_heads: heads,
         num_key_value_heads: Some(kv_heads),
         rms_norm_eps: float("attention.layer_norm_rms_epsilon", 1e-5)?,
-        rope_theta: float("rope.freq_base", 10_000.0)?,
+        rope_theta: float(
+            "rope.freq_base",
+            if arch == "gemma3" { 1e6 } else { 10_000.0 },
+        )?,
         max_position_embeddings: int("context_length").unwrap_or(2048),
         tie_word_embeddings: tied,
         attention_bias: arch == "qwen2",
-        qk_norm: arch == "qwen3",
+        qk_norm: matches!(arch.as_str(), "qwen3" | "gemma3"),
         bos_token_id: meta("tokenizer.ggml.bos_token_id")
             .ok()
             .and_then(|v| v.to_u32().ok()),
@@ -943,8 +1045,24 @@ pub fn load_gguf_with(path: &Path, device: &Device, quantize: Quantize) -> Resul
             .and_then(|v| v.to_u32().ok()),
         head_dim: opt_int("attention.key_length")?,
         rope_scaling,
-        // Phi-4 writes 0 for "no window".
-        sliding_window: opt_int("attention.sliding_window")?.filter(|&w| w > 0),
+        // Phi-4 writes 0 for "no window"; Gemma-2's is 4096 unless said.
+        sliding_window: match opt_int("attention.sliding_window")? {
+            None if arch == "gemma2" => Some(4096),
+            w => w.filter(|&w| w > 0),
+        },
+        hidden_act: if gemma.is_some() {
+            crate::config::Activation::GeluTanh
+        } else {
+            crate::config::Activation::Silu
+        },
+        norm_unit_offset: gemma.is_some(),
+        sandwich_norms: gemma.is_some(),
+        embed_scale: gemma.is_some(),
+        layer_types: gemma.as_ref().map(|g| g.layer_types.clone()),
+        rope_local_base_freq: gemma.as_ref().and_then(|g| g.rope_local_base_freq),
+        query_pre_attn_scalar: gemma.as_ref().map(|g| g.query_pre_attn_scalar),
+        attn_logit_softcapping: gemma.as_ref().and_then(|g| g.attn_logit_softcapping),
+        final_logit_softcapping: gemma.as_ref().and_then(|g| g.final_logit_softcapping),
     }
     .canonical();
     config.validate().map_err(|e| ModelError::file(path, e))?;
@@ -1010,6 +1128,16 @@ pub fn load_gguf_with(path: &Path, device: &Device, quantize: Quantize) -> Resul
             }
             w => Ok(w),
         }
+    };
+    // llama.cpp's converter stores Gemma's norms as the `1 + w` they
+    // multiply by; fedveil keeps `w`, as Hugging Face's checkpoints do.
+    let norm = |file: &mut std::fs::File, name: &str| -> Result<Tensor> {
+        let t = tensor(file, name)?;
+        Ok(if config.norm_unit_offset {
+            (t - 1.0)?
+        } else {
+            t
+        })
     };
     let mut layers = Vec::with_capacity(config.num_hidden_layers);
     for i in 0..config.num_hidden_layers {
@@ -1091,13 +1219,11 @@ pub fn load_gguf_with(path: &Path, device: &Device, quantize: Quantize) -> Resul
         };
         let o = linear(&mut file, "attn_output", None)?;
         let down = linear(&mut file, "ffn_down", None)?;
+        let mut norm = |name: &str| norm(&mut file, &format!("{p}.{name}.weight"));
         layers.push(Layer {
-            input_norm: tensor(&mut file, &format!("{p}.attn_norm.weight"))?,
-            qk_norm: if arch == "qwen3" {
-                Some((
-                    tensor(&mut file, &format!("{p}.attn_q_norm.weight"))?,
-                    tensor(&mut file, &format!("{p}.attn_k_norm.weight"))?,
-                ))
+            input_norm: norm("attn_norm")?,
+            qk_norm: if config.qk_norm {
+                Some((norm("attn_q_norm")?, norm("attn_k_norm")?))
             } else {
                 None
             },
@@ -1105,7 +1231,12 @@ pub fn load_gguf_with(path: &Path, device: &Device, quantize: Quantize) -> Resul
             k,
             v,
             o,
-            post_norm: tensor(&mut file, &format!("{p}.ffn_norm.weight"))?,
+            post_norm: norm("ffn_norm")?,
+            sandwich_norms: if config.sandwich_norms {
+                Some((norm("post_attention_norm")?, norm("post_ffw_norm")?))
+            } else {
+                None
+            },
             gate,
             up,
             down,
@@ -1126,7 +1257,9 @@ pub fn load_gguf_with(path: &Path, device: &Device, quantize: Quantize) -> Resul
             .parse::<usize>()
             .is_ok_and(|i| i < config.num_hidden_layers)
             && (matches!(rest, "attn_norm.weight" | "ffn_norm.weight")
-                || (arch == "qwen3" && matches!(rest, "attn_q_norm.weight" | "attn_k_norm.weight"))
+                || (config.qk_norm && matches!(rest, "attn_q_norm.weight" | "attn_k_norm.weight"))
+                || (config.sandwich_norms
+                    && matches!(rest, "post_attention_norm.weight" | "post_ffw_norm.weight"))
                 || rest.rsplit_once('.').is_some_and(|(module, kind)| {
                     matches!(kind, "weight" | "bias")
                         && if arch == "phi3" {
@@ -1157,7 +1290,7 @@ pub fn load_gguf_with(path: &Path, device: &Device, quantize: Quantize) -> Resul
             ),
         ));
     }
-    let norm = tensor(&mut file, "output_norm.weight")?;
+    let norm = norm(&mut file, "output_norm.weight")?;
     let lm_head = if tied {
         None
     } else {
@@ -1182,6 +1315,109 @@ pub fn load_gguf_with(path: &Path, device: &Device, quantize: Quantize) -> Resul
 }
 
 pub use crate::gguf_tokenizer::gguf_tokenizer;
+
+/// What a Gemma GGUF file leaves to the reader, as llama.cpp fills it in.
+struct GemmaGguf {
+    layer_types: Vec<crate::config::LayerType>,
+    rope_local_base_freq: Option<f64>,
+    query_pre_attn_scalar: f64,
+    attn_logit_softcapping: Option<f64>,
+    final_logit_softcapping: Option<f64>,
+}
+
+/// Gemma's settings from a `gemma2` or `gemma3` file's metadata (`None` for
+/// other architectures), with llama.cpp's rules where the file says
+/// nothing: sliding layers in a pattern of 2 (Gemma-2) or 6 (Gemma-3),
+/// every pattern-th layer full; Gemma-2's soft caps 50 and 30; Gemma-3's
+/// sliding layers on a rotary base of 10,000; and, since the converter
+/// does not write `query_pre_attn_scalar`, llama.cpp's rule for it:
+/// `hidden / heads` for the 27B models (46 layers for Gemma-2, 62 for
+/// Gemma-3), the key width otherwise.
+fn gemma_gguf(
+    arch: &str,
+    metadata: &HashMap<String, Value>,
+    layers: usize,
+    hidden: usize,
+    heads: usize,
+) -> std::result::Result<Option<GemmaGguf>, String> {
+    use crate::config::LayerType;
+    if !matches!(arch, "gemma2" | "gemma3") {
+        return Ok(None);
+    }
+    let get = |key: &str| metadata.get(&format!("{arch}.{key}"));
+    let float = |key: &str| -> std::result::Result<Option<f64>, String> {
+        get(key)
+            .map(|v| {
+                v.to_f32()
+                    .map(f64::from)
+                    .map_err(|e| format!("{arch}.{key}: {e}"))
+            })
+            .transpose()
+    };
+    let pattern_key = format!("{arch}.attention.sliding_window_pattern");
+    let layer_types = match get("attention.sliding_window_pattern") {
+        None => LayerType::pattern(layers, if arch == "gemma2" { 2 } else { 6 }),
+        // Newer converters write one flag per layer (true: sliding).
+        Some(Value::Array(flags)) => {
+            let flags: Vec<bool> = flags
+                .iter()
+                .map(|f| f.to_bool().map_err(|e| format!("{pattern_key}: {e}")))
+                .collect::<std::result::Result<_, _>>()?;
+            if flags.len() != layers {
+                return Err(format!(
+                    "{pattern_key} has {} entries for {layers} layers",
+                    flags.len()
+                ));
+            }
+            flags
+                .into_iter()
+                .map(|s| {
+                    if s {
+                        LayerType::Sliding
+                    } else {
+                        LayerType::Full
+                    }
+                })
+                .collect()
+        }
+        Some(v) => {
+            let pattern = v.to_u32().map_err(|e| format!("{pattern_key}: {e}"))? as usize;
+            if pattern == 0 {
+                return Err(format!("{pattern_key} must be positive"));
+            }
+            LayerType::pattern(layers, pattern)
+        }
+    };
+    let head_dim = match get("attention.key_length") {
+        Some(v) => v
+            .to_u32()
+            .map_err(|e| format!("{arch}.attention.key_length: {e}"))? as usize,
+        None => hidden / heads.max(1),
+    };
+    let big = (arch == "gemma2" && layers == 46) || (arch == "gemma3" && layers == 62);
+    let query_pre_attn_scalar = if big {
+        (hidden / heads.max(1)) as f64
+    } else {
+        head_dim as f64
+    };
+    Ok(Some(if arch == "gemma2" {
+        GemmaGguf {
+            layer_types,
+            rope_local_base_freq: None,
+            query_pre_attn_scalar,
+            attn_logit_softcapping: Some(float("attn_logit_softcapping")?.unwrap_or(50.0)),
+            final_logit_softcapping: Some(float("final_logit_softcapping")?.unwrap_or(30.0)),
+        }
+    } else {
+        GemmaGguf {
+            layer_types,
+            rope_local_base_freq: Some(float("rope.freq_base_swa")?.unwrap_or(10_000.0)),
+            query_pre_attn_scalar,
+            attn_logit_softcapping: None,
+            final_logit_softcapping: None,
+        }
+    }))
+}
 
 #[cfg(test)]
 mod tests {

@@ -126,11 +126,32 @@ pub struct Layer {
     pub k: Linear,
     pub v: Linear,
     pub o: Linear,
+    /// The norm before the MLP (Llama's `post_attention_layernorm`,
+    /// Gemma's `pre_feedforward_layernorm`).
     pub post_norm: Tensor,
+    /// Gemma-2's and Gemma-3's norms on the attention's output and on the
+    /// MLP's (`post_attention_layernorm`, `post_feedforward_layernorm`).
+    pub sandwich_norms: Option<(Tensor, Tensor)>,
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
 }
+
+/// The Hugging Face name of a layer's norm before its MLP: Llama's
+/// `post_attention_layernorm`, or Gemma's `pre_feedforward_layernorm` in
+/// a layer with sandwich norms (where `post_attention_layernorm` is the
+/// norm on the attention's output).
+pub fn pre_mlp_norm_name(sandwich: bool) -> &'static str {
+    if sandwich {
+        "pre_feedforward_layernorm"
+    } else {
+        "post_attention_layernorm"
+    }
+}
+
+/// The Hugging Face names of a Gemma layer's sandwich norms.
+pub const SANDWICH_NORM_NAMES: [&str; 2] =
+    ["post_attention_layernorm", "post_feedforward_layernorm"];
 
 impl Layer {
     pub fn linear(&self, module: Module) -> &Linear {
@@ -249,6 +270,23 @@ pub struct Llama {
     /// `(max_position_embeddings, head_dim / 2)` rotary tables, in `dtype`.
     cos: Tensor,
     sin: Tensor,
+    /// Gemma-3's sliding layers' tables, from their own base.
+    local_rope: Option<(Tensor, Tensor)>,
+}
+
+/// What every layer of one forward pass shares: the rotary tables of the
+/// new positions and the masks of the attention.
+struct Positions {
+    cos: Tensor,
+    sin: Tensor,
+    local: Option<(Tensor, Tensor)>,
+    /// New positions and the key slots before them.
+    t: usize,
+    past: usize,
+    /// Additive masks for the unfused attention: causal, and causal within
+    /// the sliding window (where a layer slides).
+    mask: Option<Tensor>,
+    window_mask: Option<Tensor>,
 }
 
 impl Llama {
@@ -279,7 +317,11 @@ impl Llama {
             || weights.norm.device().clone(),
             |l| l.input_norm.device().clone(),
         );
-        let (cos, sin) = rotary_tables(&config, &device, dtype)?;
+        let (cos, sin) = rotary_tables(&config, &config.inv_freq(), &device, dtype)?;
+        let local_rope = match config.local_inv_freq() {
+            Some(inv) => Some(rotary_tables(&config, &inv, &device, dtype)?),
+            None => None,
+        };
         Ok(Llama {
             config,
             weights,
@@ -288,6 +330,7 @@ impl Llama {
             device,
             cos,
             sin,
+            local_rope,
         })
     }
 
@@ -308,6 +351,9 @@ impl Llama {
             let values = crate::random::normal_vec(rng, rows * cols, std);
             Ok(Tensor::from_vec(values, (rows, cols), device)?)
         };
+        // A norm's weight that multiplies by one: Gemma's stores `w` of `1 + w`.
+        let unit = if config.norm_unit_offset { 0.0 } else { 1.0 };
+        let norm = |n: usize| -> Result<Tensor> { Ok(Tensor::full(unit as f32, n, device)?) };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for _ in 0..config.num_hidden_layers {
             let bias = |n: usize| -> Result<Option<Tensor>> {
@@ -318,13 +364,10 @@ impl Llama {
                 })
             };
             layers.push(Layer {
-                input_norm: Tensor::ones(h, DType::F32, device)?,
+                input_norm: norm(h)?,
                 qk_norm: if config.qk_norm {
                     let hd = config.head_dim();
-                    Some((
-                        Tensor::ones(hd, DType::F32, device)?,
-                        Tensor::ones(hd, DType::F32, device)?,
-                    ))
+                    Some((norm(hd)?, norm(hd)?))
                 } else {
                     None
                 },
@@ -332,7 +375,12 @@ impl Llama {
                 k: Linear::new(normal(kv, h)?, bias(kv)?),
                 v: Linear::new(normal(kv, h)?, bias(kv)?),
                 o: Linear::new(normal(h, qd)?, None),
-                post_norm: Tensor::ones(h, DType::F32, device)?,
+                post_norm: norm(h)?,
+                sandwich_norms: if config.sandwich_norms {
+                    Some((norm(h)?, norm(h)?))
+                } else {
+                    None
+                },
                 gate: Linear::new(normal(ff, h)?, None),
                 up: Linear::new(normal(ff, h)?, None),
                 down: Linear::new(normal(h, ff)?, None),
@@ -356,7 +404,7 @@ impl Llama {
         let weights = Weights {
             embed: embed.into(),
             layers,
-            norm: Tensor::ones(h, DType::F32, device)?,
+            norm: norm(h)?,
             lm_head: lm_head.map(Weight::from),
         };
         Llama::new(config, weights)
@@ -418,6 +466,10 @@ impl Llama {
                     v: linear(&l.v)?,
                     o: linear(&l.o)?,
                     post_norm: cast(&l.post_norm)?,
+                    sandwich_norms: match &l.sandwich_norms {
+                        Some((a, m)) => Some((cast(a)?, cast(m)?)),
+                        None => None,
+                    },
                     gate: linear(&l.gate)?,
                     up: linear(&l.up)?,
                     down: linear(&l.down)?,
@@ -484,8 +536,8 @@ impl Llama {
             + w.lm_head.as_ref().map_or(0, Weight::storage_bytes);
         for l in &w.layers {
             total += dense(&l.input_norm) + dense(&l.post_norm);
-            if let Some((q, k)) = &l.qk_norm {
-                total += dense(q) + dense(k);
+            for (a, b) in l.qk_norm.iter().chain(&l.sandwich_norms) {
+                total += dense(a) + dense(b);
             }
             for m in Module::ALL {
                 let linear = l.linear(m);
@@ -584,7 +636,7 @@ impl Llama {
             Some(c) if !first => c.position,
             _ => prefix_len,
         };
-        let (cos, sin, mask) = self.positions(position, t)?;
+        let pos = self.positions(position, t)?;
         if let Some(c) = cache.as_deref_mut()
             && first
         {
@@ -594,15 +646,7 @@ impl Llama {
         for i in 0..self.weights.layers.len() {
             let layer_prefix = prefix.as_ref().map(|kv| &kv[i]);
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = self.layer_forward(
-                i,
-                x,
-                (&cos, &sin, mask.as_ref()),
-                layer_prefix,
-                slot,
-                adapter,
-                &mut mode,
-            )?;
+            x = self.layer_forward(i, x, &pos, layer_prefix, slot, adapter, &mut mode)?;
         }
         if let Some(c) = cache {
             c.position += t;
@@ -673,7 +717,7 @@ impl Llama {
             Some(kv) => kv.first().map_or(0, |(k, _)| k.dim(1).unwrap_or(0)),
             None => 0,
         };
-        let (cos, sin, mask) = self.positions(prefix_len, t)?;
+        let pos = self.positions(prefix_len, t)?;
         let n = self.weights.layers.len();
         let seeds: Vec<[u8; 32]> = (0..n)
             .map(|_| {
@@ -715,7 +759,7 @@ impl Llama {
                 .layer_forward(
                     i,
                     x,
-                    (&cos, &sin, mask.as_ref()),
+                    &pos,
                     p.as_ref(),
                     None,
                     adapter,
@@ -743,7 +787,7 @@ impl Llama {
             let y = self.layer_forward(
                 i,
                 input.as_tensor().clone(),
-                (&cos, &sin, mask.as_ref()),
+                &pos,
                 p.as_ref(),
                 None,
                 adapter,
@@ -777,9 +821,9 @@ impl Llama {
         Ok((loss, out))
     }
 
-    /// The rotary tables and causal mask for `t` new positions after
-    /// `position` earlier ones.
-    fn positions(&self, position: usize, t: usize) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    /// The rotary tables and masks for `t` new positions after `position`
+    /// earlier ones.
+    fn positions(&self, position: usize, t: usize) -> Result<Positions> {
         if position + t > self.config.max_position_embeddings {
             return Err(ModelError::Input(format!(
                 "{} positions exceed the model's maximum of {}",
@@ -787,21 +831,38 @@ impl Llama {
                 self.config.max_position_embeddings
             )));
         }
-        // Within the window, sliding-window attention is full causal
-        // attention: fedveil computes only that.
-        if let Some(window) = self.config.sliding_window
-            && position + t > window
-        {
-            return Err(ModelError::Input(format!(
-                "{} positions exceed the model's sliding_window of {window}; attention beyond \
-                 the window is not implemented",
-                position + t
-            )));
-        }
-        let cos = self.cos.narrow(0, position, t)?;
-        let sin = self.sin.narrow(0, position, t)?;
-        let mask = causal_mask(t, position, &self.device, self.dtype)?;
-        Ok((cos, sin, mask))
+        let narrow = |(cos, sin): (&Tensor, &Tensor)| -> Result<(Tensor, Tensor)> {
+            Ok((cos.narrow(0, position, t)?, sin.narrow(0, position, t)?))
+        };
+        let (cos, sin) = narrow((&self.cos, &self.sin))?;
+        let local = match &self.local_rope {
+            Some((c, s)) => Some(narrow((c, s))?),
+            None => None,
+        };
+        // The fused attention masks as it goes; the masks are for the rest.
+        let window = (0..self.weights.layers.len()).find_map(|i| self.config.window(i));
+        let mask = causal_mask(t, position, None, &self.device, self.dtype)?;
+        let window_mask = match window {
+            Some(w) => causal_mask(t, position, Some(w), &self.device, self.dtype)?,
+            None => None,
+        };
+        Ok(Positions {
+            cos,
+            sin,
+            local,
+            t,
+            past: position,
+            mask,
+            window_mask,
+        })
+    }
+
+    /// `x · √hidden_size`, the factor rounded to the compute dtype as
+    /// transformers rounds it.
+    pub(crate) fn scale_embeddings(&self, x: &Tensor) -> Result<Tensor> {
+        let factor = Tensor::new((self.config.hidden_size as f64).sqrt() as f32, x.device())?
+            .to_dtype(x.dtype())?;
+        Ok(x.broadcast_mul(&factor)?)
     }
 
     /// The token embeddings `(batch, seq, hidden)` of ids `(batch, seq)`:
@@ -812,9 +873,14 @@ impl Llama {
             Some(table) => table.index_select(&ids.flatten_all()?, 0)?,
             None => self.weights.embed.select_rows(ids)?,
         };
-        Ok(rows
+        let x = rows
             .to_dtype(self.dtype)?
-            .reshape((b, s, self.config.hidden_size))?)
+            .reshape((b, s, self.config.hidden_size))?;
+        if self.config.embed_scale {
+            self.scale_embeddings(&x)
+        } else {
+            Ok(x)
+        }
     }
 
     /// Runs the layers at positions `range` over hidden states `x`
@@ -834,18 +900,10 @@ impl Llama {
                 self.weights.layers.len()
             )));
         }
-        let (cos, sin, mask) = self.positions(0, x.dim(1)?)?;
+        let pos = self.positions(0, x.dim(1)?)?;
         let mut x = x.clone();
         for i in range {
-            x = self.layer_forward(
-                i,
-                x,
-                (&cos, &sin, mask.as_ref()),
-                None,
-                None,
-                adapter,
-                &mut mode,
-            )?;
+            x = self.layer_forward(i, x, &pos, None, None, adapter, &mut mode)?;
         }
         Ok(x)
     }
@@ -857,7 +915,7 @@ impl Llama {
         let norm = adapter
             .and_then(Adapter::final_norm)
             .unwrap_or(&self.weights.norm);
-        let x = rms_norm(x, norm, self.config.rms_norm_eps)?;
+        let x = self.norm(x, norm)?;
         let head = match adapter.and_then(Adapter::output) {
             Some(w) => Weight::Dense(w.clone()),
             None => self
@@ -870,9 +928,23 @@ impl Llama {
         // Exact where a gradient will pass through (any trainable parameter
         // upstream).
         let logits = Linear::new(head, None).forward(&x.reshape((b * t, h))?, x.track_op())?;
-        Ok(logits
+        let logits = logits
             .reshape((b, t, self.config.vocab_size))?
-            .to_dtype(DType::F32)?)
+            .to_dtype(DType::F32)?;
+        match self.config.final_logit_softcapping {
+            Some(cap) => softcap(&logits, cap),
+            None => Ok(logits),
+        }
+    }
+
+    /// RMSNorm with the model's epsilon, times `w` or (Gemma) `1 + w`.
+    fn norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let eps = self.config.rms_norm_eps;
+        if self.config.norm_unit_offset {
+            rms_norm(x, &(weight.to_dtype(DType::F32)? + 1.0)?, eps)
+        } else {
+            rms_norm(x, weight, eps)
+        }
     }
 
     /// Layer `i` (a position): its own weights, or the adapter's trainable
@@ -882,7 +954,7 @@ impl Llama {
         &self,
         i: usize,
         x: Tensor,
-        (cos, sin, mask): (&Tensor, &Tensor, Option<&Tensor>),
+        pos: &Positions,
         prefix: Option<&(Tensor, Tensor)>,
         slot: Option<&mut Option<(Tensor, Tensor)>>,
         adapter: Option<&Adapter>,
@@ -892,14 +964,19 @@ impl Llama {
         let layer = adapter
             .and_then(|a| a.layer(id))
             .unwrap_or(&self.weights.layers[i]);
-        let eps = self.config.rms_norm_eps;
-        let normed = rms_norm(&x, &layer.input_norm, eps)?;
-        let attn = self.attention(
-            id, layer, &normed, cos, sin, mask, prefix, slot, adapter, mode,
-        )?;
+        let normed = self.norm(&x, &layer.input_norm)?;
+        let attn = self.attention(i, layer, &normed, pos, prefix, slot, adapter, mode)?;
+        let attn = match &layer.sandwich_norms {
+            Some((after_attention, _)) => self.norm(&attn, after_attention)?,
+            None => attn,
+        };
         let x = (x + attn)?;
-        let normed = rms_norm(&x, &layer.post_norm, eps)?;
+        let normed = self.norm(&x, &layer.post_norm)?;
         let mlp = self.mlp(id, layer, &normed, adapter, mode)?;
+        let mlp = match &layer.sandwich_norms {
+            Some((_, after_mlp)) => self.norm(&mlp, after_mlp)?,
+            None => mlp,
+        };
         Ok((x + mlp)?)
     }
 
@@ -938,20 +1015,25 @@ impl Llama {
         }
     }
 
+    /// Layer `i`'s (a position) attention.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
-        id: usize,
+        i: usize,
         layer: &Layer,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
+        pos: &Positions,
         prefix: Option<&(Tensor, Tensor)>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         adapter: Option<&Adapter>,
         mode: &mut Mode,
     ) -> Result<Tensor> {
+        let id = self.layer_ids[i];
+        let (cos, sin) = match (&pos.local, self.config.local_rope(i)) {
+            (Some((c, s)), true) => (c, s),
+            _ => (&pos.cos, &pos.sin),
+        };
+        let window = self.config.window(i);
         let (b, t, _) = x.dims3()?;
         let heads = self.config.num_attention_heads;
         let kv_heads = self.config.kv_heads();
@@ -972,10 +1054,7 @@ impl Llama {
             kv_heads,
         )?;
         let (q, k) = match &layer.qk_norm {
-            Some((qn, kn)) => {
-                let eps = self.config.rms_norm_eps;
-                (rms_norm(&q, qn, eps)?, rms_norm(&k, kn, eps)?)
-            }
+            Some((qn, kn)) => (self.norm(&q, qn)?, self.norm(&k, kn)?),
             None => (q, k),
         };
         let q = rope(&q, cos, sin)?;
@@ -999,7 +1078,9 @@ impl Llama {
                 }
             }
         }
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = self.config.attention_scale();
+        let cap = self.config.attn_logit_softcapping;
+        debug_assert_eq!(pos.t, t);
         if crate::fused::applies(&q) {
             // Each key/value head serves `rep` consecutive query heads: fold
             // them into the query rows, so keys and values are never copied,
@@ -1008,7 +1089,14 @@ impl Llama {
             let past = k.dim(2)? - t;
             let q = q.reshape((b, kv_heads, rep * t, hd))?;
             let scores = q.matmul(&k.t()?)?;
-            let probs = crate::fused::causal_softmax(&scores, scale, t, past)?;
+            let probs = match cap {
+                // Gemma-2: `c·tanh(scale·s/c)` before the mask and softmax.
+                Some(cap) => {
+                    let capped = softcap(&(scores * scale)?, cap)?;
+                    crate::fused::causal_softmax(&capped, 1.0, t, past, window)?
+                }
+                None => crate::fused::causal_softmax(&scores, scale, t, past, window)?,
+            };
             let out = probs.matmul(&v.contiguous()?)?.reshape((b, heads, t, hd))?;
             let out = out.transpose(1, 2)?.reshape((b, t, heads * hd))?;
             return self.project(id, Module::O, &layer.o, &out, adapter, mode);
@@ -1016,6 +1104,16 @@ impl Llama {
         let k = repeat_kv(&k, heads / kv_heads)?;
         let v = repeat_kv(&v, heads / kv_heads)?;
         let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = match cap {
+            Some(cap) => softcap(&scores, cap)?,
+            None => scores,
+        };
+        debug_assert_eq!(k.dim(2)?, pos.past + t);
+        let mask = if window.is_some() {
+            pos.window_mask.as_ref()
+        } else {
+            pos.mask.as_ref()
+        };
         let scores = match mask {
             Some(mask) => scores.broadcast_add(mask)?,
             None => scores,
@@ -1042,7 +1140,10 @@ impl Llama {
     ) -> Result<Tensor> {
         let gate = self.project(id, Module::Gate, &layer.gate, x, adapter, mode)?;
         let up = self.project(id, Module::Up, &layer.up, x, adapter, mode)?;
-        let hidden = swiglu(&gate, &up)?;
+        let hidden = match self.config.hidden_act {
+            crate::config::Activation::Silu => swiglu(&gate, &up)?,
+            crate::config::Activation::GeluTanh => (gate.gelu()? * up)?,
+        };
         self.project(id, Module::Down, &layer.down, &hidden, adapter, mode)
     }
 }
@@ -1084,7 +1185,25 @@ fn check_shapes(config: &LlamaConfig, w: &Weights) -> Result<()> {
     for (i, l) in w.layers.iter().enumerate() {
         let name = |m: &str| format!("layers.{i}.{m}");
         expect(name("input_layernorm"), &l.input_norm, &[h])?;
-        expect(name("post_attention_layernorm"), &l.post_norm, &[h])?;
+        expect(
+            name(pre_mlp_norm_name(config.sandwich_norms)),
+            &l.post_norm,
+            &[h],
+        )?;
+        match (&l.sandwich_norms, config.sandwich_norms) {
+            (Some((a, m)), true) => {
+                expect(name(SANDWICH_NORM_NAMES[0]), a, &[h])?;
+                expect(name(SANDWICH_NORM_NAMES[1]), m, &[h])?;
+            }
+            (None, false) => {}
+            (_, needed) => {
+                return Err(ModelError::Config(format!(
+                    "layer {i}: the config {} norms after attention and the MLP, the weights {}",
+                    if needed { "has" } else { "has no" },
+                    if needed { "have none" } else { "have them" }
+                )));
+            }
+        }
         match (&l.qk_norm, config.qk_norm) {
             (Some((q, k)), true) => {
                 expect(name("self_attn.q_norm.weight"), q, &[config.head_dim()])?;
@@ -1218,16 +1337,21 @@ impl CustomOp1 for FrozenLinear {
     }
 }
 
-/// `cos` and `sin` of `position · θ^(−2i/d)` (rescaled by the config's
-/// `rope_scaling`), `(max_positions, d/2)`.
-fn rotary_tables(config: &LlamaConfig, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+/// `cos` and `sin` of `position · f` for the inverse frequencies `inv`
+/// (`θ^(−2i/d)`, rescaled by the config's `rope_scaling`),
+/// `(max_positions, d/2)`.
+fn rotary_tables(
+    config: &LlamaConfig,
+    inv: &[f64],
+    device: &Device,
+    dtype: DType,
+) -> Result<(Tensor, Tensor)> {
     let half = config.head_dim() / 2;
     let n = config.max_position_embeddings;
-    let inv = config.inv_freq();
     let mut cos = Vec::with_capacity(n * half);
     let mut sin = Vec::with_capacity(n * half);
     for p in 0..n {
-        for f in &inv {
+        for f in inv {
             let angle = p as f64 * f;
             cos.push(angle.cos() as f32);
             sin.push(angle.sin() as f32);
@@ -1238,17 +1362,29 @@ fn rotary_tables(config: &LlamaConfig, device: &Device, dtype: DType) -> Result<
     Ok((cos, sin))
 }
 
-/// An additive mask `(t, past + t)`: query `i` sees keys up to `past + i`.
-/// `None` when nothing is hidden (a single new token).
-fn causal_mask(t: usize, past: usize, device: &Device, dtype: DType) -> Result<Option<Tensor>> {
-    if t <= 1 {
+/// An additive mask `(t, past + t)`: query `i` sees keys up to `past + i`,
+/// and within a sliding `window` only the last `window` of them. `None`
+/// when nothing is hidden (a single new token within the window).
+fn causal_mask(
+    t: usize,
+    past: usize,
+    window: Option<usize>,
+    device: &Device,
+    dtype: DType,
+) -> Result<Option<Tensor>> {
+    let width = past + t;
+    let hides_early = window.is_some_and(|w| width > w);
+    if t <= 1 && !hides_early {
         return Ok(None);
     }
-    let width = past + t;
     let mut mask = vec![0f32; t * width];
     for i in 0..t {
-        for value in &mut mask[i * width + past + i + 1..(i + 1) * width] {
-            *value = f32::NEG_INFINITY;
+        let row = &mut mask[i * width..(i + 1) * width];
+        let (start, end) = crate::fused::visible_keys(past + i, window);
+        for (j, value) in row.iter_mut().enumerate() {
+            if j < start || j >= end {
+                *value = f32::NEG_INFINITY;
+            }
         }
     }
     Ok(Some(
@@ -1256,11 +1392,18 @@ fn causal_mask(t: usize, past: usize, device: &Device, dtype: DType) -> Result<O
     ))
 }
 
+/// Gemma's soft cap `c · tanh(x / c)`.
+fn softcap(x: &Tensor, cap: f64) -> Result<Tensor> {
+    Ok(((x / cap)?.tanh()? * cap)?)
+}
+
 /// RMSNorm: the fused kernel where it applies, else differentiable
 /// primitives computing in f32.
 pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    // The fused kernel treats the weight as frozen.
-    if crate::fused::applies(x) && !weight.is_variable() {
+    // The fused kernel treats the weight as frozen: a trainable one, or
+    // one computed from a trainable one (Gemma's `1 + w`), takes the
+    // primitives.
+    if crate::fused::applies(x) && !weight.track_op() {
         return Ok(crate::fused::rms_norm(x, weight, eps)?);
     }
     rms_norm_composite(x, weight, eps)

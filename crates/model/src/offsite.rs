@@ -212,6 +212,12 @@ pub fn emulator(full: &Llama, layout: &Layout) -> Result<Llama> {
     };
     let config = LlamaConfig {
         num_hidden_layers: ids.len(),
+        // The kept layers' own attention (Gemma's sliding and full layers).
+        layer_types: full
+            .config()
+            .layer_types
+            .as_ref()
+            .map(|t| ids.iter().map(|&i| t[i]).collect()),
         ..full.config().clone()
     };
     Llama::with_layer_ids(config, weights, ids)
@@ -245,6 +251,10 @@ pub fn bake(model: &Llama, adapter: &Adapter) -> Result<Llama> {
                 v: linear(&l.v)?,
                 o: linear(&l.o)?,
                 post_norm: fixed(&l.post_norm)?,
+                sandwich_norms: match &l.sandwich_norms {
+                    Some((a, m)) => Some((fixed(a)?, fixed(m)?)),
+                    None => None,
+                },
                 gate: linear(&l.gate)?,
                 up: linear(&l.up)?,
                 down: linear(&l.down)?,

@@ -730,10 +730,23 @@ fn full(c: &FullConfig, model: &Llama, params: &mut Vec<(String, Var)>) -> Resul
         let v = linear(Module::V, params)?;
         let o = linear(Module::O, params)?;
         let post_norm = trainable(
-            format!("{root}.post_attention_layernorm.weight"),
+            format!(
+                "{root}.{}.weight",
+                crate::model::pre_mlp_norm_name(base.sandwich_norms.is_some())
+            ),
             &base.post_norm,
             params,
         )?;
+        let sandwich_norms = match &base.sandwich_norms {
+            Some((a, m)) => {
+                let [an, mn] = crate::model::SANDWICH_NORM_NAMES;
+                Some((
+                    trainable(format!("{root}.{an}.weight"), a, params)?,
+                    trainable(format!("{root}.{mn}.weight"), m, params)?,
+                ))
+            }
+            None => None,
+        };
         let gate = linear(Module::Gate, params)?;
         let up = linear(Module::Up, params)?;
         let down = linear(Module::Down, params)?;
@@ -747,6 +760,7 @@ fn full(c: &FullConfig, model: &Llama, params: &mut Vec<(String, Var)>) -> Resul
                 v,
                 o,
                 post_norm,
+                sandwich_norms,
                 gate,
                 up,
                 down,
@@ -787,9 +801,15 @@ fn sample_vocab(model: &Llama, n: usize, rng: &mut dyn RngCore) -> Result<Tensor
     let vocab = model.config().vocab_size as u64;
     let ids: Vec<u32> = (0..n).map(|_| (rng.next_u64() % vocab) as u32).collect();
     let ids = Tensor::from_vec(ids, n, model.device())?;
-    Ok(model
+    let rows = model
         .embeddings()
         .select_rows(&ids)?
         .to_dtype(DType::F32)?
-        .contiguous()?)
+        .contiguous()?;
+    // The embeddings the model gives those tokens: Gemma scales its table.
+    if model.config().embed_scale {
+        Ok(model.scale_embeddings(&rows)?)
+    } else {
+        Ok(rows)
+    }
 }

@@ -3,7 +3,11 @@
 //! an explicit `head_dim` (Llama-3.2), linear rotary scaling with Llama's
 //! `attention_bias` (q, k, v and o), Mistral with a sliding window, Qwen2
 //! with its q/k/v bias, Qwen3 with its q/k norms, Phi-3 with its fused
-//! `qkv_proj` and `gate_up_proj`.
+//! `qkv_proj` and `gate_up_proj`, Gemma-2 (GeGLU, `1 + w` norms around
+//! attention and the MLP, scaled embeddings, both soft caps, its own
+//! attention scale, a sliding layer whose window the input overruns) and
+//! Gemma-3 (q/k norms, linear rotary scaling on the full layers, another
+//! rotary base on the sliding ones).
 //! Each model is written as a Hugging Face directory and loaded back by
 //! fedveil's own loader.
 //!
@@ -29,7 +33,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use fedveil_model::load::{Loaded, load_hf_dir, save_hf_dir};
 use fedveil_model::model::{Linear, Mode};
-use fedveil_model::{Llama, LlamaConfig, RopeScaling};
+use fedveil_model::{Activation, LayerType, Llama, LlamaConfig, RopeScaling};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 
@@ -93,7 +97,8 @@ fn cases() -> Vec<Case> {
             name: "mistral_sliding_window",
             model_type: "mistral",
             config: LlamaConfig {
-                sliding_window: Some(32),
+                // Shorter than the input: the window hides keys.
+                sliding_window: Some(16),
                 rms_norm_eps: 1e-6,
                 ..base.clone()
             },
@@ -128,11 +133,58 @@ fn cases() -> Vec<Case> {
         Case {
             name: "phi3",
             model_type: "phi3",
-            config: base,
+            config: base.clone(),
             o_bias: false,
             seed: 5,
         },
+        Case {
+            name: "gemma2",
+            model_type: "gemma2",
+            config: LlamaConfig {
+                tie_word_embeddings: true,
+                head_dim: Some(16),
+                rms_norm_eps: 1e-6,
+                ..gemma(&base)
+            },
+            o_bias: false,
+            seed: 7,
+        },
+        Case {
+            name: "gemma3",
+            model_type: "gemma3_text",
+            config: LlamaConfig {
+                qk_norm: true,
+                head_dim: Some(16),
+                rms_norm_eps: 1e-6,
+                rope_theta: 1_000_000.0,
+                rope_local_base_freq: Some(10_000.0),
+                rope_scaling: Some(RopeScaling::Linear { factor: 4.0 }),
+                query_pre_attn_scalar: Some(20.0),
+                attn_logit_softcapping: None,
+                final_logit_softcapping: None,
+                ..gemma(&base)
+            },
+            o_bias: false,
+            seed: 8,
+        },
     ]
+}
+
+/// Gemma-2's conventions on `base`: small soft caps and window, so that
+/// each shows in the logits of the test's 24 tokens.
+fn gemma(base: &LlamaConfig) -> LlamaConfig {
+    LlamaConfig {
+        hidden_act: Activation::GeluTanh,
+        norm_unit_offset: true,
+        sandwich_norms: true,
+        embed_scale: true,
+        query_pre_attn_scalar: Some(24.0),
+        attn_logit_softcapping: Some(2.0),
+        final_logit_softcapping: Some(3.0),
+        sliding_window: Some(8),
+        layer_types: Some(vec![LayerType::Sliding, LayerType::Full]),
+        ..base.clone()
+    }
 }
 
 /// The case's model: random weights, norms away from one and every bias
@@ -148,13 +200,23 @@ fn build(case: &Case) -> Llama {
     };
     let mut weights = model.weights().clone();
     let h = case.config.hidden_size;
+    // Gemma's norms multiply by `1 + w`.
+    let one = if case.config.norm_unit_offset {
+        0.0
+    } else {
+        1.0
+    };
     for layer in &mut weights.layers {
-        layer.input_norm = draw(h, 1.0);
-        layer.post_norm = draw(h, 1.0);
+        layer.input_norm = draw(h, one);
+        layer.post_norm = draw(h, one);
         if let Some((q, k)) = &mut layer.qk_norm {
             let hd = case.config.head_dim();
-            *q = draw(hd, 1.0);
-            *k = draw(hd, 1.0);
+            *q = draw(hd, one);
+            *k = draw(hd, one);
+        }
+        if let Some((a, m)) = &mut layer.sandwich_norms {
+            *a = draw(h, one);
+            *m = draw(h, one);
         }
         for l in [&mut layer.q, &mut layer.k, &mut layer.v] {
             if l.bias.is_some() {
@@ -166,7 +228,7 @@ fn build(case: &Case) -> Llama {
             layer.o = Linear::new(layer.o.weight.clone(), Some(draw(h, 0.0)));
         }
     }
-    weights.norm = draw(h, 1.0);
+    weights.norm = draw(h, one);
     Llama::new(case.config.clone(), weights).unwrap()
 }
 
@@ -196,6 +258,8 @@ fn write_and_load(case: &Case) -> (PathBuf, Llama) {
         "qwen2" => "Qwen2ForCausalLM",
         "qwen3" => "Qwen3ForCausalLM",
         "phi3" => "Phi3ForCausalLM",
+        "gemma2" => "Gemma2ForCausalLM",
+        "gemma3_text" => "Gemma3ForCausalLM",
         _ => "LlamaForCausalLM",
     }]);
     if case.model_type == "phi3" {
@@ -310,5 +374,172 @@ fn logits_match_the_transformers_fixture() {
             case.name
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// Each Gemma setting shows in the logits the fixture holds: switching any
+/// one off moves them by far more than the tolerance, so the agreement
+/// above covers every one of them.
+#[test]
+fn every_gemma_setting_moves_the_logits() {
+    for case in cases().into_iter().filter(|c| c.config.sandwich_norms) {
+        let model = build(&case);
+        let reference = fedveil_logits(&model);
+        let c = &case.config;
+        let mut variants: Vec<(&str, LlamaConfig)> = vec![
+            (
+                "no sliding window",
+                LlamaConfig {
+                    layer_types: None,
+                    sliding_window: None,
+                    ..c.clone()
+                },
+            ),
+            (
+                "no embedding scale",
+                LlamaConfig {
+                    embed_scale: false,
+                    ..c.clone()
+                },
+            ),
+            (
+                "SwiGLU",
+                LlamaConfig {
+                    hidden_act: Activation::Silu,
+                    ..c.clone()
+                },
+            ),
+            (
+                "head_dim's scale",
+                LlamaConfig {
+                    query_pre_attn_scalar: None,
+                    ..c.clone()
+                },
+            ),
+        ];
+        if c.attn_logit_softcapping.is_some() {
+            variants.push((
+                "no attention cap",
+                LlamaConfig {
+                    attn_logit_softcapping: None,
+                    ..c.clone()
+                },
+            ));
+        }
+        if c.final_logit_softcapping.is_some() {
+            variants.push((
+                "no logit cap",
+                LlamaConfig {
+                    final_logit_softcapping: None,
+                    ..c.clone()
+                },
+            ));
+        }
+        if c.rope_local_base_freq.is_some() {
+            variants.push((
+                "one rotary base",
+                LlamaConfig {
+                    rope_local_base_freq: None,
+                    ..c.clone()
+                },
+            ));
+        }
+        for (what, config) in variants {
+            let Ok(other) = Llama::new(config, model.weights().clone()) else {
+                panic!("{}: {what} does not build", case.name);
+            };
+            let diff = relative_difference(&fedveil_logits(&other), &reference);
+            assert!(
+                diff > 100.0 * TOLERANCE,
+                "{}: {what} moves the logits by {diff}",
+                case.name
+            );
+        }
+        // The `1 + w` norms: the same weights read as Llama's.
+        let plain = LlamaConfig {
+            norm_unit_offset: false,
+            sandwich_norms: false,
+            ..c.clone()
+        };
+        let mut weights = model.weights().clone();
+        for l in &mut weights.layers {
+            l.sandwich_norms = None;
+        }
+        let other = Llama::new(plain, weights).unwrap();
+        let diff = relative_difference(&fedveil_logits(&other), &reference);
+        assert!(
+            diff > 100.0 * TOLERANCE,
+            "{}: the norms move the logits by {diff}",
+            case.name
+        );
+    }
+}
+
+/// In bf16 the model takes the unfused path (masks as tensors, softmax
+/// from primitives): it agrees with transformers' f32 logits within
+/// bf16's precision, and the sliding window shows beyond it.
+#[test]
+fn bf16_agrees_with_the_fixture_within_its_precision() {
+    let fixture: BTreeMap<String, Vec<f32>> =
+        serde_json::from_str(include_str!("fixtures/hf_logits.json")).unwrap();
+    for case in cases() {
+        let model = build(&case).to_dtype(DType::BF16).unwrap();
+        let diff = relative_difference(&fedveil_logits(&model), &fixture[case.name]);
+        let unwindowed = LlamaConfig {
+            layer_types: None,
+            sliding_window: None,
+            ..case.config.clone()
+        };
+        let other = Llama::new(unwindowed, model.weights().clone()).unwrap();
+        let window_diff = relative_difference(&fedveil_logits(&other), &fixture[case.name]);
+        eprintln!(
+            "{}: bf16 {diff:.2e}, without the window {window_diff:.2e}",
+            case.name
+        );
+        // bf16 keeps 8 bits of mantissa: 2.7e-2 at most was seen here.
+        assert!(diff <= 5e-2, "{}: bf16 differs by {diff}", case.name);
+        if case.config.sliding_window.is_some() {
+            assert!(
+                window_diff > 0.2,
+                "{}: the window shows by {window_diff}",
+                case.name
+            );
+        }
+    }
+}
+
+/// Generation's cache meets the sliding window as the full pass does: token
+/// by token, each position's logits equal the whole sequence's, in f32
+/// (the fused kernels) and in bf16 (the masks).
+#[test]
+fn the_cache_slides_the_window_as_the_full_pass_does() {
+    for case in cases()
+        .into_iter()
+        .filter(|c| c.config.sliding_window.is_some())
+    {
+        for dtype in [DType::F32, DType::BF16] {
+            let model = build(&case).to_dtype(dtype).unwrap();
+            let full = fedveil_logits(&model);
+            let vocab = case.config.vocab_size;
+            let mut cache = fedveil_model::KvCache::new();
+            for (i, id) in IDS.iter().enumerate() {
+                let ids = Tensor::new(&[[*id]], &Device::Cpu).unwrap();
+                let step: Vec<f32> = model
+                    .forward_cached(&ids, None, &mut cache)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let want = &full[i * vocab..(i + 1) * vocab];
+                let diff = relative_difference(&step, want);
+                let bound = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+                assert!(
+                    diff <= bound,
+                    "{} {dtype:?} position {i}: {diff}",
+                    case.name
+                );
+            }
+        }
     }
 }

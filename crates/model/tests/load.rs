@@ -13,7 +13,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use fedveil_model::load::{load, load_gguf, load_gguf_with, load_hf_dir, load_with};
 use fedveil_model::model::Mode;
-use fedveil_model::{Llama, LlamaConfig, Module, QuantFormat, Quantize};
+use fedveil_model::{Activation, LayerType, Llama, LlamaConfig, Module, QuantFormat, Quantize};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -112,6 +112,25 @@ fn write_hf_dir_with(
     sharded: bool,
     edit: impl FnOnce(&mut serde_json::Value, &mut HashMap<String, Tensor>),
 ) {
+    if m.config().sandwich_norms {
+        // Gemma: as fedveil's own writer writes it (Gemma's names and
+        // config keys), then edited.
+        let src = dir.join("gemma-src");
+        let loaded = fedveil_model::load::Loaded {
+            model: m.clone(),
+            tokenizer: fedveil_model::tiny::byte_tokenizer().unwrap(),
+            source: "test".into(),
+        };
+        fedveil_model::load::save_hf_dir(&loaded, &src).unwrap();
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap())
+                .unwrap();
+        let mut tensors: HashMap<String, Tensor> =
+            candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+        std::fs::remove_dir_all(&src).unwrap();
+        edit(&mut config, &mut tensors);
+        return write_edited(dir, config, tensors, sharded);
+    }
     let mut config = serde_json::to_value(m.config()).unwrap();
     let qwen = m.config().attention_bias;
     config["model_type"] = if m.config().qk_norm {
@@ -126,6 +145,15 @@ fn write_hf_dir_with(
     config.as_object_mut().unwrap().remove("qk_norm");
     let mut tensors = hf_tensors(m);
     edit(&mut config, &mut tensors);
+    write_edited(dir, config, tensors, sharded);
+}
+
+fn write_edited(
+    dir: &Path,
+    config: serde_json::Value,
+    tensors: HashMap<String, Tensor>,
+    sharded: bool,
+) {
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     if sharded {
         let mut names: Vec<&String> = tensors.keys().collect();
@@ -486,9 +514,13 @@ fn hf_error(
     edit: impl FnOnce(&mut serde_json::Value, &mut HashMap<String, Tensor>),
 ) -> String {
     let qwen = model_type == "qwen2";
-    let m = model(LlamaConfig {
-        qk_norm: model_type == "qwen3",
-        ..config(vocabulary().0.len(), qwen)
+    let m = model(if model_type.starts_with("gemma") {
+        gemma_config(model_type)
+    } else {
+        LlamaConfig {
+            qk_norm: model_type == "qwen3",
+            ..config(vocabulary().0.len(), qwen)
+        }
     });
     let dir = tempdir("refuse");
     write_hf_dir_with(&dir, &m, false, |c, t| {
@@ -531,8 +563,9 @@ fn refuses_by_name(model_type: &str, cases: &[(&str, serde_json::Value, &str)]) 
         err.contains("model.layers.1.self_attn.sinks"),
         "{model_type}: {err:?}"
     );
-    // Qwen3's q/k norms, outside Qwen3, are parts fedveil would not read.
-    if model_type != "qwen3" {
+    // Qwen3's (and Gemma-3's) q/k norms, elsewhere, are parts fedveil
+    // would not read.
+    if !matches!(model_type, "qwen3" | "gemma3_text") {
         let err = hf_error(model_type, |_, t| {
             t.insert(
                 "model.layers.0.self_attn.q_norm.weight".into(),
@@ -568,6 +601,13 @@ fn a_llama_config_key_fedveil_does_not_implement_is_refused_by_name() {
                 "attention_factor",
             ),
             ("hidden_act", json!("gelu"), "hidden_act"),
+            // Gemma's keys: Llama's transformers model would ignore them.
+            ("query_pre_attn_scalar", json!(256), "query_pre_attn_scalar"),
+            (
+                "rope_local_base_freq",
+                json!(10000.0),
+                "rope_local_base_freq",
+            ),
             ("mlp_bias", json!(true), "mlp_bias"),
             ("attention_dropout", json!(0.1), "attention_dropout"),
             ("rope_interleaved", json!(true), "rope_interleaved"),
@@ -598,7 +638,7 @@ fn a_mistral_config_key_fedveil_does_not_implement_is_refused_by_name() {
     refuses_by_name(
         "mistral",
         &[
-            ("hidden_act", json!("gelu_pytorch_tanh"), "hidden_act"),
+            ("hidden_act", json!("gelu_new"), "hidden_act"),
             (
                 "attn_logit_softcapping",
                 json!(50.0),
@@ -607,8 +647,8 @@ fn a_mistral_config_key_fedveil_does_not_implement_is_refused_by_name() {
             ("rope_scaling", json!({"rope_type": "longrope"}), "longrope"),
         ],
     );
-    // Mistral-7B-v0.1's sliding window: inputs within it run (where it
-    // hides nothing); a longer one is refused, naming it.
+    // Mistral-7B-v0.1's sliding window: within it, the logits of full
+    // attention; past it, the first key drops out of the last query's view.
     let m = model(config(vocabulary().0.len(), false));
     let dir = tempdir("window");
     write_hf_dir_with(&dir, &m, false, |c, _| {
@@ -619,12 +659,14 @@ fn a_mistral_config_key_fedveil_does_not_implement_is_refused_by_name() {
     assert_eq!(loaded.model.config().sliding_window, Some(6));
     assert_eq!(logits(&loaded.model), logits(&m));
     let seven = Tensor::new(&[[1u32, 7, 42, 99, 3, 250, 5]], &Device::Cpu).unwrap();
-    let err = loaded
-        .model
-        .forward(&seven, None, Mode::Eval)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("sliding_window of 6"), "{err}");
+    let run = |model: &Llama| -> Vec<f32> {
+        let out = model.forward(&seven, None, Mode::Eval).unwrap();
+        out.flatten_all().unwrap().to_vec1().unwrap()
+    };
+    let (windowed, full) = (run(&loaded.model), run(&m));
+    let vocab = m.config().vocab_size;
+    assert_eq!(windowed[..6 * vocab], full[..6 * vocab]);
+    assert_ne!(windowed[6 * vocab..], full[6 * vocab..]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -1166,4 +1208,225 @@ fn a_hugging_face_checkpoint_is_read_one_tensor_at_a_time_and_bad_headers_are_re
     let err = load_hf_dir(&dir, &Device::Cpu).unwrap_err().to_string();
     assert!(err.contains("does not fit"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A tiny Gemma-2 (`gemma2`) or Gemma-3 (`gemma3_text`): a sliding first
+/// layer with a window shorter than the test's six tokens, a full second.
+fn gemma_config(model_type: &str) -> LlamaConfig {
+    let three = model_type == "gemma3_text";
+    LlamaConfig {
+        hidden_act: Activation::GeluTanh,
+        norm_unit_offset: true,
+        sandwich_norms: true,
+        embed_scale: true,
+        qk_norm: three,
+        tie_word_embeddings: true,
+        query_pre_attn_scalar: Some(8.0),
+        attn_logit_softcapping: if three { None } else { Some(50.0) },
+        final_logit_softcapping: if three { None } else { Some(30.0) },
+        rope_theta: if three { 1e6 } else { 1e4 },
+        rope_local_base_freq: if three { Some(1e4) } else { None },
+        sliding_window: Some(4),
+        layer_types: Some(vec![LayerType::Sliding, LayerType::Full]),
+        rms_norm_eps: 1e-6,
+        ..LlamaConfig::tiny(vocabulary().0.len())
+    }
+}
+
+#[test]
+fn a_gemma2_config_key_fedveil_does_not_implement_is_refused_by_name() {
+    use serde_json::json;
+    refuses_by_name(
+        "gemma2",
+        &[
+            ("hidden_activation", json!("gelu"), "hidden_activation"),
+            ("hidden_act", json!("silu"), "disagree"),
+            (
+                "use_bidirectional_attention",
+                json!(true),
+                "use_bidirectional_attention",
+            ),
+            (
+                "attn_logit_softcapping",
+                json!(-1.0),
+                "attn_logit_softcapping",
+            ),
+            (
+                "layer_types",
+                json!(["sliding_attention", "chunked_attention"]),
+                "layer_types",
+            ),
+            ("sliding_window", json!(null), "sliding_window"),
+            (
+                "rope_scaling",
+                json!({"rope_type": "yarn", "factor": 4.0}),
+                "yarn",
+            ),
+            ("attention_bias", json!(true), "self_attn.q_proj.bias"),
+        ],
+    );
+    // Gemma-2-2B's config.json as transformers 4.42 wrote it (no
+    // layer_types: Gemma-2 alternates, sliding first) loads to the logits
+    // of the model written.
+    let m = model(gemma_config("gemma2"));
+    let dir = tempdir("gemma2");
+    write_hf_dir_with(&dir, &m, false, |c, _| {
+        let o = c.as_object_mut().unwrap();
+        o.remove("layer_types");
+        o.remove("tie_word_embeddings");
+        o.insert("hidden_act".into(), json!("gelu_pytorch_tanh"));
+        o.insert("cache_implementation".into(), json!("hybrid"));
+        o.insert("attention_dropout".into(), json!(0.0));
+        o.insert("torch_dtype".into(), json!("float32"));
+        o.insert("transformers_version".into(), json!("4.42.4"));
+    });
+    let loaded = load_hf_dir(&dir, &Device::Cpu).unwrap();
+    assert_eq!(loaded.model.config(), m.config());
+    assert_eq!(logits(&loaded.model), logits(&m));
+    // Left out, transformers' Gemma-2 defaults apply (soft caps 50 and
+    // 30, head_dim 256), not Llama's.
+    write_hf_dir_with(&dir, &m, false, |c, _| {
+        let o = c.as_object_mut().unwrap();
+        o.remove("final_logit_softcapping");
+        o.remove("head_dim");
+    });
+    let err = load_hf_dir(&dir, &Device::Cpu).unwrap_err().to_string();
+    // (Four heads of 256 where the weights have 32 rows.)
+    assert!(err.contains("q_proj") && err.contains("1024"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_gemma3_config_key_fedveil_does_not_implement_is_refused_by_name() {
+    use serde_json::json;
+    refuses_by_name(
+        "gemma3_text",
+        &[
+            (
+                "rope_parameters",
+                json!({"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                    "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}),
+                "sliding_attention",
+            ),
+            (
+                "use_bidirectional_attention",
+                json!(true),
+                "use_bidirectional_attention",
+            ),
+            ("hidden_activation", json!("gelu_new"), "hidden_activation"),
+            ("query_pre_attn_scalar", json!(0), "query_pre_attn_scalar"),
+        ],
+    );
+    // The multimodal Gemma-3 is named.
+    let err = hf_error("gemma3_text", |c, _| c["model_type"] = json!("gemma3"));
+    assert!(err.contains("gemma3") && err.contains("vision"), "{err}");
+    // Gemma-3-1B's config.json as transformers 4.50 wrote it (a pattern,
+    // not layer_types; the local rotary base by its old name) loads to the
+    // logits of the model written; so does transformers 5's form.
+    let m = model(gemma_config("gemma3_text"));
+    let dir = tempdir("gemma3");
+    write_hf_dir_with(&dir, &m, false, |c, _| {
+        let o = c.as_object_mut().unwrap();
+        o.remove("layer_types");
+        o.insert("sliding_window_pattern".into(), json!(2));
+        o.insert("eos_token_id".into(), json!([1, 106]));
+        o.insert("rope_scaling".into(), json!(null));
+        o.insert("cache_implementation".into(), json!("hybrid"));
+    });
+    let loaded = load_hf_dir(&dir, &Device::Cpu).unwrap();
+    assert_eq!(loaded.model.config().layer_types, m.config().layer_types);
+    assert_eq!(logits(&loaded.model), logits(&m));
+    write_hf_dir_with(&dir, &m, false, |c, _| {
+        let o = c.as_object_mut().unwrap();
+        o.remove("rope_theta");
+        o.remove("rope_local_base_freq");
+        o.insert(
+            "rope_parameters".into(),
+            json!({"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+        );
+        o.insert("_sliding_window_pattern".into(), json!(6));
+    });
+    let loaded = load_hf_dir(&dir, &Device::Cpu).unwrap();
+    assert_eq!(loaded.model.config(), m.config());
+    assert_eq!(logits(&loaded.model), logits(&m));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Gemma-2 and Gemma-3 as GGUF, as llama.cpp's converter writes them: the
+/// norms stored as the `1 + w` they multiply by, the norms after attention
+/// and the MLP as `post_attention_norm` and `post_ffw_norm`, the soft caps
+/// and window in the metadata (Gemma-3's layer pattern too, where it is not
+/// llama.cpp's default of 6). Both load to the model written.
+#[test]
+fn gemma_models_load_from_gguf_as_llama_cpp_writes_them() {
+    for (arch, model_type) in [("gemma2", "gemma2"), ("gemma3", "gemma3_text")] {
+        let m = model(gemma_config(model_type));
+        let c = m.config().clone();
+        let dir = tempdir(arch);
+        // The norms a llama-style GGUF writer leaves out, by llama.cpp's names.
+        let gemma_norms = |m: &Llama, t: &mut Vec<(String, Tensor)>| {
+            for (i, l) in m.weights().layers.iter().enumerate() {
+                let (a, f) = l.sandwich_norms.clone().unwrap();
+                t.push((format!("blk.{i}.post_attention_norm.weight"), a));
+                t.push((format!("blk.{i}.post_ffw_norm.weight"), f));
+                if let Some((q, k)) = l.qk_norm.clone() {
+                    t.push((format!("blk.{i}.attn_q_norm.weight"), q));
+                    t.push((format!("blk.{i}.attn_k_norm.weight"), k));
+                }
+            }
+        };
+        let path = dir.join("m.gguf");
+        write_gguf_with(&path, &m, arch, |meta, t| {
+            gemma_norms(&m, t);
+            for (name, tensor) in t.iter_mut() {
+                if name.ends_with("norm.weight") {
+                    *tensor = (&*tensor + 1.0).unwrap();
+                }
+            }
+            let k = |key: &str| format!("{arch}.{key}");
+            meta.push((k("attention.sliding_window"), Value::U32(4)));
+            meta.push((k("attention.key_length"), Value::U32(c.head_dim() as u32)));
+            meta.push((k("attention.value_length"), Value::U32(c.head_dim() as u32)));
+            if arch == "gemma2" {
+                meta.push((k("attn_logit_softcapping"), Value::F32(50.0)));
+                meta.push((k("final_logit_softcapping"), Value::F32(30.0)));
+            } else {
+                meta.push((k("attention.sliding_window_pattern"), Value::U32(2)));
+            }
+        });
+        let gguf = load_gguf(&path, &Device::Cpu).unwrap();
+        // (The epsilon as f32, the EOS from the test's tokenizer.)
+        let read = LlamaConfig {
+            rms_norm_eps: c.rms_norm_eps,
+            eos_token_id: c.eos_token_id,
+            ..gguf.model.config().clone()
+        };
+        assert_eq!(read, c, "{arch}");
+        let (diff, scale) = max_diff(&logits(&gguf.model), &logits(&m));
+        assert!(diff <= 1e-5 * scale, "{arch}: {diff} of {scale}");
+        // Without the shift the norms would be off by one: the logits show it.
+        write_gguf_with(&path, &m, arch, |meta, t| {
+            gemma_norms(&m, t);
+            meta.push((format!("{arch}.attention.sliding_window"), Value::U32(4)));
+            if arch == "gemma3" {
+                // A key another architecture has is refused on Gemma-3's.
+                meta.push((format!("{arch}.attn_logit_softcapping"), Value::F32(50.0)));
+            }
+        });
+        match load_gguf(&path, &Device::Cpu) {
+            Ok(unshifted) => {
+                let (diff, scale) = max_diff(&logits(&unshifted.model), &logits(&m));
+                assert!(diff > 1e-2 * scale, "{arch}: {diff} of {scale}");
+            }
+            Err(e) => {
+                assert_eq!(arch, "gemma3");
+                assert!(
+                    e.to_string().contains("gemma3.attn_logit_softcapping"),
+                    "{e}"
+                );
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

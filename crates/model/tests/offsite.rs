@@ -15,7 +15,10 @@ use fedveil_model::offsite::{
 };
 use fedveil_model::tiny::tiny_model;
 use fedveil_model::train::evaluate;
-use fedveil_model::{Adapter, AdapterTrainer, Batch, Example, Llama, LoraConfig, OptimConfig};
+use fedveil_model::{
+    Activation, Adapter, AdapterTrainer, Batch, Example, LayerType, Llama, LlamaConfig, LoraConfig,
+    OptimConfig,
+};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 
@@ -360,4 +363,62 @@ fn a_cached_distillation_runs_once_per_teacher_layout_settings_and_data() {
     let (_, report) = run(&train, &mut steps);
     assert!(report.is_none(), "the replaced entry reads back");
     let _ = std::fs::remove_dir_all(&cache);
+}
+
+/// A Gemma-3 emulator keeps each kept layer's own attention (sliding with
+/// the local rotary base, or full): it computes what the full model's
+/// kept layers compute in a row, and its bundle reads back to it.
+#[test]
+fn a_gemma3_emulator_keeps_each_layers_attention_and_round_trips() {
+    use LayerType::{Full, Sliding};
+    let types = vec![
+        Sliding, Sliding, Full, Sliding, Sliding, Full, Sliding, Full,
+    ];
+    let config = LlamaConfig {
+        num_hidden_layers: 8,
+        hidden_act: Activation::GeluTanh,
+        norm_unit_offset: true,
+        sandwich_norms: true,
+        embed_scale: true,
+        qk_norm: true,
+        head_dim: Some(16),
+        query_pre_attn_scalar: Some(16.0),
+        rope_theta: 1e6,
+        rope_local_base_freq: Some(1e4),
+        sliding_window: Some(4),
+        layer_types: Some(types.clone()),
+        ..LlamaConfig::tiny(fedveil_model::tiny::EOS as usize + 1)
+    };
+    let full = Llama::random(config, &Device::Cpu, &mut rng(6)).unwrap();
+    let (_, layout) = setup();
+    let emulator = offsite::emulator(&full, &layout).unwrap();
+    let kept: Vec<LayerType> = emulator.layer_ids().iter().map(|&i| types[i]).collect();
+    assert_eq!(emulator.config().layer_types.as_ref(), Some(&kept));
+    // The full model's kept layers, one after another.
+    let ids = Tensor::new(&[[72u32, 101, 108, 108, 111, 32, 119]], &Device::Cpu).unwrap();
+    let mut x = full.embed(&ids, None).unwrap();
+    for &id in emulator.layer_ids() {
+        x = full.run_layers(&x, id..id + 1, None, Mode::Eval).unwrap();
+    }
+    let by_hand: Vec<f32> = full
+        .head(&x, None)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(max_diff(&logits(&emulator, None), &by_hand) < 1e-5);
+    let bundle = Bundle {
+        model: emulator.clone(),
+        tokenizer: None,
+        layout: layout.clone(),
+        adapter: offsite::adapter_config(&layout, &Tuning::Full, false, false).unwrap(),
+        source: "tiny gemma3".into(),
+    };
+    let back = Bundle::from_bytes(&bundle.to_bytes().unwrap(), &Device::Cpu).unwrap();
+    assert_eq!(back.model.config(), emulator.config());
+    assert_eq!(
+        max_diff(&logits(&back.model, None), &logits(&emulator, None)),
+        0.0
+    );
 }

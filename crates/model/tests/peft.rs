@@ -12,8 +12,8 @@ use fedveil_model::model::Mode;
 use fedveil_model::peft::lora_key;
 use fedveil_model::train::evaluate;
 use fedveil_model::{
-    Adapter, AdapterTrainer, Batch, Example, KvCache, Llama, LlamaConfig, LoraConfig, Module,
-    OptimConfig, PeftConfig, PromptConfig,
+    Activation, Adapter, AdapterTrainer, Batch, Example, KvCache, LayerType, Llama, LlamaConfig,
+    LoraConfig, Module, OptimConfig, PeftConfig, PromptConfig,
 };
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
@@ -46,7 +46,9 @@ fn memorisation_task(vocab: u32) -> Vec<Example> {
 }
 
 /// On Llama's layer, Qwen3's (q/k norms, heads 16 wide in a 32-wide
-/// model) and Llama's with `attention_bias` (q, k and v biases here).
+/// model), Llama's with `attention_bias` (q, k and v biases here), and
+/// Gemma-2's and Gemma-3's (GeGLU, `1 + w` norms around attention and the
+/// MLP, soft caps, a sliding layer whose window the examples overrun).
 #[test]
 fn every_adapter_tensor_gets_a_gradient_for_every_method_and_layer_kind() {
     let examples = memorisation_task(64);
@@ -63,6 +65,8 @@ fn every_adapter_tensor_gets_a_gradient_for_every_method_and_layer_kind() {
             attention_bias: true,
             ..LlamaConfig::tiny(64)
         },
+        gemma(false),
+        gemma(true),
     ];
     for (config, peft) in kinds
         .iter()
@@ -83,10 +87,24 @@ fn every_adapter_tensor_gets_a_gradient_for_every_method_and_layer_kind() {
         let trainer = AdapterTrainer::new(&model, adapter, OptimConfig::default()).unwrap();
         let grads = trainer.parameter_gradients(&batch, &mut rng(3)).unwrap();
         assert!(!grads.is_empty());
-        // Whole-layer adapters train Qwen3's q/k norms with the rest.
-        if config.qk_norm && matches!(peft, PeftConfig::Full(_)) {
-            for norm in ["q_norm", "k_norm"] {
-                let name = format!("model.layers.1.self_attn.{norm}.weight");
+        // Whole-layer adapters train Qwen3's q/k norms with the rest, and
+        // Gemma's four norms under their Hugging Face names.
+        if matches!(peft, PeftConfig::Full(_)) {
+            let mut norms = vec!["input_layernorm"];
+            if config.qk_norm {
+                norms.extend(["self_attn.q_norm", "self_attn.k_norm"]);
+            }
+            if config.sandwich_norms {
+                norms.extend([
+                    "post_attention_layernorm",
+                    "pre_feedforward_layernorm",
+                    "post_feedforward_layernorm",
+                ]);
+            } else {
+                norms.push("post_attention_layernorm");
+            }
+            for norm in norms {
+                let name = format!("model.layers.1.{norm}.weight");
                 assert!(grads.iter().any(|(n, _)| *n == name), "no {name}");
             }
         }
@@ -585,5 +603,25 @@ fn a_bf16_model_trains_an_f32_adapter() {
             "{}: {first} → {last}",
             peft.method()
         );
+    }
+}
+
+/// A tiny Gemma-2 or (`three`) Gemma-3: soft caps on Gemma-2, q/k norms and
+/// a second rotary base on Gemma-3, and a window of 6 on the first layer.
+fn gemma(three: bool) -> LlamaConfig {
+    LlamaConfig {
+        hidden_act: Activation::GeluTanh,
+        norm_unit_offset: true,
+        sandwich_norms: true,
+        embed_scale: true,
+        qk_norm: three,
+        head_dim: Some(16),
+        query_pre_attn_scalar: Some(16.0),
+        attn_logit_softcapping: if three { None } else { Some(5.0) },
+        final_logit_softcapping: if three { None } else { Some(10.0) },
+        rope_local_base_freq: if three { Some(1e4) } else { None },
+        sliding_window: Some(6),
+        layer_types: Some(vec![LayerType::Sliding, LayerType::Full]),
+        ..LlamaConfig::tiny(64)
     }
 }
