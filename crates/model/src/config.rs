@@ -396,7 +396,13 @@ const GEMMA_KEYS: &[&str] = &[
 /// (fedveil's own defaults are Llama's).
 fn gemma_defaults(model_type: &str) -> Vec<(&'static str, Value)> {
     use serde_json::json;
+    // Gemma-3's multimodal checkpoints leave most of `text_config` to these.
     let mut d = vec![
+        ("hidden_size", json!(2304)),
+        ("intermediate_size", json!(9216)),
+        ("num_hidden_layers", json!(26)),
+        ("num_attention_heads", json!(8)),
+        ("num_key_value_heads", json!(4)),
         ("hidden_activation", json!("gelu_pytorch_tanh")),
         ("query_pre_attn_scalar", json!(256)),
         ("sliding_window", json!(4096)),
@@ -406,6 +412,7 @@ fn gemma_defaults(model_type: &str) -> Vec<(&'static str, Value)> {
     ];
     if model_type == "gemma2" {
         d.extend([
+            ("vocab_size", json!(256_000)),
             ("attn_logit_softcapping", json!(50.0)),
             ("final_logit_softcapping", json!(30.0)),
             ("rope_theta", json!(10_000.0)),
@@ -413,6 +420,7 @@ fn gemma_defaults(model_type: &str) -> Vec<(&'static str, Value)> {
         ]);
     } else {
         d.extend([
+            ("vocab_size", json!(262_208)),
             ("attn_logit_softcapping", Value::Null),
             ("final_logit_softcapping", Value::Null),
             ("rope_theta", json!(1_000_000.0)),
@@ -493,13 +501,7 @@ impl LlamaConfig {
         };
         match model_type {
             "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "gemma2" | "gemma3_text" => {}
-            "gemma3" => {
-                return fail(
-                    "model_type \"gemma3\" (Gemma-3 with its vision encoder) is not implemented; \
-                     the text-only gemma3_text (Gemma-3-1B's) is"
-                        .into(),
-                );
-            }
+            "gemma3" => return LlamaConfig::from_gemma3_multimodal(obj),
             other => {
                 return fail(format!(
                     "model_type {other:?} is not a decoder fedveil implements (llama, mistral, \
@@ -841,6 +843,76 @@ impl LlamaConfig {
         }
         config.validate()?;
         Ok(config.canonical())
+    }
+
+    /// The language model of a multimodal Gemma-3 (`gemma3`: Gemma-3-4B,
+    /// 12B, 27B), its `text_config`. The vision tower's settings are
+    /// accepted and not read: fedveil fine-tunes on text, where the
+    /// multimodal model is its language model. The other top-level keys are
+    /// checked as everywhere: known, or refused by name.
+    fn from_gemma3_multimodal(
+        obj: &serde_json::Map<String, Value>,
+    ) -> Result<LlamaConfig, ModelError> {
+        let fail = |why: String| Err(ModelError::Config(why));
+        const MULTIMODAL_KEYS: &[&str] = &[
+            "text_config",
+            "vision_config",
+            "boi_token_index",
+            "eoi_token_index",
+            "image_token_index",
+            "mm_tokens_per_image",
+            "bos_token_id",
+            "eos_token_id",
+            "tie_word_embeddings",
+        ];
+        for key in obj.keys() {
+            if !(INERT_KEYS.contains(&key.as_str()) || MULTIMODAL_KEYS.contains(&key.as_str())) {
+                return fail(format!(
+                    "config.json key {key:?} is not implemented for gemma3; it is refused \
+                     rather than ignored"
+                ));
+            }
+        }
+        if obj
+            .get("tie_word_embeddings")
+            .is_some_and(|v| v.as_bool() == Some(false))
+        {
+            return fail(
+                "config.json tie_word_embeddings = false: Gemma-3's output is its embedding".into(),
+            );
+        }
+        let mut text = match obj.get("text_config") {
+            Some(Value::Object(t)) => t.clone(),
+            None | Some(Value::Null) => serde_json::Map::new(),
+            Some(v) => {
+                return fail(format!(
+                    "config.json text_config must be an object, got {v}"
+                ));
+            }
+        };
+        match text.get("model_type").and_then(Value::as_str) {
+            None | Some("gemma3_text") => {}
+            Some(other) => {
+                return fail(format!(
+                    "config.json text_config model_type {other:?}: gemma3's language model is \
+                     gemma3_text"
+                ));
+            }
+        }
+        text.insert("model_type".into(), "gemma3_text".into());
+        // The ids the generation config also says, where the text config
+        // leaves them out.
+        for key in ["bos_token_id", "eos_token_id"] {
+            if let Some(v) = obj.get(key)
+                && !text.contains_key(key)
+            {
+                text.insert(key.into(), v.clone());
+            }
+        }
+        LlamaConfig::from_hf_json(&Value::Object(text)).map_err(|e| match e {
+            ModelError::Config(why) => ModelError::Config(format!("text_config: {why}")),
+            other => other,
+        })
     }
 
     /// The same model with an explicit `head_dim` that equals the default

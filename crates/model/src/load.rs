@@ -122,6 +122,11 @@ pub fn load_hf_dir_with(
         ));
     }
     let mut tensors = SafetensorFiles::open(dir, device)?;
+    if json.get("model_type").and_then(|t| t.as_str()) == Some("gemma3") {
+        tensors
+            .take_gemma3_language_model()
+            .map_err(|why| ModelError::file(dir, why))?;
+    }
     if json.get("model_type").and_then(|t| t.as_str()) == Some("phi3") {
         unfuse_phi3(&config, &mut tensors).map_err(|why| ModelError::file(dir, why))?;
     }
@@ -679,6 +684,48 @@ fn read_safetensors_header(
 
 impl SafetensorFiles {
     /// Takes `name`'s entry out.
+    /// A multimodal Gemma-3 checkpoint's language model under the names of
+    /// a text-only one: transformers 4's `language_model.model.*` and 5's
+    /// `model.language_model.*` become `model.*`. The vision tower and its
+    /// projector are set aside (text never reaches them); anything else is
+    /// left for the unread-tensor check to name.
+    fn take_gemma3_language_model(&mut self) -> Result<(), String> {
+        let mut names: Vec<String> = self.tensors.keys().cloned().collect();
+        names.sort();
+        for name in names {
+            let renamed = if let Some(rest) = name
+                .strip_prefix("language_model.model.")
+                .or_else(|| name.strip_prefix("model.language_model."))
+            {
+                Some(format!("model.{rest}"))
+            } else if matches!(
+                name.as_str(),
+                "language_model.lm_head.weight" | "lm_head.weight"
+            ) {
+                Some("lm_head.weight".to_string())
+            } else if [
+                "vision_tower.",
+                "multi_modal_projector.",
+                "model.vision_tower.",
+                "model.multi_modal_projector.",
+            ]
+            .iter()
+            .any(|p| name.starts_with(p))
+            {
+                None
+            } else {
+                continue;
+            };
+            if let Some(t) = self.tensors.remove(&name)
+                && let Some(new) = renamed
+                && self.tensors.insert(new.clone(), t).is_some()
+            {
+                return Err(format!("tensor {name} and another are both {new}"));
+            }
+        }
+        Ok(())
+    }
+
     fn entry(&mut self, name: &str) -> Result<StoredTensor, String> {
         self.tensors
             .remove(name)

@@ -1317,9 +1317,66 @@ fn a_gemma3_config_key_fedveil_does_not_implement_is_refused_by_name() {
             ("query_pre_attn_scalar", json!(0), "query_pre_attn_scalar"),
         ],
     );
-    // The multimodal Gemma-3 is named.
-    let err = hf_error("gemma3_text", |c, _| c["model_type"] = json!("gemma3"));
-    assert!(err.contains("gemma3") && err.contains("vision"), "{err}");
+    // A multimodal Gemma-3's language model: its text_config, its weights
+    // under transformers 4's and 5's prefixes; the vision tower set aside.
+    let m = model(gemma_config("gemma3_text"));
+    let dir = tempdir("gemma3-multimodal");
+    for (lm, vision) in [
+        ("language_model.model.", "vision_tower.vision_model."),
+        ("model.language_model.", "model.vision_tower.vision_model."),
+    ] {
+        write_hf_dir_with(&dir, &m, true, |c, t| {
+            let text = c.clone();
+            *c = json!({
+                "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+                "text_config": text, "vision_config": {"model_type": "siglip_vision_model",
+                "hidden_size": 16}, "boi_token_index": 255999, "eoi_token_index": 256000,
+                "image_token_index": 262144, "mm_tokens_per_image": 256,
+                "initializer_range": 0.02, "eos_token_id": [1, 106],
+            });
+            let names: Vec<String> = t.keys().cloned().collect();
+            for name in names {
+                let tensor = t.remove(&name).unwrap();
+                t.insert(name.replacen("model.", lm, 1), tensor);
+            }
+            let patch = Tensor::ones((4, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
+            t.insert(
+                format!("{vision}embeddings.patch_embedding.weight"),
+                patch.clone(),
+            );
+            t.insert(
+                "multi_modal_projector.mm_input_projection_weight".into(),
+                patch,
+            );
+        });
+        let loaded = load_hf_dir(&dir, &Device::Cpu).unwrap();
+        assert_eq!(loaded.model.config().layer_types, m.config().layer_types);
+        assert_eq!(logits(&loaded.model), logits(&m), "{lm}");
+    }
+    // Its own keys are checked too, and the text config's by name.
+    for (key, value, named) in [
+        ("audio_config", json!({}), "audio_config"),
+        ("tie_word_embeddings", json!(false), "tie_word_embeddings"),
+    ] {
+        write_hf_dir_with(&dir, &m, false, |c, _| {
+            let text = c.clone();
+            *c = json!({"model_type": "gemma3", "text_config": text});
+            c[key] = value.clone();
+        });
+        let err = load_hf_dir(&dir, &Device::Cpu).unwrap_err().to_string();
+        assert!(err.contains(named), "{err}");
+    }
+    write_hf_dir_with(&dir, &m, false, |c, _| {
+        let mut text = c.clone();
+        text["use_bidirectional_attention"] = json!(true);
+        *c = json!({"model_type": "gemma3", "text_config": text});
+    });
+    let err = load_hf_dir(&dir, &Device::Cpu).unwrap_err().to_string();
+    assert!(
+        err.contains("text_config: config.json use_bidirectional_attention"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
     // Gemma-3-1B's config.json as transformers 4.50 wrote it (a pattern,
     // not layer_types; the local rotary base by its old name) loads to the
     // logits of the model written; so does transformers 5's form.
