@@ -33,8 +33,9 @@
 //! With `--hf-load` it writes (once, into fedveil's cache) a Hugging Face
 //! directory of Llama-3.2-1B's shape with random bf16 weights in two
 //! safetensors shards, then loads it in a fresh process for each of
-//! `quantize = "none"` (f32), `"q8_0"` and `"q4_k"`: load time, the
-//! weights held, and the peak resident memory against them.
+//! `quantize = "none"` (f32), straight into bf16 (as on a GPU), `"q8_0"`
+//! and `"q4_k"`: load time, the weights held, and the peak resident memory
+//! against them.
 //!
 //!     cargo bench --bench qlora -- --hf-load
 
@@ -53,7 +54,7 @@ use std::time::Instant;
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use criterion::{Criterion, criterion_group};
 use fedveil_model::fetch::{SMOLLM2_135M, cache_dir, ensure};
 use fedveil_model::load::{Loaded, load_with};
@@ -581,7 +582,13 @@ fn write_hf(dir: &Path, s: &Shape) {
 
 fn child_hf_load(dir: &Path, base: &str) {
     let started = Instant::now();
-    let loaded = load(dir, base);
+    // "bf16": read straight into bf16, as for a GPU.
+    let loaded = if base == "bf16" {
+        fedveil_model::load::load_with_dtype(dir, &Device::Cpu, Quantize::None, DType::BF16)
+            .expect("load")
+    } else {
+        load(dir, base)
+    };
     let load_s = started.elapsed().as_secs_f64();
     println!(
         "{}",
@@ -615,7 +622,7 @@ fn hf_load() {
     );
     println!("| quantize | load | weights held | peak RSS | peak / weights |");
     println!("|---|---|---|---|---|");
-    for base in ["none", "q8_0", "q4_k"] {
+    for base in ["none", "bf16", "q8_0", "q4_k"] {
         let r = run_child(&format!("hf-{base}"), &[("FEDVEIL_QLORA_HF", &dir)]);
         let w = r["weight_bytes"].as_f64().unwrap_or(f64::NAN);
         let peak = r["peak_rss_bytes"].as_f64().unwrap_or(f64::NAN);

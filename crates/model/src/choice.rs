@@ -105,12 +105,10 @@ pub fn loglikelihoods(
 }
 
 /// `max_len`, lowered so that a text of `max_len + 1` tokens (and the
-/// adapter's virtual tokens) fits the model's positions and sliding window.
+/// adapter's virtual tokens) fits the model's positions (a sliding window
+/// is computed, not a limit).
 fn fitted_max_len(model: &Llama, adapter: Option<&Adapter>, max_len: usize) -> usize {
-    let c = model.config();
-    let positions = c.sliding_window.map_or(c.max_position_embeddings, |w| {
-        w.min(c.max_position_embeddings)
-    });
+    let positions = model.config().max_position_embeddings;
     let virtual_tokens = adapter.map_or(0, Adapter::virtual_tokens);
     max_len.min(positions.saturating_sub(virtual_tokens + 1))
 }

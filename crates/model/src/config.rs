@@ -387,9 +387,17 @@ const GEMMA_KEYS: &[&str] = &[
     "final_logit_softcapping",
     "rope_local_base_freq",
     "sliding_window_pattern",
+    // Written by transformers 5 beside `layer_types`, never read back.
     "_sliding_window_pattern",
+    // Gemma-2-9B's and 27B's config.json repeat the window under this
+    // name, which transformers does not read; it must agree.
+    "sliding_window_size",
     "layer_types",
 ];
+
+/// More layers than any model has: a config saying so is refused before
+/// anything is allocated per layer.
+pub const MAX_LAYERS: usize = 1024;
 
 /// The `config.json` defaults transformers gives a Gemma family's keys
 /// that change the computation, filled in where a file leaves them out
@@ -513,10 +521,30 @@ impl LlamaConfig {
         let mut filled = obj.clone();
         if gemma {
             for (key, value) in gemma_defaults(model_type) {
+                // transformers 5's `rope_parameters` carries the base.
+                if key == "rope_theta" && obj.contains_key("rope_parameters") {
+                    continue;
+                }
                 filled.entry(key).or_insert(value);
             }
         }
         let obj = &filled;
+        if let Some(n) = obj.get("num_hidden_layers").and_then(Value::as_u64)
+            && n > MAX_LAYERS as u64
+        {
+            return fail(format!(
+                "config.json num_hidden_layers = {n}: more than {MAX_LAYERS} layers is refused"
+            ));
+        }
+        if gemma
+            && let Some(size) = obj.get("sliding_window_size")
+            && obj.get("sliding_window") != Some(size)
+        {
+            return fail(format!(
+                "config.json sliding_window_size = {size} disagrees with sliding_window = {}",
+                obj.get("sliding_window").unwrap_or(&Value::Null)
+            ));
+        }
         let is = |key: &str, ok: &dyn Fn(&Value) -> bool| obj.get(key).is_none_or(ok);
         let zero = |v: &Value| v.is_null() || v.as_f64() == Some(0.0);
         let false_ = |v: &Value| v.is_null() || v.as_bool() == Some(false);
@@ -660,6 +688,10 @@ impl LlamaConfig {
             "hidden_act"
         };
         let act_name = match obj.get(act_key) {
+            // transformers would fail on Gemma's null: no activation.
+            Some(Value::Null) if gemma => {
+                return fail("config.json hidden_activation = null: no activation".into());
+            }
             None | Some(Value::Null) => "silu",
             Some(v) => match v.as_str() {
                 Some(n) => n,
@@ -780,7 +812,8 @@ impl LlamaConfig {
         if gemma {
             let n = json["num_hidden_layers"].as_u64().unwrap_or(0) as usize;
             // Gemma-2's alternation is fixed; transformers reads no pattern.
-            let pattern_key = ["sliding_window_pattern", "_sliding_window_pattern"]
+            // transformers 5 reads `sliding_window_pattern` only.
+            let pattern_key = ["sliding_window_pattern"]
                 .into_iter()
                 .find(|k| model_type == "gemma3_text" && !json[*k].is_null());
             let pattern = match pattern_key {
@@ -838,6 +871,16 @@ impl LlamaConfig {
                     .is_some_and(|w| w >= config.max_position_embeddings)
                 {
                     config.sliding_window = None;
+                }
+                // transformers' Llama never windows: a window on a llama
+                // config is refused rather than applied or dropped.
+                if model_type == "llama"
+                    && let Some(w) = config.sliding_window
+                {
+                    return fail(format!(
+                        "config.json sliding_window = {w} on a llama model, whose transformers \
+                         implementation ignores it; say model_type mistral for a windowed model"
+                    ));
                 }
             }
         }
@@ -1075,6 +1118,12 @@ impl LlamaConfig {
             {
                 return fail(format!("{name} must be positive, got {x}"));
             }
+        }
+        if self.num_hidden_layers > MAX_LAYERS {
+            return fail(format!(
+                "num_hidden_layers {} is more than {MAX_LAYERS}",
+                self.num_hidden_layers
+            ));
         }
         if let Some(types) = &self.layer_types {
             if types.len() != self.num_hidden_layers {

@@ -65,8 +65,21 @@ pub fn load(path: &Path, device: &Device) -> Result<Loaded> {
 
 /// Like [`load`], with the frozen weights held as `quantize` says: kept
 /// in a GGUF file's blocks, or quantised on load (a quantised base
-/// computes in f32 on the CPU).
+/// computes in f32 on the CPU). Unquantised, the model is read straight
+/// into the dtype `device` computes in ([`crate::compute_dtype`]: bf16 on
+/// a GPU), one tensor at a time.
 pub fn load_with(path: &Path, device: &Device, quantize: Quantize) -> Result<Loaded> {
+    load_with_dtype(path, device, quantize, crate::compute_dtype(device))
+}
+
+/// [`load_with`] into `dtype` (f32 where `quantize` keeps a quantised
+/// base).
+pub fn load_with_dtype(
+    path: &Path,
+    device: &Device,
+    quantize: Quantize,
+    dtype: DType,
+) -> Result<Loaded> {
     if quantize != Quantize::None && !device.is_cpu() {
         return Err(ModelError::Config(format!(
             "quantize = {:?}: a quantised base runs on the CPU only in this version",
@@ -87,9 +100,9 @@ pub fn load_with(path: &Path, device: &Device, quantize: Quantize) -> Result<Loa
             Quantize::To(format) => Some(format),
             _ => None,
         };
-        load_hf_dir_with(path, device, format)?
+        load_hf_dir_as(path, device, format, dtype)?
     } else if path.extension().is_some_and(|e| e == "gguf") {
-        load_gguf_with(path, device, quantize)?
+        load_gguf_as(path, device, quantize, dtype)?
     } else {
         return Err(ModelError::file(
             path,
@@ -113,6 +126,17 @@ pub fn load_hf_dir_with(
     device: &Device,
     quantize: Option<QuantFormat>,
 ) -> Result<Loaded> {
+    load_hf_dir_as(dir, device, quantize, DType::F32)
+}
+
+/// [`load_hf_dir_with`], the dense tensors taken in `dtype` as they are
+/// read (bf16 for a GPU: never an f32 copy of the model on it).
+fn load_hf_dir_as(
+    dir: &Path,
+    device: &Device,
+    quantize: Option<QuantFormat>,
+    dtype: DType,
+) -> Result<Loaded> {
     let config_path = dir.join("config.json");
     let json = crate::files::read_json(&config_path)?;
     let config = LlamaConfig::from_hf_json(&json).map_err(|e| ModelError::file(&config_path, e))?;
@@ -122,6 +146,11 @@ pub fn load_hf_dir_with(
         ));
     }
     let mut tensors = SafetensorFiles::open(dir, device)?;
+    tensors.dtype = if quantize.is_some() {
+        DType::F32
+    } else {
+        dtype
+    };
     if json.get("model_type").and_then(|t| t.as_str()) == Some("gemma3") {
         tensors
             .take_gemma3_language_model()
@@ -246,7 +275,7 @@ fn weights_from(
             let path = format!("{p}.{}.{}", module.parent(), module.name());
             let weight = tensors.take_matrix(&format!("{path}.weight"), quantize)?;
             let bias = if bias {
-                Some(tensors.take_f32(&format!("{path}.bias"))?)
+                Some(tensors.take_dense(&format!("{path}.bias"))?)
             } else {
                 None
             };
@@ -261,11 +290,11 @@ fn weights_from(
         let up = linear(Module::Up, false)?;
         let down = linear(Module::Down, false)?;
         out.push(Layer {
-            input_norm: tensors.take_f32(&format!("{p}.input_layernorm.weight"))?,
+            input_norm: tensors.take_dense(&format!("{p}.input_layernorm.weight"))?,
             qk_norm: if config.qk_norm {
                 Some((
-                    tensors.take_f32(&format!("{p}.self_attn.q_norm.weight"))?,
-                    tensors.take_f32(&format!("{p}.self_attn.k_norm.weight"))?,
+                    tensors.take_dense(&format!("{p}.self_attn.q_norm.weight"))?,
+                    tensors.take_dense(&format!("{p}.self_attn.k_norm.weight"))?,
                 ))
             } else {
                 None
@@ -274,15 +303,15 @@ fn weights_from(
             k,
             v,
             o,
-            post_norm: tensors.take_f32(&format!(
+            post_norm: tensors.take_dense(&format!(
                 "{p}.{}.weight",
                 pre_mlp_norm_name(config.sandwich_norms)
             ))?,
             sandwich_norms: if config.sandwich_norms {
                 let [a, m] = SANDWICH_NORM_NAMES;
                 Some((
-                    tensors.take_f32(&format!("{p}.{a}.weight"))?,
-                    tensors.take_f32(&format!("{p}.{m}.weight"))?,
+                    tensors.take_dense(&format!("{p}.{a}.weight"))?,
+                    tensors.take_dense(&format!("{p}.{m}.weight"))?,
                 ))
             } else {
                 None
@@ -293,7 +322,7 @@ fn weights_from(
         });
     }
     let embed = tensors.take_matrix("model.embed_tokens.weight", quantize)?;
-    let norm = tensors.take_f32("model.norm.weight")?;
+    let norm = tensors.take_dense("model.norm.weight")?;
     let lm_head = if config.tie_word_embeddings {
         None
     } else {
@@ -468,11 +497,13 @@ pub fn save_hf_dir(loaded: &Loaded, dir: &Path) -> Result<()> {
 /// Where a model's tensors are taken from, by their Hugging Face names.
 pub(crate) trait TensorSource {
     fn has(&self, name: &str) -> bool;
-    /// Takes `name` out, as f32; an error naming it when it is not there.
-    fn take_f32(&mut self, name: &str) -> Result<Tensor, String>;
+    /// Takes `name` out, dense, in the source's dtype (f32 for a map, the
+    /// compute dtype for checkpoint files); an error naming it when it is
+    /// not there.
+    fn take_dense(&mut self, name: &str) -> Result<Tensor, String>;
     /// Takes the matrix `name` out, as f32 or quantised to `quantize`.
     fn take_matrix(&mut self, name: &str, quantize: Option<QuantFormat>) -> Result<Weight, String> {
-        let w = Weight::Dense(self.take_f32(name)?);
+        let w = Weight::Dense(self.take_dense(name)?);
         match quantize {
             None => Ok(w),
             Some(format) => w.quantize(format).map_err(|e| format!("{name}: {e}")),
@@ -489,7 +520,7 @@ impl TensorSource for HashMap<String, Tensor> {
     fn has(&self, name: &str) -> bool {
         self.contains_key(name)
     }
-    fn take_f32(&mut self, name: &str) -> Result<Tensor, String> {
+    fn take_dense(&mut self, name: &str) -> Result<Tensor, String> {
         let t = self
             .remove(name)
             .ok_or_else(|| format!("the weights have no tensor {name}"))?;
@@ -529,12 +560,15 @@ struct StoredTensor {
 
 /// A Hugging Face checkpoint's safetensors files (one, or the shards an
 /// index names), read one tensor at a time: only the headers are read up
-/// front, and each tensor's bytes when it is taken, straight to f32.
+/// front, and each tensor's bytes when it is taken, straight to f32 (or
+/// the dtype the model computes in, where that is not f32).
 pub(crate) struct SafetensorFiles {
     paths: Vec<PathBuf>,
     files: Vec<std::fs::File>,
     tensors: HashMap<String, StoredTensor>,
     device: Device,
+    /// The dtype dense tensors are taken in.
+    dtype: DType,
     /// About how many values a band read at a time holds.
     band_elems: usize,
 }
@@ -577,6 +611,7 @@ impl SafetensorFiles {
             files: Vec::new(),
             tensors: HashMap::new(),
             device: device.clone(),
+            dtype: DType::F32,
             band_elems: crate::quant::BAND_ELEMS,
         };
         for path in paths {
@@ -683,7 +718,6 @@ fn read_safetensors_header(
 }
 
 impl SafetensorFiles {
-    /// Takes `name`'s entry out.
     /// A multimodal Gemma-3 checkpoint's language model under the names of
     /// a text-only one: transformers 4's `language_model.model.*` and 5's
     /// `model.language_model.*` become `model.*`. The vision tower and its
@@ -726,6 +760,7 @@ impl SafetensorFiles {
         Ok(())
     }
 
+    /// Takes `name`'s entry out.
     fn entry(&mut self, name: &str) -> Result<StoredTensor, String> {
         self.tensors
             .remove(name)
@@ -780,12 +815,27 @@ impl TensorSource for SafetensorFiles {
     fn has(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }
-    fn take_f32(&mut self, name: &str) -> Result<Tensor, String> {
+    fn take_dense(&mut self, name: &str) -> Result<Tensor, String> {
         let t = self.entry(name)?;
         if t.shape.is_empty() {
-            return self
-                .read_rows(name, &t, 0, 1)
-                .and_then(|x| x.to_device(&self.device).map_err(|e| e.to_string()));
+            return self.read_rows(name, &t, 0, 1).and_then(|x| {
+                x.to_dtype(self.dtype)
+                    .and_then(|x| x.to_device(&self.device))
+                    .map_err(|e| e.to_string())
+            });
+        }
+        if self.dtype != DType::F32 {
+            // Each band in the compute dtype as read: the host never holds
+            // the tensor in f32, the device only in its own dtype.
+            let bad = |e: candle_core::Error| format!("tensor {name}: {e}");
+            let whole = Tensor::zeros(t.shape.as_slice(), self.dtype, &Device::Cpu).map_err(bad)?;
+            for (at, n) in self.bands(&t) {
+                let band = self.read_rows(name, &t, at, n)?;
+                whole
+                    .slice_set(&band.to_dtype(self.dtype).map_err(bad)?, 0, at)
+                    .map_err(bad)?;
+            }
+            return whole.to_device(&self.device).map_err(bad);
         }
         let mut values: Vec<f32> = Vec::with_capacity(t.shape.iter().product());
         for (at, n) in self.bands(&t) {
@@ -802,7 +852,7 @@ impl TensorSource for SafetensorFiles {
     }
     fn take_matrix(&mut self, name: &str, quantize: Option<QuantFormat>) -> Result<Weight, String> {
         let Some(format) = quantize else {
-            return Ok(Weight::Dense(self.take_f32(name)?));
+            return Ok(Weight::Dense(self.take_dense(name)?));
         };
         let t = self.entry(name)?;
         if t.shape.len() != 2 {
@@ -865,6 +915,17 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<Loaded> {
 /// embedding and the output matrix stay in the blocks the file stores
 /// them in, with [`Quantize::To`] each is quantised as it is read.
 pub fn load_gguf_with(path: &Path, device: &Device, quantize: Quantize) -> Result<Loaded> {
+    load_gguf_as(path, device, quantize, DType::F32)
+}
+
+/// [`load_gguf_with`], the dense tensors cast to `dtype` one at a time as
+/// they are read (unless `quantize` keeps a quantised base, in f32).
+fn load_gguf_as(path: &Path, device: &Device, quantize: Quantize, dtype: DType) -> Result<Loaded> {
+    let dtype = if quantize == Quantize::None {
+        dtype
+    } else {
+        DType::F32
+    };
     let mut file = std::fs::File::open(path).map_err(|e| ModelError::file(path, e))?;
     let content = gguf_file::Content::read(&mut file).map_err(|e| ModelError::file(path, e))?;
     let meta = |key: &str| -> Result<&Value> {
@@ -959,11 +1020,15 @@ pub fn load_gguf_with(path: &Path, device: &Device, quantize: Quantize) -> Resul
             }
         }
     };
-    let tensor = |file: &mut std::fs::File, name: &str| -> Result<Tensor> {
+    let tensor_f32 = |file: &mut std::fs::File, name: &str| -> Result<Tensor> {
         let q = content
             .tensor(file, name, device)
             .map_err(|e| ModelError::file(path, format!("tensor {name}: {e}")))?;
         Ok(q.dequantize(device)?.to_dtype(DType::F32)?)
+    };
+    // In the dtype the model computes in, one tensor at a time.
+    let tensor = |file: &mut std::fs::File, name: &str| -> Result<Tensor> {
+        Ok(tensor_f32(file, name)?.to_dtype(dtype)?)
     };
     // A projection, embedding or output matrix: kept in its blocks when
     // asked to, else dequantised like every other tensor.
@@ -1179,12 +1244,13 @@ pub fn load_gguf_with(path: &Path, device: &Device, quantize: Quantize) -> Resul
     // llama.cpp's converter stores Gemma's norms as the `1 + w` they
     // multiply by; fedveil keeps `w`, as Hugging Face's checkpoints do.
     let norm = |file: &mut std::fs::File, name: &str| -> Result<Tensor> {
-        let t = tensor(file, name)?;
-        Ok(if config.norm_unit_offset {
+        let t = tensor_f32(file, name)?;
+        let t = if config.norm_unit_offset {
             (t - 1.0)?
         } else {
             t
-        })
+        };
+        Ok(t.to_dtype(dtype)?)
     };
     let mut layers = Vec::with_capacity(config.num_hidden_layers);
     for i in 0..config.num_hidden_layers {
@@ -1391,6 +1457,12 @@ fn gemma_gguf(
     if !matches!(arch, "gemma2" | "gemma3") {
         return Ok(None);
     }
+    if layers > crate::config::MAX_LAYERS {
+        return Err(format!(
+            "{arch}.block_count {layers} is more than {}",
+            crate::config::MAX_LAYERS
+        ));
+    }
     let get = |key: &str| metadata.get(&format!("{arch}.{key}"));
     let float = |key: &str| -> std::result::Result<Option<f64>, String> {
         get(key)
@@ -1490,13 +1562,20 @@ mod tests {
         files.band_elems = 7 * 64;
         assert_eq!(files.bands(&files.tensors["m"]).len(), 43);
         let want = stored.to_dtype(DType::F32).unwrap();
-        let got = files.take_f32("m").unwrap();
+        let got = files.take_dense("m").unwrap();
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(flat(&got), flat(&want));
         assert_eq!(
-            flat(&files.take_f32("v").unwrap()),
+            flat(&files.take_dense("v").unwrap()),
             flat(&want.get(3).unwrap())
         );
+        // In bf16, band by band: the stored values, exactly.
+        let mut files = SafetensorFiles::open(&dir, &Device::Cpu).unwrap();
+        files.band_elems = 7 * 64;
+        files.dtype = DType::BF16;
+        let got = files.take_dense("m").unwrap();
+        assert_eq!(got.dtype(), DType::BF16);
+        assert_eq!(flat(&got.to_dtype(DType::F32).unwrap()), flat(&want));
         // Quantised band by band: the blocks of the whole matrix quantised.
         let mut files = SafetensorFiles::open(&dir, &Device::Cpu).unwrap();
         files.band_elems = 7 * 64;
@@ -1506,7 +1585,7 @@ mod tests {
         let whole_q = QuantMatrix::quantize(&want, QuantFormat::Q8_0).unwrap();
         assert_eq!((q.rows(), q.cols()), (300, 64));
         assert_eq!(q.row_data(0, 300), whole_q.row_data(0, 300));
-        assert!(files.take_f32("m").unwrap_err().contains("no tensor m"));
+        assert!(files.take_dense("m").unwrap_err().contains("no tensor m"));
         // A header whose shape has an empty dimension beside a huge one
         // (0 bytes, so the byte count alone would pass) is refused.
         let header =

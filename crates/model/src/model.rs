@@ -940,11 +940,19 @@ impl Llama {
     /// RMSNorm with the model's epsilon, times `w` or (Gemma) `1 + w`.
     fn norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
         let eps = self.config.rms_norm_eps;
-        if self.config.norm_unit_offset {
-            rms_norm(x, &(weight.to_dtype(DType::F32)? + 1.0)?, eps)
-        } else {
-            rms_norm(x, weight, eps)
+        if !self.config.norm_unit_offset {
+            return rms_norm(x, weight, eps);
         }
+        let scale = (weight.to_dtype(DType::F32)? + 1.0)?;
+        if x.dtype() == DType::F32 {
+            return rms_norm(x, &scale, eps);
+        }
+        // Gemma multiplies in f32 and rounds once, as transformers does
+        // (`(x̂ · (1 + w)).to(dtype)`), where Llama rounds `x̂` and `w` first.
+        let x32 = x.to_dtype(DType::F32)?;
+        let mean_square = x32.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x32.broadcast_div(&(mean_square + eps)?.sqrt()?)?;
+        Ok(normed.broadcast_mul(&scale)?.to_dtype(x.dtype())?)
     }
 
     /// Layer `i` (a position): its own weights, or the adapter's trainable
@@ -1142,7 +1150,12 @@ impl Llama {
         let up = self.project(id, Module::Up, &layer.up, x, adapter, mode)?;
         let hidden = match self.config.hidden_act {
             crate::config::Activation::Silu => swiglu(&gate, &up)?,
-            crate::config::Activation::GeluTanh => (gate.gelu()? * up)?,
+            // GELU in f32 whatever the dtype, rounded once, as PyTorch's
+            // kernel computes it (candle's bf16 GELU rounds every step).
+            crate::config::Activation::GeluTanh => {
+                let act = gate.to_dtype(DType::F32)?.gelu()?.to_dtype(gate.dtype())?;
+                (act * up)?
+            }
         };
         self.project(id, Module::Down, &layer.down, &hidden, adapter, mode)
     }

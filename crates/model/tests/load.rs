@@ -601,6 +601,8 @@ fn a_llama_config_key_fedveil_does_not_implement_is_refused_by_name() {
                 "attention_factor",
             ),
             ("hidden_act", json!("gelu"), "hidden_act"),
+            // A window, which transformers' Llama would ignore.
+            ("sliding_window", json!(16), "sliding_window"),
             // Gemma's keys: Llama's transformers model would ignore them.
             ("query_pre_attn_scalar", json!(256), "query_pre_attn_scalar"),
             (
@@ -1240,7 +1242,10 @@ fn a_gemma2_config_key_fedveil_does_not_implement_is_refused_by_name() {
         "gemma2",
         &[
             ("hidden_activation", json!("gelu"), "hidden_activation"),
+            ("hidden_activation", json!(null), "hidden_activation"),
             ("hidden_act", json!("silu"), "disagree"),
+            ("sliding_window_size", json!(7), "sliding_window_size"),
+            ("num_hidden_layers", json!(1u64 << 40), "num_hidden_layers"),
             (
                 "use_bidirectional_attention",
                 json!(true),
@@ -1275,6 +1280,7 @@ fn a_gemma2_config_key_fedveil_does_not_implement_is_refused_by_name() {
         o.remove("layer_types");
         o.remove("tie_word_embeddings");
         o.insert("hidden_act".into(), json!("gelu_pytorch_tanh"));
+        o.insert("sliding_window_size".into(), json!(4));
         o.insert("cache_implementation".into(), json!("hybrid"));
         o.insert("attention_dropout".into(), json!(0.0));
         o.insert("torch_dtype".into(), json!("float32"));
@@ -1293,6 +1299,17 @@ fn a_gemma2_config_key_fedveil_does_not_implement_is_refused_by_name() {
     let err = load_hf_dir(&dir, &Device::Cpu).unwrap_err().to_string();
     // (Four heads of 256 where the weights have 32 rows.)
     assert!(err.contains("q_proj") && err.contains("1024"), "{err}");
+    // transformers 5's form: the base in rope_parameters, none beside it.
+    write_hf_dir_with(&dir, &m, false, |c, _| {
+        let o = c.as_object_mut().unwrap();
+        o.remove("rope_theta");
+        o.insert(
+            "rope_parameters".into(),
+            json!({"rope_type": "default", "rope_theta": 50000.0}),
+        );
+    });
+    let loaded = load_hf_dir(&dir, &Device::Cpu).unwrap();
+    assert_eq!(loaded.model.config().rope_theta, 50000.0);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -1486,4 +1503,72 @@ fn gemma_models_load_from_gguf_as_llama_cpp_writes_them() {
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
+}
+
+/// Read straight into bf16 (what a GPU computes in), a model is the f32
+/// model cast afterwards, bit for bit: from a sharded Hugging Face
+/// directory, and from GGUF files of llama (permuted Q/K) and Gemma-2
+/// (norms shifted in f32 before the cast).
+#[test]
+fn loading_straight_into_bf16_is_loading_in_f32_then_casting() {
+    use candle_core::DType;
+    use fedveil_model::load::load_with_dtype;
+    let weights = |m: &Llama| -> Vec<(String, Vec<f32>)> {
+        let mut out = Vec::new();
+        for (i, l) in m.weights().layers.iter().enumerate() {
+            let mut dense = vec![l.input_norm.clone(), l.post_norm.clone()];
+            dense.extend(
+                l.sandwich_norms
+                    .iter()
+                    .flat_map(|(a, b)| [a.clone(), b.clone()]),
+            );
+            for module in Module::ALL {
+                dense.push(l.linear(module).weight.dense().unwrap());
+            }
+            for (j, t) in dense.iter().enumerate() {
+                assert_eq!(t.dtype(), DType::BF16);
+                let v = t.to_dtype(DType::F32).unwrap().flatten_all().unwrap();
+                out.push((format!("{i}.{j}"), v.to_vec1().unwrap()));
+            }
+        }
+        out
+    };
+    let dir = tempdir("bf16");
+    let m = model(config(vocabulary().0.len(), true));
+    write_hf_dir(&dir, &m, true);
+    let gemma = model(gemma_config("gemma2"));
+    let gemma_path = dir.join("gemma2.gguf");
+    write_gguf_with(&gemma_path, &gemma, "gemma2", |meta, t| {
+        for (i, l) in gemma.weights().layers.iter().enumerate() {
+            let (a, f) = l.sandwich_norms.clone().unwrap();
+            t.push((format!("blk.{i}.post_attention_norm.weight"), a));
+            t.push((format!("blk.{i}.post_ffw_norm.weight"), f));
+        }
+        for (name, tensor) in t.iter_mut() {
+            if name.ends_with("norm.weight") {
+                // Norms away from zero, so the shift's precision shows.
+                *tensor = (&*tensor + 1.001).unwrap();
+            }
+        }
+        meta.push(("gemma2.attention.sliding_window".into(), Value::U32(4)));
+        meta.push(("gemma2.attention.key_length".into(), Value::U32(8)));
+    });
+    let llama_path = dir.join("llama.gguf");
+    write_gguf(
+        &llama_path,
+        &model(config(vocabulary().0.len(), false)),
+        "llama",
+    );
+    for path in [dir.clone(), gemma_path, llama_path] {
+        let direct = load_with_dtype(&path, &Device::Cpu, Quantize::None, DType::BF16).unwrap();
+        let cast = load(&path, &Device::Cpu)
+            .unwrap()
+            .model
+            .to_dtype(DType::BF16)
+            .unwrap();
+        assert_eq!(direct.model.dtype(), DType::BF16);
+        assert_eq!(weights(&direct.model), weights(&cast), "{path:?}");
+        assert_eq!(logits(&direct.model), logits(&cast), "{path:?}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
