@@ -7,7 +7,8 @@
 //! attention and the MLP, scaled embeddings, both soft caps, its own
 //! attention scale, a sliding layer whose window the input overruns) and
 //! Gemma-3 (q/k norms, linear rotary scaling on the full layers, another
-//! rotary base on the sliding ones).
+//! rotary base on the sliding ones), and Gemma-3's multimodal checkpoint
+//! read for its language model.
 //! Each model is written as a Hugging Face directory and loaded back by
 //! fedveil's own loader.
 //!
@@ -542,4 +543,56 @@ fn the_cache_slides_the_window_as_the_full_pass_does() {
             }
         }
     }
+}
+
+/// A multimodal Gemma-3 (`gemma3`, as Gemma-3-4B ships: the language model
+/// under `language_model.model.*`, a SigLIP vision tower beside it) on
+/// text: fedveil's loader reads its language model and computes the
+/// logits transformers' `Gemma3ForConditionalGeneration` computes.
+#[test]
+#[ignore = "needs FEDVEIL_HF_PYTHON: a Python with torch and transformers"]
+fn a_multimodal_gemma3_matches_transformers_on_text() {
+    let python = std::env::var("FEDVEIL_HF_PYTHON").expect("set FEDVEIL_HF_PYTHON");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/hf_logits.py");
+    let case = cases().into_iter().find(|c| c.name == "gemma3").unwrap();
+    let (dir, model) = write_and_load(&case);
+    // Rewrite the directory as the multimodal checkpoint.
+    let path = dir.join("config.json");
+    let text: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+        "text_config": text,
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 16,
+            "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "image_size": 28, "patch_size": 14},
+        "mm_tokens_per_image": 4, "boi_token_index": 255999, "eoi_token_index": 256000,
+        "image_token_index": 262144,
+    });
+    std::fs::write(&path, config.to_string()).unwrap();
+    let st = dir.join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
+    let renamed: std::collections::HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(n, t)| (n.replacen("model.", "language_model.model.", 1), t))
+        .collect();
+    candle_core::safetensors::save(&renamed, &st).unwrap();
+    let ours = load_hf_dir(&dir, &Device::Cpu).unwrap().model;
+    assert_eq!(fedveil_logits(&ours), fedveil_logits(&model));
+    let out = dir.join("logits.json");
+    let status = std::process::Command::new(&python)
+        .arg(script)
+        .arg(&dir)
+        .arg(serde_json::to_string(&[IDS]).unwrap())
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "{script} failed");
+    let logits: Vec<Vec<Vec<f32>>> =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let reference: Vec<f32> = logits.into_iter().flatten().flatten().collect();
+    let diff = relative_difference(&fedveil_logits(&ours), &reference);
+    eprintln!("gemma3 multimodal: largest difference {diff:.2e} of the logits' scale");
+    assert!(diff <= TOLERANCE, "{diff}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
