@@ -800,6 +800,16 @@ impl LlamaConfig {
                 json["rope_scaling"] = params;
             }
         }
+        // Gemma's default base where neither form gave one (transformers
+        // fills `rope_parameters` from the family's default too).
+        if gemma && json["rope_theta"].is_null() {
+            json["rope_theta"] = if model_type == "gemma2" {
+                10_000.0
+            } else {
+                1_000_000.0
+            }
+            .into();
+        }
         // `"rope_scaling": {"rope_type": "default"}` is no scaling.
         if json["rope_scaling"].as_object().is_some_and(|o| {
             o.len() == 1 && o.get("rope_type").and_then(Value::as_str) == Some("default")
@@ -943,6 +953,9 @@ impl LlamaConfig {
             }
         }
         text.insert("model_type".into(), "gemma3_text".into());
+        // transformers ties by the top-level setting (true; false is
+        // refused above), whatever the text config says.
+        text.insert("tie_word_embeddings".into(), true.into());
         // The ids the generation config also says, where the text config
         // leaves them out.
         for key in ["bos_token_id", "eos_token_id"] {

@@ -821,7 +821,7 @@ impl TensorSource for SafetensorFiles {
             return self.read_rows(name, &t, 0, 1).and_then(|x| {
                 x.to_dtype(self.dtype)
                     .and_then(|x| x.to_device(&self.device))
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| format!("tensor {name}: {e}"))
             });
         }
         if self.dtype != DType::F32 {
@@ -1020,15 +1020,20 @@ fn load_gguf_as(path: &Path, device: &Device, quantize: Quantize, dtype: DType) 
             }
         }
     };
-    let tensor_f32 = |file: &mut std::fs::File, name: &str| -> Result<Tensor> {
-        let q = content
-            .tensor(file, name, device)
-            .map_err(|e| ModelError::file(path, format!("tensor {name}: {e}")))?;
-        Ok(q.dequantize(device)?.to_dtype(DType::F32)?)
+    let named = |name: &str| {
+        let name = name.to_string();
+        move |e: candle_core::Error| ModelError::file(path, format!("tensor {name}: {e}"))
     };
-    // In the dtype the model computes in, one tensor at a time.
+    let tensor_f32 = |file: &mut std::fs::File, name: &str| -> Result<Tensor> {
+        let q = content.tensor(file, name, device).map_err(named(name))?;
+        q.dequantize(device)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .map_err(named(name))
+    };
+    // In the dtype the model computes in, one tensor at a time (each
+    // dequantised to f32 first, one at a time).
     let tensor = |file: &mut std::fs::File, name: &str| -> Result<Tensor> {
-        Ok(tensor_f32(file, name)?.to_dtype(dtype)?)
+        tensor_f32(file, name)?.to_dtype(dtype).map_err(named(name))
     };
     // A projection, embedding or output matrix: kept in its blocks when
     // asked to, else dequantised like every other tensor.
@@ -1246,11 +1251,11 @@ fn load_gguf_as(path: &Path, device: &Device, quantize: Quantize, dtype: DType) 
     let norm = |file: &mut std::fs::File, name: &str| -> Result<Tensor> {
         let t = tensor_f32(file, name)?;
         let t = if config.norm_unit_offset {
-            (t - 1.0)?
+            (t - 1.0).map_err(named(name))?
         } else {
             t
         };
-        Ok(t.to_dtype(dtype)?)
+        t.to_dtype(dtype).map_err(named(name))
     };
     let mut layers = Vec::with_capacity(config.num_hidden_layers);
     for i in 0..config.num_hidden_layers {

@@ -1344,6 +1344,10 @@ fn a_gemma3_config_key_fedveil_does_not_implement_is_refused_by_name() {
     ] {
         write_hf_dir_with(&dir, &m, true, |c, t| {
             let text = c.clone();
+            // transformers ties by the top-level setting: a text config's
+            // `false` does not untie.
+            let mut text = text;
+            text["tie_word_embeddings"] = json!(false);
             *c = json!({
                 "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
                 "text_config": text, "vision_config": {"model_type": "siglip_vision_model",
@@ -1424,6 +1428,20 @@ fn a_gemma3_config_key_fedveil_does_not_implement_is_refused_by_name() {
     let loaded = load_hf_dir(&dir, &Device::Cpu).unwrap();
     assert_eq!(loaded.model.config(), m.config());
     assert_eq!(logits(&loaded.model), logits(&m));
+    // Without bases in rope_parameters, Gemma-3's defaults (10⁶ and 10⁴),
+    // as transformers fills them, not Llama's.
+    write_hf_dir_with(&dir, &m, false, |c, _| {
+        let o = c.as_object_mut().unwrap();
+        o.remove("rope_theta");
+        o.remove("rope_local_base_freq");
+        o.insert(
+            "rope_parameters".into(),
+            json!({"full_attention": {"rope_type": "default"},
+                "sliding_attention": {"rope_type": "default"}}),
+        );
+    });
+    let loaded = load_hf_dir(&dir, &Device::Cpu).unwrap();
+    assert_eq!(loaded.model.config(), m.config());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
