@@ -953,9 +953,10 @@ impl LlamaConfig {
             }
         }
         text.insert("model_type".into(), "gemma3_text".into());
-        // transformers ties by the top-level setting (true; false is
-        // refused above), whatever the text config says.
-        text.insert("tie_word_embeddings".into(), true.into());
+        // Tying follows the text config: transformers ties by the top-level
+        // setting only where the checkpoint has no differing `lm_head`, so a
+        // text config saying `false` reads that `lm_head` (and is refused,
+        // naming it, where there is none) rather than guessing.
         // The ids the generation config also says, where the text config
         // leaves them out.
         for key in ["bos_token_id", "eos_token_id"] {

@@ -1344,10 +1344,6 @@ fn a_gemma3_config_key_fedveil_does_not_implement_is_refused_by_name() {
     ] {
         write_hf_dir_with(&dir, &m, true, |c, t| {
             let text = c.clone();
-            // transformers ties by the top-level setting: a text config's
-            // `false` does not untie.
-            let mut text = text;
-            text["tie_word_embeddings"] = json!(false);
             *c = json!({
                 "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
                 "text_config": text, "vision_config": {"model_type": "siglip_vision_model",
