@@ -949,10 +949,9 @@ impl Llama {
         }
         // Gemma multiplies in f32 and rounds once, as transformers does
         // (`(x̂ · (1 + w)).to(dtype)`), where Llama rounds `x̂` and `w` first.
-        let x32 = x.to_dtype(DType::F32)?;
-        let mean_square = x32.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = x32.broadcast_div(&(mean_square + eps)?.sqrt()?)?;
-        Ok(normed.broadcast_mul(&scale)?.to_dtype(x.dtype())?)
+        Ok(normalized_f32(x, eps)?
+            .broadcast_mul(&scale)?
+            .to_dtype(x.dtype())?)
     }
 
     /// Layer `i` (a position): its own weights, or the adapter's trainable
@@ -1203,34 +1202,40 @@ fn check_shapes(config: &LlamaConfig, w: &Weights) -> Result<()> {
             &l.post_norm,
             &[h],
         )?;
-        match (&l.sandwich_norms, config.sandwich_norms) {
-            (Some((a, m)), true) => {
-                expect(name(SANDWICH_NORM_NAMES[0]), a, &[h])?;
-                expect(name(SANDWICH_NORM_NAMES[1]), m, &[h])?;
-            }
-            (None, false) => {}
-            (_, needed) => {
-                return Err(ModelError::Config(format!(
-                    "layer {i}: the config {} norms after attention and the MLP, the weights {}",
+        // A pair of norms the config says the layer has, or has not.
+        let pair = |what: &str,
+                    got: &Option<(Tensor, Tensor)>,
+                    needed: bool,
+                    names: [&str; 2],
+                    width: usize|
+         -> Result<()> {
+            match (got, needed) {
+                (Some((a, b)), true) => {
+                    expect(name(names[0]), a, &[width])?;
+                    expect(name(names[1]), b, &[width])
+                }
+                (None, false) => Ok(()),
+                _ => Err(ModelError::Config(format!(
+                    "layer {i}: the config {} {what}, the weights {}",
                     if needed { "has" } else { "has no" },
                     if needed { "have none" } else { "have them" }
-                )));
+                ))),
             }
-        }
-        match (&l.qk_norm, config.qk_norm) {
-            (Some((q, k)), true) => {
-                expect(name("self_attn.q_norm.weight"), q, &[config.head_dim()])?;
-                expect(name("self_attn.k_norm.weight"), k, &[config.head_dim()])?;
-            }
-            (None, false) => {}
-            (_, needed) => {
-                return Err(ModelError::Config(format!(
-                    "layer {i}: the config {} q/k norms, the weights {}",
-                    if needed { "has" } else { "has no" },
-                    if needed { "have none" } else { "have them" }
-                )));
-            }
-        }
+        };
+        pair(
+            "norms after attention and the MLP",
+            &l.sandwich_norms,
+            config.sandwich_norms,
+            SANDWICH_NORM_NAMES,
+            h,
+        )?;
+        pair(
+            "q/k norms",
+            &l.qk_norm,
+            config.qk_norm,
+            ["self_attn.q_norm.weight", "self_attn.k_norm.weight"],
+            config.head_dim(),
+        )?;
         for (module, out, input) in [
             (Module::Q, qd, h),
             (Module::K, kv, h),
@@ -1424,12 +1429,16 @@ pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> 
 
 pub(crate) fn rms_norm_composite(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
-    let x32 = x.to_dtype(DType::F32)?;
-    let mean_square = x32.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = x32.broadcast_div(&(mean_square + eps)?.sqrt()?)?;
-    Ok(normed
+    Ok(normalized_f32(x, eps)?
         .to_dtype(dtype)?
         .broadcast_mul(&weight.to_dtype(dtype)?)?)
+}
+
+/// `x / sqrt(mean(x²) + ε)` over the last dimension, in f32.
+fn normalized_f32(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let x32 = x.to_dtype(DType::F32)?;
+    let mean_square = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    Ok(x32.broadcast_div(&(mean_square + eps)?.sqrt()?)?)
 }
 
 /// Softmax over the last dimension.
