@@ -848,8 +848,9 @@ impl LlamaConfig {
             // Checked above: every layer full.
             o.remove("layer_types");
         }
-        let mut config: LlamaConfig =
-            serde_json::from_value(json).map_err(|e| ModelError::Config(e.to_string()))?;
+        // The key a type error is at is named (serde's own message does not).
+        let mut config: LlamaConfig = serde_path_to_error::deserialize(json)
+            .map_err(|e| ModelError::Config(format!("config.json {}: {}", e.path(), e.inner())))?;
         match model_type {
             // Qwen2 always has the q/k/v bias and says so nowhere; its
             // `sliding_window` is read only under `use_sliding_window`.

@@ -163,7 +163,7 @@ fn load_hf_dir_as(
         .map_err(|why| ModelError::file(dir, why))?;
     // A tensor fedveil did not read is a part of the model it does not
     // compute. Two kinds are safe to leave: a tied checkpoint's copy of the
-    // embedding as `lm_head.weight` (transformers ties over it too) and the
+    // embedding as `lm_head.weight` (checked above to equal it) and the
     // rotary frequencies old checkpoints stored (recomputed from the config).
     let names = tensors.names();
     let mut left: Vec<&String> = names
@@ -321,12 +321,24 @@ fn weights_from(
             down,
         });
     }
-    let embed = tensors.take_matrix("model.embed_tokens.weight", quantize)?;
+    // A tied checkpoint may also store the embedding as `lm_head.weight`;
+    // one whose stored head differs contradicts its config, and reading it
+    // either way would be a guess (transformers warns and unties).
+    const EMBED: &str = "model.embed_tokens.weight";
+    const HEAD: &str = "lm_head.weight";
+    if config.tie_word_embeddings && tensors.has(HEAD) && !tensors.same_values(HEAD, EMBED)? {
+        return Err(format!(
+            "the config says tie_word_embeddings = true, but the checkpoint's {HEAD} differs \
+             from {EMBED}: the checkpoint contradicts its config (set tie_word_embeddings to \
+             false to use {HEAD} as the output layer, or remove {HEAD})"
+        ));
+    }
+    let embed = tensors.take_matrix(EMBED, quantize)?;
     let norm = tensors.take_dense("model.norm.weight")?;
     let lm_head = if config.tie_word_embeddings {
         None
     } else {
-        Some(tensors.take_matrix("lm_head.weight", quantize)?)
+        Some(tensors.take_matrix(HEAD, quantize)?)
     };
     Ok(Weights {
         embed,
@@ -514,6 +526,9 @@ pub(crate) trait TensorSource {
     fn split_rows(&mut self, fused: &str, parts: &[usize], names: &[String]) -> Result<(), String>;
     /// The names not taken yet.
     fn names(&self) -> Vec<String>;
+    /// Whether tensors `a` and `b`, both still there, have the same shape
+    /// and values (compared in f32; nothing is taken).
+    fn same_values(&self, a: &str, b: &str) -> Result<bool, String>;
 }
 
 impl TensorSource for HashMap<String, Tensor> {
@@ -542,6 +557,23 @@ impl TensorSource for HashMap<String, Tensor> {
     }
     fn names(&self) -> Vec<String> {
         self.keys().cloned().collect()
+    }
+    fn same_values(&self, a: &str, b: &str) -> Result<bool, String> {
+        let get = |name: &str| {
+            self.get(name)
+                .ok_or_else(|| format!("the weights have no tensor {name}"))
+        };
+        let (x, y) = (get(a)?, get(b)?);
+        if x.dims() != y.dims() {
+            return Ok(false);
+        }
+        let differ = |x: &Tensor, y: &Tensor| -> candle_core::Result<bool> {
+            let ne = x.to_dtype(DType::F32)?.ne(&y.to_dtype(DType::F32)?)?;
+            Ok(ne.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? > 0.0)
+        };
+        differ(x, y)
+            .map(|d| !d)
+            .map_err(|e| format!("{a}, {b}: {e}"))
     }
 }
 
@@ -903,6 +935,30 @@ impl TensorSource for SafetensorFiles {
     }
     fn names(&self) -> Vec<String> {
         self.tensors.keys().cloned().collect()
+    }
+    fn same_values(&self, a: &str, b: &str) -> Result<bool, String> {
+        let get = |name: &str| {
+            self.tensors
+                .get(name)
+                .ok_or_else(|| format!("the weights have no tensor {name}"))
+        };
+        let (x, y) = (get(a)?, get(b)?);
+        if x.shape != y.shape {
+            return Ok(false);
+        }
+        // Band by band, as a tensor is read: never a whole copy of either.
+        for (at, n) in self.bands(x) {
+            let (u, v) = (self.read_rows(a, x, at, n)?, self.read_rows(b, y, at, n)?);
+            let flat = |t: Tensor, name: &str| {
+                t.flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(|e| format!("tensor {name}: {e}"))
+            };
+            if flat(u, a)? != flat(v, b)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 }
 

@@ -377,6 +377,50 @@ fn a_hugging_face_directory_loads_to_the_same_model() {
 }
 
 #[test]
+fn a_tied_checkpoint_whose_stored_head_differs_from_its_embedding_is_refused() {
+    let vocab = vocabulary().0.len();
+    let original = model(config(vocab, false));
+    assert!(original.config().tie_word_embeddings);
+    let embed = original.weights().embed.dense().unwrap();
+    let load_with_head = |head: Tensor, sharded: bool| {
+        let dir = tempdir("tied");
+        write_hf_dir_with(&dir, &original, sharded, |_, t| {
+            t.insert("lm_head.weight".into(), head);
+        });
+        let loaded = load_hf_dir(&dir, &Device::Cpu);
+        std::fs::remove_dir_all(&dir).unwrap();
+        loaded
+    };
+    // A copy of the embedding as lm_head.weight is what tied checkpoints
+    // often carry: it loads, tied, from one file or across shards.
+    for sharded in [false, true] {
+        let loaded = load_with_head(embed.clone(), sharded).unwrap();
+        assert!(loaded.model.weights().lm_head.is_none());
+        assert_eq!(logits(&loaded.model), logits(&original));
+    }
+    // A head that differs in one value contradicts the config.
+    let mut changed = embed.to_vec2::<f32>().unwrap();
+    changed[vocab - 1][3] += 0.5;
+    let changed = Tensor::new(changed, &Device::Cpu).unwrap();
+    for sharded in [false, true] {
+        let err = load_with_head(changed.clone(), sharded)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("tie_word_embeddings = true") && err.contains("lm_head.weight differs"),
+            "{err}"
+        );
+    }
+    // So does one of another shape.
+    let err = load_with_head(embed.narrow(0, 0, 5).unwrap(), false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("lm_head.weight differs"), "{err}");
+}
+
+#[test]
 fn a_gguf_file_loads_to_the_same_model_with_its_tokenizer() {
     let (tokens, _) = vocabulary();
     for (arch, qwen) in [("llama", false), ("qwen2", true)] {
@@ -505,6 +549,17 @@ fn unreadable_models_get_clear_errors() {
     .unwrap();
     assert!(load(&dir, &Device::Cpu).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
+    // A value of the wrong type names its key.
+    for (key, value) in [
+        ("num_hidden_layers", serde_json::json!(2.5)),
+        ("rms_norm_eps", serde_json::json!("small")),
+        ("hidden_size", serde_json::json!(-64)),
+    ] {
+        for model_type in ["llama", "gemma3_text"] {
+            let err = hf_error(model_type, |c, _| c[key] = value.clone());
+            assert!(err.contains(&format!("config.json {key}")), "{err}");
+        }
+    }
 }
 
 /// The error loading `dir` after `edit` changed the config or tensors of
