@@ -80,6 +80,12 @@ struct CheckArgs {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    /// Also write the fixed sentence's token ids and the model's logits
+    /// for them to this safetensors file (`ids`: i64 `(t)`, `logits`: f32
+    /// `(t, vocab)`), to compare with another implementation of the same
+    /// weights.
+    #[arg(long)]
+    logits: Option<PathBuf>,
 }
 
 pub fn run(args: &Args) -> anyhow::Result<ExitCode> {
@@ -120,6 +126,17 @@ fn load_model(
 fn run_check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
     let (loaded, device) = load_model(args.model.as_ref(), &args.quantize)?;
     let report = check(&loaded, args.max_new_tokens)?;
+    if let Some(out) = &args.logits {
+        let (ids, logits) = fedveil_model::check::sentence_logits(&loaded)?;
+        let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
+        let n = ids.len();
+        let ids = candle_core::Tensor::from_vec(ids, n, &candle_core::Device::Cpu)?;
+        candle_core::safetensors::save(
+            &std::collections::HashMap::from([("ids", ids), ("logits", logits)]),
+            out,
+        )
+        .with_context(|| format!("--logits {}", out.display()))?;
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

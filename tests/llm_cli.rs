@@ -34,6 +34,58 @@ fn tiny_model(dir: &Path) -> PathBuf {
     path
 }
 
+/// `fedveil model check --logits` writes the fixed sentence's ids, as the
+/// model's tokenizer encodes it, and the logits the model computes for them.
+#[test]
+fn model_check_writes_the_sentence_ids_and_the_logits_the_model_computes() {
+    let dir = scratch("logits");
+    let model = tiny_model(&dir);
+    let out = dir.join("logits.safetensors");
+    let (code, stdout, stderr) = fedveil(&[
+        "model",
+        "check",
+        "--model",
+        model.to_str().unwrap(),
+        "--json",
+        "--logits",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let file = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let ids: Vec<i64> = file["ids"].to_vec1().unwrap();
+    let loaded = fedveil_model::load::load(&model, &Device::Cpu).unwrap();
+    let want = loaded
+        .tokenizer
+        .encode(fedveil_model::check::SENTENCE, false)
+        .unwrap();
+    let want: Vec<i64> = want.get_ids().iter().map(|&i| i64::from(i)).collect();
+    assert_eq!(ids, want);
+    let (_, logits) = fedveil_model::check::sentence_logits(&loaded).unwrap();
+    let (got, want) = (&file["logits"], logits);
+    assert_eq!(got.dims(), &[ids.len(), loaded.model.config().vocab_size]);
+    let diff: f32 = (got - &want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(diff <= 1e-5, "the file's logits differ by {diff}");
+    // A path it cannot write is an error naming the flag.
+    let (code, _, stderr) = fedveil(&[
+        "model",
+        "check",
+        "--model",
+        model.to_str().unwrap(),
+        "--logits",
+        dir.join("no/such/dir/l.safetensors").to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("--logits"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Short question/answer records in six categories: each answer is a
 /// fixed word per category, so an adapter can learn them.
 fn records(n: usize, offset: usize) -> Vec<Record> {

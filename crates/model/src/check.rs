@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::generate::{GenerateOptions, Sampling, generate};
 use crate::load::Loaded;
+use crate::model::Mode;
 use crate::train::{Example, evaluate};
 use crate::{ModelError, Result};
 
@@ -88,4 +89,24 @@ pub fn check(loaded: &Loaded, max_new_tokens: usize) -> Result<CheckReport> {
         prompt: PROMPT.to_string(),
         completion,
     })
+}
+
+/// The token ids of [`SENTENCE`] and the model's logits for them, `(t,
+/// vocab)` in f32 on the CPU: to compare with another implementation
+/// holding the same weights (`fedveil model check --logits`).
+pub fn sentence_logits(loaded: &Loaded) -> Result<(Vec<u32>, candle_core::Tensor)> {
+    let ids = loaded
+        .tokenizer
+        .encode(SENTENCE, false)
+        .map_err(|e| ModelError::Input(format!("cannot tokenise {SENTENCE:?}: {e}")))?
+        .get_ids()
+        .to_vec();
+    let input = candle_core::Tensor::new(ids.as_slice(), loaded.model.device())?.unsqueeze(0)?;
+    let logits = loaded
+        .model
+        .forward(&input, None, Mode::Eval)?
+        .squeeze(0)?
+        .to_dtype(candle_core::DType::F32)?
+        .to_device(&candle_core::Device::Cpu)?;
+    Ok((ids, logits))
 }

@@ -87,3 +87,73 @@ pub fn compute_dtype(device: &candle_core::Device) -> candle_core::DType {
 pub fn default_device() -> candle_core::Device {
     candle_core::Device::cuda_if_available(0).unwrap_or(candle_core::Device::Cpu)
 }
+
+/// The most GPU memory candle's allocations held at once since the last
+/// [`reset_peak_device_memory`] (or the start), in bytes: the high-water
+/// mark of the CUDA memory pool candle allocates from, the counterpart of
+/// PyTorch's `torch.cuda.max_memory_allocated`. Waits for the device's
+/// queued work first. `None` on the CPU, in a build without the `cuda`
+/// feature, and on a GPU whose driver has no memory pools.
+pub fn peak_device_memory(device: &candle_core::Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda::cudarc::driver::{result::mem_pool, sys};
+        let pool = cuda_pool(device)?;
+        let mut bytes: u64 = 0;
+        // SAFETY: the pool is the device's default one; USED_MEM_HIGH is a
+        // cuuint64_t, which `bytes` is.
+        unsafe {
+            mem_pool::get_attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut bytes as *mut u64).cast(),
+            )
+        }
+        .ok()?;
+        Some(bytes)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = device;
+        None
+    }
+}
+
+/// Starts [`peak_device_memory`]'s count again from what is held now.
+pub fn reset_peak_device_memory(device: &candle_core::Device) {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda::cudarc::driver::{result::mem_pool, sys};
+        if let Some(pool) = cuda_pool(device) {
+            let mut zero: u64 = 0;
+            // SAFETY: as above; setting USED_MEM_HIGH takes 0 (a reset).
+            let _ = unsafe {
+                mem_pool::set_attribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    (&mut zero as *mut u64).cast(),
+                )
+            };
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
+}
+
+/// The default memory pool of `device`'s GPU, where candle's stream-ordered
+/// allocations come from, after the stream's queued work is done.
+#[cfg(feature = "cuda")]
+fn cuda_pool(
+    device: &candle_core::Device,
+) -> Option<candle_core::cuda::cudarc::driver::sys::CUmemoryPool> {
+    use candle_core::cuda::cudarc::driver::result;
+    let stream = device.as_cuda_device().ok()?.cuda_stream();
+    let context = stream.context();
+    if !context.has_async_alloc() {
+        return None;
+    }
+    stream.synchronize().ok()?;
+    context.bind_to_thread().ok()?;
+    // SAFETY: the device handle is the context's own.
+    unsafe { result::device::get_default_mem_pool(context.cu_device()) }.ok()
+}

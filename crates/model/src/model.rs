@@ -440,13 +440,21 @@ impl Llama {
     /// The same model computing in `dtype` (bf16 on a GPU, say). Adapters
     /// keep their own f32 parameters and are cast on the way in.
     pub fn to_dtype(&self, dtype: DType) -> Result<Llama> {
-        if dtype == self.dtype {
+        self.to_device(&self.device.clone(), dtype)
+    }
+
+    /// The same model on `device`, computing in `dtype`: each tensor cast
+    /// where it is, then copied (a GPU never holds it in f32 when `dtype`
+    /// is bf16). A quantised base stays on the CPU in f32 and is refused
+    /// elsewhere.
+    pub fn to_device(&self, device: &Device, dtype: DType) -> Result<Llama> {
+        if dtype == self.dtype && device.same_device(&self.device) {
             return Ok(self.clone());
         }
-        let cast = |t: &Tensor| t.to_dtype(dtype);
+        let cast = |t: &Tensor| t.to_dtype(dtype)?.to_device(device);
         let linear = |l: &Linear| -> Result<Linear> {
             Ok(Linear::new(
-                l.weight.to_dtype(dtype)?,
+                l.weight.to_device(device, dtype)?,
                 l.bias.as_ref().map(cast).transpose()?,
             ))
         };
@@ -477,14 +485,14 @@ impl Llama {
             })
             .collect::<Result<Vec<_>>>()?;
         let weights = Weights {
-            embed: self.weights.embed.to_dtype(dtype)?,
+            embed: self.weights.embed.to_device(device, dtype)?,
             layers,
             norm: cast(&self.weights.norm)?,
             lm_head: self
                 .weights
                 .lm_head
                 .as_ref()
-                .map(|w| w.to_dtype(dtype))
+                .map(|w| w.to_device(device, dtype))
                 .transpose()?,
         };
         Llama::with_layer_ids(self.config.clone(), weights, self.layer_ids.clone())

@@ -729,11 +729,19 @@ impl Weight {
     /// The same weight for a model computing in `dtype`: a quantised
     /// matrix computes in f32 only.
     pub fn to_dtype(&self, dtype: DType) -> Result<Weight> {
+        self.to_device(&self.device(), dtype)
+    }
+
+    /// On `device` in `dtype` (cast, then copied). A quantised weight stays
+    /// on the CPU in f32.
+    pub fn to_device(&self, device: &Device, dtype: DType) -> Result<Weight> {
         match self {
-            Weight::Dense(t) => Ok(Weight::Dense(t.to_dtype(dtype)?)),
-            Weight::Quantized(q) if dtype == DType::F32 => Ok(Weight::Quantized(q.clone())),
+            Weight::Dense(t) => Ok(Weight::Dense(t.to_dtype(dtype)?.to_device(device)?)),
+            Weight::Quantized(q) if dtype == DType::F32 && device.is_cpu() => {
+                Ok(Weight::Quantized(q.clone()))
+            }
             Weight::Quantized(q) => Err(ModelError::Config(format!(
-                "a {} base computes in f32, not {dtype:?}",
+                "a {} base computes in f32 on the CPU, not {dtype:?} on {device:?}",
                 q.format.name()
             ))),
         }

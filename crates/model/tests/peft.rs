@@ -12,8 +12,8 @@ use fedveil_model::model::Mode;
 use fedveil_model::peft::lora_key;
 use fedveil_model::train::evaluate;
 use fedveil_model::{
-    Activation, Adapter, AdapterTrainer, Batch, Example, KvCache, LayerType, Llama, LlamaConfig,
-    LoraConfig, Module, OptimConfig, PeftConfig, PromptConfig,
+    Adapter, AdapterTrainer, Batch, Example, KvCache, Llama, LlamaConfig, LoraConfig, Module,
+    OptimConfig, PeftConfig, PromptConfig,
 };
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
@@ -65,8 +65,8 @@ fn every_adapter_tensor_gets_a_gradient_for_every_method_and_layer_kind() {
             attention_bias: true,
             ..LlamaConfig::tiny(64)
         },
-        gemma(false),
-        gemma(true),
+        common::gemma(false),
+        common::gemma(true),
     ];
     for (config, peft) in kinds
         .iter()
@@ -603,25 +603,5 @@ fn a_bf16_model_trains_an_f32_adapter() {
             "{}: {first} → {last}",
             peft.method()
         );
-    }
-}
-
-/// A tiny Gemma-2 or (`three`) Gemma-3: soft caps on Gemma-2, q/k norms and
-/// a second rotary base on Gemma-3, and a window of 6 on the first layer.
-fn gemma(three: bool) -> LlamaConfig {
-    LlamaConfig {
-        hidden_act: Activation::GeluTanh,
-        norm_unit_offset: true,
-        sandwich_norms: true,
-        embed_scale: true,
-        qk_norm: three,
-        head_dim: Some(16),
-        query_pre_attn_scalar: Some(16.0),
-        attn_logit_softcapping: if three { None } else { Some(5.0) },
-        final_logit_softcapping: if three { None } else { Some(10.0) },
-        rope_local_base_freq: if three { Some(1e4) } else { None },
-        sliding_window: Some(6),
-        layer_types: Some(vec![LayerType::Sliding, LayerType::Full]),
-        ..LlamaConfig::tiny(64)
     }
 }

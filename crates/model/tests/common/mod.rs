@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
+use fedveil_model::{Activation, LayerType, LlamaConfig};
 use fedveil_model::{
     Adapter, FullConfig, LoraConfig, PTuningConfig, PeftConfig, PrefixConfig, PromptConfig,
 };
@@ -86,5 +87,25 @@ pub fn fuse_phi3(t: &mut HashMap<String, Tensor>, layers: usize) {
                 Tensor::cat(&parts, 0).unwrap(),
             );
         }
+    }
+}
+
+/// A tiny Gemma-2 or (`three`) Gemma-3: soft caps on Gemma-2, q/k norms and
+/// a second rotary base on Gemma-3, and a window of 6 on the first layer.
+pub fn gemma(three: bool) -> LlamaConfig {
+    LlamaConfig {
+        hidden_act: Activation::GeluTanh,
+        norm_unit_offset: true,
+        sandwich_norms: true,
+        embed_scale: true,
+        qk_norm: three,
+        head_dim: Some(16),
+        query_pre_attn_scalar: Some(16.0),
+        attn_logit_softcapping: if three { None } else { Some(5.0) },
+        final_logit_softcapping: if three { None } else { Some(10.0) },
+        rope_local_base_freq: if three { Some(1e4) } else { None },
+        sliding_window: Some(6),
+        layer_types: Some(vec![LayerType::Sliding, LayerType::Full]),
+        ..LlamaConfig::tiny(64)
     }
 }

@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# Every check of fedveil's GPU path in one run, on a GPU machine that has
+# the driver, PyTorch, transformers and peft but no Rust toolchain and no
+# network (issue 22). Build first, elsewhere: `scripts/build-cuda.sh
+# --checks gpu-out`, then carry the project with gpu-out/ and run, from the
+# project's root:
+#
+#   scripts/gpu-check.sh gpu-out OUT_DIR
+#
+# Each step runs under its own time limit and logs into OUT_DIR; a failed
+# step is recorded and the next one runs. At the end, OUT_DIR/summary.jsonl
+# holds one JSON line per measurement and the summary is printed:
+#  1. models: a SmolLM2-135M-shaped and a Llama-3.2-1B-shaped Hugging Face
+#     directory with random bf16 weights, written by transformers;
+#  2. logits: `fedveil model check --logits` on the GPU (bf16) against
+#     transformers' f32 and bf16 logits of the same weights;
+#  3. the device tests (crates/model/tests/device.rs) on the GPU: bf16
+#     logits and every PEFT method's adapter gradients against the CPU's
+#     f32, every method training;
+#  4. LoRA steps against PyTorch + peft side by side (benches/lora.rs) at
+#     batch 1, 8 and 32 x 256 tokens (135M) and 1 and 8 (1B): seconds per
+#     step, tokens/s, peak GPU memory on both sides, every step's loss;
+#  5. a `fedveil run` federation (3 clients sharing one copy of the frozen
+#     weights, SecAgg+, DP) on the GPU, GPU memory sampled by nvidia-smi.
+#
+# GPU_CHECK_DEVICE=cpu is a dry run of the same steps on the CPU with a tiny
+# model and CPU builds (target/release/), to check the plumbing where no
+# GPU is: `cargo build --release --bench lora -p fedveil-model --test
+# device` first.
+set -uo pipefail
+
+bin=${1:-gpu-out}
+out=${2:-gpu-results}
+device=${GPU_CHECK_DEVICE:-cuda}
+python=${PYTHON:-python3}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+work=$(mktemp -d)
+summary="$out/summary.jsonl"
+: >"$summary"
+
+log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$out/steps.log"; }
+# step NAME LIMIT_S COMMAND...: runs COMMAND, its output in OUT/NAME.log.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  log "$name: start"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  log "$name: exit $rc after $((SECONDS - t0)) s"
+  echo "{\"step\": \"$name\", \"exit\": $rc, \"seconds\": $((SECONDS - t0))}" >>"$summary"
+  return $rc
+}
+
+if [ "$device" = cuda ]; then
+  # The binaries as built by scripts/build-cuda.sh --checks.
+  for f in fedveil lora-bench device-test; do
+    gunzip -c "$bin/$f.gz" >"$work/$f" && chmod +x "$work/$f" || log "missing $bin/$f.gz"
+  done
+  # CUDA 13's libraries: the system's, or those pip installed with torch.
+  libs=$(find / -xdev \( -name 'libcublas.so.13*' -o -name 'libcurand.so.10*' \
+    -o -name 'libnvrtc.so.13*' -o -name 'libcudart.so.13*' \) 2>/dev/null |
+    xargs -r -n1 dirname | sort -u | paste -sd: -)
+  export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  nvidia-smi >"$out/nvidia-smi.txt" 2>&1
+  shapes=(smollm2-135m llama-3.2-1b)
+else
+  for f in fedveil; do cp target/release/$f "$work/$f"; done
+  cp "$(ls -t target/release/deps/lora-* | grep -v '\.d$' | head -n 1)" "$work/lora-bench"
+  cp "$(ls -t target/release/deps/device-* | grep -v '\.d$' | head -n 1)" "$work/device-test"
+  shapes=(tiny)
+fi
+log "device $device, binaries from $bin, results in $out"
+"$python" -c 'import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__, torch.cuda.is_available())' >"$out/versions.txt" 2>&1
+
+# 1-2. Models and logits.
+for shape in "${shapes[@]}"; do
+  step "make-$shape" 300 "$python" scripts/gpu_reference.py make "$shape" "$work/$shape" "$device"
+  step "check-$shape" 300 "$work/fedveil" model check --model "$work/$shape" --json \
+    --logits "$work/$shape.logits.safetensors"
+  if step "logits-$shape" 300 "$python" scripts/gpu_reference.py logits "$work/$shape" \
+    "$work/$shape.logits.safetensors" "$device"; then
+    tail -n 1 "$out/logits-$shape.log" >>"$summary"
+  fi
+done
+
+# 3. The device tests.
+step device-tests 300 "$work/device-test" --test-threads 1
+
+# 4. LoRA against PyTorch + peft. Criterion's own part short: the
+# side-by-side runs are what is reported.
+batches=(1,8,32 1,8)
+for i in "${!shapes[@]}"; do
+  shape=${shapes[$i]}
+  if step "lora-$shape" 600 env FEDVEIL_BENCH_DEVICE="$device" FEDVEIL_BENCH_MODEL="$work/$shape" \
+    FEDVEIL_BENCH_BATCH="${batches[$i]}" FEDVEIL_TORCH_PYTHON="$python" \
+    "$work/lora-bench" --bench --warm-up-time 1 --measurement-time 3; then
+    grep '"bench":"lora"' "$out/lora-$shape.log" >>"$summary"
+  fi
+done
+
+# 5. A federation on the GPU (the tokenizer is byte-level: 512 tokens hold
+# an Alpaca prompt and its answer).
+shape=${shapes[0]}
+cat >"$work/fed.toml" <<EOF
+[run]
+clients = 3
+
+[federation]
+rounds = 2
+cohort_size = 3
+checkpoint_dir = "$work/fed/checkpoint"
+metrics = "$work/fed/metrics.jsonl"
+
+[training]
+local_steps = 4
+batch_size = 8
+learning_rate = 0.0005
+
+[optimizer]
+kind = "fedavg"
+server_lr = 1.0
+
+[secagg]
+threshold = 2
+
+[dp]
+placement = "distributed"
+clip = 1.0
+noise_multiplier = 1.0
+delta = 1e-5
+min_survivors = 3
+
+[task]
+kind = "llm"
+model = "$work/$shape"
+data = "$(pwd)/configs/data/dolly-style.jsonl"
+split = { kind = "meta" }
+template = "alpaca"
+eval_fraction = 0.2
+max_len = 512
+seed = 1
+
+[task.peft]
+method = "lora"
+r = 8
+alpha = 16
+target_modules = ["q_proj", "v_proj"]
+EOF
+if [ "$device" = cuda ]; then
+  nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -lms 250 >"$out/fed-gpu-memory.csv" &
+  sampler=$!
+fi
+step federation 600 "$work/fedveil" run "$work/fed.toml" --fresh
+[ -n "${sampler:-}" ] && kill "$sampler"
+cp "$work/fed/metrics.jsonl" "$out/fed-metrics.jsonl" 2>/dev/null
+if [ -s "$out/fed-gpu-memory.csv" ]; then
+  awk -F', ' '{gsub(/ MiB/, "", $2); if ($2 > m) m = $2} END {print "{\"federation_peak_gpu_memory_mib\": " m+0 "}"}' \
+    "$out/fed-gpu-memory.csv" >>"$summary"
+fi
+
+log "done"
+cat "$summary"
+rm -rf "$work"
