@@ -5,11 +5,16 @@
 # --checks gpu-out`, then carry the project with gpu-out/ and run, from the
 # project's root:
 #
-#   scripts/gpu-check.sh gpu-out OUT_DIR
+#   scripts/gpu-check.sh gpu-out OUT_DIR [STEP...]
 #
-# Each step runs under its own time limit and logs into OUT_DIR; a failed
-# step is recorded and the next one runs. At the end, OUT_DIR/summary.jsonl
-# holds one JSON line per measurement and the summary is printed:
+# STEP is any of logits, device, lora, lora-1b, profile, federation (all,
+# in that order, when none is named). A device call may run 10 minutes at
+# most: run `logits device federation profile` (about 4 minutes) and `lora
+# lora-1b` (about 7) as two calls on the same machine; the models are made
+# once, in $GPU_CHECK_WORK (default /tmp/fedveil-gpu-check). Each step runs
+# under its own time limit and logs into OUT_DIR; a failed step is recorded
+# and the next one runs. OUT_DIR/summary.jsonl holds one JSON line per
+# measurement and is printed at the end:
 #  1. models: a SmolLM2-135M-shaped and a Llama-3.2-1B-shaped Hugging Face
 #     directory with random bf16 weights, written by transformers;
 #  2. logits: `fedveil model check --logits` on the GPU (bf16) against
@@ -31,15 +36,20 @@ set -uo pipefail
 
 bin=${1:-gpu-out}
 out=${2:-gpu-results}
+shift 2 2>/dev/null || shift $#
+steps=" ${*:-logits device lora lora-1b profile federation} "
 device=${GPU_CHECK_DEVICE:-cuda}
 python=${PYTHON:-python3}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-work=$(mktemp -d)
+work=${GPU_CHECK_WORK:-/tmp/fedveil-gpu-check}
+mkdir -p "$work"
 summary="$out/summary.jsonl"
 : >"$summary"
+wants() { [[ "$steps" == *" $1 "* ]]; }
 
-log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$out/steps.log"; }
+# To stderr: a step may run inside $(...), whose stdout is its value.
+log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$out/steps.log" >&2; }
 # step NAME LIMIT_S COMMAND...: runs COMMAND, its output in OUT/NAME.log.
 step() {
   local name=$1 limit=$2
@@ -59,50 +69,79 @@ if [ "$device" = cuda ]; then
     gunzip -c "$bin/$f.gz" >"$work/$f" && chmod +x "$work/$f" || log "missing $bin/$f.gz"
   done
   # CUDA 13's libraries: the system's, or those pip installed with torch.
-  libs=$(find / -xdev \( -name 'libcublas.so.13*' -o -name 'libcurand.so.10*' \
+  roots="/usr/local /usr/lib /usr/lib64 /opt $("$python" -c 'import site; print(" ".join(site.getsitepackages()))' 2>/dev/null)"
+  # shellcheck disable=SC2086
+  libs=$(find $roots \( -name 'libcublas.so.13*' -o -name 'libcurand.so.10*' \
     -o -name 'libnvrtc.so.13*' -o -name 'libcudart.so.13*' \) 2>/dev/null |
     xargs -r -n1 dirname | sort -u | paste -sd: -)
   export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   nvidia-smi >"$out/nvidia-smi.txt" 2>&1
-  shapes=(smollm2-135m llama-3.2-1b)
+  small=smollm2-135m
+  large=llama-3.2-1b
 else
   for f in fedveil; do cp target/release/$f "$work/$f"; done
   cp "$(ls -t target/release/deps/lora-* | grep -v '\.d$' | head -n 1)" "$work/lora-bench"
   cp "$(ls -t target/release/deps/device-* | grep -v '\.d$' | head -n 1)" "$work/device-test"
-  shapes=(tiny)
+  small=tiny
+  large=tiny
 fi
 log "device $device, binaries from $bin, results in $out"
 "$python" -c 'import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__, torch.cuda.is_available())' >"$out/versions.txt" 2>&1
 
-# 1-2. Models and logits.
-for shape in "${shapes[@]}"; do
-  step "make-$shape" 300 "$python" scripts/gpu_reference.py make "$shape" "$work/$shape" "$device"
-  step "check-$shape" 300 "$work/fedveil" model check --model "$work/$shape" --json \
-    --logits "$work/$shape.logits.safetensors"
-  if step "logits-$shape" 300 "$python" scripts/gpu_reference.py logits "$work/$shape" \
-    "$work/$shape.logits.safetensors" "$device"; then
-    tail -n 1 "$out/logits-$shape.log" >>"$summary"
-  fi
-done
+# The models, made once per machine.
+model() {
+  [ -f "$work/$1/model.safetensors" ] ||
+    step "make-$1" 300 "$python" scripts/gpu_reference.py make "$1" "$work/$1" "$device"
+  echo "$work/$1"
+}
+
+# 1-2. Logits against transformers'.
+if wants logits; then
+  for shape in $small $large; do
+    dir=$(model "$shape")
+    step "check-$shape" 300 "$work/fedveil" model check --model "$dir" --json \
+      --logits "$work/$shape.logits.safetensors" &&
+      step "logits-$shape" 300 "$python" scripts/gpu_reference.py logits "$dir" \
+        "$work/$shape.logits.safetensors" "$device" &&
+      tail -n 1 "$out/logits-$shape.log" >>"$summary"
+  done
+fi
 
 # 3. The device tests.
-step device-tests 300 "$work/device-test" --test-threads 1
+wants device && step device-tests 300 "$work/device-test" --test-threads 1 --nocapture
 
 # 4. LoRA against PyTorch + peft. Criterion's own part short: the
 # side-by-side runs are what is reported.
-batches=(1,8,32 1,8)
-for i in "${!shapes[@]}"; do
-  shape=${shapes[$i]}
-  if step "lora-$shape" 600 env FEDVEIL_BENCH_DEVICE="$device" FEDVEIL_BENCH_MODEL="$work/$shape" \
-    FEDVEIL_BENCH_BATCH="${batches[$i]}" FEDVEIL_TORCH_PYTHON="$python" \
-    "$work/lora-bench" --bench --warm-up-time 1 --measurement-time 3; then
-    grep '"bench":"lora"' "$out/lora-$shape.log" >>"$summary"
-  fi
-done
+lora() { # NAME SHAPE BATCHES
+  local dir
+  dir=$(model "$2")
+  step "$1" 580 env FEDVEIL_BENCH_DEVICE="$device" FEDVEIL_BENCH_MODEL="$dir" \
+    FEDVEIL_BENCH_BATCH="$3" FEDVEIL_TORCH_PYTHON="$python" \
+    "$work/lora-bench" --bench --warm-up-time 1 --measurement-time 3 &&
+    grep '"bench":"lora"' "$out/$1.log" >>"$summary"
+}
+wants lora && lora lora-$small $small 1,8,32
+wants lora-1b && lora lora-$large $large 1,8
 
-# 5. A federation on the GPU (the tokenizer is byte-level: 512 tokens hold
+# 5. Where a step's time goes.
+if wants profile; then
+  if command -v nsys >/dev/null 2>&1; then
+    dir=$(model $small)
+    step profile 300 nsys profile --force-overwrite true -o "$work/lora-profile" \
+      env FEDVEIL_BENCH_DEVICE="$device" FEDVEIL_BENCH_MODEL="$dir" FEDVEIL_BENCH_BATCH=8 \
+      "$work/lora-bench" --bench --warm-up-time 1 --measurement-time 3 &&
+      step profile-stats 300 nsys stats --report cuda_gpu_kern_sum,cuda_gpu_mem_time_sum,cuda_api_sum \
+        "$work/lora-profile.nsys-rep"
+  else
+    log "profile: no nsys on this machine"
+  fi
+fi
+
+# 6. A federation on the GPU (the tokenizer is byte-level: 512 tokens hold
 # an Alpaca prompt and its answer).
-shape=${shapes[0]}
+if wants federation; then
+dir=$(model $small)
+rm -rf "$work/fed"
 cat >"$work/fed.toml" <<EOF
 [run]
 clients = 3
@@ -134,7 +173,7 @@ min_survivors = 3
 
 [task]
 kind = "llm"
-model = "$work/$shape"
+model = "$dir"
 data = "$(pwd)/configs/data/dolly-style.jsonl"
 split = { kind = "meta" }
 template = "alpaca"
@@ -159,7 +198,7 @@ if [ -s "$out/fed-gpu-memory.csv" ]; then
   awk -F', ' '{gsub(/ MiB/, "", $2); if ($2 > m) m = $2} END {print "{\"federation_peak_gpu_memory_mib\": " m+0 "}"}' \
     "$out/fed-gpu-memory.csv" >>"$summary"
 fi
+fi
 
 log "done"
 cat "$summary"
-rm -rf "$work"

@@ -301,12 +301,21 @@ impl LoraPair {
         rng: Option<&mut dyn RngCore>,
     ) -> Result<Tensor> {
         Ok(match rng {
-            Some(rng) if self.dropout > 0.0 => {
+            Some(rng) if self.dropout > 0.0 && x.device().is_cpu() => {
                 let mask = random::dropout_mask(rng, x.elem_count(), self.dropout);
-                let mask = Tensor::from_vec(mask, x.shape(), &candle_core::Device::Cpu)?
-                    .to_device(x.device())?
-                    .to_dtype(dtype)?;
+                let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(dtype)?;
                 (x * mask)?
+            }
+            // A GPU draws its own mask, seeded from `rng`.
+            Some(rng) if self.dropout > 0.0 => {
+                let seed = rng.next_u64();
+                (x * random::device_dropout_mask(
+                    x.device(),
+                    x.shape(),
+                    self.dropout,
+                    seed,
+                    dtype,
+                )?)?
             }
             _ => x.clone(),
         })

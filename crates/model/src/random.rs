@@ -47,6 +47,28 @@ pub(crate) fn dropout_mask(rng: &mut dyn RngCore, n: usize, p: f32) -> Vec<f32> 
     out
 }
 
+/// An inverted-dropout mask of `shape` drawn on `device` itself, in
+/// `dtype`: 0 with probability `p`, else `1 / (1 − p)`. On a GPU the draw is
+/// curand's, seeded with `seed` (so that a pass recomputed with the same
+/// generator, as gradient checkpointing recomputes a layer, draws the same
+/// mask); a host-drawn mask would cross the bus for every adapted
+/// projection of every layer, batch × tokens × width values each time. The
+/// CPU cannot be seeded this way, and its passes use [`dropout_mask`].
+pub(crate) fn device_dropout_mask(
+    device: &candle_core::Device,
+    shape: &candle_core::Shape,
+    p: f32,
+    seed: u64,
+    dtype: candle_core::DType,
+) -> candle_core::Result<candle_core::Tensor> {
+    if !device.is_cpu() {
+        device.set_seed(seed)?;
+    }
+    let u = candle_core::Tensor::rand(0f32, 1f32, shape, device)?;
+    let keep = u.ge(f64::from(p))?.to_dtype(candle_core::DType::F32)?;
+    (keep * (1.0 / (1.0 - f64::from(p))))?.to_dtype(dtype)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,5 +95,28 @@ mod tests {
         assert!((mean - 1.0).abs() < 0.01, "{mean}");
         let u = uniform_vec(&mut rng, n, 2.0);
         assert!(u.iter().all(|v| v.abs() <= 2.0));
+    }
+
+    /// The device-drawn mask has the host mask's law (drawn here on the
+    /// CPU, unseeded; on a GPU by curand).
+    #[test]
+    fn a_device_drawn_dropout_mask_drops_p_and_keeps_the_mean() {
+        use candle_core::{DType, Device, Shape};
+        let shape = Shape::from((4, 100, 500));
+        let n = shape.elem_count() as f64;
+        let mask = device_dropout_mask(&Device::Cpu, &shape, 0.25, 7, DType::F32).unwrap();
+        assert_eq!(mask.shape(), &shape);
+        let values: Vec<f32> = mask.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(
+            values
+                .iter()
+                .all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6)
+        );
+        let dropped = values.iter().filter(|&&m| m == 0.0).count() as f64 / n;
+        assert!((dropped - 0.25).abs() < 0.01, "{dropped}");
+        let mean = values.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+        assert!((mean - 1.0).abs() < 0.01, "{mean}");
+        let half = device_dropout_mask(&Device::Cpu, &shape, 0.25, 7, DType::BF16).unwrap();
+        assert_eq!(half.dtype(), DType::BF16);
     }
 }
