@@ -18,6 +18,8 @@
 //! with fedveil three times for each batch size, and the medians, their
 //! ratio, each side's peak memory (resident on the CPU, allocated on a GPU)
 //! and each step's loss are printed, with one JSON line per batch size.
+//! A criterion filter that matches no benchmark (`--bench side-by-side`)
+//! runs the side-by-side part alone.
 
 use std::process::Command;
 
@@ -59,7 +61,9 @@ fn batch_sizes() -> Vec<usize> {
 fn device() -> Device {
     match std::env::var("FEDVEIL_BENCH_DEVICE").as_deref() {
         Err(_) | Ok("cpu") => Device::Cpu,
-        Ok("cuda") => Device::new_cuda(0).expect("a CUDA GPU (this needs a `cuda` build)"),
+        Ok("cuda") => {
+            fedveil_model::cuda_device(0).expect("a CUDA GPU (this needs a `cuda` build)")
+        }
         Ok(other) => panic!("FEDVEIL_BENCH_DEVICE: {other:?} is not cpu or cuda"),
     }
 }
@@ -208,13 +212,16 @@ fn side_by_side(
         our_peak = peak_rss_bytes();
     }
     let (where_, memory) = if on_gpu {
-        ("GPU, bf16 base, f32 adapter", "peak GPU memory")
+        ("GPU, bf16 base, f32 adapter".to_string(), "peak GPU memory")
     } else {
-        ("CPU", "peak RSS")
+        (format!("CPU, {threads} threads"), "peak RSS")
     };
     let mib = |bytes: u64| bytes as f64 / 1048576.0;
+    if our_peak == 0 {
+        eprintln!("fedveil's peak memory could not be measured on this device (reported as 0)");
+    }
     println!(
-        "LoRA training step, {}, batch {b} x {SEQ} tokens, {where_}, {threads} threads",
+        "LoRA training step, {}, batch {b} x {SEQ} tokens, {where_}",
         path.display()
     );
     println!("  runs (s/step): fedveil {ours:?}, PyTorch {theirs:?}");

@@ -9,12 +9,14 @@
 #
 # STEP is any of logits, device, lora, lora-1b, profile, federation (all,
 # in that order, when none is named). A device call may run 10 minutes at
-# most: run `logits device federation profile` (about 4 minutes) and `lora
-# lora-1b` (about 7) as two calls on the same machine; the models are made
-# once, in $GPU_CHECK_WORK (default /tmp/fedveil-gpu-check). Each step runs
-# under its own time limit and logs into OUT_DIR; a failed step is recorded
-# and the next one runs. OUT_DIR/summary.jsonl holds one JSON line per
-# measurement and is printed at the end:
+# most: run `logits device federation` (about 4 minutes) and `lora lora-1b`
+# (about 6) as two calls on the same machine; the models are made once, in
+# $GPU_CHECK_WORK (default /tmp/fedveil-gpu-check). Each step runs under its
+# own time limit (those of either call add up to under 9 minutes) and logs
+# into OUT_DIR/logs; a failed step is recorded and the next one runs.
+# OUT_DIR/summary.jsonl holds one JSON line per measurement and is printed
+# at the end, and OUT_DIR/logs.tar.gz holds every log (two files, for a
+# tool that returns only a few).
 #  1. models: a SmolLM2-135M-shaped and a Llama-3.2-1B-shaped Hugging Face
 #     directory with random bf16 weights, written by transformers;
 #  2. logits: `fedveil model check --logits` on the GPU (bf16) against
@@ -40,8 +42,9 @@ shift 2 2>/dev/null || shift $#
 steps=" ${*:-logits device lora lora-1b profile federation} "
 device=${GPU_CHECK_DEVICE:-cuda}
 python=${PYTHON:-python3}
-mkdir -p "$out"
+mkdir -p "$out/logs"
 out=$(cd "$out" && pwd)
+logs="$out/logs"
 work=${GPU_CHECK_WORK:-/tmp/fedveil-gpu-check}
 mkdir -p "$work"
 summary="$out/summary.jsonl"
@@ -49,14 +52,14 @@ summary="$out/summary.jsonl"
 wants() { [[ "$steps" == *" $1 "* ]]; }
 
 # To stderr: a step may run inside $(...), whose stdout is its value.
-log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$out/steps.log" >&2; }
-# step NAME LIMIT_S COMMAND...: runs COMMAND, its output in OUT/NAME.log.
+log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$logs/steps.log" >&2; }
+# step NAME LIMIT_S COMMAND...: runs COMMAND, its output in OUT/logs/NAME.log.
 step() {
   local name=$1 limit=$2
   shift 2
   log "$name: start"
   local t0=$SECONDS
-  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  timeout "$limit" "$@" >"$logs/$name.log" 2>&1
   local rc=$?
   log "$name: exit $rc after $((SECONDS - t0)) s"
   echo "{\"step\": \"$name\", \"exit\": $rc, \"seconds\": $((SECONDS - t0))}" >>"$summary"
@@ -75,7 +78,7 @@ if [ "$device" = cuda ]; then
     -o -name 'libnvrtc.so.13*' -o -name 'libcudart.so.13*' \) 2>/dev/null |
     xargs -r -n1 dirname | sort -u | paste -sd: -)
   export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  nvidia-smi >"$out/nvidia-smi.txt" 2>&1
+  nvidia-smi >"$logs/nvidia-smi.txt" 2>&1
   small=smollm2-135m
   large=llama-3.2-1b
 else
@@ -86,12 +89,12 @@ else
   large=tiny
 fi
 log "device $device, binaries from $bin, results in $out"
-"$python" -c 'import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__, torch.cuda.is_available())' >"$out/versions.txt" 2>&1
+"$python" -c 'import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__, torch.cuda.is_available())' >"$logs/versions.txt" 2>&1
 
 # The models, made once per machine.
 model() {
   [ -f "$work/$1/model.safetensors" ] ||
-    step "make-$1" 300 "$python" scripts/gpu_reference.py make "$1" "$work/$1" "$device"
+    step "make-$1" 120 "$python" scripts/gpu_reference.py make "$1" "$work/$1" "$device"
   echo "$work/$1"
 }
 
@@ -99,38 +102,38 @@ model() {
 if wants logits; then
   for shape in $small $large; do
     dir=$(model "$shape")
-    step "check-$shape" 300 "$work/fedveil" model check --model "$dir" --json \
+    step "check-$shape" 90 "$work/fedveil" model check --model "$dir" --json \
       --logits "$work/$shape.logits.safetensors" &&
-      step "logits-$shape" 300 "$python" scripts/gpu_reference.py logits "$dir" \
+      step "logits-$shape" 90 "$python" scripts/gpu_reference.py logits "$dir" \
         "$work/$shape.logits.safetensors" "$device" &&
-      tail -n 1 "$out/logits-$shape.log" >>"$summary"
+      tail -n 1 "$logs/logits-$shape.log" >>"$summary"
   done
 fi
 
 # 3. The device tests.
-wants device && step device-tests 300 "$work/device-test" --test-threads 1 --nocapture
+wants device && step device-tests 90 "$work/device-test" --test-threads 1 --nocapture
 
-# 4. LoRA against PyTorch + peft. Criterion's own part short: the
-# side-by-side runs are what is reported.
-lora() { # NAME SHAPE BATCHES
+# 4. LoRA against PyTorch + peft: the side-by-side runs alone (a criterion
+# filter matching none of its benchmarks skips criterion's part).
+lora() { # NAME SHAPE BATCHES LIMIT
   local dir
   dir=$(model "$2")
-  step "$1" 580 env FEDVEIL_BENCH_DEVICE="$device" FEDVEIL_BENCH_MODEL="$dir" \
+  step "$1" "$4" env FEDVEIL_BENCH_DEVICE="$device" FEDVEIL_BENCH_MODEL="$dir" \
     FEDVEIL_BENCH_BATCH="$3" FEDVEIL_TORCH_PYTHON="$python" \
-    "$work/lora-bench" --bench --warm-up-time 1 --measurement-time 3 &&
-    grep '"bench":"lora"' "$out/$1.log" >>"$summary"
+    "$work/lora-bench" --bench side-by-side &&
+    grep '"bench":"lora"' "$logs/$1.log" >>"$summary"
 }
-wants lora && lora lora-$small $small 1,8,32
-wants lora-1b && lora lora-$large $large 1,8
+wants lora && lora lora-$small $small 1,8,32 240
+wants lora-1b && lora lora-$large $large 1,8 240
 
 # 5. Where a step's time goes.
 if wants profile; then
   if command -v nsys >/dev/null 2>&1; then
     dir=$(model $small)
-    step profile 300 nsys profile --force-overwrite true -o "$work/lora-profile" \
+    step profile 180 nsys profile --force-overwrite true -o "$work/lora-profile" \
       env FEDVEIL_BENCH_DEVICE="$device" FEDVEIL_BENCH_MODEL="$dir" FEDVEIL_BENCH_BATCH=8 \
       "$work/lora-bench" --bench --warm-up-time 1 --measurement-time 3 &&
-      step profile-stats 300 nsys stats --report cuda_gpu_kern_sum,cuda_gpu_mem_time_sum,cuda_api_sum \
+      step profile-stats 60 nsys stats --report cuda_gpu_kern_sum,cuda_gpu_mem_time_sum,cuda_api_sum \
         "$work/lora-profile.nsys-rep"
   else
     log "profile: no nsys on this machine"
@@ -188,17 +191,18 @@ alpha = 16
 target_modules = ["q_proj", "v_proj"]
 EOF
 if [ "$device" = cuda ]; then
-  nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -lms 250 >"$out/fed-gpu-memory.csv" &
+  nvidia-smi --query-gpu=timestamp,memory.used --format=csv,noheader -lms 250 >"$logs/fed-gpu-memory.csv" &
   sampler=$!
 fi
-step federation 600 "$work/fedveil" run "$work/fed.toml" --fresh
+step federation 180 "$work/fedveil" run "$work/fed.toml" --fresh
 [ -n "${sampler:-}" ] && kill "$sampler"
-cp "$work/fed/metrics.jsonl" "$out/fed-metrics.jsonl" 2>/dev/null
-if [ -s "$out/fed-gpu-memory.csv" ]; then
+cp "$work/fed/metrics.jsonl" "$logs/fed-metrics.jsonl" 2>/dev/null
+if [ -s "$logs/fed-gpu-memory.csv" ]; then
   awk -F', ' '{gsub(/ MiB/, "", $2); if ($2 > m) m = $2} END {print "{\"federation_peak_gpu_memory_mib\": " m+0 "}"}' \
-    "$out/fed-gpu-memory.csv" >>"$summary"
+    "$logs/fed-gpu-memory.csv" >>"$summary"
 fi
 fi
 
 log "done"
+tar -czf "$out/logs.tar.gz" -C "$out" logs
 cat "$summary"

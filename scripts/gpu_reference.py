@@ -58,7 +58,7 @@ def make(shape, out, device):
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
-    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    model.to(torch.bfloat16).save_pretrained(out)  # safetensors
     vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
     for i in range(len(vocab), cfg.vocab_size):
         vocab[f"<extra_{i}>"] = i

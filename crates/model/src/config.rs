@@ -849,8 +849,15 @@ impl LlamaConfig {
             o.remove("layer_types");
         }
         // The key a type error is at is named (serde's own message does not).
-        let mut config: LlamaConfig = serde_path_to_error::deserialize(json)
-            .map_err(|e| ModelError::Config(format!("config.json {}: {}", e.path(), e.inner())))?;
+        let mut config: LlamaConfig = serde_path_to_error::deserialize(json).map_err(|e| {
+            let at = e.path().to_string();
+            let at = if at == "." {
+                String::new()
+            } else {
+                format!(" {at}")
+            };
+            ModelError::Config(format!("config.json{at}: {}", e.inner()))
+        })?;
         match model_type {
             // Qwen2 always has the q/k/v bias and says so nowhere; its
             // `sliding_window` is read only under `use_sliding_window`.

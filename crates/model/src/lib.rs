@@ -83,9 +83,29 @@ pub fn compute_dtype(device: &candle_core::Device) -> candle_core::DType {
 }
 
 /// The first CUDA GPU when the crate is built with the `cuda` feature and
-/// one is present, else the CPU.
+/// one is present, else the CPU. One per process: every caller shares its
+/// stream, its cuBLAS handle and its memory pool.
 pub fn default_device() -> candle_core::Device {
-    candle_core::Device::cuda_if_available(0).unwrap_or(candle_core::Device::Cpu)
+    static DEVICE: std::sync::OnceLock<candle_core::Device> = std::sync::OnceLock::new();
+    DEVICE
+        .get_or_init(|| {
+            if candle_core::utils::cuda_is_available() {
+                cuda_device(0).unwrap_or(candle_core::Device::Cpu)
+            } else {
+                candle_core::Device::Cpu
+            }
+        })
+        .clone()
+}
+
+/// CUDA GPU `ordinal` with one stream of its own, which every thread's
+/// work goes to in order. (candle's `Device::new_cuda` gives each thread
+/// its own default stream, and a training step runs on a worker of rayon's
+/// pool while its batch is copied from the caller's thread: on separate
+/// streams nothing would order the two, nor a tensor's stream-ordered
+/// allocation on one and its use or release on another.)
+pub fn cuda_device(ordinal: usize) -> Result<candle_core::Device> {
+    Ok(candle_core::Device::new_cuda_with_stream(ordinal)?)
 }
 
 /// The most GPU memory candle's allocations held at once since the last

@@ -263,6 +263,19 @@ fn weights_from(
     layers: usize,
     quantize: Option<QuantFormat>,
 ) -> Result<Weights, String> {
+    // A tied checkpoint may also store the embedding as `lm_head.weight`;
+    // one whose stored head differs contradicts its config, and reading it
+    // either way would be a guess (transformers warns and unties). Checked
+    // before any layer is read.
+    const EMBED: &str = "model.embed_tokens.weight";
+    const HEAD: &str = "lm_head.weight";
+    if config.tie_word_embeddings && tensors.has(HEAD) && !tensors.same_values(HEAD, EMBED)? {
+        return Err(format!(
+            "the config says tie_word_embeddings = true, but the checkpoint's {HEAD} differs \
+             from {EMBED}: the checkpoint contradicts its config (set tie_word_embeddings to \
+             false to use {HEAD} as the output layer, or remove {HEAD})"
+        ));
+    }
     // Llama's `attention_bias` also puts a bias on the output projection;
     // Qwen2's bias is on q, k and v only.
     let o_bias: Vec<bool> = (0..layers)
@@ -320,18 +333,6 @@ fn weights_from(
             up,
             down,
         });
-    }
-    // A tied checkpoint may also store the embedding as `lm_head.weight`;
-    // one whose stored head differs contradicts its config, and reading it
-    // either way would be a guess (transformers warns and unties).
-    const EMBED: &str = "model.embed_tokens.weight";
-    const HEAD: &str = "lm_head.weight";
-    if config.tie_word_embeddings && tensors.has(HEAD) && !tensors.same_values(HEAD, EMBED)? {
-        return Err(format!(
-            "the config says tie_word_embeddings = true, but the checkpoint's {HEAD} differs \
-             from {EMBED}: the checkpoint contradicts its config (set tie_word_embeddings to \
-             false to use {HEAD} as the output layer, or remove {HEAD})"
-        ));
     }
     let embed = tensors.take_matrix(EMBED, quantize)?;
     let norm = tensors.take_dense("model.norm.weight")?;
@@ -949,9 +950,11 @@ impl TensorSource for SafetensorFiles {
         // Band by band, as a tensor is read: never a whole copy of either.
         for (at, n) in self.bands(x) {
             let (u, v) = (self.read_rows(a, x, at, n)?, self.read_rows(b, y, at, n)?);
+            // Bit for bit: a copy holding a NaN is still a copy.
             let flat = |t: Tensor, name: &str| {
                 t.flatten_all()
                     .and_then(|t| t.to_vec1::<f32>())
+                    .map(|v| v.into_iter().map(f32::to_bits).collect::<Vec<u32>>())
                     .map_err(|e| format!("tensor {name}: {e}"))
             };
             if flat(u, a)? != flat(v, b)? {
@@ -1630,6 +1633,27 @@ mod tests {
             flat(&files.take_dense("v").unwrap()),
             flat(&want.get(3).unwrap())
         );
+        // Compared band by band: equal, and a difference in the last band
+        // found.
+        let mut changed = want.to_vec2::<f32>().unwrap();
+        changed[299][63] += 0.25;
+        let changed = Tensor::new(changed, &Device::Cpu).unwrap();
+        let pair: HashMap<String, Tensor> = [
+            ("m".to_string(), stored.clone()),
+            ("same".to_string(), stored.clone()),
+            ("other".to_string(), changed.to_dtype(DType::BF16).unwrap()),
+            ("short".to_string(), stored.narrow(0, 0, 299).unwrap()),
+        ]
+        .into();
+        let cmp = dir.join("cmp");
+        std::fs::create_dir_all(&cmp).unwrap();
+        candle_core::safetensors::save(&pair, cmp.join("model.safetensors")).unwrap();
+        let mut files = SafetensorFiles::open(&cmp, &Device::Cpu).unwrap();
+        files.band_elems = 7 * 64;
+        assert!(files.same_values("m", "same").unwrap());
+        assert!(!files.same_values("m", "other").unwrap());
+        assert!(!files.same_values("m", "short").unwrap());
+        assert!(files.same_values("m", "nothing").is_err());
         // In bf16, band by band: the stored values, exactly.
         let mut files = SafetensorFiles::open(&dir, &Device::Cpu).unwrap();
         files.band_elems = 7 * 64;

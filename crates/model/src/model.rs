@@ -620,6 +620,13 @@ impl Llama {
         let first = cache.as_ref().is_none_or(|c| c.layers.is_empty());
         let h = self.config.hidden_size;
         let mut x = self.embed(ids, adapter)?;
+        // (The CPU's generator is not drawn from here: its passes stay as
+        // they were.)
+        if !self.device.is_cpu()
+            && let Some(rng) = mode.rng()
+        {
+            self.seed_device_dropout(rng.next_u64())?;
+        }
         if first
             && let Some(adapter) = adapter
             && let Some(soft) = adapter.soft_prompt(mode.rng())?
@@ -759,8 +766,16 @@ impl Llama {
         // Forward: the layers' inputs only.
         let mut inputs = Vec::with_capacity(n);
         let mut x = x0.detach();
+        // On a GPU the layer's dropout masks come from the device's
+        // generator, seeded per layer alike in both passes.
+        let device_seed = |seed: &[u8; 32]| {
+            let mut first = [0u8; 8];
+            first.copy_from_slice(&seed[..8]);
+            self.seed_device_dropout(u64::from_le_bytes(first))
+        };
         for (i, seed) in seeds.iter().enumerate() {
             inputs.push(x.clone());
+            device_seed(seed)?;
             let mut layer_rng = ChaCha20Rng::from_seed(*seed);
             let p = layer_prefix(i).map(|(k, v)| (k.detach(), v.detach()));
             x = self
@@ -790,6 +805,7 @@ impl Llama {
         for i in (0..n).rev() {
             let input = candle_core::Var::from_tensor(&inputs[i])?;
             inputs[i] = input.as_tensor().clone();
+            device_seed(&seeds[i])?;
             let mut layer_rng = ChaCha20Rng::from_seed(seeds[i]);
             let p = layer_prefix(i);
             let y = self.layer_forward(
@@ -873,10 +889,34 @@ impl Llama {
         Ok(x.broadcast_mul(&factor)?)
     }
 
+    /// Seeds the generator a GPU draws LoRA's dropout masks from
+    /// (crate::random::device_dropout_mask): once per training pass, and
+    /// per layer under gradient checkpointing, so that a recomputed layer
+    /// draws its masks again. The CPU draws its masks from the pass's own
+    /// generator, and nothing is done there.
+    fn seed_device_dropout(&self, seed: u64) -> Result<()> {
+        if !self.device.is_cpu() {
+            self.device.set_seed(seed)?;
+        }
+        Ok(())
+    }
+
     /// The token embeddings `(batch, seq, hidden)` of ids `(batch, seq)`:
     /// the adapter's trainable copy when it has one.
     pub fn embed(&self, ids: &Tensor, adapter: Option<&Adapter>) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
+        // A GPU's gather does not check its indices: an id outside the
+        // vocabulary would read whatever memory lies there. One small
+        // reduction checks them all, on every device alike.
+        if b * s > 0 {
+            let max = ids.flatten_all()?.max(0)?.to_scalar::<u32>()?;
+            if max as usize >= self.config.vocab_size {
+                return Err(ModelError::Input(format!(
+                    "token id {max} is outside the model's vocabulary of {}",
+                    self.config.vocab_size
+                )));
+            }
+        }
         let rows = match adapter.and_then(Adapter::embeddings) {
             Some(table) => table.index_select(&ids.flatten_all()?, 0)?,
             None => self.weights.embed.select_rows(ids)?,
@@ -1458,7 +1498,9 @@ fn softmax_last(x: &Tensor) -> Result<Tensor> {
 }
 
 pub(crate) fn softmax_composite(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
+    // Softmax does not depend on the shift, so no gradient goes through it:
+    // detached, the backward pass skips the max's branch.
+    let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;
     Ok(e.broadcast_div(&sum)?)

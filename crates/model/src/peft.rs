@@ -306,16 +306,9 @@ impl LoraPair {
                 let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(dtype)?;
                 (x * mask)?
             }
-            // A GPU draws its own mask, seeded from `rng`.
-            Some(rng) if self.dropout > 0.0 => {
-                let seed = rng.next_u64();
-                (x * random::device_dropout_mask(
-                    x.device(),
-                    x.shape(),
-                    self.dropout,
-                    seed,
-                    dtype,
-                )?)?
+            // A GPU draws its own mask (its generator seeded by the model).
+            Some(_) if self.dropout > 0.0 => {
+                (x * random::device_dropout_mask(x.device(), x.shape(), self.dropout, dtype)?)?
             }
             _ => x.clone(),
         })

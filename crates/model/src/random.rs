@@ -48,22 +48,17 @@ pub(crate) fn dropout_mask(rng: &mut dyn RngCore, n: usize, p: f32) -> Vec<f32> 
 }
 
 /// An inverted-dropout mask of `shape` drawn on `device` itself, in
-/// `dtype`: 0 with probability `p`, else `1 / (1 − p)`. On a GPU the draw is
-/// curand's, seeded with `seed` (so that a pass recomputed with the same
-/// generator, as gradient checkpointing recomputes a layer, draws the same
-/// mask); a host-drawn mask would cross the bus for every adapted
-/// projection of every layer, batch × tokens × width values each time. The
-/// CPU cannot be seeded this way, and its passes use [`dropout_mask`].
+/// `dtype`: 0 with probability `p`, else `1 / (1 − p)`. A GPU draws it
+/// with its own generator (curand), which the model seeds from the pass's
+/// generator (`Llama::seed_device_dropout`); a host-drawn mask would cross
+/// the bus for every adapted projection of every layer, batch × tokens ×
+/// width values each time. The CPU uses [`dropout_mask`].
 pub(crate) fn device_dropout_mask(
     device: &candle_core::Device,
     shape: &candle_core::Shape,
     p: f32,
-    seed: u64,
     dtype: candle_core::DType,
 ) -> candle_core::Result<candle_core::Tensor> {
-    if !device.is_cpu() {
-        device.set_seed(seed)?;
-    }
     let u = candle_core::Tensor::rand(0f32, 1f32, shape, device)?;
     let keep = u.ge(f64::from(p))?.to_dtype(candle_core::DType::F32)?;
     (keep * (1.0 / (1.0 - f64::from(p))))?.to_dtype(dtype)
@@ -98,13 +93,13 @@ mod tests {
     }
 
     /// The device-drawn mask has the host mask's law (drawn here on the
-    /// CPU, unseeded; on a GPU by curand).
+    /// CPU; on a GPU by curand).
     #[test]
     fn a_device_drawn_dropout_mask_drops_p_and_keeps_the_mean() {
         use candle_core::{DType, Device, Shape};
         let shape = Shape::from((4, 100, 500));
         let n = shape.elem_count() as f64;
-        let mask = device_dropout_mask(&Device::Cpu, &shape, 0.25, 7, DType::F32).unwrap();
+        let mask = device_dropout_mask(&Device::Cpu, &shape, 0.25, DType::F32).unwrap();
         assert_eq!(mask.shape(), &shape);
         let values: Vec<f32> = mask.flatten_all().unwrap().to_vec1().unwrap();
         assert!(
@@ -116,7 +111,7 @@ mod tests {
         assert!((dropped - 0.25).abs() < 0.01, "{dropped}");
         let mean = values.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
         assert!((mean - 1.0).abs() < 0.01, "{mean}");
-        let half = device_dropout_mask(&Device::Cpu, &shape, 0.25, 7, DType::BF16).unwrap();
+        let half = device_dropout_mask(&Device::Cpu, &shape, 0.25, DType::BF16).unwrap();
         assert_eq!(half.dtype(), DType::BF16);
     }
 }

@@ -236,7 +236,8 @@ fn position_nll(logits: &Tensor, batch: &Batch, virtual_tokens: usize) -> Result
             &batch.host_weights,
         )?);
     }
-    let max = logits.max_keepdim(D::Minus1)?;
+    // Log-sum-exp does not depend on the shift: no gradient through it.
+    let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
     let log_norm = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     let picked = shifted.gather(&batch.targets.reshape((b * seq, 1))?, 1)?;
@@ -865,17 +866,22 @@ impl Optimizer {
     }
 }
 
+/// The L2 norm of all of `grads` together, read back once (one host
+/// synchronisation on a GPU, not one per tensor): each tensor's sum of
+/// squares in f32, their total in f64.
 fn global_norm(grads: &[Tensor]) -> Result<f64> {
-    let mut sum = 0.0f64;
-    for g in grads {
-        sum += f64::from(
-            g.to_dtype(DType::F32)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f32>()?,
-        );
+    if grads.is_empty() {
+        return Ok(0.0);
     }
-    Ok(sum.sqrt())
+    let sums = grads
+        .iter()
+        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let total = Tensor::stack(&sums, 0)?
+        .to_dtype(DType::F64)?
+        .sum_all()?
+        .to_scalar::<f64>()?;
+    Ok(total.sqrt())
 }
 
 /// Loss and perplexity of a model (with an adapter or without) on a set

@@ -17,15 +17,23 @@ use fedveil_model::{
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 
+/// One device for the whole binary (a CUDA device made twice is two
+/// devices to candle).
 fn device_under_test() -> Device {
-    #[cfg(feature = "cuda")]
-    {
-        Device::new_cuda(0).expect("a `cuda` build's device tests run on a CUDA GPU")
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        Device::Cpu
-    }
+    static DEVICE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+    DEVICE
+        .get_or_init(|| {
+            #[cfg(feature = "cuda")]
+            {
+                fedveil_model::cuda_device(0)
+                    .expect("a `cuda` build's device tests run on a CUDA GPU")
+            }
+            #[cfg(not(feature = "cuda"))]
+            {
+                Device::Cpu
+            }
+        })
+        .clone()
 }
 
 fn rng(seed: u8) -> ChaCha20Rng {
@@ -241,4 +249,22 @@ fn every_peft_method_trains_on_the_device() {
             assert!(v.device().same_device(&device_under_test()), "{n}");
         }
     }
+}
+
+/// A GPU's gather does not check its indices, so the model does: a token
+/// id outside the vocabulary is an error on the device, never a read of
+/// whatever lies past the table.
+#[test]
+fn a_token_id_outside_the_vocabulary_is_refused_on_the_device() {
+    let (_, model) = pair(&LlamaConfig::tiny(64));
+    for bad in [64u32, 1 << 20] {
+        let ids = Tensor::new(&[[3u32, bad, 5]], model.device()).unwrap();
+        let err = model
+            .forward(&ids, None, Mode::Eval)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("token id {bad} is outside")), "{err}");
+    }
+    let ids = Tensor::new(&[[3u32, 63, 5]], model.device()).unwrap();
+    assert!(model.forward(&ids, None, Mode::Eval).is_ok());
 }
