@@ -12,11 +12,10 @@
 # most: run `logits device federation` (about 4 minutes) and `lora lora-1b`
 # (about 6) as two calls on the same machine; the models are made once, in
 # $GPU_CHECK_WORK (default /tmp/fedveil-gpu-check). Each step runs under its
-# own time limit (those of either call add up to under 9 minutes) and logs
-# into OUT_DIR/logs; a failed step is recorded and the next one runs.
-# OUT_DIR/summary.jsonl holds one JSON line per measurement and is printed
-# at the end, and OUT_DIR/logs.tar.gz holds every log (two files, for a
-# tool that returns only a few).
+# own time limit (those of either call add up to under 9 minutes); a failed
+# step is recorded and the next one runs. OUT_DIR gets two files (a device
+# tool returns only a few): summary.jsonl, one JSON line per measurement,
+# also printed at the end, and logs.tar.gz, every step's log.
 #  1. models: a SmolLM2-135M-shaped and a Llama-3.2-1B-shaped Hugging Face
 #     directory with random bf16 weights, written by transformers;
 #  2. logits: `fedveil model check --logits` on the GPU (bf16) against
@@ -42,18 +41,20 @@ shift 2 2>/dev/null || shift $#
 steps=" ${*:-logits device lora lora-1b profile federation} "
 device=${GPU_CHECK_DEVICE:-cuda}
 python=${PYTHON:-python3}
-mkdir -p "$out/logs"
+mkdir -p "$out"
 out=$(cd "$out" && pwd)
-logs="$out/logs"
 work=${GPU_CHECK_WORK:-/tmp/fedveil-gpu-check}
-mkdir -p "$work"
+# This call's logs, outside OUT_DIR: they come back as one tarball.
+logs="$work/logs"
+rm -rf "$logs"
+mkdir -p "$logs"
 summary="$out/summary.jsonl"
 : >"$summary"
 wants() { [[ "$steps" == *" $1 "* ]]; }
 
 # To stderr: a step may run inside $(...), whose stdout is its value.
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$logs/steps.log" >&2; }
-# step NAME LIMIT_S COMMAND...: runs COMMAND, its output in OUT/logs/NAME.log.
+# step NAME LIMIT_S COMMAND...: runs COMMAND, its output in $logs/NAME.log.
 step() {
   local name=$1 limit=$2
   shift 2
@@ -204,5 +205,5 @@ fi
 fi
 
 log "done"
-tar -czf "$out/logs.tar.gz" -C "$out" logs
+tar -czf "$out/logs.tar.gz" -C "$work" logs
 cat "$summary"
