@@ -528,7 +528,7 @@ pub(crate) trait TensorSource {
     /// The names not taken yet.
     fn names(&self) -> Vec<String>;
     /// Whether tensors `a` and `b`, both still there, have the same shape
-    /// and values (compared in f32; nothing is taken).
+    /// and values (bit for bit in f32; nothing is taken).
     fn same_values(&self, a: &str, b: &str) -> Result<bool, String>;
 }
 
@@ -568,14 +568,22 @@ impl TensorSource for HashMap<String, Tensor> {
         if x.dims() != y.dims() {
             return Ok(false);
         }
-        let differ = |x: &Tensor, y: &Tensor| -> candle_core::Result<bool> {
-            let ne = x.to_dtype(DType::F32)?.ne(&y.to_dtype(DType::F32)?)?;
-            Ok(ne.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? > 0.0)
-        };
-        differ(x, y)
-            .map(|d| !d)
-            .map_err(|e| format!("{a}, {b}: {e}"))
+        same_bits(x, y).map_err(|e| format!("{a}, {b}: {e}"))
     }
+}
+
+/// Whether two tensors of one shape hold the same values, bit for bit in
+/// f32 (a copy holding a NaN is still a copy).
+fn same_bits(x: &Tensor, y: &Tensor) -> candle_core::Result<bool> {
+    let bits = |t: &Tensor| -> candle_core::Result<Vec<u32>> {
+        Ok(t.to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f32::to_bits)
+            .collect())
+    };
+    Ok(bits(x)? == bits(y)?)
 }
 
 /// The largest safetensors header read (the format's own limit).
@@ -950,14 +958,7 @@ impl TensorSource for SafetensorFiles {
         // Band by band, as a tensor is read: never a whole copy of either.
         for (at, n) in self.bands(x) {
             let (u, v) = (self.read_rows(a, x, at, n)?, self.read_rows(b, y, at, n)?);
-            // Bit for bit: a copy holding a NaN is still a copy.
-            let flat = |t: Tensor, name: &str| {
-                t.flatten_all()
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .map(|v| v.into_iter().map(f32::to_bits).collect::<Vec<u32>>())
-                    .map_err(|e| format!("tensor {name}: {e}"))
-            };
-            if flat(u, a)? != flat(v, b)? {
+            if !same_bits(&u, &v).map_err(|e| format!("{a}, {b}: {e}"))? {
                 return Ok(false);
             }
         }

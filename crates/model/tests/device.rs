@@ -224,20 +224,7 @@ fn every_peft_method_trains_on_the_device() {
     let refs: Vec<&Example> = examples.iter().collect();
     let (_, model) = pair(&LlamaConfig::tiny(64));
     for peft in common::methods(0.1) {
-        let adapter = Adapter::new(peft.clone(), &model, &mut rng(4)).unwrap();
-        let optim = OptimConfig {
-            learning_rate: 3e-2,
-            max_grad_norm: Some(1.0),
-            ..OptimConfig::default()
-        };
-        let mut trainer = AdapterTrainer::new(&model, adapter, optim).unwrap();
-        let mut r = rng(5);
-        let batch = || Batch::new(&refs, 64, 0, model.device()).unwrap();
-        let first = trainer.step(&[batch()], &mut r).unwrap().loss;
-        let mut last = first;
-        for _ in 0..30 {
-            last = trainer.step(&[batch()], &mut r).unwrap().loss;
-        }
+        let (first, last, trainer) = common::train_steps(&model, &peft, &refs, 30);
         eprintln!("{}: {first:.3} → {last:.3}", peft.method());
         assert!(
             last.is_finite() && last < 0.9 * first,

@@ -585,19 +585,7 @@ fn a_bf16_model_trains_an_f32_adapter() {
                 .iter()
                 .all(|(_, v)| v.dtype() == candle_core::DType::F32)
         );
-        let optim = OptimConfig {
-            learning_rate: 3e-2,
-            max_grad_norm: Some(1.0),
-            ..OptimConfig::default()
-        };
-        let mut trainer = AdapterTrainer::new(&half, adapter, optim).unwrap();
-        let mut r = rng(5);
-        let batch = || Batch::new(&refs, 64, 0, &Device::Cpu).unwrap();
-        let first = trainer.step(&[batch()], &mut r).unwrap().loss;
-        let mut last = first;
-        for _ in 0..30 {
-            last = trainer.step(&[batch()], &mut r).unwrap().loss;
-        }
+        let (first, last, _) = common::train_steps(&half, &peft, &refs, 30);
         assert!(
             last.is_finite() && last < first,
             "{}: {first} → {last}",

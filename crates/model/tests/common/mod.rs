@@ -109,3 +109,35 @@ pub fn gemma(three: bool) -> LlamaConfig {
         ..LlamaConfig::tiny(64)
     }
 }
+
+/// A fresh `peft` adapter (seeded 4) on `model` trained for `steps + 1`
+/// steps on `examples` (one batch of them, dropout seeded 5; AdamW at
+/// 3e-2, clipped at 1): the first step's loss, the last's, and the trainer.
+pub fn train_steps(
+    model: &fedveil_model::Llama,
+    peft: &PeftConfig,
+    examples: &[&fedveil_model::Example],
+    steps: usize,
+) -> (f64, f64, fedveil_model::AdapterTrainer) {
+    use rand_core::SeedableRng;
+    let adapter = Adapter::new(
+        peft.clone(),
+        model,
+        &mut rand_chacha::ChaCha20Rng::from_seed([4; 32]),
+    )
+    .unwrap();
+    let optim = fedveil_model::OptimConfig {
+        learning_rate: 3e-2,
+        max_grad_norm: Some(1.0),
+        ..fedveil_model::OptimConfig::default()
+    };
+    let mut trainer = fedveil_model::AdapterTrainer::new(model, adapter, optim).unwrap();
+    let mut r = rand_chacha::ChaCha20Rng::from_seed([5; 32]);
+    let batch = || fedveil_model::Batch::new(examples, 64, 0, model.device()).unwrap();
+    let first = trainer.step(&[batch()], &mut r).unwrap().loss;
+    let mut last = first;
+    for _ in 0..steps {
+        last = trainer.step(&[batch()], &mut r).unwrap().loss;
+    }
+    (first, last, trainer)
+}
